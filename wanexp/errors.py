@@ -1,0 +1,9 @@
+"""The one exception type users see as a one-line message (no traceback)."""
+
+
+class WanexpError(Exception):
+    """A user-facing error: bad config, missing files, corrupt artifacts.
+
+    The entry point prints ``str(err)`` on one line and exits with status 2; everything already
+    written to the run directory stays there.
+    """
