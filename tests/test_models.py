@@ -1,0 +1,102 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from wanexp.errors import WanexpError
+from wanexp.models import EXPERTS, boundary_timestep, expert_for_timestep, experts, install_timestep_hooks
+from wanexp.models.loading import check_model_dir, model_fingerprint
+from wanexp.models.tiny import build_tiny_pipeline, ensure_tiny_checkpoint
+
+
+def _state(pipe):
+    out = {}
+    for comp in ("transformer", "transformer_2", "vae", "text_encoder"):
+        for k, v in getattr(pipe, comp).state_dict().items():
+            out[f"{comp}.{k}"] = v
+    return out
+
+
+def test_tiny_build_is_deterministic_and_roundtrips_bit_identically(cache_dir):
+    from diffusers import WanImageToVideoPipeline
+    a, b = _state(build_tiny_pipeline()), _state(build_tiny_pipeline())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    path = ensure_tiny_checkpoint(cache_dir)
+    loaded = _state(WanImageToVideoPipeline.from_pretrained(str(path), local_files_only=True))
+    assert loaded.keys() == a.keys()
+    mismatched = [k for k in a if a[k].dtype != loaded[k].dtype or not torch.equal(a[k], loaded[k])]
+    assert mismatched == []
+    # the two experts are different networks with the real model's structure
+    assert not torch.equal(a["transformer.blocks.0.attn1.to_q.weight"], a["transformer_2.blocks.0.attn1.to_q.weight"])
+
+
+def test_tiny_checkpoint_is_written_once(cache_dir):
+    path = ensure_tiny_checkpoint(cache_dir)
+    mtime = (path / "model_index.json").stat().st_mtime_ns
+    assert ensure_tiny_checkpoint(cache_dir) == path
+    assert (path / "model_index.json").stat().st_mtime_ns == mtime
+
+
+def test_high_noise_expert_runs_exactly_at_or_above_boundary(tiny_pipe):
+    pipe = tiny_pipe
+    boundary = boundary_timestep(pipe)
+    assert boundary == pytest.approx(900.0)
+    calls = []
+    hooks = install_timestep_hooks(pipe, lambda name, t: calls.append((name, t)))
+    try:
+        from PIL import Image
+        pipe(image=Image.new("RGB", (64, 64), (90, 120, 30)), prompt="a dog", height=64, width=64, num_frames=5,
+             num_inference_steps=10, guidance_scale=1.0, output_type="latent",
+             generator=torch.Generator().manual_seed(0))
+    finally:
+        for h in hooks:
+            h.remove()
+    timesteps = [float(t) for t in pipe.scheduler.timesteps]
+    assert [t for _, t in calls] == pytest.approx(timesteps)
+    assert {n for n, _ in calls} == set(EXPERTS)  # both experts ran in a 10-step trajectory
+    for name, t in calls:
+        assert name == expert_for_timestep(t, boundary)
+        assert (name == "high_noise") == (t >= boundary)
+
+
+def test_fingerprint_tells_experts_apart(tiny_pipe):
+    fp = model_fingerprint(tiny_pipe)
+    assert fp == model_fingerprint(tiny_pipe)
+    with torch.no_grad():
+        w = experts(tiny_pipe)["low_noise"].blocks[0].attn1.to_q.weight
+        old = w[0, 0].clone()
+        w[0, 0] += 1.0
+        try:
+            assert model_fingerprint(tiny_pipe) != fp
+        finally:
+            w[0, 0] = old
+
+
+def test_incomplete_model_dir_names_every_missing_part(tmp_path):
+    with pytest.raises(WanexpError, match="does not exist"):
+        check_model_dir(tmp_path / "nope")
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text("{}")
+    with pytest.raises(WanexpError) as err:
+        check_model_dir(tmp_path)
+    msg = str(err.value)
+    for part in ("model_index.json", "transformer/*.safetensors", "transformer_2/", "vae/", "text_encoder/",
+                 "tokenizer/", "scheduler/"):
+        assert part in msg
+
+
+def test_a14b_without_path_fails_with_one_clear_line(cli):
+    proc = cli("model=wan22_i2v_a14b", env={"WANEXP_WAN22_I2V_A14B": ""})
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "model.path" in lines[0] and "WANEXP_WAN22_I2V_A14B" in lines[0]
+
+
+def test_a14b_with_incomplete_dir_fails_before_loading(cli, tmp_path):
+    ckpt = tmp_path / "A14B"
+    (ckpt / "vae").mkdir(parents=True)
+    proc = cli("model=wan22_i2v_a14b", f"model.path={ckpt}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "incomplete" in proc.stderr and "transformer_2/" in proc.stderr

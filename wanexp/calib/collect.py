@@ -1,0 +1,126 @@
+"""Streamed activation statistics per (expert, layer, timestep bin).
+
+While BF16 denoising runs on the calibration split, a forward pre-hook on every targeted linear
+reads its input ``x [..., in]`` and folds it into running statistics; nothing grows with the number
+of steps except the optional bounded token sample:
+
+- ``absmax``  per-channel max |x|                                  (SmoothQuant's statistic)
+- ``sumsq``   per-channel Σ x², with ``count`` tokens              (RMS, for diagnostics)
+- ``hessian`` XᵀX, fp32                                            (GPTQ's H = 2XᵀX up to scale)
+- ``tokens``  a uniform reservoir sample of at most k input rows   (clip search, percentiles)
+
+Which statistics are kept is the method's choice (``needs``); the timestep bin comes from the
+expert's TimestepContext, set by the runner's timestep hook before each expert forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from wanexp.errors import WanexpError
+from wanexp.io import atomic_path
+from wanexp.quant.context import TimestepContext
+
+STATS = ("absmax", "sumsq", "hessian", "tokens")
+
+
+@dataclass
+class CalibStats:
+    """``data[(expert, layer, bin)][stat]`` → tensor; saved as one safetensors file."""
+
+    data: dict[tuple[str, str, int], dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def get(self, expert: str, layer: str, bin_: int) -> dict[str, torch.Tensor]:
+        return self.data.get((expert, layer, bin_), {})
+
+    def bins_of(self, expert: str, layer: str) -> list[int]:
+        return sorted(b for (e, l, b) in self.data if e == expert and l == layer)
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+        flat = {f"{e}|{l}|{b}|{k}": v.contiguous().cpu() for (e, l, b), d in self.data.items() for k, v in d.items()}
+        with atomic_path(path) as tmp:
+            save_file(flat, str(tmp), metadata={"format": "wanexp-calib-v1"})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CalibStats":
+        from safetensors.torch import load_file
+        if not Path(path).is_file():
+            raise WanexpError(f"calibration statistics {path} do not exist (run the calibrate stage first)")
+        try:
+            flat = load_file(str(path))
+        except Exception as err:
+            raise WanexpError(f"calibration statistics {path} are corrupt ({err}); delete the file and re-run calibrate") from err
+        out = cls()
+        for key, v in flat.items():
+            e, l, b, k = key.split("|")
+            out.data.setdefault((e, l, int(b)), {})[k] = v
+        return out
+
+
+class ActivationCollector:
+    """Attach to one expert's targeted linears; fold each input into the stats of the current bin."""
+
+    def __init__(self, expert: str, model: nn.Module, layers: Iterable[str], context: TimestepContext,
+                 needs: Iterable[str], stats: CalibStats, max_tokens: int = 256, seed: int = 0):
+        unknown = set(needs) - set(STATS)
+        if unknown:
+            raise ValueError(f"unknown calibration statistics {sorted(unknown)}; known: {STATS}")
+        self.expert, self.context, self.needs, self.stats = expert, context, set(needs), stats
+        self.max_tokens = max_tokens
+        self.generator = torch.Generator().manual_seed(seed)
+        self.seen: dict[tuple[str, str, int], int] = {}
+        self.handles = [model.get_submodule(n).register_forward_pre_hook(self._hook(n)) for n in layers]
+
+    def _hook(self, layer: str):
+        def hook(module, args):
+            self.observe(layer, args[0])
+        return hook
+
+    @torch.no_grad()
+    def observe(self, layer: str, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if not torch.isfinite(x).all():
+            raise WanexpError(f"non-finite activations entering {self.expert}:{layer} at timestep "
+                              f"{self.context.timestep} during calibration")
+        key = (self.expert, layer, self.context.bin)
+        d = self.stats.data.setdefault(key, {})
+        if "absmax" in self.needs:
+            amax = x.abs().amax(dim=0).cpu()
+            d["absmax"] = amax if "absmax" not in d else torch.maximum(d["absmax"], amax)
+        if "sumsq" in self.needs or "hessian" in self.needs:
+            d["count"] = d.get("count", torch.zeros((), dtype=torch.float64)) + x.shape[0]
+        if "sumsq" in self.needs:
+            d["sumsq"] = d.get("sumsq", 0) + x.square().sum(dim=0).double().cpu()
+        if "hessian" in self.needs:
+            d["hessian"] = d.get("hessian", 0) + (x.T @ x).cpu()
+        if "tokens" in self.needs:
+            self._reservoir(key, d, x)
+
+    def _reservoir(self, key, d: dict, x: torch.Tensor) -> None:
+        """Algorithm R over rows: every row seen so far is in the sample with equal probability."""
+        seen = self.seen.get(key, 0)
+        k = self.max_tokens
+        x = x.to(torch.bfloat16).cpu()
+        if seen < k:
+            take = x[: k - seen]
+            d["tokens"] = take.clone() if "tokens" not in d else torch.cat([d["tokens"], take])
+            x, seen = x[k - seen:], seen + take.shape[0]
+        if x.shape[0]:
+            idx = seen + torch.arange(x.shape[0])
+            slot = (torch.rand(x.shape[0], generator=self.generator, dtype=torch.float64) * (idx + 1)).long()
+            hit = slot < k
+            if hit.any():  # later rows overwrite earlier ones in the same slot, as sequential R would
+                d["tokens"][slot[hit]] = x[hit]
+            seen += x.shape[0]
+        self.seen[key] = seen
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []

@@ -1,0 +1,1 @@
+"""Scoring generated videos: fidelity to the BF16 twin (here) and VBench dimensions."""

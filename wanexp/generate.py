@@ -1,0 +1,124 @@
+"""Video generation: one mp4 and one latent file per (variant, sample), resumable through a manifest.
+
+Every sample gets a seed derived from (run seed, sample id), so the BF16 reference and each quantized
+variant of the same sample start from the same noise, in any order, on any number of processes.
+A video is written (atomically) before its manifest line; a crash loses at most the video in flight,
+and a re-run skips every sample whose manifest line and files exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+
+from wanexp.data import Sample
+from wanexp.io import append_jsonl, atomic_path, read_jsonl
+
+MANIFEST = "manifest.jsonl"
+
+
+def sample_seed(seed: int, sample_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()[:4], "little")
+
+
+def done_records(out_dir: Path) -> dict[str, dict]:
+    """Manifest records whose files still exist, by sample id (the last line for an id wins)."""
+    records = {}
+    for rec in read_jsonl(out_dir / MANIFEST):
+        if (out_dir / rec["video"]).is_file() and (out_dir / rec["latents"]).is_file():
+            records[rec["id"]] = rec
+    return records
+
+
+def generation_key(fingerprint: str, gen_cfg: Mapping[str, Any], seed: int) -> str:
+    """Content address of a set of videos: same model, same sampling settings, same seed → same videos."""
+    blob = repr((fingerprint, sorted((k, str(v)) for k, v in gen_cfg.items()), seed)).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@torch.no_grad()
+def generate_one(pipe, sample: Sample, gen_cfg: Mapping[str, Any], seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Denoise one sample; returns (latents [1, C, F, H, W] float32 on CPU, video uint8 [F, H, W, 3])."""
+    device = pipe._execution_device
+    image = sample.load_image().resize((int(gen_cfg["width"]), int(gen_cfg["height"])))
+    kwargs = dict(image=image, prompt=sample.prompt, negative_prompt=gen_cfg.get("negative_prompt") or None,
+                  height=int(gen_cfg["height"]), width=int(gen_cfg["width"]), num_frames=int(gen_cfg["num_frames"]),
+                  num_inference_steps=int(gen_cfg["num_inference_steps"]),
+                  guidance_scale=float(gen_cfg["guidance_scale"]),
+                  generator=torch.Generator(device="cpu").manual_seed(seed), output_type="latent")
+    if gen_cfg.get("guidance_scale_2") is not None:
+        kwargs["guidance_scale_2"] = float(gen_cfg["guidance_scale_2"])
+    if gen_cfg.get("max_sequence_length"):
+        kwargs["max_sequence_length"] = int(gen_cfg["max_sequence_length"])
+    latents = pipe(**kwargs).frames
+    video = decode_latents(pipe, latents.to(device))
+    return latents.float().cpu(), video
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents: torch.Tensor) -> np.ndarray:
+    """The pipeline's own latent → pixel path (un-normalise, VAE decode, postprocess) as uint8 frames."""
+    vae = pipe.vae
+    z = latents.to(vae.dtype)
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(z.device, z.dtype)
+    std = torch.tensor(vae.config.latents_std).view(shape).to(z.device, z.dtype)
+    video = vae.decode(z * std + mean, return_dict=False)[0]
+    frames = pipe.video_processor.postprocess_video(video, output_type="np")[0]  # [F, H, W, 3] in [0, 1]
+    return (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+def write_mp4(path: Path, frames: np.ndarray, fps: int, crf: int = 12) -> None:
+    import imageio_ffmpeg
+
+    h, w = frames.shape[1:3]
+    with atomic_path(path) as tmp:
+        # ffmpeg picks the container from the extension, so the temporary name must end in .mp4 too
+        writer = imageio_ffmpeg.write_frames(str(tmp), (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv420p", quality=None,
+                                             macro_block_size=1, output_params=["-crf", str(crf), "-f", "mp4"],
+                                             ffmpeg_log_level="error")
+        writer.send(None)
+        for frame in frames:
+            writer.send(np.ascontiguousarray(frame))
+        writer.close()
+
+
+def read_mp4(path: Path) -> np.ndarray:
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = next(reader)
+    w, h = meta["size"]
+    frames = [np.frombuffer(buf, dtype=np.uint8).reshape(h, w, 3) for buf in reader]
+    return np.stack(frames)
+
+
+def generate_videos(pipe, samples: Iterable[Sample], out_dir: Path, gen_cfg: Mapping[str, Any], seed: int,
+                    variant: str, progress: Callable[[Iterable], Iterable] = lambda it: it) -> list[dict]:
+    """Generate every sample not yet in ``out_dir``'s manifest; returns all records for ``samples``."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    samples = list(samples)
+    done = done_records(out_dir)
+    todo = [s for s in samples if s.id not in done]
+    for sample in progress(todo):
+        s_seed = sample_seed(seed, sample.id)
+        start = time.perf_counter()
+        latents, video = generate_one(pipe, sample, gen_cfg, s_seed)
+        seconds = time.perf_counter() - start
+        lat_rel, vid_rel = Path("latents") / f"{sample.id}.safetensors", Path("videos") / f"{sample.id}.mp4"
+        with atomic_path(out_dir / lat_rel) as tmp:
+            save_file({"latents": latents.contiguous()}, str(tmp))
+        write_mp4(out_dir / vid_rel, video, fps=int(gen_cfg.get("fps", 16)), crf=int(gen_cfg.get("crf", 12)))
+        record = {"id": sample.id, "category": sample.category, "prompt": sample.prompt, "variant": variant,
+                  "seed": s_seed, "video": str(vid_rel), "latents": str(lat_rel), "seconds": round(seconds, 3),
+                  "frames": int(video.shape[0]), "height": int(video.shape[1]), "width": int(video.shape[2])}
+        append_jsonl(out_dir / MANIFEST, record)
+        done[sample.id] = record
+    return [done[s.id] for s in samples]

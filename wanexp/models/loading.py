@@ -1,0 +1,116 @@
+"""Load a Wan2.2-I2V pipeline: the tiny default or a user's local A14B checkpoint, by one code path.
+
+Both go through ``WanImageToVideoPipeline.from_pretrained`` on a local diffusers-format directory;
+the tiny model is only special in that we write its directory ourselves first. Nothing here ever
+reaches a hub: ``local_files_only`` is always set, and a missing or incomplete directory is reported
+before any weight is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from wanexp.errors import WanexpError
+from wanexp.models.tiny import MODEL_INDEX_COMPONENTS, ensure_tiny_checkpoint
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+           "fp32": torch.float32, "float32": torch.float32}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+
+
+def resolve_model_dir(cfg: Mapping[str, Any], cache_dir: str | Path) -> Path:
+    """The local diffusers directory for ``cfg`` (the ``model`` group), checked for completeness."""
+    if cfg["name"] == "tiny":
+        return ensure_tiny_checkpoint(cache_dir)
+    env = cfg.get("path_env") or "WANEXP_WAN22_I2V_A14B"
+    raw = cfg.get("path") or os.environ.get(env)
+    if not raw:
+        raise WanexpError(f"model={cfg['name']} needs a local diffusers-format checkpoint: set model.path=/path/to/"
+                          f"Wan2.2-I2V-A14B-Diffusers or the environment variable {env} (nothing is downloaded)")
+    path = Path(str(raw)).expanduser()
+    check_model_dir(path)
+    return path
+
+
+def check_model_dir(path: Path) -> None:
+    """Raise one clear error listing every expected file that is missing under ``path``."""
+    if not path.is_dir():
+        raise WanexpError(f"model directory {path} does not exist (expected a diffusers-format Wan2.2-I2V-A14B "
+                          f"checkpoint with model_index.json and subfolders {', '.join(MODEL_INDEX_COMPONENTS)})")
+    missing = []
+    if not (path / "model_index.json").is_file():
+        missing.append("model_index.json")
+    for sub in MODEL_INDEX_COMPONENTS:
+        folder = path / sub
+        if not folder.is_dir():
+            missing.append(f"{sub}/")
+            continue
+        names = [p.name for p in folder.iterdir()]
+        if sub == "tokenizer":
+            if not any(n.startswith(("tokenizer", "spiece")) for n in names):
+                missing.append(f"{sub}/tokenizer.json or spiece.model")
+            continue
+        config = "scheduler_config.json" if sub == "scheduler" else "config.json"
+        if config not in names:
+            missing.append(f"{sub}/{config}")
+        if sub != "scheduler" and not any(n.endswith(_WEIGHT_SUFFIXES) for n in names):
+            missing.append(f"{sub}/*.safetensors (weights)")
+    if missing:
+        raise WanexpError(f"model directory {path} is incomplete: missing {', '.join(missing)}")
+    index = json.loads((path / "model_index.json").read_text())
+    if index.get("_class_name") != "WanImageToVideoPipeline" or not index.get("transformer_2"):
+        raise WanexpError(f"{path}/model_index.json describes {index.get('_class_name')} without transformer_2; "
+                          "wanexp needs the two-expert Wan2.2-I2V pipeline (WanImageToVideoPipeline)")
+
+
+def load_pipeline(cfg: Mapping[str, Any], cache_dir: str | Path, device: str | torch.device = "cpu"):
+    """Load the pipeline, place it on ``device`` according to ``cfg.offload``, and quiet its logging."""
+    import diffusers
+    import transformers
+    from diffusers import WanImageToVideoPipeline
+
+    path = resolve_model_dir(cfg, cache_dir)
+    dtype = _DTYPES.get(str(cfg.get("dtype", "bf16")))
+    if dtype is None:
+        raise WanexpError(f"model.dtype={cfg.get('dtype')!r} is not one of {sorted(_DTYPES)}")
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        pipe = WanImageToVideoPipeline.from_pretrained(
+            str(path), dtype=dtype, local_files_only=True, image_encoder=None, image_processor=None)
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise WanexpError(f"could not load the pipeline from {path}: {str(err).splitlines()[0]}") from err
+    pipe.set_progress_bar_config(disable=True)
+    place_pipeline(pipe, str(cfg.get("offload", "none")), torch.device(device))
+    return pipe
+
+
+def place_pipeline(pipe, offload: str, device: torch.device) -> None:
+    """Put the pipeline on ``device``. ``offload``: none | model (diffusers' per-component CPU offload,
+    which keeps only the component running — one expert, or the text encoder, or the VAE — on the GPU)."""
+    if offload == "none" or device.type == "cpu":
+        pipe.to(device)
+    elif offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        raise WanexpError(f"model.offload={offload!r} is not one of none, model")
+
+
+def model_fingerprint(pipe) -> str:
+    """A short hash of both experts' configs and a sample of their weights: artifacts are tied to it."""
+    from wanexp.models.experts import experts
+    h = hashlib.sha256()
+    for name, module in experts(pipe).items():
+        h.update(name.encode())
+        h.update(json.dumps(dict(module.config), sort_keys=True, default=str).encode())
+        for pname, p in module.named_parameters():
+            if p.ndim >= 2:  # the first row of every matrix: cheap, yet any other checkpoint differs
+                h.update(pname.encode())
+                h.update(p.detach()[0, :64].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]

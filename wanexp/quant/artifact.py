@@ -1,0 +1,83 @@
+"""The quantized-model artifact: one safetensors file of every QuantLinear's buffers plus a JSON header.
+
+The header (also stored in the safetensors metadata) names the method, format, expert policy, bins
+and the base model's fingerprint. Loading never recalibrates, and refuses a different base model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from wanexp.errors import WanexpError
+from wanexp.io import atomic_path
+from wanexp.quant.api import quant_layers, set_submodule
+from wanexp.quant.linear import QuantLinear
+
+ARTIFACT_FILE = "quantized.safetensors"
+ARTIFACT_VERSION = 1
+
+
+def save_artifact(path: str | Path, experts: dict[str, nn.Module], header: dict[str, Any]) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict[str, dict]] = {}
+    for expert, model in experts.items():
+        layers[expert] = {}
+        for name, layer in quant_layers(model).items():
+            layers[expert][name] = layer.describe()
+            for key, buf in layer.named_buffers(recurse=False):
+                if buf is not None:
+                    tensors[f"{expert}/{name}/{key}"] = buf.detach().contiguous().cpu()
+    full = dict(header, version=ARTIFACT_VERSION, layers=layers)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"wanexp": json.dumps(full, sort_keys=True)})
+    return path
+
+
+def read_header(path: str | Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise WanexpError(f"quantized artifact {path} does not exist (run the quantize stage first)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = json.loads((f.metadata() or {})["wanexp"])
+    except Exception as err:  # safetensors raises several types for truncated/corrupt files
+        raise WanexpError(f"quantized artifact {path} is corrupt or not a wanexp artifact ({err})") from err
+    if header.get("version") != ARTIFACT_VERSION:
+        raise WanexpError(f"artifact {path} has version {header.get('version')}, this wanexp reads {ARTIFACT_VERSION}")
+    return header
+
+
+def load_artifact(path: str | Path, experts: dict[str, nn.Module], fingerprint: str | None,
+                  device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Swap the artifact's QuantLinears into ``experts`` (in place); returns the header."""
+    from safetensors.torch import load_file
+
+    header = read_header(path)
+    if fingerprint is not None and header.get("fingerprint") != fingerprint:
+        raise WanexpError(f"artifact {path} was made for base model {header.get('fingerprint')}, "
+                          f"but the loaded model is {fingerprint}; re-run the quantize stage for this model")
+    try:
+        tensors = load_file(str(path), device=str(device))
+    except Exception as err:
+        raise WanexpError(f"quantized artifact {path} is corrupt ({err})") from err
+    for expert, layers in header["layers"].items():
+        model = experts[expert]
+        for name, desc in layers.items():
+            prefix = f"{expert}/{name}/"
+            own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            try:
+                model.get_submodule(name)
+            except AttributeError as err:
+                raise WanexpError(f"artifact {path} names layer {expert}:{name}, which the model lacks") from err
+            set_submodule(model, name, QuantLinear.from_description(desc, own))
+    return header

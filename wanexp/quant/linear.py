@@ -1,0 +1,107 @@
+"""QuantLinear: the one place a quantized layer's math lives.
+
+    y = Q_a(x / s; rho[bin]) · dequant(W_q)ᵀ + (x / s) · L2ᵀ · L1ᵀ + b
+
+``s`` is an optional per-input-channel smoothing vector (already folded into the weight as
+``W · diag(s)``), ``L1 L2`` an optional 16-bit low-rank branch, ``W_q`` the packed low-bit residual
+weight and ``rho[bin]`` the activation clip ratio of the current timestep bin, read from a table.
+The forward below is the plain-torch reference path; fused GPU kernels must match it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from wanexp.formats import get_format
+from wanexp.formats import PackedTensor
+from wanexp.quant.context import TimestepContext
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, *, weight: PackedTensor | torch.Tensor,
+                 bias: torch.Tensor | None, act_format: dict | None, clip_table: torch.Tensor | None = None,
+                 smooth: torch.Tensor | None = None, lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 context: TimestepContext | None = None, compute_dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = compute_dtype
+        if isinstance(weight, PackedTensor):
+            self.weight_meta: dict | None = weight.meta()
+            for key, t in weight.tensors().items():
+                self.register_buffer(f"wq_{key}", t)
+        else:  # a 16-bit weight (weight-only baselines kept dense, or BF16 layers inside an artifact)
+            self.weight_meta = None
+            self.register_buffer("weight", weight.to(compute_dtype))
+        self.register_buffer("bias", None if bias is None else bias.detach().to(compute_dtype))
+        self.register_buffer("smooth", None if smooth is None else smooth.detach().float())
+        self.register_buffer("lowrank_up", None if lowrank is None else lowrank[0].detach().to(compute_dtype))
+        self.register_buffer("lowrank_down", None if lowrank is None else lowrank[1].detach().to(compute_dtype))
+        self.act_format_spec = act_format
+        self.act_format = None if act_format is None else get_format(act_format["name"], **act_format.get("opts", {}))
+        table = torch.ones(1) if clip_table is None else clip_table.detach().float().flatten()
+        self.register_buffer("clip_table", table)
+        self.context = context
+
+    # -- weights -------------------------------------------------------------------------------
+    def packed_weight(self) -> PackedTensor | None:
+        if self.weight_meta is None:
+            return None
+        tensors = {name[3:]: buf for name, buf in self.named_buffers(recurse=False) if name.startswith("wq_")}
+        return PackedTensor.from_tensors(tensors, self.weight_meta)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        packed = self.packed_weight()
+        if packed is None:
+            return self.weight
+        return get_format(packed.format_name, **packed.format_opts).decode(packed).to(self.compute_dtype)
+
+    def clip_ratio(self) -> torch.Tensor:
+        bin_ = 0 if self.context is None else self.context.bin
+        return self.clip_table[min(bin_, self.clip_table.numel() - 1)]
+
+    # -- forward (the reference path) ----------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out_dtype = x.dtype
+        x = x.to(self.compute_dtype)
+        if self.smooth is not None:
+            x = (x.float() / self.smooth).to(self.compute_dtype)
+        xq = x if self.act_format is None else self.act_format.quantize_dequantize(x, clip_ratio=float(self.clip_ratio()))
+        y = torch.nn.functional.linear(xq, self.dequantized_weight(), self.bias)
+        if self.lowrank_up is not None:  # the 16-bit branch sees the smoothed, unquantized input
+            y = y + torch.nn.functional.linear(torch.nn.functional.linear(x, self.lowrank_down), self.lowrank_up)
+        return y.to(out_dtype)
+
+    def nbytes(self) -> int:
+        """Bytes this layer actually holds (packed codes, scales, 16-bit factors, tables)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers(recurse=False) if b is not None)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able description that, with the buffers, rebuilds this layer (artifact header)."""
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "weight_meta": self.weight_meta, "act_format": self.act_format_spec,
+                "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
+                "has_bias": self.bias is not None, "has_smooth": self.smooth is not None,
+                "lowrank_rank": 0 if self.lowrank_up is None else int(self.lowrank_up.shape[1])}
+
+    @classmethod
+    def from_description(cls, desc: dict, tensors: dict[str, torch.Tensor]) -> "QuantLinear":
+        dtype = getattr(torch, desc["compute_dtype"])
+        if desc["weight_meta"] is not None:
+            packed = {k[3:]: v for k, v in tensors.items() if k.startswith("wq_")}
+            weight: Any = PackedTensor.from_tensors(packed, desc["weight_meta"])
+        else:
+            weight = tensors["weight"]
+        lowrank = (tensors["lowrank_up"], tensors["lowrank_down"]) if desc["lowrank_rank"] else None
+        return cls(desc["in_features"], desc["out_features"], weight=weight, bias=tensors.get("bias"),
+                   act_format=desc["act_format"], clip_table=tensors["clip_table"], smooth=tensors.get("smooth"),
+                   lowrank=lowrank, compute_dtype=dtype)
+
+    def extra_repr(self) -> str:
+        w = self.weight_meta["format"] if self.weight_meta else "bf16"
+        a = self.act_format_spec["name"] if self.act_format_spec else "bf16"
+        rank = 0 if self.lowrank_up is None else self.lowrank_up.shape[1]
+        return (f"in={self.in_features}, out={self.out_features}, W={w}, A={a}, rank={rank}, "
+                f"smooth={self.smooth is not None}, bins={self.clip_table.numel()}")

@@ -1,0 +1,70 @@
+"""W&B logging that never hangs and never fails a run for lack of network.
+
+Online only when the user named a project *and* has credentials (``WANDB_API_KEY`` or a netrc
+entry); otherwise offline into the run directory, to be synced later with ``wandb sync``.
+``logger=none`` logs nothing. A W&B failure is reported as a warning; results on disk are kept.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import pandas as pd
+
+
+def _has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def resolve_mode(cfg: Mapping[str, Any]) -> str:
+    mode = str(cfg.get("mode") or "auto")
+    if mode == "auto":
+        return "online" if cfg.get("project") and _has_credentials() else "offline"
+    return mode
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+    return out
+
+
+def log_run(cfg: Mapping[str, Any], run_dir: Path, config: Mapping[str, Any], summary: Mapping[str, Any],
+            tables: Mapping[str, pd.DataFrame]) -> str | None:
+    """Log one run; returns the W&B run directory (offline) or URL (online), or None."""
+    if cfg.get("name", "wandb") == "none":
+        return None
+    try:
+        import wandb
+    except ImportError:
+        warnings.warn("wandb is not installed; logger=wandb skipped (results are on disk)")
+        return None
+    mode = resolve_mode(cfg)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    try:
+        run = wandb.init(project=cfg.get("project") or "wanexp", entity=cfg.get("entity") or None,
+                         group=cfg.get("group") or None, job_type=cfg.get("job_type") or None,
+                         name=cfg.get("run_name") or run_dir.name, tags=list(cfg.get("tags") or []),
+                         dir=str(run_dir), mode=mode, config=flatten(config), reinit="finish_previous",
+                         settings=wandb.Settings(init_timeout=float(cfg.get("init_timeout", 60)),
+                                                 console="off", silent=True))
+        run.summary.update({k: v for k, v in flatten(summary).items() if v is not None})
+        for name, df in tables.items():
+            run.log({name: wandb.Table(dataframe=df.reset_index(drop=True))})
+        where = run.url if mode == "online" else run.dir
+        run.finish()
+        return where
+    except Exception as err:  # never lose a finished run to a logging problem
+        warnings.warn(f"W&B logging failed ({type(err).__name__}: {err}); results are on disk in {run_dir}")
+        return None

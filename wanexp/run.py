@@ -1,0 +1,445 @@
+"""The stage sequence of one run: calibrate → quantize → generate → evaluate → report.
+
+Each stage writes into the run directory and marks itself done (``stages/<name>.json``) only after
+its outputs are on disk; ``stage=all`` skips finished stages, so a re-run after a crash redoes
+nothing that completed, and ``stage=<name>`` re-enters one stage on an existing run directory.
+This is the only module that knows every other room.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from wanexp.errors import WanexpError
+from wanexp.io import append_jsonl, read_json, read_jsonl, write_json, write_text
+
+STAGES = ("calibrate", "quantize", "generate", "evaluate", "report")
+METHODS = ("bf16", "w4a16", "rtn")
+# Keys that may differ between the first run in a directory and a resumed one.
+_RESUME_FREE = ("stage", "logger", "progress", "device", "paths")
+
+
+class Run:
+    """State shared by the stages of one run: config, directory, and the (lazily loaded) pipeline."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.device = _device(str(cfg.device))
+        self._pipe = None
+        self._pipe_quantized = False
+        self._splits = None
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def marker(self, stage: str) -> Path:
+        return self.run_dir / "stages" / f"{stage}.json"
+
+    def done(self, stage: str) -> bool:
+        return self.marker(stage).is_file()
+
+    def mark_done(self, stage: str, info: dict) -> None:
+        write_json(self.marker(stage), info)
+
+    def progress(self, iterable, desc: str):
+        from tqdm.auto import tqdm
+        return tqdm(iterable, desc=desc, disable=not self.cfg.progress, leave=False, dynamic_ncols=True)
+
+    # -- inputs --------------------------------------------------------------------------------
+    @property
+    def splits(self):
+        if self._splits is None:
+            from wanexp.data import load_splits
+            self._splits = load_splits(OmegaConf.to_container(self.cfg.data, resolve=True), self.cfg.paths.cache_dir)
+        return self._splits
+
+    def bf16_pipe(self):
+        """The unquantized pipeline (reloaded if a previous stage quantized the one in memory)."""
+        if self._pipe is None or self._pipe_quantized:
+            from wanexp.models import load_pipeline, model_fingerprint
+            self._pipe = None
+            self._pipe = load_pipeline(OmegaConf.to_container(self.cfg.model, resolve=True),
+                                       self.cfg.paths.cache_dir, self.device)
+            self._pipe_quantized = False
+            fingerprint = model_fingerprint(self._pipe)
+            model_file = self.run_dir / "model.json"
+            if model_file.is_file() and read_json(model_file)["fingerprint"] != fingerprint:
+                raise WanexpError(f"{self.run_dir} was started with base model {read_json(model_file)['fingerprint']}, "
+                                  f"but model={self.cfg.model.name} is {fingerprint}; use a new run directory")
+            write_json(model_file, {"fingerprint": fingerprint, "name": self.cfg.model.name})
+        return self._pipe
+
+    @property
+    def fingerprint(self) -> str:
+        model_file = self.run_dir / "model.json"
+        if not model_file.is_file():
+            self.bf16_pipe()
+        return read_json(model_file)["fingerprint"]
+
+    def contexts(self, pipe) -> dict:
+        from wanexp.models import boundary_timestep
+        from wanexp.quant.context import TimestepContext, expert_bins
+        bins = expert_bins(boundary_timestep(pipe), float(pipe.scheduler.config.num_train_timesteps),
+                           int(self.cfg.quant.get("bins", 1)), self.cfg.quant.get("bin_edges"))
+        return {name: TimestepContext(bins=b) for name, b in bins.items()}
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Execute ``cfg.stage`` (or every unfinished stage) in ``run_dir``; returns the run summary."""
+    run_dir = Path(run_dir)
+    validate(cfg)
+    _check_writable(run_dir)
+    _check_same_config(cfg, run_dir)
+    state = Run(cfg, run_dir)
+    wanted = STAGES if cfg.stage == "all" else (str(cfg.stage),)
+    for stage in wanted:
+        if cfg.stage == "all" and state.done(stage):
+            continue
+        start = time.perf_counter()
+        info = _STAGE_FUNCS[stage](state) or {}
+        info["seconds"] = round(time.perf_counter() - start, 3)
+        state.mark_done(stage, info)
+    return read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Refuse bad values before any heavy work, with one message naming the key."""
+    from wanexp.formats import FORMAT_NAMES
+    if cfg.stage not in (*STAGES, "all"):
+        raise WanexpError(f"stage={cfg.stage} is not one of all, {', '.join(STAGES)}")
+    if cfg.quant.name not in METHODS:
+        raise WanexpError(f"quant={cfg.quant.name} is not implemented; available: {', '.join(METHODS)}")
+    if cfg.format.name not in FORMAT_NAMES:
+        raise WanexpError(f"format.name={cfg.format.name} is unknown; available: {', '.join(FORMAT_NAMES)}")
+    if cfg.expert.policy not in ("per_expert", "shared"):
+        raise WanexpError(f"expert.policy={cfg.expert.policy} is not one of per_expert, shared")
+    if str(cfg.device) not in ("auto", "cpu") and not str(cfg.device).startswith("cuda"):
+        raise WanexpError(f"device={cfg.device} is not one of auto, cpu, cuda[:N]")
+    if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
+        raise WanexpError(f"device={cfg.device} but no CUDA device is available (use device=auto or cpu)")
+    gen = cfg.model.generation
+    if (int(gen.num_frames) - 1) % 4:
+        raise WanexpError(f"model.generation.num_frames={gen.num_frames}: Wan needs 4k+1 frames (e.g. 5, 61, 81)")
+    if int(gen.height) % 16 or int(gen.width) % 16:
+        raise WanexpError(f"model.generation height×width {gen.height}×{gen.width} must be multiples of 16")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _check_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise WanexpError(f"cannot write to the run directory {run_dir}: {err.strerror} "
+                          "(set paths.output_root or hydra.run.dir to a writable place)") from err
+
+
+def _check_same_config(cfg: DictConfig, run_dir: Path) -> None:
+    """A run directory belongs to one configuration; resuming it with another would mix results."""
+    current = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in _RESUME_FREE}
+    path = run_dir / "wanexp_config.json"
+    if path.is_file():
+        before = read_json(path)
+        diff = sorted(k for k in _flat(before).keys() | _flat(current).keys()
+                      if _flat(before).get(k) != _flat(current).get(k))
+        if diff:
+            raise WanexpError(f"{run_dir} holds a run with a different configuration ({', '.join(diff[:6])}"
+                              f"{' …' if len(diff) > 6 else ''} differ); use a new run directory")
+    else:
+        write_json(path, current)
+
+
+def _flat(d: Any, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): json.dumps(d, sort_keys=True)}
+    out: dict = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# calibrate
+# ---------------------------------------------------------------------------------------------
+STATS_FILE = Path("calib") / "stats.safetensors"
+
+
+def calibrate(state: Run) -> dict:
+    """Run BF16 denoising on the calibration split, recording what the method needs per expert and bin."""
+    from wanexp.calib import ActivationCollector, CalibStats
+    from wanexp.generate import sample_seed
+    from wanexp.models import experts, install_timestep_hooks
+    from wanexp.quant.targets import targeted_linears
+
+    needs = list(state.cfg.quant.get("needs") or [])
+    if not needs:
+        return {"skipped": f"quant={state.cfg.quant.name} needs no calibration statistics"}
+    samples = state.splits.calib
+    if not samples:
+        raise WanexpError(f"quant={state.cfg.quant.name} needs calibration data but the calibration split is empty "
+                          "(set data.calib.num_samples, data.calib.ids or data.calib.prompts_file)")
+    pipe = state.bf16_pipe()
+    contexts = state.contexts(pipe)
+    stats = CalibStats()
+    collectors = [ActivationCollector(name, model, targeted_linears(model), contexts[name], needs, stats,
+                                      max_tokens=int(state.cfg.quant.get("calib_tokens", 256)), seed=int(state.cfg.seed))
+                  for name, model in experts(pipe).items()]
+    hooks = install_timestep_hooks(pipe, lambda expert, t: contexts[expert].set_timestep(t))
+    gen = state.cfg.model.generation
+    try:
+        for sample in state.progress(samples, "calibrate"):
+            image = sample.load_image().resize((int(gen.width), int(gen.height)))
+            with torch.no_grad():
+                pipe(image=image, prompt=sample.prompt, height=int(gen.height), width=int(gen.width),
+                     num_frames=int(gen.num_frames), num_inference_steps=int(gen.num_inference_steps),
+                     guidance_scale=float(gen.guidance_scale), output_type="latent",
+                     generator=torch.Generator().manual_seed(sample_seed(int(state.cfg.seed), sample.id)))
+    finally:
+        for h in hooks + [h for c in collectors for h in c.handles]:
+            h.remove()
+    stats.save(state.run_dir / STATS_FILE)
+    return {"samples": [s.id for s in samples], "needs": needs, "entries": len(stats.data)}
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize
+# ---------------------------------------------------------------------------------------------
+ARTIFACT = Path("artifact") / "quantized.safetensors"
+
+
+def quantize(state: Run) -> dict:
+    """Replace the targeted linears of each expert and save the artifact (bf16: nothing to do)."""
+    from wanexp.models import experts
+    from wanexp.quant.api import quantize_
+    from wanexp.quant.artifact import save_artifact
+    from wanexp.quant.rtn import RTNConfig
+    from wanexp.quant.targets import select_targets
+
+    cfg = state.cfg
+    if cfg.quant.name == "bf16":
+        size = _model_bytes(state.bf16_pipe())
+        return {"skipped": "quant=bf16 keeps every layer in BF16", "model_bytes": size}
+    pipe = state.bf16_pipe()
+    fingerprint = state.fingerprint
+    fmt = cfg.format
+    weight_format = {"name": fmt.name, "opts": OmegaConf.to_container(fmt.weight, resolve=True)}
+    act_format = ({"name": fmt.name, "opts": OmegaConf.to_container(fmt.act, resolve=True)}
+                  if cfg.quant.activations else None)
+    config = RTNConfig(weight_format=weight_format, act_format=act_format)
+    contexts = state.contexts(pipe)
+    swapped = {}
+    for name, model in experts(pipe).items():
+        targets = select_targets(model, cfg.expert.keep_blocks, cfg.expert.keep_modules)
+        swapped[name] = len(quantize_(model, config, state.progress(targets, f"quantize {name}"), contexts[name]))
+    state._pipe_quantized = True
+    header = {"method": cfg.quant.name, "format": weight_format, "act_format": act_format,
+              "expert_policy": cfg.expert.policy, "fingerprint": fingerprint,
+              "bins": {k: c.bins.to_json() for k, c in contexts.items()},
+              "quant": OmegaConf.to_container(cfg.quant, resolve=True)}
+    save_artifact(state.run_dir / ARTIFACT, experts(pipe), header)
+    return {"layers": swapped, "model_bytes": _model_bytes(pipe)}
+
+
+def _model_bytes(pipe) -> int:
+    """Bytes the two experts actually hold: parameters and buffers (packed codes and scales included)."""
+    from wanexp.models import experts
+    total = 0
+    for model in experts(pipe).values():
+        seen = set()
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t is not None and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
+
+
+def quantized_pipe(state: Run):
+    """The pipeline with the run's artifact applied (reusing the in-memory one when it is already quantized)."""
+    from wanexp.models import experts, install_timestep_hooks
+    from wanexp.quant.api import attach_context
+    from wanexp.quant.artifact import load_artifact
+
+    if state._pipe is not None and state._pipe_quantized:
+        pipe = state._pipe
+    else:
+        fingerprint = state.fingerprint
+        pipe = state.bf16_pipe()
+        load_artifact(state.run_dir / ARTIFACT, experts(pipe), fingerprint, device=state.device)
+        state._pipe_quantized = True
+    contexts = state.contexts(pipe)
+    for name, model in experts(pipe).items():
+        attach_context(model, contexts[name])
+    hooks = install_timestep_hooks(pipe, lambda expert, t: contexts[expert].set_timestep(t))
+    return pipe, hooks
+
+
+# ---------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------
+def reference_dir(state: Run) -> Path:
+    from wanexp.generate import generation_key
+    gen = OmegaConf.to_container(state.cfg.model.generation, resolve=True)
+    return Path(state.cfg.paths.reference_cache) / generation_key(state.fingerprint, gen, int(state.cfg.seed))
+
+
+def generate(state: Run) -> dict:
+    """BF16 reference videos (shared through the reference cache) and this method's videos, same seeds."""
+    from wanexp.generate import generate_videos
+
+    cfg, samples = state.cfg, state.splits.eval
+    gen = OmegaConf.to_container(cfg.model.generation, resolve=True)
+    ref_dir, quant_dir = reference_dir(state), state.run_dir / "videos"
+    info: dict = {"reference_dir": str(ref_dir)}
+
+    def make_reference():
+        pipe = state.bf16_pipe()
+        recs = generate_videos(pipe, samples, ref_dir, gen, int(cfg.seed), "bf16", lambda it: state.progress(it, "bf16 videos"))
+        info["bf16_sec_per_video"] = _mean_seconds(recs)
+
+    def make_quant():
+        if cfg.quant.name == "bf16":
+            info["quant_dir"] = str(ref_dir)
+            return
+        pipe, hooks = quantized_pipe(state)
+        _reset_peak(state.device)
+        try:
+            recs = generate_videos(pipe, samples, quant_dir, gen, int(cfg.seed), cfg.quant.name,
+                                   lambda it: state.progress(it, f"{cfg.quant.name} videos"))
+        finally:
+            for h in hooks:
+                h.remove()
+        info["quant_dir"] = str(quant_dir)
+        info["quant_sec_per_video"] = _mean_seconds(recs)
+        info["peak_memory_bytes"] = _peak(state.device)
+
+    # Use whichever pipeline is in memory first, so a single process loads the model as rarely as possible.
+    order = (make_quant, make_reference) if state._pipe_quantized else (make_reference, make_quant)
+    for step in order:
+        step()
+    if cfg.quant.name == "bf16":
+        info["quant_sec_per_video"] = info["bf16_sec_per_video"]
+    write_json(state.run_dir / "generate.json", info)
+    return info
+
+
+def _mean_seconds(records: list[dict]) -> float | None:
+    secs = [r["seconds"] for r in records if "seconds" in r]
+    return round(sum(secs) / len(secs), 3) if secs else None
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> int | None:
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate
+# ---------------------------------------------------------------------------------------------
+FIDELITY_FILE = Path("eval") / "fidelity.jsonl"
+
+
+def evaluate(state: Run) -> dict:
+    """Fidelity of every video of this method to its BF16 twin; per-video lines resume after a crash."""
+    from wanexp.evaluate.fidelity import score_pair, summarize
+    from wanexp.generate import done_records
+
+    gen_file = state.run_dir / "generate.json"
+    if not gen_file.is_file():
+        raise WanexpError(f"{state.run_dir} has no generated videos yet (run stage=generate first)")
+    gen = read_json(gen_file)
+    ref_dir, quant_dir = Path(gen["reference_dir"]), Path(gen["quant_dir"])
+    refs, quants = done_records(ref_dir), done_records(quant_dir)
+    wanted = [s.id for s in state.splits.eval]
+    missing = [i for i in wanted if i not in refs or i not in quants]
+    if missing:
+        raise WanexpError(f"videos missing for {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}; "
+                          "re-run stage=generate to fill the gaps")
+    out = state.run_dir / FIDELITY_FILE
+    scored = {r["id"]: r for r in read_jsonl(out)}
+    for sid in state.progress([i for i in wanted if i not in scored], "fidelity"):
+        row = score_pair(ref_dir, refs[sid], quant_dir, quants[sid])
+        append_jsonl(out, row)
+        scored[sid] = row
+    summary = {"fidelity": summarize(scored[i] for i in wanted)}
+    write_json(state.run_dir / "eval" / "summary.json", summary)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------
+def report(state: Run) -> dict:
+    """One results row (CSV + parquet), the per-sample table, W&B, and the printed summary."""
+    import pandas as pd
+
+    from wanexp.report.results import write_row
+    from wanexp.report.wandb_log import log_run
+
+    cfg, run_dir = state.cfg, state.run_dir
+    evals = read_json(run_dir / "eval" / "summary.json") if (run_dir / "eval" / "summary.json").is_file() else None
+    if evals is None:
+        raise WanexpError(f"{run_dir} has no evaluation yet (run stage=evaluate first)")
+    gen = read_json(run_dir / "generate.json")
+    quant_info = read_json(state.marker("quantize")) if state.done("quantize") else {}
+    fid = evals["fidelity"]
+    row = {
+        "method": cfg.quant.name, "format": cfg.format.name if cfg.quant.name != "bf16" else "bf16",
+        "expert_policy": cfg.expert.policy, "bins": int(cfg.quant.get("bins", 1)),
+        "rank": int(cfg.quant.get("rank", 0) or 0), "seed": int(cfg.seed), "model": cfg.model.name,
+        "data": cfg.data.name, "num_videos": fid.get("num_videos"),
+        "psnr": fid.get("psnr"), "ssim": fid.get("ssim"), "latent_rel_err": fid.get("latent_rel_err"),
+        "model_size_gb": _gb(quant_info.get("model_bytes")), "peak_memory_gb": _gb(gen.get("peak_memory_bytes")),
+        "sec_per_video": gen.get("quant_sec_per_video"), "bf16_sec_per_video": gen.get("bf16_sec_per_video"),
+        "run_dir": str(run_dir),
+    }
+    write_row(run_dir, row)
+    per_sample = pd.DataFrame(read_jsonl(run_dir / FIDELITY_FILE))
+    per_sample.to_csv(run_dir / "eval" / "per_sample.csv", index=False)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    wandb_where = log_run(OmegaConf.to_container(cfg.logger, resolve=True), run_dir, config,
+                          {k: v for k, v in row.items() if k != "run_dir"},
+                          {"per_sample": per_sample, "results": pd.DataFrame([row])})
+    summary = dict(row, videos=gen["quant_dir"], reference_videos=gen["reference_dir"],
+                   results=str(run_dir / "results.csv"), wandb=wandb_where)
+    write_json(run_dir / "summary.json", summary)
+    write_text(run_dir / "summary.txt", format_summary(summary) + "\n")
+    return {"row": row}
+
+
+def format_summary(s: dict) -> str:
+    def num(v, fmt):
+        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+    return "\n".join([
+        f"wanexp  method={s['method']}  format={s['format']}  experts={s['expert_policy']}  model={s['model']}",
+        f"  videos: {s['num_videos']}   PSNR {num(s['psnr'], '.2f')} dB   SSIM {num(s['ssim'], '.4f')}   "
+        f"latent rel. err {num(s['latent_rel_err'], '.4f')}",
+        f"  model size {num(s['model_size_gb'], '.4f')} GB   s/video {num(s['sec_per_video'], '.2f')} "
+        f"(bf16 {num(s['bf16_sec_per_video'], '.2f')})",
+        f"  videos:  {s['videos']}",
+        f"  table:   {s['results']}",
+        f"  wandb:   {s['wandb'] or 'off'}",
+    ])
+
+
+def _gb(n: int | None) -> float | None:
+    return None if n is None else n / 1e9
+
+
+_STAGE_FUNCS = {"calibrate": calibrate, "quantize": quantize, "generate": generate, "evaluate": evaluate,
+                "report": report}
