@@ -221,16 +221,16 @@ ARTIFACT = Path("artifact") / "quantized.safetensors"
 
 def quantize(state: Run) -> dict:
     """Replace the targeted linears of each expert and save the artifact (bf16: nothing to do)."""
+    cfg = state.cfg
+    if cfg.quant.name == "bf16":
+        size = _model_bytes(state.bf16_pipe())
+        return {"skipped": "quant=bf16 keeps every layer in BF16", "model_bytes": size}
     from wanexp.models import experts
     from wanexp.quant.api import quantize_
     from wanexp.quant.artifact import save_artifact
     from wanexp.quant.rtn import RTNConfig
     from wanexp.quant.targets import select_targets
 
-    cfg = state.cfg
-    if cfg.quant.name == "bf16":
-        size = _model_bytes(state.bf16_pipe())
-        return {"skipped": "quant=bf16 keeps every layer in BF16", "model_bytes": size}
     pipe = state.bf16_pipe()
     fingerprint = state.fingerprint
     fmt = cfg.format

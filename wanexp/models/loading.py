@@ -71,16 +71,13 @@ def check_model_dir(path: Path) -> None:
 
 def load_pipeline(cfg: Mapping[str, Any], cache_dir: str | Path, device: str | torch.device = "cpu"):
     """Load the pipeline, place it on ``device`` according to ``cfg.offload``, and quiet its logging."""
-    import diffusers
-    import transformers
+    quiet_libraries()
     from diffusers import WanImageToVideoPipeline
 
     path = resolve_model_dir(cfg, cache_dir)
     dtype = _DTYPES.get(str(cfg.get("dtype", "bf16")))
     if dtype is None:
         raise WanexpError(f"model.dtype={cfg.get('dtype')!r} is not one of {sorted(_DTYPES)}")
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
     try:
         pipe = WanImageToVideoPipeline.from_pretrained(
             str(path), dtype=dtype, local_files_only=True, image_encoder=None, image_processor=None)
@@ -89,6 +86,15 @@ def load_pipeline(cfg: Mapping[str, Any], cache_dir: str | Path, device: str | t
     pipe.set_progress_bar_config(disable=True)
     place_pipeline(pipe, str(cfg.get("offload", "none")), torch.device(device))
     return pipe
+
+
+def quiet_libraries() -> None:
+    """Our own progress bars and summary are the output; silence the libraries' loading chatter."""
+    import diffusers
+    import transformers
+    for lib in (diffusers, transformers):
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()
 
 
 def place_pipeline(pipe, offload: str, device: torch.device) -> None:

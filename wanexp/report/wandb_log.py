@@ -62,7 +62,7 @@ def log_run(cfg: Mapping[str, Any], run_dir: Path, config: Mapping[str, Any], su
         run.summary.update({k: v for k, v in flatten(summary).items() if v is not None})
         for name, df in tables.items():
             run.log({name: wandb.Table(dataframe=df.reset_index(drop=True))})
-        where = run.url if mode == "online" else run.dir
+        where = run.url if mode == "online" else str(Path(run.dir).parent)
         run.finish()
         return where
     except Exception as err:  # never lose a finished run to a logging problem

@@ -1,0 +1,131 @@
+"""End-to-end runs of `python -m wanexp` on the tiny model (CLI subprocesses, as users run it)."""
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
+def _mtimes(run_dir: Path) -> dict:
+    return {str(p): p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and "wandb" not in p.parts}
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory, cache_dir):
+    """The default `python -m wanexp` (RTN W4A4 MXFP4, W&B offline), run once for this module."""
+    import subprocess
+    import sys
+    root = tmp_path_factory.mktemp("default_run")
+    run_dir = root / "run"
+    env = dict(os.environ, WANEXP_CACHE=str(cache_dir), WANEXP_OUTPUT_ROOT=str(root / "outputs"))
+    env.pop("WANDB_MODE", None)
+    cmd = [sys.executable, "-m", "wanexp", "progress=false", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"dir": run_dir, "proc": proc, "cmd": cmd, "env": env, "root": root}
+
+
+def test_default_run_end_to_end(default_run):
+    run_dir, out = default_run["dir"], default_run["proc"].stdout
+    assert "method=rtn" in out and "format=mxfp4" in out and "PSNR" in out
+    row = pd.read_csv(run_dir / "results.csv").iloc[0]
+    assert row["method"] == "rtn" and row["format"] == "mxfp4" and row["num_videos"] == 6
+    # a quantized model really differs from BF16, but stays recognisably the same video
+    assert 0 < row["latent_rel_err"] < 1.0 and 0 < row["ssim"] < 1.0 and 5 < row["psnr"] < 100
+    assert 0 < row["model_size_gb"]
+    manifest = _lines(run_dir / "videos" / "manifest.jsonl")
+    assert len(manifest) == 6 and all((run_dir / "videos" / r["video"]).stat().st_size > 0 for r in manifest)
+    assert {s: (run_dir / "stages" / f"{s}.json").is_file()
+            for s in ("calibrate", "quantize", "generate", "evaluate", "report")} == dict.fromkeys(
+        ("calibrate", "quantize", "generate", "evaluate", "report"), True)
+    assert (run_dir / "artifact" / "quantized.safetensors").is_file()
+    assert list((run_dir / "wandb").glob("offline-run-*")), "W&B should have logged offline into the run dir"
+    per_sample = pd.read_csv(run_dir / "eval" / "per_sample.csv")
+    assert len(per_sample) == 6 and per_sample["category"].nunique() == 6
+
+
+def test_resuming_a_finished_run_does_no_work(default_run):
+    import subprocess
+    run_dir = default_run["dir"]
+    before = _mtimes(run_dir)
+    proc = subprocess.run(default_run["cmd"], cwd=default_run["root"], env=default_run["env"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "method=rtn" in proc.stdout
+    after = _mtimes(run_dir)
+    assert {k: v for k, v in after.items() if before.get(k) != v} == {}
+
+
+def test_lost_video_is_regenerated_alone_and_identically(default_run):
+    import subprocess
+    run_dir = default_run["dir"]
+    manifest = run_dir / "videos" / "manifest.jsonl"
+    records = _lines(manifest)
+    victim = records[2]
+    latents = (run_dir / "videos" / victim["latents"]).read_bytes()
+    (run_dir / "videos" / victim["video"]).unlink()
+    (run_dir / "videos" / victim["latents"]).unlink()
+    others = {r["id"]: (run_dir / "videos" / r["video"]).stat().st_mtime_ns for r in records if r is not victim}
+    proc = subprocess.run(default_run["cmd"] + ["stage=generate"], cwd=default_run["root"], env=default_run["env"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (run_dir / "videos" / victim["latents"]).read_bytes() == latents  # same seed, same bits
+    assert {i: (run_dir / "videos" / f"{i}.mp4").stat().st_mtime_ns for i in others} == others
+
+
+def test_other_config_in_same_dir_is_refused(default_run):
+    import subprocess
+    proc = subprocess.run(default_run["cmd"] + ["format=nvfp4"], cwd=default_run["root"], env=default_run["env"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "different configuration" in proc.stderr and "format" in proc.stderr
+
+
+def test_multirun_shares_reference_videos(cli, tmp_path):
+    proc = cli("-m", "quant=bf16,rtn", "+experiment=smoke")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = pd.concat([pd.read_csv(p) for p in (tmp_path / "outputs" / "multirun").rglob("results.csv")])
+    assert sorted(rows["method"]) == ["bf16", "rtn"]
+    bf16 = rows[rows["method"] == "bf16"].iloc[0]
+    assert bf16["latent_rel_err"] == 0 and bf16["ssim"] == pytest.approx(1.0)
+    refs = list((tmp_path / "outputs" / "reference_cache").glob("*/manifest.jsonl"))
+    assert len(refs) == 1 and len(_lines(refs[0])) == 2  # generated once, used by both sweep points
+
+
+def test_help_cfg_and_named_sweeps(cli):
+    help_out = cli("--help").stdout
+    for group in ("model", "data", "quant", "format", "expert", "evaluate", "logger", "ablation", "experiment",
+                  "hydra/launcher"):
+        assert f"{group}:" in help_out
+    job = cli("--cfg", "job", "quant=w4a16", "format=int4").stdout
+    assert "name: w4a16" in job and "group_size: 128" in job
+    hydra_cfg = cli("--cfg", "hydra", "+ablation=methods").stdout
+    assert "mode: MULTIRUN" in hydra_cfg and "quant: bf16,w4a16,rtn" in hydra_cfg
+
+
+@pytest.mark.parametrize("args,expect", [
+    (("quant=nope",), "quant"),
+    (("format.name=e3m0",), "format.name=e3m0 is unknown"),
+    (("stage=dance",), "stage=dance"),
+    (("data=opens2v_eval", "data.root=/nonexistent/OpenS2V"), "/nonexistent/OpenS2V"),
+])
+def test_bad_input_gives_one_clear_error(cli, args, expect):
+    proc = cli(*args, env={"WANEXP_OPENS2V_ROOT": ""})
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert expect in proc.stderr
+
+
+def test_unwritable_output_dir(cli, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    proc = cli(f"hydra.run.dir={blocker}/run")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert str(blocker) in proc.stderr
