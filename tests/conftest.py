@@ -38,6 +38,6 @@ def cli(cache_dir, tmp_path):
         full_env = dict(os.environ, WANEXP_CACHE=str(cache_dir), WANEXP_OUTPUT_ROOT=str(tmp_path / "outputs"),
                         WANDB_MODE=os.environ.get("WANDB_MODE", ""), **(env or {}))
         full_env.pop("WANDB_MODE") if not full_env["WANDB_MODE"] else None
-        return subprocess.run([sys.executable, "-m", "wanexp", "progress=false", *args], cwd=tmp_path,
+        return subprocess.run([sys.executable, "-m", "wanexp", *args, "progress=false"], cwd=tmp_path,
                               env=full_env, capture_output=True, text=True, timeout=timeout)
     return run

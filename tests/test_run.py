@@ -15,7 +15,8 @@ def _lines(path: Path) -> list[dict]:
 
 
 def _mtimes(run_dir: Path) -> dict:
-    return {str(p): p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and "wandb" not in p.parts}
+    # Hydra rewrites its own .hydra/ record and W&B its offline log on every launch; every file of ours must stay.
+    return {str(p): p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and not {"wandb", ".hydra"} & set(p.parts)}
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +42,8 @@ def test_default_run_end_to_end(default_run):
     # a quantized model really differs from BF16, but stays recognisably the same video
     assert 0 < row["latent_rel_err"] < 1.0 and 0 < row["ssim"] < 1.0 and 5 < row["psnr"] < 100
     assert 0 < row["model_size_gb"]
-    manifest = _lines(run_dir / "videos" / "manifest.jsonl")
-    assert len(manifest) == 6 and all((run_dir / "videos" / r["video"]).stat().st_size > 0 for r in manifest)
+    manifest = _lines(run_dir / "manifest.jsonl")
+    assert len(manifest) == 6 and all((run_dir / r["video"]).stat().st_size > 0 for r in manifest)
     assert {s: (run_dir / "stages" / f"{s}.json").is_file()
             for s in ("calibrate", "quantize", "generate", "evaluate", "report")} == dict.fromkeys(
         ("calibrate", "quantize", "generate", "evaluate", "report"), True)
@@ -67,18 +68,19 @@ def test_resuming_a_finished_run_does_no_work(default_run):
 def test_lost_video_is_regenerated_alone_and_identically(default_run):
     import subprocess
     run_dir = default_run["dir"]
-    manifest = run_dir / "videos" / "manifest.jsonl"
+    manifest = run_dir / "manifest.jsonl"
     records = _lines(manifest)
     victim = records[2]
-    latents = (run_dir / "videos" / victim["latents"]).read_bytes()
-    (run_dir / "videos" / victim["video"]).unlink()
-    (run_dir / "videos" / victim["latents"]).unlink()
-    others = {r["id"]: (run_dir / "videos" / r["video"]).stat().st_mtime_ns for r in records if r is not victim}
+    latents = (run_dir / victim["latents"]).read_bytes()
+    (run_dir / victim["video"]).unlink()
+    (run_dir / victim["latents"]).unlink()
+    others = {r["id"]: (run_dir / r["video"]).stat().st_mtime_ns for r in records if r is not victim}
     proc = subprocess.run(default_run["cmd"] + ["stage=generate"], cwd=default_run["root"], env=default_run["env"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (run_dir / "videos" / victim["latents"]).read_bytes() == latents  # same seed, same bits
+    assert (run_dir / victim["latents"]).read_bytes() == latents  # same seed, same bits
     assert {i: (run_dir / "videos" / f"{i}.mp4").stat().st_mtime_ns for i in others} == others
+    assert len(_lines(manifest)) == len(records) + 1 and _lines(manifest)[-1]["id"] == victim["id"]
 
 
 def test_other_config_in_same_dir_is_refused(default_run):
@@ -109,6 +111,7 @@ def test_help_cfg_and_named_sweeps(cli):
     assert "name: w4a16" in job and "group_size: 128" in job
     hydra_cfg = cli("--cfg", "hydra", "+ablation=methods").stdout
     assert "mode: MULTIRUN" in hydra_cfg and "quant: bf16,w4a16,rtn" in hydra_cfg
+    assert "could not" not in cli("--cfg", "job", "+experiment=smoke").stderr.lower()
 
 
 @pytest.mark.parametrize("args,expect", [

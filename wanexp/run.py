@@ -300,7 +300,7 @@ def generate(state: Run) -> dict:
 
     cfg, samples = state.cfg, state.splits.eval
     gen = OmegaConf.to_container(cfg.model.generation, resolve=True)
-    ref_dir, quant_dir = reference_dir(state), state.run_dir / "videos"
+    ref_dir, quant_dir = reference_dir(state), state.run_dir
     info: dict = {"reference_dir": str(ref_dir)}
 
     def make_reference():

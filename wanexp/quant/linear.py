@@ -15,8 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from wanexp.formats import get_format
-from wanexp.formats import PackedTensor
+from wanexp.formats import PackedTensor, decode, get_format
 from wanexp.quant.context import TimestepContext
 
 
@@ -56,7 +55,7 @@ class QuantLinear(nn.Module):
         packed = self.packed_weight()
         if packed is None:
             return self.weight
-        return get_format(packed.format_name, **packed.format_opts).decode(packed).to(self.compute_dtype)
+        return decode(packed).to(self.compute_dtype)
 
     def clip_ratio(self) -> torch.Tensor:
         bin_ = 0 if self.context is None else self.context.bin

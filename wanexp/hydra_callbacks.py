@@ -1,0 +1,43 @@
+"""Hydra callbacks: checks that must happen before Hydra itself touches the disk."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why ``path`` cannot become a directory we write to (None if it can)."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    return None
+
+
+class CheckOutputDir(Callback):
+    """Refuse an unwritable run/sweep directory with one line, before Hydra's own mkdir tracebacks."""
+
+    def _check(self, config: DictConfig, key: str) -> None:
+        path = Path(str(OmegaConf.select(config, key))).expanduser().absolute()
+        reason = _unwritable(path)
+        if reason:
+            print(f"wanexp: error: cannot create the output directory {path}: {reason} "
+                  "(set paths.output_root, WANEXP_OUTPUT_ROOT or hydra.run.dir)", file=sys.stderr)
+            sys.exit(2)
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "hydra.sweep.dir")
