@@ -21,7 +21,10 @@ from wanexp.errors import WanexpError
 from wanexp.io import append_jsonl, read_json, read_jsonl, write_json, write_text
 
 STAGES = ("calibrate", "quantize", "generate", "evaluate", "report")
-METHODS = ("bf16", "w4a16", "rtn")
+METHODS = ("bf16", "w4a16", "rtn", "svdquant_rtn", "svdquant_gptq", "tsclip", "tsclip_keep_sensitive",
+           "hif4_tailaware")
+# The challenge rule of both papers: at most this many whole blocks kept in high precision.
+MAX_KEEP_BLOCKS = {"mxfp4": 5, "hif4": 2}
 # Keys that may differ between the first run in a directory and a resumed one.
 _RESUME_FREE = ("stage", "logger", "progress", "device", "paths")
 
@@ -83,9 +86,17 @@ class Run:
 
     def contexts(self, pipe) -> dict:
         from wanexp.models import boundary_timestep
-        from wanexp.quant.context import TimestepContext, expert_bins
-        bins = expert_bins(boundary_timestep(pipe), float(pipe.scheduler.config.num_train_timesteps),
-                           int(self.cfg.quant.get("bins", 1)), self.cfg.quant.get("bin_edges"))
+        from wanexp.quant.context import TimestepBins, TimestepContext, expert_bins
+        total = float(pipe.scheduler.config.num_train_timesteps)
+        n_bins = int(self.cfg.quant.get("bins", 1))
+        edges = self.cfg.quant.get("bin_edges")
+        if self.cfg.expert.policy == "shared":
+            # one policy for both experts: bins over the whole trajectory, the same for both
+            shared = (TimestepBins(tuple(sorted(float(e) for e in edges))) if edges
+                      else TimestepBins.equal_width(0.0, total, n_bins))
+            return {name: TimestepContext(bins=shared) for name in ("high_noise", "low_noise")}
+        edges = OmegaConf.to_container(edges, resolve=True) if edges else None
+        bins = expert_bins(boundary_timestep(pipe), total, n_bins, edges)
         return {name: TimestepContext(bins=b) for name, b in bins.items()}
 
 
@@ -118,6 +129,13 @@ def validate(cfg: DictConfig) -> None:
         raise WanexpError(f"format.name={cfg.format.name} is unknown; available: {', '.join(FORMAT_NAMES)}")
     if cfg.expert.policy not in ("per_expert", "shared"):
         raise WanexpError(f"expert.policy={cfg.expert.policy} is not one of per_expert, shared")
+    for expert in ("high_noise", "low_noise"):
+        blocks, _ = keep_lists(cfg, expert)
+        limit = cfg.expert.get("max_keep_blocks")
+        limit = MAX_KEEP_BLOCKS.get(cfg.format.name) if limit in (None, "auto") else int(limit)
+        if limit is not None and len(blocks) > limit:
+            raise WanexpError(f"{len(blocks)} blocks kept in high precision for {expert} ({blocks}) but the "
+                              f"{cfg.format.name} rule allows at most {limit} (expert.max_keep_blocks)")
     if str(cfg.device) not in ("auto", "cpu") and not str(cfg.device).startswith("cuda"):
         raise WanexpError(f"device={cfg.device} is not one of auto, cpu, cuda[:N]")
     if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
@@ -183,7 +201,8 @@ def calibrate(state: Run) -> dict:
     from wanexp.models import experts, install_timestep_hooks
     from wanexp.quant.targets import targeted_linears
 
-    needs = list(state.cfg.quant.get("needs") or [])
+    from wanexp.quant.methods import MethodConfig
+    needs = MethodConfig.needs(state.cfg.quant) if state.cfg.quant.name != "bf16" else []
     if not needs:
         return {"skipped": f"quant={state.cfg.quant.name} needs no calibration statistics"}
     samples = state.splits.calib
@@ -220,36 +239,74 @@ ARTIFACT = Path("artifact") / "quantized.safetensors"
 
 
 def quantize(state: Run) -> dict:
-    """Replace the targeted linears of each expert and save the artifact (bf16: nothing to do)."""
+    """Replace the targeted linears of each expert by the method's QuantLinears and save the artifact."""
     cfg = state.cfg
     if cfg.quant.name == "bf16":
         size = _model_bytes(state.bf16_pipe())
         return {"skipped": "quant=bf16 keeps every layer in BF16", "model_bytes": size}
+    from wanexp.calib import CalibStats
     from wanexp.models import experts
     from wanexp.quant.api import quantize_
     from wanexp.quant.artifact import save_artifact
-    from wanexp.quant.rtn import RTNConfig
+    from wanexp.quant.methods import MethodConfig, method_config
     from wanexp.quant.targets import select_targets
 
     pipe = state.bf16_pipe()
     fingerprint = state.fingerprint
-    fmt = cfg.format
-    weight_format = {"name": fmt.name, "opts": OmegaConf.to_container(fmt.weight, resolve=True)}
-    act_format = ({"name": fmt.name, "opts": OmegaConf.to_container(fmt.act, resolve=True)}
-                  if cfg.quant.activations else None)
-    config = RTNConfig(weight_format=weight_format, act_format=act_format)
     contexts = state.contexts(pipe)
-    swapped = {}
+    num_bins = contexts["high_noise"].bins.num_bins
+    method = method_config(OmegaConf.to_container(cfg.quant, resolve=True),
+                           OmegaConf.to_container(cfg.format, resolve=True), num_bins)
+    stats = CalibStats.load(state.run_dir / STATS_FILE) if MethodConfig.needs(cfg.quant) else None
+    swapped, chosen = {}, {}
     for name, model in experts(pipe).items():
-        targets = select_targets(model, cfg.expert.keep_blocks, cfg.expert.keep_modules)
-        swapped[name] = len(quantize_(model, config, state.progress(targets, f"quantize {name}"), contexts[name]))
+        keep_blocks, keep_modules = keep_lists(cfg, name)
+        targets = select_targets(model, keep_blocks, keep_modules)
+        pool = list(experts(pipe)) if cfg.expert.policy == "shared" else [name]
+        method.stats = layer_stats(stats, pool, targets) if stats is not None else {}
+        method.report = {}
+        swapped[name] = len(quantize_(model, method, state.progress(targets, f"quantize {name}"), contexts[name]))
+        chosen[name] = method.report
+        method.stats = {}
     state._pipe_quantized = True
-    header = {"method": cfg.quant.name, "format": weight_format, "act_format": act_format,
+    header = {"method": cfg.quant.name, "format": method.weight_format, "act_format": method.act_format,
               "expert_policy": cfg.expert.policy, "fingerprint": fingerprint,
               "bins": {k: c.bins.to_json() for k, c in contexts.items()},
               "quant": OmegaConf.to_container(cfg.quant, resolve=True)}
     save_artifact(state.run_dir / ARTIFACT, experts(pipe), header)
+    write_json(state.run_dir / "artifact" / "choices.json", chosen)
     return {"layers": swapped, "model_bytes": _model_bytes(pipe)}
+
+
+def keep_lists(cfg, expert: str) -> tuple[list[int], list[str]]:
+    """Blocks and module patterns kept in BF16 for one expert: the expert policy's common lists, the
+    expert's own (``expert.high_noise.keep_blocks``…), and the method's (``quant.keep_modules``)."""
+    own = cfg.expert.get(expert) or {}
+    blocks = list(cfg.expert.get("keep_blocks") or []) + list(own.get("keep_blocks") or [])
+    modules = (list(cfg.expert.get("keep_modules") or []) + list(own.get("keep_modules") or [])
+               + list(cfg.quant.get("keep_modules") or []))
+    return sorted(set(int(b) for b in blocks)), modules
+
+
+def layer_stats(stats, pool: list[str], layers: list[str]) -> dict:
+    """Per-layer statistics for the experts in ``pool`` (one expert, or both for the shared policy)."""
+    from wanexp.calib.collect import ALL_BINS
+    from wanexp.quant.methods import LayerStats
+    out = {}
+    for layer in layers:
+        ls = LayerStats()
+        for expert in pool:
+            h = stats.get(expert, layer, ALL_BINS).get("hessian")
+            if h is not None:
+                ls.hessian = h if ls.hessian is None else ls.hessian + h
+            for b in stats.bins_of(expert, layer):
+                d = stats.get(expert, layer, b)
+                if "absmax" in d:
+                    ls.absmax = d["absmax"] if ls.absmax is None else torch.maximum(ls.absmax, d["absmax"])
+                if "tokens" in d:
+                    ls.tokens[b] = d["tokens"] if b not in ls.tokens else torch.cat([ls.tokens[b], d["tokens"]])
+        out[layer] = ls
+    return out
 
 
 def _model_bytes(pipe) -> int:

@@ -6,7 +6,7 @@ of steps except the optional bounded token sample:
 
 - ``absmax``  per-channel max |x|                                  (SmoothQuant's statistic)
 - ``sumsq``   per-channel Σ x², with ``count`` tokens              (RMS, for diagnostics)
-- ``hessian`` XᵀX, fp32                                            (GPTQ's H = 2XᵀX up to scale)
+- ``hessian`` XᵀX, fp32, pooled over bins (key ``ALL_BINS``)       (GPTQ's H = 2XᵀX up to scale)
 - ``tokens``  a uniform reservoir sample of at most k input rows   (clip search, percentiles)
 
 Which statistics are kept is the method's choice (``needs``); the timestep bin comes from the
@@ -27,6 +27,7 @@ from wanexp.io import atomic_path
 from wanexp.quant.context import TimestepContext
 
 STATS = ("absmax", "sumsq", "hessian", "tokens")
+ALL_BINS = -1  # the bin key of statistics pooled over every bin
 
 
 @dataclass
@@ -39,7 +40,7 @@ class CalibStats:
         return self.data.get((expert, layer, bin_), {})
 
     def bins_of(self, expert: str, layer: str) -> list[int]:
-        return sorted(b for (e, l, b) in self.data if e == expert and l == layer)
+        return sorted(b for (e, l, b) in self.data if e == expert and l == layer and b != ALL_BINS)
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
@@ -90,15 +91,15 @@ class ActivationCollector:
                               f"{self.context.timestep} during calibration")
         key = (self.expert, layer, self.context.bin)
         d = self.stats.data.setdefault(key, {})
+        pooled = self.stats.data.setdefault((self.expert, layer, ALL_BINS), {})
         if "absmax" in self.needs:
             amax = x.abs().amax(dim=0).cpu()
             d["absmax"] = amax if "absmax" not in d else torch.maximum(d["absmax"], amax)
-        if "sumsq" in self.needs or "hessian" in self.needs:
-            d["count"] = d.get("count", torch.zeros((), dtype=torch.float64)) + x.shape[0]
+        d["count"] = d.get("count", torch.zeros((), dtype=torch.float64)) + x.shape[0]
         if "sumsq" in self.needs:
             d["sumsq"] = d.get("sumsq", 0) + x.square().sum(dim=0).double().cpu()
-        if "hessian" in self.needs:
-            d["hessian"] = d.get("hessian", 0) + (x.T @ x).cpu()
+        if "hessian" in self.needs:  # pooled over bins: GPTQ uses one Hessian, and [in, in] per bin would not fit at A14B size
+            pooled["hessian"] = pooled.get("hessian", 0) + (x.T @ x).cpu()
         if "tokens" in self.needs:
             self._reservoir(key, d, x)
 

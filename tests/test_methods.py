@@ -1,0 +1,89 @@
+import pytest
+import torch
+from torch import nn
+
+from wanexp.formats import get_format
+from wanexp.quant.lowrank import split_lowrank
+from wanexp.quant.methods import LayerStats, MethodConfig, layer_error
+from wanexp.quant.smooth import channel_percentile, smoothquant_scales, tail_aware_scales
+
+MX = {"name": "mxfp4", "opts": {}}
+
+
+def _layer_and_tokens(seed=0, n=512, d_in=128, d_out=96, outliers=(3, 40, 77)):
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(d_in, d_out)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(d_out, d_in, generator=g) * 0.05)
+    x = torch.randn(n, d_in, generator=g)
+    x[:, list(outliers)] *= 30.0  # the channel outliers smoothing exists for
+    return lin, x
+
+
+def _stats(x, bins=1):
+    chunks = x.chunk(bins)
+    return LayerStats(absmax=x.abs().amax(0), hessian=x.T @ x, tokens={b: c for b, c in enumerate(chunks)})
+
+
+def _error(method, lin, x):
+    layer = method.build("l", lin)
+    layer.compute_dtype = torch.float32
+    return layer_error(layer, x, lin.weight.detach())
+
+
+def test_smoothing_equations():
+    a, w = torch.tensor([4.0, 1.0, 0.0]), torch.tensor([[2.0, 1.0, 3.0]])
+    s = smoothquant_scales(a, w, alpha=0.5)
+    torch.testing.assert_close(s, torch.tensor([4.0 ** 0.5 / 2.0 ** 0.5, 1.0, 1.0]))  # dead channel: 1
+    m = 1 / tail_aware_scales(a, w, alpha=0.5, eps=0.0 + 1e-12)
+    torch.testing.assert_close(m[:2], torch.tensor([2.0 ** 0.5 / 4.0 ** 0.5, 1.0]))
+    tokens = torch.arange(1001.0)[:, None].repeat(1, 2)
+    torch.testing.assert_close(channel_percentile(tokens, 99.0), torch.tensor([990.0, 990.0]))
+
+
+def test_lowrank_split_is_the_best_rank_r_approximation():
+    w = torch.randn(40, 64)
+    l1, l2, r = split_lowrank(w, 8)
+    torch.testing.assert_close(l1 @ l2 + r, w)
+    s = torch.linalg.svdvals(w)
+    assert float(r.norm()) == pytest.approx(float(s[8:].norm()), rel=1e-4)
+    assert split_lowrank(w, 0)[0] is None
+
+
+def test_method_ladder_lowers_the_layer_error():
+    lin, x = _layer_and_tokens()
+    stats = {"l": _stats(x)}
+    base = dict(weight_format=MX, act_format=MX, compute_dtype=torch.float32)
+    rtn = _error(MethodConfig("rtn", **base), lin, x)
+    svd = MethodConfig("svdquant_rtn", smoothing="max", alpha=[0.3, 0.5, 0.7], rank=8, stats=stats, **base)
+    e_svd = _error(svd, lin, x)
+    assert svd.report["l"]["alpha"] in (0.3, 0.5, 0.7)
+    assert e_svd < 0.5 * rtn  # smoothing + low rank tame the outlier channels
+    w4a16 = _error(MethodConfig("w4a16", weight_format=MX, act_format=None, compute_dtype=torch.float32), lin, x)
+    assert w4a16 < rtn
+
+
+def test_tsclip_picks_the_best_ratio_per_bin():
+    lin, x = _layer_and_tokens(seed=1)
+    # bin 1 gets heavy-tailed tokens: clipping them below the max pays off there
+    x2 = x.clone()
+    x2[::50] *= 8.0
+    stats = LayerStats(absmax=torch.maximum(x.abs().amax(0), x2.abs().amax(0)), tokens={0: x, 1: x2})
+    cands = [0.6, 0.8, 1.0]
+    m = MethodConfig("tsclip", MX, MX, clip_search=True, clip_candidates=cands, num_bins=2,
+                     stats={"l": stats}, compute_dtype=torch.float32)
+    layer = m.build("l", lin)
+    table = layer.clip_table.tolist()
+    assert len(table) == 2 and all(t in cands for t in table)
+    for b, tokens in ((0, x), (1, x2)):  # brute force: the chosen ratio is the argmin on its bin
+        errs = []
+        for rho in cands:
+            layer.clip_table = torch.tensor([rho, rho])
+            errs.append(layer_error(layer, tokens, lin.weight.detach()))
+        assert table[b] == cands[errs.index(min(errs))]
+
+
+def test_needs_follow_the_method():
+    assert MethodConfig.needs({"name": "rtn"}) == []
+    assert MethodConfig.needs({"smoothing": "max", "residual": "gptq", "clip_search": True}) == ["absmax", "hessian", "tokens"]
+    assert MethodConfig.needs({"smoothing": "percentile"}) == ["absmax", "tokens"]

@@ -1,0 +1,208 @@
+"""The quantization methods, as one layer builder driven by a config.
+
+For a linear layer ``Y = X Wᵀ`` with calibration statistics of its inputs, the methods of the two
+papers are compositions of four steps:
+
+    1. smoothing       s from an activation statistic (max or percentile) and the weight, α searched
+    2. low-rank        D W = L1 L2 + R             (SVDQuant; L1 L2 kept 16-bit)
+    3. residual        R → RTN or GPTQ             (GPTQ's Hessian from the smoothed inputs)
+    4. clip table      ρ per timestep bin           (TS-clip: argmin of the layer output error per bin)
+
+| method            | smoothing            | rank | residual | clip table            |
+|-------------------|----------------------|------|----------|-----------------------|
+| w4a16             | –                    | 0    | RTN      | – (activations 16-bit) |
+| rtn               | –                    | 0    | RTN      | 1.0                   |
+| svdquant_rtn      | max, α searched      | r    | RTN      | 1.0                   |
+| svdquant_gptq     | max, α searched      | r    | GPTQ     | 1.0                   |
+| tsclip            | max, α searched      | r    | GPTQ     | searched per bin      |
+| hif4_tailaware    | percentile p, α fixed| 0    | RTN      | 1.0                   |
+
+Everything here is plain torch on tensors; the runner feeds the statistics per expert (or pooled
+over both experts for the ``shared`` policy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from wanexp.formats import NumberFormat, get_format
+from wanexp.quant.linear import QuantLinear
+from wanexp.quant.lowrank import split_lowrank
+from wanexp.quant.smooth import (apply_to_weight, channel_percentile, smooth_hessian, smoothquant_scales,
+                                 tail_aware_scales)
+
+
+@dataclass
+class LayerStats:
+    """Calibration statistics of one layer's inputs (one expert, or both pooled)."""
+
+    absmax: torch.Tensor | None = None                       # [in], max over every bin
+    hessian: torch.Tensor | None = None                      # [in, in], Σ xᵀx over every bin
+    tokens: dict[int, torch.Tensor] = field(default_factory=dict)  # bin → [n, in] sample
+
+    def all_tokens(self) -> torch.Tensor | None:
+        return torch.cat([self.tokens[b] for b in sorted(self.tokens)]) if self.tokens else None
+
+
+@dataclass
+class MethodConfig:
+    """One method (``conf/quant/*.yaml``) with its formats; ``build`` makes one QuantLinear."""
+
+    name: str
+    weight_format: dict
+    act_format: dict | None
+    smoothing: str | None = None                   # None | "max" | "percentile"
+    alpha: float | Sequence[float] = 0.5           # one value, or a grid searched per layer
+    percentile: float = 99.9
+    rank: int = 0
+    residual: str = "rtn"                          # "rtn" | "gptq"
+    gptq: dict = field(default_factory=dict)       # block_size, damp, act_order, static_groups
+    clip_search: bool = False
+    clip_candidates: Sequence[float] = (0.6, 0.7, 0.8, 0.9, 1.0)
+    num_bins: int = 1
+    compute_dtype: torch.dtype = torch.bfloat16
+    stats: dict[str, LayerStats] = field(default_factory=dict)        # layer name → statistics
+    report: dict[str, dict] = field(default_factory=dict)             # layer name → what was chosen
+
+    # -- what calibration must record -----------------------------------------------------
+    @staticmethod
+    def needs(quant_cfg: Mapping[str, Any]) -> list[str]:
+        need = set()
+        if quant_cfg.get("smoothing"):
+            need |= {"absmax", "tokens"}
+        if quant_cfg.get("residual") == "gptq":
+            need.add("hessian")
+        if quant_cfg.get("clip_search"):
+            need.add("tokens")
+        return sorted(need)
+
+    # -- formats --------------------------------------------------------------------------
+    def _wfmt(self) -> NumberFormat:
+        return get_format(self.weight_format["name"], **self.weight_format.get("opts", {}))
+
+    def _afmt(self) -> NumberFormat | None:
+        return None if self.act_format is None else get_format(self.act_format["name"], **self.act_format.get("opts", {}))
+
+    # -- the layer --------------------------------------------------------------------------
+    def build(self, name: str, linear: nn.Linear) -> QuantLinear:
+        stats = self.stats.get(name, LayerStats())
+        w = linear.weight.detach().float()
+        chosen: dict[str, Any] = {}
+        s = None
+        if self.smoothing:
+            s, chosen["alpha"] = self._smoothing(w, stats, linear.bias)
+        ws = w if s is None else apply_to_weight(w, s)
+        l1, l2, residual = self._lowrank(ws)
+        packed = self._quantize_residual(residual, stats, s, chosen)
+        layer = QuantLinear(linear.in_features, linear.out_features, weight=packed, bias=linear.bias,
+                            act_format=self.act_format, smooth=s,
+                            lowrank=None if l1 is None else (l1, l2), compute_dtype=self.compute_dtype)
+        self._clip_table(layer, w, linear.bias, stats)
+        chosen["clip"] = [round(float(r), 4) for r in layer.clip_table]
+        self.report[name] = chosen
+        return layer
+
+    def _lowrank(self, ws: torch.Tensor):
+        l1, l2, _ = split_lowrank(ws, self.rank)
+        if l1 is None:
+            return None, None, ws
+        # the branch is stored in 16 bits: quantize the residual of what will actually be stored
+        l1, l2 = l1.to(self.compute_dtype), l2.to(self.compute_dtype)
+        return l1, l2, ws - l1.float() @ l2.float()
+
+    def _smoothing(self, w: torch.Tensor, stats: LayerStats, bias) -> tuple[torch.Tensor, float]:
+        if self.smoothing == "percentile":
+            tokens = stats.all_tokens()
+            if tokens is None:
+                raise ValueError("percentile smoothing needs a calibration token sample")
+            a, scales = channel_percentile(tokens, self.percentile), tail_aware_scales
+        elif self.smoothing == "max":
+            if stats.absmax is None:
+                raise ValueError("max smoothing needs per-channel activation maxima from calibration")
+            a, scales = stats.absmax, smoothquant_scales
+        else:
+            raise ValueError(f"unknown smoothing {self.smoothing!r} (max | percentile)")
+        grid = [float(self.alpha)] if isinstance(self.alpha, (int, float)) else [float(v) for v in self.alpha]
+        if len(grid) == 1:
+            return scales(a, w, grid[0]), grid[0]
+        tokens = stats.all_tokens()
+        if tokens is None:
+            raise ValueError("searching the migration strength needs a calibration token sample")
+        # α minimising this layer's output error with an RTN residual and no clipping (cheap, and
+        # the ordering of α it gives is what matters; GPTQ and clipping only lower every error).
+        errors = {alpha: self._output_error(tokens, w, bias, scales(a, w, alpha), 1.0, residual="rtn")
+                  for alpha in grid}
+        best = min(errors, key=errors.get)
+        return scales(a, w, best), best
+
+    def _quantize_residual(self, residual: torch.Tensor, stats: LayerStats, s, chosen: dict):
+        fmt = self._wfmt()
+        if self.residual == "rtn":
+            return fmt.encode(residual)
+        if self.residual != "gptq":
+            raise ValueError(f"unknown residual quantizer {self.residual!r} (rtn | gptq)")
+        if stats.hessian is None:
+            raise ValueError("GPTQ needs the Hessian of the layer inputs from calibration")
+        from wanexp.quant.gptq import gptq_quantize
+        h = stats.hessian if s is None else smooth_hessian(stats.hessian, s)
+        result = gptq_quantize(residual, h, fmt, **self.gptq)
+        chosen["gptq_loss"] = float(result.loss)
+        return result.packed
+
+    def _output_error(self, tokens: torch.Tensor, w: torch.Tensor, bias, s, rho: float, residual: str = "rtn") -> float:
+        """‖X Wᵀ − Ŷ(X)‖² for a candidate smoothing (and an RTN residual)."""
+        ws = w if s is None else apply_to_weight(w, s)
+        l1, l2, r = self._lowrank(ws)
+        packed = self._wfmt().encode(r)
+        layer = QuantLinear(w.shape[1], w.shape[0], weight=packed, bias=None, act_format=self.act_format,
+                            smooth=s, lowrank=None if l1 is None else (l1, l2), compute_dtype=self.compute_dtype,
+                            clip_table=torch.tensor([rho]))
+        return layer_error(layer, tokens, w)
+
+    def _clip_table(self, layer: QuantLinear, w: torch.Tensor, bias, stats: LayerStats) -> torch.Tensor:
+        """TS-clip (paper A, step 4): per bin, the candidate ρ with the least output error on that bin's tokens."""
+        table = torch.ones(self.num_bins)
+        if not self.clip_search or layer.act_format is None:
+            return table
+        for b in range(self.num_bins):
+            tokens = stats.tokens.get(b)
+            if tokens is None or tokens.shape[0] == 0:
+                continue  # a bin calibration never visited keeps ρ = 1 (no clipping)
+            errors = []
+            for rho in self.clip_candidates:
+                layer.clip_table = torch.full((self.num_bins,), float(rho))
+                errors.append(layer_error(layer, tokens, w))
+            table[b] = float(self.clip_candidates[min(range(len(errors)), key=errors.__getitem__)])
+        layer.clip_table = table
+        return table
+
+
+@torch.no_grad()
+def layer_error(layer: QuantLinear, tokens: torch.Tensor, w: torch.Tensor) -> float:
+    """Σ‖x Wᵀ − layer(x)‖² over a token sample (bias cancels, so both sides omit it)."""
+    ref = tokens.float() @ w.float().T
+    saved_bias, layer.bias = layer.bias, None
+    try:
+        out = layer(tokens.to(layer.compute_dtype)).float()
+    finally:
+        layer.bias = saved_bias
+    return float((out - ref).square().sum())
+
+
+def method_config(quant_cfg: Mapping[str, Any], fmt_cfg: Mapping[str, Any], num_bins: int,
+                  compute_dtype: torch.dtype = torch.bfloat16) -> MethodConfig:
+    """MethodConfig from the ``quant`` and ``format`` config groups."""
+    wfmt = {"name": fmt_cfg["name"], "opts": dict(fmt_cfg.get("weight") or {})}
+    afmt = {"name": fmt_cfg["name"], "opts": dict(fmt_cfg.get("act") or {})} if quant_cfg.get("activations") else None
+    alpha = quant_cfg.get("alpha", 0.5)
+    return MethodConfig(
+        name=quant_cfg["name"], weight_format=wfmt, act_format=afmt, smoothing=quant_cfg.get("smoothing"),
+        alpha=alpha if isinstance(alpha, (int, float)) else list(alpha), percentile=float(quant_cfg.get("percentile", 99.9)),
+        rank=int(quant_cfg.get("rank", 0) or 0), residual=str(quant_cfg.get("residual", "rtn")),
+        gptq=dict(quant_cfg.get("gptq") or {}), clip_search=bool(quant_cfg.get("clip_search", False)),
+        clip_candidates=[float(c) for c in quant_cfg.get("clip_candidates", (1.0,))], num_bins=num_bins,
+        compute_dtype=compute_dtype)

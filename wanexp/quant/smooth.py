@@ -1,0 +1,45 @@
+"""Channel smoothing: ``X W = (X diag(s)⁻¹)(diag(s) W)`` moves activation outliers onto the weights.
+
+Convention everywhere in wanexp: a layer with smoothing vector ``s`` (one entry per input channel)
+runs ``(x / s) · (W · s)ᵀ`` where ``W [out, in]`` is scaled column-wise. ``s > 0``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def smoothquant_scales(act_stat: torch.Tensor, weight: torch.Tensor, alpha: float, eps: float = 1e-5) -> torch.Tensor:
+    """SmoothQuant (Xiao et al. 2023, eq. 4): ``s_j = a_j^α / (max_o |W_oj|)^(1−α)``.
+
+    ``act_stat`` is the per-channel activation magnitude (max |x|, or a high percentile for the
+    tail-aware variant); channels that never fire (a_j = 0) keep s_j = 1.
+    """
+    a = act_stat.float().clamp_min(0)
+    w = weight.detach().float().abs().amax(dim=0).clamp_min(eps)
+    s = a.clamp_min(eps).pow(alpha) / w.pow(1.0 - alpha)
+    return torch.where(a > 0, s, torch.ones_like(s)).clamp_min(eps)
+
+
+def tail_aware_scales(act_stat: torch.Tensor, weight: torch.Tensor, alpha: float, eps: float = 1e-5) -> torch.Tensor:
+    """The HiFloat4 paper's balancing: mask ``m_i = w_i^α / (a_i + eps)^(1−α)`` applied as ``x · m``,
+    ``W · m⁻¹``; with our ``x / s`` convention that is ``s = 1 / m``. ``a_i`` is the p-th percentile
+    of |x_i| (tail-aware) or the max (conservative)."""
+    w = weight.detach().float().abs().amax(dim=0).clamp_min(eps)
+    m = w.pow(alpha) / (act_stat.float().clamp_min(0) + eps).pow(1.0 - alpha)
+    return (1.0 / m).clamp_min(eps)
+
+
+def channel_percentile(tokens: torch.Tensor, p: float) -> torch.Tensor:
+    """The p-th percentile (0–100) of |x| per channel over a token sample ``[n, in]``."""
+    return torch.quantile(tokens.float().abs(), p / 100.0, dim=0)
+
+
+def apply_to_weight(weight: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return weight.float() * s.float()[None, :]
+
+
+def smooth_hessian(hessian: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """H of the smoothed inputs ``x / s``: ``diag(1/s) H diag(1/s)`` (GPTQ sees what the residual sees)."""
+    inv = 1.0 / s.double()
+    return (hessian.double() * inv[:, None] * inv[None, :]).float()
