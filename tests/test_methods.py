@@ -87,3 +87,66 @@ def test_needs_follow_the_method():
     assert MethodConfig.needs({"name": "rtn"}) == []
     assert MethodConfig.needs({"smoothing": "max", "residual": "gptq", "clip_search": True}) == ["absmax", "hessian", "tokens"]
     assert MethodConfig.needs({"smoothing": "percentile"}) == ["absmax", "tokens"]
+
+
+def test_inference_reads_the_bin_of_the_current_timestep_in_each_expert(tiny_pipe, cache_dir):
+    """Both experts quantized with a distinct ratio per bin; every call must use its timestep's bin."""
+    import copy
+    from PIL import Image
+    from wanexp.models import boundary_timestep, experts, install_timestep_hooks
+    from wanexp.quant.api import quant_layers, quantize_
+    from wanexp.quant.context import TimestepContext, expert_bins
+    from wanexp.quant.targets import select_targets
+
+    pipe = copy.deepcopy(tiny_pipe)
+    bins = expert_bins(boundary_timestep(pipe), 1000.0, 3)
+    contexts = {name: TimestepContext(bins=bins[name]) for name in bins}
+    seen = []
+    for name, model in experts(pipe).items():
+        method = MethodConfig("rtn", MX, MX, num_bins=3)
+        quantize_(model, method, select_targets(model), contexts[name])
+        for layer in quant_layers(model).values():
+            layer.clip_table = torch.tensor([0.7, 0.8, 0.9])
+        probe = quant_layers(model)["blocks.1.ffn.net.2"]
+        probe.register_forward_pre_hook(
+            lambda mod, args, _n=name: seen.append((_n, mod.context.timestep, float(mod.clip_ratio()))))
+    hooks = install_timestep_hooks(pipe, lambda e, t: contexts[e].set_timestep(t))
+    try:
+        pipe(image=Image.new("RGB", (64, 64)), prompt="a cat", height=64, width=64, num_frames=5,
+             num_inference_steps=12, guidance_scale=1.0, output_type="latent",
+             generator=torch.Generator().manual_seed(0))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(seen) == 12 and {e for e, _, _ in seen} == {"high_noise", "low_noise"}
+    used_bins = set()
+    for expert, t, rho in seen:
+        assert (expert == "high_noise") == (t >= 900.0)
+        b = bins[expert].bin_of(t)
+        used_bins.add((expert, b))
+        assert rho == pytest.approx([0.7, 0.8, 0.9][b])
+    assert len(used_bins) >= 4  # the trajectory really crosses bins in both experts
+
+
+def test_shared_and_per_expert_policies_differ_when_the_experts_differ():
+    from wanexp.calib import CalibStats
+    from wanexp.run import layer_stats
+
+    g = torch.Generator().manual_seed(3)
+    stats = CalibStats()
+    calm = torch.randn(256, 64, generator=g)
+    # the low-noise expert sees flat (uniform) activations: with power-of-two block scales, clipping
+    # below the max moves the block exponent and pays off there, while Gaussian blocks prefer ρ = 1
+    wild = torch.rand(256, 64, generator=g) * 2 - 1
+    for expert, x in (("high_noise", calm), ("low_noise", wild)):
+        stats.data[(expert, "l", 0)] = {"absmax": x.abs().amax(0), "tokens": x}
+    lin = nn.Linear(64, 32)
+    policies = {}
+    for policy, pools in (("per_expert", {"high_noise": ["high_noise"], "low_noise": ["low_noise"]}),
+                          ("shared", {"high_noise": ["high_noise", "low_noise"], "low_noise": ["high_noise", "low_noise"]})):
+        for expert, pool in pools.items():
+            m = MethodConfig("tsclip", MX, MX, clip_search=True, clip_candidates=[0.5, 0.7, 0.9, 1.0], num_bins=1,
+                             stats=layer_stats(stats, pool, ["l"]), compute_dtype=torch.float32)
+            policies[(policy, expert)] = float(m.build("l", lin).clip_table[0])
+    assert policies[("per_expert", "high_noise")] != policies[("per_expert", "low_noise")]
+    assert policies[("shared", "high_noise")] == policies[("shared", "low_noise")]

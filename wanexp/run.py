@@ -203,6 +203,8 @@ def calibrate(state: Run) -> dict:
 
     from wanexp.quant.methods import MethodConfig
     needs = MethodConfig.needs(state.cfg.quant) if state.cfg.quant.name != "bf16" else []
+    if state.cfg.quant.get("load"):
+        return {"skipped": f"quant.load={state.cfg.quant.load}: the artifact is reused, nothing to calibrate"}
     if not needs:
         return {"skipped": f"quant={state.cfg.quant.name} needs no calibration statistics"}
     samples = state.splits.calib
@@ -238,12 +240,28 @@ def calibrate(state: Run) -> dict:
 ARTIFACT = Path("artifact") / "quantized.safetensors"
 
 
+def artifact_path(state: Run) -> Path:
+    """This run's artifact, or the one named by ``quant.load`` (reused without recalibrating)."""
+    load = state.cfg.quant.get("load")
+    return Path(str(load)).expanduser() if load else state.run_dir / ARTIFACT
+
+
+def artifact_expect(cfg) -> dict:
+    return {"method": cfg.quant.name, "format": {"name": cfg.format.name,
+                                                 "opts": OmegaConf.to_container(cfg.format.weight, resolve=True)}}
+
+
 def quantize(state: Run) -> dict:
     """Replace the targeted linears of each expert by the method's QuantLinears and save the artifact."""
     cfg = state.cfg
     if cfg.quant.name == "bf16":
         size = _model_bytes(state.bf16_pipe())
         return {"skipped": "quant=bf16 keeps every layer in BF16", "model_bytes": size}
+    if cfg.quant.get("load"):
+        pipe, hooks = quantized_pipe(state)
+        for h in hooks:
+            h.remove()
+        return {"loaded": str(artifact_path(state)), "model_bytes": _model_bytes(pipe)}
     from wanexp.calib import CalibStats
     from wanexp.models import experts
     from wanexp.quant.api import quantize_
@@ -269,8 +287,9 @@ def quantize(state: Run) -> dict:
         chosen[name] = method.report
         method.stats = {}
     state._pipe_quantized = True
+    from wanexp.models import boundary_timestep
     header = {"method": cfg.quant.name, "format": method.weight_format, "act_format": method.act_format,
-              "expert_policy": cfg.expert.policy, "fingerprint": fingerprint,
+              "expert_policy": cfg.expert.policy, "fingerprint": fingerprint, "boundary": boundary_timestep(pipe),
               "bins": {k: c.bins.to_json() for k, c in contexts.items()},
               "quant": OmegaConf.to_container(cfg.quant, resolve=True)}
     save_artifact(state.run_dir / ARTIFACT, experts(pipe), header)
@@ -333,7 +352,8 @@ def quantized_pipe(state: Run):
     else:
         fingerprint = state.fingerprint
         pipe = state.bf16_pipe()
-        load_artifact(state.run_dir / ARTIFACT, experts(pipe), fingerprint, device=state.device)
+        load_artifact(artifact_path(state), experts(pipe), fingerprint, device=state.device,
+                      expect=artifact_expect(state.cfg))
         state._pipe_quantized = True
     contexts = state.contexts(pipe)
     for name, model in experts(pipe).items():

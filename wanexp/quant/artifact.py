@@ -35,7 +35,8 @@ def save_artifact(path: str | Path, experts: dict[str, nn.Module], header: dict[
             for key, buf in layer.named_buffers(recurse=False):
                 if buf is not None:
                     tensors[f"{expert}/{name}/{key}"] = buf.detach().contiguous().cpu()
-    full = dict(header, version=ARTIFACT_VERSION, layers=layers)
+    import wanexp
+    full = dict(header, version=ARTIFACT_VERSION, wanexp_version=wanexp.__version__, layers=layers)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"wanexp": json.dumps(full, sort_keys=True)})
     return path
@@ -57,19 +58,42 @@ def read_header(path: str | Path) -> dict[str, Any]:
     return header
 
 
-def load_artifact(path: str | Path, experts: dict[str, nn.Module], fingerprint: str | None,
-                  device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Swap the artifact's QuantLinears into ``experts`` (in place); returns the header."""
-    from safetensors.torch import load_file
-
-    header = read_header(path)
+def check_header(path: str | Path, header: dict[str, Any], fingerprint: str | None,
+                 expect: dict[str, Any] | None = None) -> None:
+    """Refuse an artifact made for another base model, or with another method/format than asked for."""
     if fingerprint is not None and header.get("fingerprint") != fingerprint:
         raise WanexpError(f"artifact {path} was made for base model {header.get('fingerprint')}, "
                           f"but the loaded model is {fingerprint}; re-run the quantize stage for this model")
+    for key, want in (expect or {}).items():
+        if header.get(key) != want:
+            raise WanexpError(f"artifact {path} has {key}={header.get(key)!r} but this run asks for {want!r}")
+
+
+def load_artifact(path: str | Path, experts: dict[str, nn.Module], fingerprint: str | None,
+                  device: torch.device | str = "cpu", expect: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Swap the artifact's QuantLinears into ``experts`` (in place); returns the header.
+
+    The tensors are checked against the header's layer list before any module is replaced, so a
+    tampered file fails without leaving a half-quantized model behind.
+    """
+    from safetensors.torch import load_file
+
+    header = read_header(path)
+    check_header(path, header, fingerprint, expect)
     try:
         tensors = load_file(str(path), device=str(device))
     except Exception as err:
         raise WanexpError(f"quantized artifact {path} is corrupt ({err})") from err
+    for expert, layers in header["layers"].items():
+        if expert not in experts:
+            raise WanexpError(f"artifact {path} holds expert {expert!r}, which this model does not have")
+        for name, desc in layers.items():
+            try:
+                QuantLinear.from_description(desc, {k[len(expert) + len(name) + 2:]: v for k, v in tensors.items()
+                                                    if k.startswith(f"{expert}/{name}/")})
+            except (KeyError, ValueError, RuntimeError, TypeError) as err:
+                raise WanexpError(f"artifact {path} is inconsistent at {expert}:{name} ({err}); "
+                                  "it was modified or truncated — re-run the quantize stage") from err
     for expert, layers in header["layers"].items():
         model = experts[expert]
         for name, desc in layers.items():
