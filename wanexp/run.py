@@ -191,20 +191,53 @@ def _flat(d: Any, prefix: str = "") -> dict:
 # ---------------------------------------------------------------------------------------------
 # calibrate
 # ---------------------------------------------------------------------------------------------
-STATS_FILE = Path("calib") / "stats.safetensors"
+CALIB_DIR = Path("calib")
+
+
+def calib_parts(state: Run, model) -> list[list[str]]:
+    """The targeted layers cut into passes of ``quant.calib_blocks_per_pass`` blocks (null: one pass).
+
+    Each pass re-runs the calibration samples with collectors on its blocks only, so the Hessians
+    held at once stay bounded (at A14B size one expert's full set would not fit in memory)."""
+    from wanexp.quant.targets import block_index, targeted_linears
+    layers = targeted_linears(model)
+    per = state.cfg.quant.get("calib_blocks_per_pass")
+    if not per:
+        return [layers]
+    blocks = sorted({block_index(n) for n in layers})
+    groups = [blocks[i:i + int(per)] for i in range(0, len(blocks), int(per))]
+    return [[n for n in layers if block_index(n) in set(g)] for g in groups]
+
+
+def part_path(run_dir: Path, k: int, n: int) -> Path:
+    return run_dir / CALIB_DIR / f"stats-part{k:03d}-of{n:03d}.safetensors"
+
+
+def load_calib_stats(run_dir: Path):
+    from wanexp.calib import CalibStats
+    parts = sorted((run_dir / CALIB_DIR).glob("stats-part*-of*.safetensors"))
+    if not parts:
+        raise WanexpError(f"no calibration statistics in {run_dir / CALIB_DIR} (run stage=calibrate first)")
+    n = int(parts[0].stem.split("-of")[-1])
+    if len(parts) != n:
+        raise WanexpError(f"{run_dir / CALIB_DIR} holds {len(parts)} of {n} calibration parts; re-run stage=calibrate")
+    merged = CalibStats()
+    for p in parts:
+        merged.data.update(CalibStats.load(p).data)
+    return merged
 
 
 def calibrate(state: Run) -> dict:
-    """Run BF16 denoising on the calibration split, recording what the method needs per expert and bin."""
-    from wanexp.calib import ActivationCollector, CalibStats
-    from wanexp.generate import sample_seed
-    from wanexp.models import experts, install_timestep_hooks
-    from wanexp.quant.targets import targeted_linears
+    """Run BF16 denoising on the calibration split, recording what the method needs per expert and bin.
 
+    Statistics are written one part per pass of blocks; a finished part is not recomputed on resume."""
+    from wanexp.calib import ActivationCollector, CalibStats
+    from wanexp.models import experts, install_timestep_hooks
     from wanexp.quant.methods import MethodConfig
-    needs = MethodConfig.needs(state.cfg.quant) if state.cfg.quant.name != "bf16" else []
+
     if state.cfg.quant.get("load"):
         return {"skipped": f"quant.load={state.cfg.quant.load}: the artifact is reused, nothing to calibrate"}
+    needs = MethodConfig.needs(state.cfg.quant) if state.cfg.quant.name != "bf16" else []
     if not needs:
         return {"skipped": f"quant={state.cfg.quant.name} needs no calibration statistics"}
     samples = state.splits.calib
@@ -213,25 +246,40 @@ def calibrate(state: Run) -> dict:
                           "(set data.calib.num_samples, data.calib.ids or data.calib.prompts_file)")
     pipe = state.bf16_pipe()
     contexts = state.contexts(pipe)
-    stats = CalibStats()
-    collectors = [ActivationCollector(name, model, targeted_linears(model), contexts[name], needs, stats,
-                                      max_tokens=int(state.cfg.quant.get("calib_tokens", 256)), seed=int(state.cfg.seed))
-                  for name, model in experts(pipe).items()]
-    hooks = install_timestep_hooks(pipe, lambda expert, t: contexts[expert].set_timestep(t))
+    parts = {name: calib_parts(state, model) for name, model in experts(pipe).items()}
+    n_parts = len(parts["high_noise"])
+    entries = 0
+    for k in range(n_parts):
+        path = part_path(state.run_dir, k, n_parts)
+        if path.is_file():
+            continue
+        stats = CalibStats()
+        collectors = [ActivationCollector(name, model, parts[name][k], contexts[name], needs, stats,
+                                          max_tokens=int(state.cfg.quant.get("calib_tokens", 256)),
+                                          seed=int(state.cfg.seed))
+                      for name, model in experts(pipe).items()]
+        hooks = install_timestep_hooks(pipe, lambda expert, t: contexts[expert].set_timestep(t))
+        try:
+            for sample in state.progress(samples, f"calibrate {k + 1}/{n_parts}"):
+                _denoise(state, pipe, sample)
+        finally:
+            for h in hooks + [h for c in collectors for h in c.handles]:
+                h.remove()
+        stats.save(path)
+        entries += len(stats.data)
+    return {"samples": [s.id for s in samples], "needs": needs, "parts": n_parts, "entries": entries}
+
+
+@torch.no_grad()
+def _denoise(state: Run, pipe, sample) -> None:
+    """One BF16 trajectory of a calibration sample, at the generation setting, latents only."""
+    from wanexp.generate import sample_seed
     gen = state.cfg.model.generation
-    try:
-        for sample in state.progress(samples, "calibrate"):
-            image = sample.load_image().resize((int(gen.width), int(gen.height)))
-            with torch.no_grad():
-                pipe(image=image, prompt=sample.prompt, height=int(gen.height), width=int(gen.width),
-                     num_frames=int(gen.num_frames), num_inference_steps=int(gen.num_inference_steps),
-                     guidance_scale=float(gen.guidance_scale), output_type="latent",
-                     generator=torch.Generator().manual_seed(sample_seed(int(state.cfg.seed), sample.id)))
-    finally:
-        for h in hooks + [h for c in collectors for h in c.handles]:
-            h.remove()
-    stats.save(state.run_dir / STATS_FILE)
-    return {"samples": [s.id for s in samples], "needs": needs, "entries": len(stats.data)}
+    image = sample.load_image().resize((int(gen.width), int(gen.height)))
+    pipe(image=image, prompt=sample.prompt, height=int(gen.height), width=int(gen.width),
+         num_frames=int(gen.num_frames), num_inference_steps=int(gen.num_inference_steps),
+         guidance_scale=float(gen.guidance_scale), output_type="latent",
+         generator=torch.Generator().manual_seed(sample_seed(int(state.cfg.seed), sample.id)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +310,6 @@ def quantize(state: Run) -> dict:
         for h in hooks:
             h.remove()
         return {"loaded": str(artifact_path(state)), "model_bytes": _model_bytes(pipe)}
-    from wanexp.calib import CalibStats
     from wanexp.models import experts
     from wanexp.quant.api import quantize_
     from wanexp.quant.artifact import save_artifact
@@ -275,7 +322,7 @@ def quantize(state: Run) -> dict:
     num_bins = contexts["high_noise"].bins.num_bins
     method = method_config(OmegaConf.to_container(cfg.quant, resolve=True),
                            OmegaConf.to_container(cfg.format, resolve=True), num_bins)
-    stats = CalibStats.load(state.run_dir / STATS_FILE) if MethodConfig.needs(cfg.quant) else None
+    stats = load_calib_stats(state.run_dir) if MethodConfig.needs(cfg.quant) else None
     swapped, chosen = {}, {}
     for name, model in experts(pipe).items():
         keep_blocks, keep_modules = keep_lists(cfg, name)

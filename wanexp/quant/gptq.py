@@ -69,7 +69,7 @@ MAX_DAMP_RETRIES = 6
 class GPTQResult:
     packed: PackedTensor  # the quantized weight in real storage, with the GPTQ-time scales
     dequantized: torch.Tensor  # == fmt.decode(packed), float32 [out, in]
-    loss: float  # Σ_j ‖w_j − q_j‖² / (2 [H_F⁻¹]_jj) = ½ tr((W₀ − Q) H_λ (W₀ − Q)ᵀ), see module doc
+    loss: float  # Σ_j ‖w_j − q_j‖² / (2 [H_F⁻¹]_jj) = ½ tr((W₀ − Q) H_λ (W₀ − Q)ᵀ): module doc
     damp: float = 0.0  # the relative damping finally used (> the requested one after retries)
     dead_columns: int = 0  # inputs with H_jj == 0, whose weights were zeroed
 
@@ -84,7 +84,8 @@ class GPTQResult:
 
 def _check_inputs(W: torch.Tensor, H: torch.Tensor, fmt: NumberFormat, block_size: int, damp: float) -> None:
     if not isinstance(fmt, NumberFormat):
-        raise TypeError(f"gptq_quantize: fmt must be a NumberFormat (wanexp.formats.get_format), got {type(fmt)}")
+        raise TypeError("gptq_quantize: fmt must be a NumberFormat (wanexp.formats.get_format), "
+                        f"got {type(fmt)}")
     for name, t in (("W", W), ("H", H)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != 2:
             raise ValueError(f"gptq_quantize: {name} must be a 2-D floating-point tensor, got "
@@ -202,7 +203,8 @@ def _pending_values(W: torch.Tensor, E: torch.Tensor, U: torch.Tensor, i1: int, 
     return W[:, pos] - E[:, : p - i1] @ (U[i1:p][:, pos] * later)
 
 
-def _gptq_loop(W: torch.Tensor, U: torch.Tensor, block_size: int, groups: _GroupScales) -> tuple[torch.Tensor, torch.Tensor]:
+def _gptq_loop(W: torch.Tensor, U: torch.Tensor, block_size: int,
+               groups: _GroupScales) -> tuple[torch.Tensor, torch.Tensor]:
     """Algorithm 1 on W (processing order, float32, modified in place); returns (Q, per-column loss)."""
     out, n = W.shape
     Q = torch.zeros_like(W)
@@ -226,7 +228,7 @@ def _gptq_loop(W: torch.Tensor, U: torch.Tensor, block_size: int, groups: _Group
 # ----------------------------------------------------------------------------- entry point
 
 
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: NumberFormat, *, block_size: int = 128,
+def gptq(W: torch.Tensor, H: torch.Tensor, fmt: NumberFormat, *, block_size: int = 128,
                   damp: float = 0.01, act_order: bool = False, clip_ratio: float = 1.0,
                   static_groups: bool = False) -> GPTQResult:
     """Quantize ``W [out, in]`` to ``fmt`` with GPTQ, given ``H [in, in] = Σ xᵀx`` of the layer
@@ -249,14 +251,23 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: NumberFormat, *, block_
 
     p_dev = perm.to(W0.device)
     U, rel_damp = _inverse_cholesky(Hf[p_dev][:, p_dev], damp)
-    Qp, losses = _gptq_loop(W0[:, p_dev].clone(), U, block_size, groups)
+    Qp, losses = _gptq_loop(W0[:, p_dev], U, block_size, groups)  # indexing copies: W0 stays
     Q = Qp[:, torch.argsort(p_dev)]
 
     packed = fmt.encode(Q, state=groups.joined(), name="GPTQ result")
     deq = fmt.decode(packed).float()
     if not torch.equal(deq, Q):
         bad = int((deq != Q).sum())
-        raise RuntimeError(f"gptq_quantize: {fmt!r} does not reproduce {bad} GPTQ-quantized values when "
+        raise RuntimeError(f"gptq: {fmt!r} does not reproduce {bad} GPTQ-quantized values when "
                            "encoding them with their own scales (a formats bug: encode must be idempotent)")
     return GPTQResult(packed=packed, dequantized=deq, loss=float(losses.double().sum()), damp=rel_damp,
                       dead_columns=n_dead)
+
+
+__all__ = ["GPTQResult", "gptq", "gptq_quantize"]
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: NumberFormat, **options) -> torch.Tensor:
+    """The fixed API: GPTQ-quantize ``weight [out, in]`` given ``hessian = Σ xᵀx``; returns the
+    dequantized weight (float32). ``gptq`` gives the packed storage and the loss as well."""
+    return gptq(weight, hessian, fmt, **options).dequantized

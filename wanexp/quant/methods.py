@@ -147,9 +147,13 @@ class MethodConfig:
             raise ValueError(f"unknown residual quantizer {self.residual!r} (rtn | gptq)")
         if stats.hessian is None:
             raise ValueError("GPTQ needs the Hessian of the layer inputs from calibration")
-        from wanexp.quant.gptq import gptq_quantize
+        from wanexp.quant.gptq import gptq
         h = stats.hessian if s is None else smooth_hessian(stats.hessian, s)
-        result = gptq_quantize(residual, h, fmt, **self.gptq)
+        options = dict(self.gptq)
+        # a GPTQ block wider than the layer is just the layer (rounded up to whole format blocks)
+        fb = max(1, int(fmt.block_size or 1))
+        options["block_size"] = min(int(options.get("block_size", 128)), -(-residual.shape[1] // fb) * fb)
+        result = gptq(residual, h, fmt, **options)
         chosen["gptq_loss"] = float(result.loss)
         return result.packed
 
