@@ -91,15 +91,43 @@ def test_other_config_in_same_dir_is_refused(default_run):
     assert "different configuration" in proc.stderr and "format" in proc.stderr
 
 
-def test_multirun_shares_reference_videos(cli, tmp_path):
-    proc = cli("-m", "quant=bf16,rtn", "+experiment=smoke")
+LADDER = ("bf16", "rtn", "svdquant_rtn", "svdquant_gptq", "tsclip", "tsclip_keep_sensitive", "hif4_tailaware")
+
+
+def test_method_ladder_multirun_and_artifact_reload(cli, tmp_path):
+    """Every method end to end in one multirun (sharing one set of BF16 videos); then a TS-clip
+    artifact reloaded with quant.load reproduces its videos bit for bit without calibrating."""
+    proc = cli("-m", "quant=" + ",".join(LADDER), "+experiment=smoke", "data.eval.num_samples=1",
+               "++quant.calib_blocks_per_pass=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = pd.concat([pd.read_csv(p) for p in (tmp_path / "outputs" / "multirun").rglob("results.csv")])
-    assert sorted(rows["method"]) == ["bf16", "rtn"]
-    bf16 = rows[rows["method"] == "bf16"].iloc[0]
-    assert bf16["latent_rel_err"] == 0 and bf16["ssim"] == pytest.approx(1.0)
+    runs = {pd.read_csv(p).iloc[0]["method"]: p.parent for p in (tmp_path / "outputs" / "multirun").rglob("results.csv")}
+    assert sorted(runs) == sorted(LADDER)
+    rows = {m: pd.read_csv(d / "results.csv").iloc[0] for m, d in runs.items()}
+    assert rows["bf16"]["latent_rel_err"] == 0 and rows["bf16"]["ssim"] == pytest.approx(1.0)
+    for m in LADDER[1:]:
+        assert 0 < rows[m]["latent_rel_err"] < 0.5, m
+    # low rank + smoothing beat plain RTN on the tiny model too
+    assert rows["svdquant_gptq"]["latent_rel_err"] < rows["rtn"]["latent_rel_err"]
     refs = list((tmp_path / "outputs" / "reference_cache").glob("*/manifest.jsonl"))
-    assert len(refs) == 1 and len(_lines(refs[0])) == 2  # generated once, used by both sweep points
+    assert len(refs) == 1 and len(_lines(refs[0])) == 1  # generated once, used by every sweep point
+    ts = runs["tsclip"]
+    assert len(list((ts / "calib").glob("stats-part*-of002.safetensors"))) == 2  # 4 blocks, 2 per pass
+    choices = json.loads((ts / "artifact" / "choices.json").read_text())
+    assert {len(c["clip"]) for e in choices.values() for c in e.values()} == {4}  # a ratio per bin
+    kept = json.loads((runs["tsclip_keep_sensitive"] / "artifact" / "choices.json").read_text())
+    assert not any(n.endswith(("attn1.to_out.0", "ffn.net.2")) for e in kept.values() for n in e)
+
+    reload_dir = tmp_path / "reload"
+    proc = cli("quant=tsclip", "+experiment=smoke", "data.eval.num_samples=1",
+               f"quant.load={ts / 'artifact' / 'quantized.safetensors'}", f"hydra.run.dir={reload_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "skipped" in json.loads((reload_dir / "stages" / "calibrate.json").read_text())
+    assert not (reload_dir / "calib").exists()
+    sid = _lines(ts / "manifest.jsonl")[0]["id"]
+    assert (reload_dir / "latents" / f"{sid}.safetensors").read_bytes() == (ts / "latents" / f"{sid}.safetensors").read_bytes()
+    proc = cli("quant=rtn", "+experiment=smoke", f"quant.load={ts / 'artifact' / 'quantized.safetensors'}",
+               f"hydra.run.dir={tmp_path / 'mismatch'}")
+    assert proc.returncode == 2 and "method='tsclip'" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_help_cfg_and_named_sweeps(cli):
