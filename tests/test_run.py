@@ -138,7 +138,7 @@ def test_help_cfg_and_named_sweeps(cli):
     job = cli("--cfg", "job", "quant=w4a16", "format=int4").stdout
     assert "name: w4a16" in job and "group_size: 128" in job
     hydra_cfg = cli("--cfg", "hydra", "+ablation=methods").stdout
-    assert "mode: MULTIRUN" in hydra_cfg and "quant: bf16,w4a16,rtn" in hydra_cfg
+    assert "mode: MULTIRUN" in hydra_cfg and "quant: bf16,w4a16,rtn,svdquant_rtn" in hydra_cfg
     assert "could not" not in cli("--cfg", "job", "+experiment=smoke").stderr.lower()
 
 
