@@ -1,0 +1,59 @@
+"""E2M1, the 4-bit element of MXFP4 and NVFP4: sign, 2-bit exponent, 1-bit mantissa.
+
+Magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6; code = sign << 3 | index into that list (OCP MX v1.0 and
+NVIDIA use this encoding, so code 0b1000 is -0).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import NumberFormat, pack_nibbles, unpack_nibbles
+
+E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+E2M1_MAX = 6.0
+
+
+def round_e2m1(x: torch.Tensor) -> torch.Tensor:
+    """Round to the signed E2M1 grid: nearest, ties to even mantissa, saturating at +-6.
+
+    The grid spacing is 0.5 below 2, 1 in [2, 4) and 2 from 4 on, so rounding x/spacing to an
+    integer with torch.round (ties to even) is exactly E2M1's ties-to-even rule: an even multiple
+    of the spacing is a grid value whose mantissa bit is 0 (0.25->0, 0.75->1, 2.5->2, 3.5->4, 5->4).
+    Dividing and multiplying by a power of two is exact. copysign keeps the sign of x on zero
+    results, so -0.1 stores -0 like the hardware encoding. NaN stays NaN.
+    """
+    a = x.abs()
+    step = torch.where(a < 2, 0.5, torch.where(a < 4, 1.0, 2.0))
+    # in place on our own temporary: each full-size allocation costs as much as the arithmetic
+    return a.div_(step).round_().mul_(step).clamp_(max=E2M1_MAX).copysign_(x)
+
+
+def e2m1_codes(q: torch.Tensor) -> torch.Tensor:
+    """Signed grid values (as returned by :func:`round_e2m1`) -> uint8 codes 0..15."""
+    a = q.abs()
+    index = torch.where(a < 2, a * 2, torch.where(a < 4, a + 2, a / 2 + 4))  # 0,.5,..,6 -> 0..7
+    return index.to(torch.uint8) | (torch.signbit(q).to(torch.uint8) << 3)
+
+
+def e2m1_values(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes -> fp32 values (a 16-entry table lookup; -0 for code 8)."""
+    table = torch.tensor(E2M1_GRID, device=codes.device)
+    table = torch.cat((table, -table))
+    return table[codes.long()]
+
+
+class E2M1Format(NumberFormat):
+    """Shared packing for the formats whose elements are E2M1 codes, two a byte."""
+
+    element_bits = 4
+
+    def grid_values(self) -> torch.Tensor:
+        return torch.tensor(E2M1_GRID)
+
+    def _pack_codes(self, q: torch.Tensor) -> torch.Tensor:
+        return pack_nibbles(e2m1_codes(q).flatten(-2))  # (*lead, n_blocks * block / 2)
+
+    def _unpack_codes(self, packed: torch.Tensor, view_shape: tuple[int, ...]) -> torch.Tensor:
+        n = view_shape[-2] * view_shape[-1]
+        return e2m1_values(unpack_nibbles(packed, n)).reshape(view_shape)
