@@ -8,7 +8,7 @@ from wanexp.quant.api import quant_layers, quantize_
 from wanexp.quant.artifact import load_artifact, read_header, save_artifact
 from wanexp.quant.context import TimestepBins, TimestepContext, expert_bins
 from wanexp.quant.linear import QuantLinear
-from wanexp.quant.rtn import RTNConfig
+from wanexp.quant.methods import MethodConfig
 from wanexp.quant.targets import pattern_regex, select_targets, targeted_linears
 
 MX = {"name": "mxfp4", "opts": {}}
@@ -69,7 +69,8 @@ def test_quantlinear_matches_the_equation():
     fmt = get_format("mxfp4")
     ctx = TimestepContext(bins=TimestepBins((500.0,)))
     table = torch.tensor([0.7, 0.9])  # bin 0 = t >= 500
-    q = RTNConfig(MX, MX, clip_tables={"l": table}, compute_dtype=torch.float32).build("l", lin)
+    q = MethodConfig("rtn", MX, MX, num_bins=2, compute_dtype=torch.float32).build("l", lin)
+    q.clip_table = table
     q.context = ctx
     x = torch.randn(3, 5, 96)
     w_ref = fmt.quantize_dequantize(lin.weight.detach().float())
@@ -101,7 +102,7 @@ def test_quantize_swaps_only_selected_layers_and_rtn_error_is_small():
     with torch.no_grad():
         ref = model(x)
     targets = select_targets(model, keep_patterns=["blocks.3.ffn.net.2"])
-    swapped = quantize_(model, RTNConfig(MX, MX, compute_dtype=torch.float32), targets)
+    swapped = quantize_(model, MethodConfig("rtn", MX, MX, compute_dtype=torch.float32), targets)
     assert swapped == targets and set(quant_layers(model)) == set(targets)
     assert isinstance(model.patch, nn.Linear) and isinstance(model.blocks[3].ffn.net[2], nn.Linear)
     with torch.no_grad():
@@ -113,8 +114,8 @@ def test_quantize_swaps_only_selected_layers_and_rtn_error_is_small():
 def test_artifact_roundtrip_reproduces_outputs_and_refuses_other_models(tmp_path):
     model = Toy()
     ctx = TimestepContext()
-    quantize_(model, RTNConfig(MX, MX, clip_tables={"blocks.0.attn1.to_q": torch.tensor([0.8])},
-                               compute_dtype=torch.float32), select_targets(model), ctx)
+    quantize_(model, MethodConfig("rtn", MX, MX, compute_dtype=torch.float32), select_targets(model), ctx)
+    model.blocks[0].attn1.to_q.clip_table = torch.tensor([0.8])
     x = torch.randn(2, 3, 64)
     with torch.no_grad():
         out = model(x)

@@ -116,8 +116,11 @@ class ActivationCollector:
             idx = seen + torch.arange(x.shape[0])
             slot = (torch.rand(x.shape[0], generator=self.generator, dtype=torch.float64) * (idx + 1)).long()
             hit = slot < k
-            if hit.any():  # later rows overwrite earlier ones in the same slot, as sequential R would
-                d["tokens"][slot[hit]] = x[hit]
+            if hit.any():  # when rows share a slot the last one wins, as in sequential R
+                slots, rows = slot[hit], torch.nonzero(hit).flatten()
+                last = torch.full((k,), -1, dtype=torch.long).scatter_reduce_(0, slots, rows, reduce="amax")
+                filled = last >= 0
+                d["tokens"][filled] = x[last[filled]]
             seen += x.shape[0]
         self.seen[key] = seen
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import torch
 
 
 @dataclass(frozen=True)
@@ -70,6 +69,3 @@ class TimestepContext:
     def set_timestep(self, t: float) -> None:
         self.timestep = float(t)
         self.bin = self.bins.bin_of(self.timestep)
-
-    def bin_index(self, device: torch.device) -> torch.Tensor:
-        return torch.tensor(self.bin, device=device)

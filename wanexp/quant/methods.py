@@ -94,14 +94,14 @@ class MethodConfig:
         chosen: dict[str, Any] = {}
         s = None
         if self.smoothing:
-            s, chosen["alpha"] = self._smoothing(w, stats, linear.bias)
+            s, chosen["alpha"] = self._smoothing(w, stats)
         ws = w if s is None else apply_to_weight(w, s)
         l1, l2, residual = self._lowrank(ws)
         packed = self._quantize_residual(residual, stats, s, chosen)
         layer = QuantLinear(linear.in_features, linear.out_features, weight=packed, bias=linear.bias,
                             act_format=self.act_format, smooth=s,
                             lowrank=None if l1 is None else (l1, l2), compute_dtype=self.compute_dtype)
-        self._clip_table(layer, w, linear.bias, stats)
+        self._clip_table(layer, w, stats)
         chosen["clip"] = [round(float(r), 4) for r in layer.clip_table]
         self.report[name] = chosen
         return layer
@@ -114,7 +114,7 @@ class MethodConfig:
         l1, l2 = l1.to(self.compute_dtype), l2.to(self.compute_dtype)
         return l1, l2, ws - l1.float() @ l2.float()
 
-    def _smoothing(self, w: torch.Tensor, stats: LayerStats, bias) -> tuple[torch.Tensor, float]:
+    def _smoothing(self, w: torch.Tensor, stats: LayerStats) -> tuple[torch.Tensor, float]:
         if self.smoothing == "percentile":
             tokens = stats.all_tokens()
             if tokens is None:
@@ -134,8 +134,7 @@ class MethodConfig:
             raise ValueError("searching the migration strength needs a calibration token sample")
         # α minimising this layer's output error with an RTN residual and no clipping (cheap, and
         # the ordering of α it gives is what matters; GPTQ and clipping only lower every error).
-        errors = {alpha: self._output_error(tokens, w, bias, scales(a, w, alpha), 1.0, residual="rtn")
-                  for alpha in grid}
+        errors = {alpha: self._rtn_output_error(tokens, w, scales(a, w, alpha)) for alpha in grid}
         best = min(errors, key=errors.get)
         return scales(a, w, best), best
 
@@ -157,17 +156,17 @@ class MethodConfig:
         chosen["gptq_loss"] = float(result.loss)
         return result.packed
 
-    def _output_error(self, tokens: torch.Tensor, w: torch.Tensor, bias, s, rho: float, residual: str = "rtn") -> float:
-        """‖X Wᵀ − Ŷ(X)‖² for a candidate smoothing (and an RTN residual)."""
+    def _rtn_output_error(self, tokens: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> float:
+        """‖X Wᵀ − Ŷ(X)‖² for a candidate smoothing, with an RTN residual and no clipping."""
         ws = w if s is None else apply_to_weight(w, s)
         l1, l2, r = self._lowrank(ws)
         packed = self._wfmt().encode(r)
         layer = QuantLinear(w.shape[1], w.shape[0], weight=packed, bias=None, act_format=self.act_format,
                             smooth=s, lowrank=None if l1 is None else (l1, l2), compute_dtype=self.compute_dtype,
-                            clip_table=torch.tensor([rho]))
+                            clip_table=torch.tensor([1.0]))
         return layer_error(layer, tokens, w)
 
-    def _clip_table(self, layer: QuantLinear, w: torch.Tensor, bias, stats: LayerStats) -> torch.Tensor:
+    def _clip_table(self, layer: QuantLinear, w: torch.Tensor, stats: LayerStats) -> torch.Tensor:
         """TS-clip (paper A, step 4): per bin, the candidate ρ with the least output error on that bin's tokens."""
         table = torch.ones(self.num_bins)
         if not self.clip_search or layer.act_format is None:
