@@ -523,7 +523,7 @@ def report(state: Run) -> dict:
     quant_info = read_json(state.marker("quantize")) if state.done("quantize") else {}
     fid = evals["fidelity"]
     row = {
-        "method": cfg.quant.name, "format": cfg.format.name if cfg.quant.name != "bf16" else "bf16",
+        "method": cfg.quant.name, "format": format_label(cfg.format) if cfg.quant.name != "bf16" else "bf16",
         "expert_policy": cfg.expert.policy, "bins": int(cfg.quant.get("bins", 1)),
         "rank": int(cfg.quant.get("rank", 0) or 0), "seed": int(cfg.seed), "model": cfg.model.name,
         "data": cfg.data.name, "num_videos": fid.get("num_videos"),
@@ -544,6 +544,16 @@ def report(state: Run) -> dict:
     write_json(run_dir / "summary.json", summary)
     write_text(run_dir / "summary.txt", format_summary(summary) + "\n")
     return {"row": row}
+
+
+def format_label(fmt_cfg) -> str:
+    """``mxfp4``, or ``mxfp4(scale_rule=ceil)`` when options set it apart from the format's defaults."""
+    opts = {**OmegaConf.to_container(fmt_cfg.weight, resolve=True)}
+    for k, v in OmegaConf.to_container(fmt_cfg.act, resolve=True).items():
+        opts.setdefault(f"act_{k}" if k in opts and opts[k] != v else k, v)
+    defaults = {"int4": {"group_size": 128}, "int8": {"group_size": -1}}.get(fmt_cfg.name, {})
+    extra = {k: v for k, v in opts.items() if defaults.get(k) != v}
+    return fmt_cfg.name + ("(" + ",".join(f"{k}={v}" for k, v in sorted(extra.items())) + ")" if extra else "")
 
 
 def format_summary(s: dict) -> str:
