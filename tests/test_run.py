@@ -110,6 +110,10 @@ def test_method_ladder_multirun_and_artifact_reload(cli, tmp_path):
     assert rows["svdquant_gptq"]["latent_rel_err"] < rows["rtn"]["latent_rel_err"]
     refs = list((tmp_path / "outputs" / "reference_cache").glob("*/manifest.jsonl"))
     assert len(refs) == 1 and len(_lines(refs[0])) == 1  # generated once, used by every sweep point
+    # the sweep ends with its ablation table, deltas against the BF16 run
+    table = pd.read_csv(next((tmp_path / "outputs" / "multirun").rglob("ablation.csv")))
+    assert list(table["method"]) == list(LADDER)
+    assert table.set_index("method").loc["rtn", "Δlatent_rel_err"] == pytest.approx(rows["rtn"]["latent_rel_err"])
     ts = runs["tsclip"]
     assert len(list((ts / "calib").glob("stats-part*-of002.safetensors"))) == 2  # 4 blocks, 2 per pass
     choices = json.loads((ts / "artifact" / "choices.json").read_text())

@@ -41,3 +41,23 @@ class CheckOutputDir(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config, "hydra.sweep.dir")
+
+
+class SweepReport(Callback):
+    """When a multirun ends, gather its runs into one ablation table in the sweep directory (and W&B)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from wanexp.errors import WanexpError
+        from wanexp.report.table import build
+        sweep_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir")))
+        try:
+            table, paths = build([sweep_dir], sweep_dir)
+        except WanexpError as err:  # e.g. every run failed: nothing to tabulate, nothing lost
+            print(f"wanexp: no ablation table for {sweep_dir}: {err}", file=sys.stderr)
+            return
+        print(f"wanexp: ablation table of {len(table)} runs: {paths['md']}")
+        logger = OmegaConf.to_container(config.logger, resolve=True) if "logger" in config else {"name": "none"}
+        if logger.get("name") != "none":
+            from wanexp.report.wandb_log import log_run
+            log_run(dict(logger, job_type="ablation", run_name=f"ablation-{sweep_dir.name}"), sweep_dir,
+                    {"sweep_dir": str(sweep_dir)}, {"runs": len(table)}, {"ablation": table})
