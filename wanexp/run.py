@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from wanexp.errors import WanexpError
-from wanexp.io import append_jsonl, read_json, read_jsonl, write_json, write_text
+from wanexp.io import append_jsonl, flatten, read_json, read_jsonl, write_json, write_text
 
 STAGES = ("calibrate", "quantize", "generate", "evaluate", "report")
 METHODS = ("bf16", "w4a16", "rtn", "svdquant_rtn", "svdquant_gptq", "tsclip", "tsclip_keep_sensitive",
@@ -169,23 +169,13 @@ def _check_same_config(cfg: DictConfig, run_dir: Path) -> None:
     current = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in _RESUME_FREE}
     path = run_dir / "wanexp_config.json"
     if path.is_file():
-        before = read_json(path)
-        diff = sorted(k for k in _flat(before).keys() | _flat(current).keys()
-                      if _flat(before).get(k) != _flat(current).get(k))
+        before, now = flatten(read_json(path)), flatten(json.loads(json.dumps(current)))
+        diff = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
         if diff:
             raise WanexpError(f"{run_dir} holds a run with a different configuration ({', '.join(diff[:6])}"
                               f"{' …' if len(diff) > 6 else ''} differ); use a new run directory")
     else:
         write_json(path, current)
-
-
-def _flat(d: Any, prefix: str = "") -> dict:
-    if not isinstance(d, dict):
-        return {prefix.rstrip("."): json.dumps(d, sort_keys=True)}
-    out: dict = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}."))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from typing import Any, Mapping
 
 import pandas as pd
 
+from wanexp.io import flatten
+
 
 def _has_credentials() -> bool:
     if os.environ.get("WANDB_API_KEY"):
@@ -27,17 +29,6 @@ def resolve_mode(cfg: Mapping[str, Any]) -> str:
     if mode == "auto":
         return "online" if cfg.get("project") and _has_credentials() else "offline"
     return mode
-
-
-def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
-    return out
 
 
 def log_run(cfg: Mapping[str, Any], run_dir: Path, config: Mapping[str, Any], summary: Mapping[str, Any],
