@@ -84,24 +84,27 @@ def load_artifact(path: str | Path, experts: dict[str, nn.Module], fingerprint: 
         tensors = load_file(str(path), device=str(device))
     except Exception as err:
         raise WanexpError(f"quantized artifact {path} is corrupt ({err})") from err
+    grouped: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():  # "<expert>/<layer>/<buffer>"
+        expert, _, rest = key.partition("/")
+        layer, _, buf = rest.rpartition("/")
+        grouped.setdefault((expert, layer), {})[buf] = t
+    # Build every layer before swapping any, so a bad file leaves the model untouched.
+    built: list[tuple[nn.Module, str, QuantLinear]] = []
     for expert, layers in header["layers"].items():
         if expert not in experts:
             raise WanexpError(f"artifact {path} holds expert {expert!r}, which this model does not have")
         for name, desc in layers.items():
             try:
-                QuantLinear.from_description(desc, {k[len(expert) + len(name) + 2:]: v for k, v in tensors.items()
-                                                    if k.startswith(f"{expert}/{name}/")})
+                experts[expert].get_submodule(name)
+            except AttributeError as err:
+                raise WanexpError(f"artifact {path} names layer {expert}:{name}, which the model lacks") from err
+            try:
+                layer = QuantLinear.from_description(desc, grouped.get((expert, name), {}))
             except (KeyError, ValueError, RuntimeError, TypeError) as err:
                 raise WanexpError(f"artifact {path} is inconsistent at {expert}:{name} ({err}); "
                                   "it was modified or truncated — re-run the quantize stage") from err
-    for expert, layers in header["layers"].items():
-        model = experts[expert]
-        for name, desc in layers.items():
-            prefix = f"{expert}/{name}/"
-            own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            try:
-                model.get_submodule(name)
-            except AttributeError as err:
-                raise WanexpError(f"artifact {path} names layer {expert}:{name}, which the model lacks") from err
-            set_submodule(model, name, QuantLinear.from_description(desc, own))
+            built.append((experts[expert], name, layer))
+    for model, name, layer in built:
+        set_submodule(model, name, layer)
     return header

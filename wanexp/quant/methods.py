@@ -84,9 +84,6 @@ class MethodConfig:
     def _wfmt(self) -> NumberFormat:
         return get_format(self.weight_format["name"], **self.weight_format.get("opts", {}))
 
-    def _afmt(self) -> NumberFormat | None:
-        return None if self.act_format is None else get_format(self.act_format["name"], **self.act_format.get("opts", {}))
-
     # -- the layer --------------------------------------------------------------------------
     def build(self, name: str, linear: nn.Linear) -> QuantLinear:
         stats = self.stats.get(name, LayerStats())
