@@ -6,6 +6,7 @@ import os
 import sys
 
 import hydra
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from wanexp.errors import WanexpError
@@ -19,12 +20,23 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
     from wanexp.run import format_summary, run
 
-    run_dir = HydraConfig.get().runtime.output_dir
+    hydra_cfg = HydraConfig.get()
+    run_dir = hydra_cfg.runtime.output_dir
+    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         summary = run(cfg, run_dir)
     except WanexpError as err:
+        if in_sweep:  # one failed point must not stop the sweep; run() left error.json for the report
+            print(f"wanexp: error in sweep job {hydra_cfg.job.num} ({run_dir}): {err}", file=sys.stderr)
+            return None
         print(f"wanexp: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Exception as err:  # a bug or an environment failure (e.g. out of memory): traceback in error.json
+        if in_sweep:
+            print(f"wanexp: job {hydra_cfg.job.num} failed ({run_dir}): {type(err).__name__}: {err} "
+                  f"(traceback in {os.path.join(run_dir, 'error.json')})", file=sys.stderr)
+            return None
+        raise
     if summary:
         print(format_summary(summary))
     # The return value is what Hydra's optimising sweepers (Optuna, Nevergrad) minimise: -PSNR.

@@ -107,8 +107,12 @@ def generate_videos(pipe, samples: Iterable[Sample], out_dir: Path, gen_cfg: Map
     samples = list(samples)
     done = done_records(out_dir)
     todo = [s for s in samples if s.id not in done]
+    on_cuda = pipe._execution_device.type == "cuda"
     for sample in progress(todo):
         s_seed = sample_seed(seed, sample.id)
+        if on_cuda:  # the peak of this video alone, weights held included
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         latents, video = generate_one(pipe, sample, gen_cfg, s_seed)
         seconds = time.perf_counter() - start
@@ -119,6 +123,8 @@ def generate_videos(pipe, samples: Iterable[Sample], out_dir: Path, gen_cfg: Map
         record = {"id": sample.id, "category": sample.category, "prompt": sample.prompt, "variant": variant,
                   "seed": s_seed, "video": str(vid_rel), "latents": str(lat_rel), "seconds": round(seconds, 3),
                   "frames": int(video.shape[0]), "height": int(video.shape[1]), "width": int(video.shape[2])}
+        if on_cuda:
+            record["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated())
         append_jsonl(out_dir / MANIFEST, record)
         done[sample.id] = record
     return [done[s.id] for s in samples]

@@ -44,20 +44,31 @@ class CheckOutputDir(Callback):
 
 
 class SweepReport(Callback):
-    """When a multirun ends, gather its runs into one ablation table in the sweep directory (and W&B)."""
+    """When a multirun ends, gather its runs into one ablation table in the sweep directory (and W&B),
+    plus the paper's table when the experiment names one (``report.paper_table``). Failed sweep points
+    are listed, the others kept; the process then exits with status 1."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from wanexp.errors import WanexpError
-        from wanexp.report.table import build
+        from wanexp.report.__main__ import report_dirs
         sweep_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir")))
+        paper = OmegaConf.select(config, "report.paper_table", default=None)
         try:
-            table, paths = build([sweep_dir], sweep_dir)
-        except WanexpError as err:  # e.g. every run failed: nothing to tabulate, nothing lost
+            out = report_dirs([sweep_dir], sweep_dir, [paper] if paper else [])
+        except WanexpError as err:  # e.g. nothing ran: nothing to tabulate, nothing lost
             print(f"wanexp: no ablation table for {sweep_dir}: {err}", file=sys.stderr)
-            return
-        print(f"wanexp: ablation table of {len(table)} runs: {paths['md']}")
+            sys.exit(1)
+        table, failures = out["table"], out["failures"]
+        print(f"wanexp: ablation table of {len(table)} runs: {out['paths']['md']}")
+        if paper in out["paper_md"]:
+            print(out["paper_md"][paper] + f"wanexp: paper table: {out['paths'][f'paper_{paper}_md']}")
         logger = OmegaConf.to_container(config.logger, resolve=True) if "logger" in config else {"name": "none"}
         if logger.get("name") != "none":
             from wanexp.report.wandb_log import log_run
-            log_run(dict(logger, job_type="ablation", run_name=f"ablation-{sweep_dir.name}"), sweep_dir,
-                    {"sweep_dir": str(sweep_dir)}, {"runs": len(table)}, {"ablation": table})
+            group = logger.get("group") or "/".join(sweep_dir.resolve().parts[-3:])
+            log_run(dict(logger, group=group, job_type="ablation", run_name=f"ablation-{sweep_dir.name}"), sweep_dir,
+                    {"sweep_dir": str(sweep_dir)}, {"runs": len(table), "failed": len(failures)}, out["tables"])
+        if not failures.empty:
+            print(f"wanexp: {len(failures)} of {len(table) + len(failures)} sweep runs failed "
+                  f"(listed in {out['paths']['failed']}); re-run the same command to resume them", file=sys.stderr)
+            sys.exit(1)

@@ -14,19 +14,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from wanexp.errors import WanexpError
-from wanexp.io import append_jsonl, flatten, read_json, read_jsonl, write_json, write_text
+from wanexp.io import append_jsonl, atomic_path, flatten, read_json, read_jsonl, write_json, write_text
 
 STAGES = ("calibrate", "quantize", "generate", "evaluate", "report")
 METHODS = ("bf16", "w4a16", "rtn", "svdquant_rtn", "svdquant_gptq", "tsclip", "tsclip_keep_sensitive",
-           "hif4_tailaware")
+           "hif4_conservative", "hif4_tailaware")
 # The challenge rule of both papers: at most this many whole blocks kept in high precision.
 MAX_KEEP_BLOCKS = {"mxfp4": 5, "hif4": 2}
 # Keys that may differ between the first run in a directory and a resumed one.
-_RESUME_FREE = ("stage", "logger", "progress", "device", "paths")
+_RESUME_FREE = ("stage", "logger", "progress", "device", "paths", "report")
 
 
 class Run:
@@ -103,19 +104,45 @@ class Run:
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Execute ``cfg.stage`` (or every unfinished stage) in ``run_dir``; returns the run summary."""
     run_dir = Path(run_dir)
-    validate(cfg)
-    _check_writable(run_dir)
-    _check_same_config(cfg, run_dir)
-    state = Run(cfg, run_dir)
-    wanted = STAGES if cfg.stage == "all" else (str(cfg.stage),)
-    for stage in wanted:
-        if cfg.stage == "all" and state.done(stage):
-            continue
-        start = time.perf_counter()
-        info = _STAGE_FUNCS[stage](state) or {}
-        info["seconds"] = round(time.perf_counter() - start, 3)
-        state.mark_done(stage, info)
+    stage = "setup"
+    try:
+        validate(cfg)
+        _check_writable(run_dir)
+        _check_same_config(cfg, run_dir)
+        state = Run(cfg, run_dir)
+        wanted = STAGES if cfg.stage == "all" else (str(cfg.stage),)
+        for stage in wanted:
+            if cfg.stage == "all" and state.done(stage):
+                continue
+            start = time.perf_counter()
+            info = _STAGE_FUNCS[stage](state) or {}
+            info["seconds"] = round(time.perf_counter() - start, 3)
+            state.mark_done(stage, info)
+    except BaseException as err:
+        _record_error(run_dir, stage, err)
+        raise
+    (run_dir / ERROR_FILE).unlink(missing_ok=True)  # an earlier failure is healed by this resume
     return read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
+
+
+ERROR_FILE = "error.json"
+
+
+def _record_error(run_dir: Path, stage: str, err: BaseException) -> None:
+    """Leave ``error.json`` behind a failed stage, so a sweep's report can name the failure (what the
+    finished stages wrote stays; a re-run resumes from the failed stage)."""
+    import traceback
+    if isinstance(err, KeyboardInterrupt):
+        message = "interrupted"
+    else:
+        message = str(err) or type(err).__name__
+    info = {"stage": stage, "error": message, "type": type(err).__name__}
+    if not isinstance(err, (WanexpError, KeyboardInterrupt)):
+        info["traceback"] = traceback.format_exc()
+    try:
+        write_json(run_dir / ERROR_FILE, info)
+    except OSError:
+        pass  # an unwritable run dir already has its own error; don't mask it
 
 
 def validate(cfg: DictConfig) -> None:
@@ -293,13 +320,14 @@ def quantize(state: Run) -> dict:
     """Replace the targeted linears of each expert by the method's QuantLinears and save the artifact."""
     cfg = state.cfg
     if cfg.quant.name == "bf16":
-        size = _model_bytes(state.bf16_pipe())
-        return {"skipped": "quant=bf16 keeps every layer in BF16", "model_bytes": size}
+        pipe = state.bf16_pipe()
+        return {"skipped": "quant=bf16 keeps every layer in BF16", **_size_info(pipe), **_size_info(pipe, "bf16_")}
     if cfg.quant.get("load"):
+        bf16 = _size_info(state.bf16_pipe(), "bf16_")
         pipe, hooks = quantized_pipe(state)
         for h in hooks:
             h.remove()
-        return {"loaded": str(artifact_path(state)), "model_bytes": _model_bytes(pipe)}
+        return {"loaded": str(artifact_path(state)), **_size_info(pipe), **bf16}
     from wanexp.models import experts
     from wanexp.quant.api import quantize_
     from wanexp.quant.artifact import save_artifact
@@ -307,6 +335,7 @@ def quantize(state: Run) -> dict:
     from wanexp.quant.targets import select_targets
 
     pipe = state.bf16_pipe()
+    bf16 = _size_info(pipe, "bf16_")
     fingerprint = state.fingerprint
     contexts = state.contexts(pipe)
     num_bins = contexts["high_noise"].bins.num_bins
@@ -331,7 +360,7 @@ def quantize(state: Run) -> dict:
               "quant": OmegaConf.to_container(cfg.quant, resolve=True)}
     save_artifact(state.run_dir / ARTIFACT, experts(pipe), header)
     write_json(state.run_dir / "artifact" / "choices.json", chosen)
-    return {"layers": swapped, "model_bytes": _model_bytes(pipe)}
+    return {"layers": swapped, **_size_info(pipe), **bf16}
 
 
 def keep_lists(cfg, expert: str) -> tuple[list[int], list[str]]:
@@ -365,17 +394,28 @@ def layer_stats(stats, pool: list[str], layers: list[str]) -> dict:
     return out
 
 
-def _model_bytes(pipe) -> int:
-    """Bytes the two experts actually hold: parameters and buffers (packed codes and scales included)."""
-    from wanexp.models import experts
-    total = 0
-    for model in experts(pipe).values():
-        seen = set()
+def _held_bytes(modules) -> int:
+    """Bytes the modules actually hold: parameters and buffers (packed codes and scales included),
+    each storage counted once."""
+    seen, total = set(), 0
+    for model in modules:
         for t in list(model.parameters()) + list(model.buffers()):
             if t is not None and t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
     return total
+
+
+def _model_bytes(pipe) -> int:
+    """The two experts (what quantization shrinks)."""
+    from wanexp.models import experts
+    return _held_bytes(experts(pipe).values())
+
+
+def _size_info(pipe, prefix: str = "") -> dict:
+    """Model size as the papers count it: the experts, and the whole pipeline (text encoder and VAE too)."""
+    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    return {f"{prefix}model_bytes": _model_bytes(pipe), f"{prefix}pipeline_bytes": _held_bytes(modules)}
 
 
 def quantized_pipe(state: Run):
@@ -421,13 +461,14 @@ def generate(state: Run) -> dict:
         pipe = state.bf16_pipe()
         recs = generate_videos(pipe, samples, ref_dir, gen, int(cfg.seed), "bf16", lambda it: state.progress(it, "bf16 videos"))
         info["bf16_sec_per_video"] = _mean_seconds(recs)
+        info["bf16_peak_memory_bytes"] = _max_peak(recs)
+        info["frames"] = recs[0]["frames"]
 
     def make_quant():
         if cfg.quant.name == "bf16":
             info["quant_dir"] = str(ref_dir)
             return
         pipe, hooks = quantized_pipe(state)
-        _reset_peak(state.device)
         try:
             recs = generate_videos(pipe, samples, quant_dir, gen, int(cfg.seed), cfg.quant.name,
                                    lambda it: state.progress(it, f"{cfg.quant.name} videos"))
@@ -436,7 +477,7 @@ def generate(state: Run) -> dict:
                 h.remove()
         info["quant_dir"] = str(quant_dir)
         info["quant_sec_per_video"] = _mean_seconds(recs)
-        info["peak_memory_bytes"] = _peak(state.device)
+        info["peak_memory_bytes"] = _max_peak(recs)
 
     # Use whichever pipeline is in memory first, so a single process loads the model as rarely as possible.
     order = (make_quant, make_reference) if state._pipe_quantized else (make_reference, make_quant)
@@ -444,6 +485,7 @@ def generate(state: Run) -> dict:
         step()
     if cfg.quant.name == "bf16":
         info["quant_sec_per_video"] = info["bf16_sec_per_video"]
+        info["peak_memory_bytes"] = info["bf16_peak_memory_bytes"]
     write_json(state.run_dir / "generate.json", info)
     return info
 
@@ -453,13 +495,10 @@ def _mean_seconds(records: list[dict]) -> float | None:
     return round(sum(secs) / len(secs), 3) if secs else None
 
 
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak(device: torch.device) -> int | None:
-    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+def _max_peak(records: list[dict]) -> int | None:
+    """Peak GPU memory of the costliest video (recorded per video on CUDA; None on the CPU)."""
+    peaks = [r["peak_memory_bytes"] for r in records if r.get("peak_memory_bytes")]
+    return max(peaks) if peaks else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,40 +539,111 @@ def evaluate(state: Run) -> dict:
 # ---------------------------------------------------------------------------------------------
 def report(state: Run) -> dict:
     """One results row (CSV + parquet), the per-sample table, W&B, and the printed summary."""
-    import pandas as pd
-
     from wanexp.report.results import write_row
     from wanexp.report.wandb_log import log_run
 
     cfg, run_dir = state.cfg, state.run_dir
-    evals = read_json(run_dir / "eval" / "summary.json") if (run_dir / "eval" / "summary.json").is_file() else None
-    if evals is None:
+    if not (run_dir / "eval" / "summary.json").is_file():
         raise WanexpError(f"{run_dir} has no evaluation yet (run stage=evaluate first)")
+    evals = read_json(run_dir / "eval" / "summary.json")
     gen = read_json(run_dir / "generate.json")
-    quant_info = read_json(state.marker("quantize")) if state.done("quantize") else {}
-    fid = evals["fidelity"]
-    row = {
-        "method": cfg.quant.name, "format": format_label(cfg.format) if cfg.quant.name != "bf16" else "bf16",
-        "expert_policy": cfg.expert.policy, "bins": int(cfg.quant.get("bins", 1)),
-        "rank": int(cfg.quant.get("rank", 0) or 0), "seed": int(cfg.seed), "model": cfg.model.name,
-        "data": cfg.data.name, "num_videos": fid.get("num_videos"),
-        "psnr": fid.get("psnr"), "ssim": fid.get("ssim"), "latent_rel_err": fid.get("latent_rel_err"),
-        "model_size_gb": _gb(quant_info.get("model_bytes")), "peak_memory_gb": _gb(gen.get("peak_memory_bytes")),
-        "sec_per_video": gen.get("quant_sec_per_video"), "bf16_sec_per_video": gen.get("bf16_sec_per_video"),
-        "run_dir": str(run_dir),
-    }
+    row = results_row(state, evals, gen)
     write_row(run_dir, row)
-    per_sample = pd.DataFrame(read_jsonl(run_dir / FIDELITY_FILE))
-    per_sample.to_csv(run_dir / "eval" / "per_sample.csv", index=False)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    wandb_where = log_run(OmegaConf.to_container(cfg.logger, resolve=True), run_dir, config,
+    per_sample = per_sample_table(run_dir)
+    with atomic_path(run_dir / "eval" / "per_sample.csv") as tmp:
+        per_sample.to_csv(tmp, index=False)
+    logger = OmegaConf.to_container(cfg.logger, resolve=True)
+    if not logger.get("group"):  # the runs of one sweep share a W&B group: the sweep directory
+        logger["group"] = sweep_group(run_dir)
+    videos = [(f"{r['id']} ({r['category']})", Path(gen["quant_dir"]) / r["video"])
+              for r in read_jsonl(Path(gen["quant_dir"]) / "manifest.jsonl")[: int(logger.get("videos") or 0)]]
+    artifact = artifact_path(state) if logger.get("log_artifact") and cfg.quant.name != "bf16" else None
+    wandb_where = log_run(logger, run_dir, OmegaConf.to_container(cfg, resolve=True),
                           {k: v for k, v in row.items() if k != "run_dir"},
-                          {"per_sample": per_sample, "results": pd.DataFrame([row])})
+                          {"per_sample": per_sample, "results": pd.DataFrame([row])}, videos=videos, artifact=artifact)
     summary = dict(row, videos=gen["quant_dir"], reference_videos=gen["reference_dir"],
                    results=str(run_dir / "results.csv"), wandb=wandb_where)
     write_json(run_dir / "summary.json", summary)
     write_text(run_dir / "summary.txt", format_summary(summary) + "\n")
     return {"row": row}
+
+
+def results_row(state: Run, evals: dict, gen: dict) -> dict:
+    """The run's line of every ablation table: what was run (keys), every metric, size, memory, speed."""
+    cfg, run_dir = state.cfg, state.run_dir
+    quant_info = read_json(state.marker("quantize")) if state.done("quantize") else {}
+    fid = evals["fidelity"]
+    secs = gen.get("quant_sec_per_video")
+    row = {
+        "method": cfg.quant.name, "format": format_label(cfg.format) if cfg.quant.name != "bf16" else "bf16",
+        "expert_policy": cfg.expert.policy, "bins": int(cfg.quant.get("bins", 1)),
+        "clip_candidates": (",".join(f"{float(c):g}" for c in cfg.quant.clip_candidates)
+                            if cfg.quant.get("clip_search") else None),
+        "rank": int(cfg.quant.get("rank", 0) or 0), "kept": kept_label(cfg),
+        "seed": int(cfg.seed), "model": cfg.model.name, "data": cfg.data.name, "num_videos": fid.get("num_videos"),
+        "psnr": fid.get("psnr"), "ssim": fid.get("ssim"), "latent_rel_err": fid.get("latent_rel_err"),
+    }
+    row.update({k: v for k, v in (evals.get("vbench") or {}).items() if isinstance(v, (int, float))})
+    row.update({
+        "model_size_gb": _gb(quant_info.get("model_bytes")), "pipeline_size_gb": _gb(quant_info.get("pipeline_bytes")),
+        "peak_memory_gb": _gb(gen.get("peak_memory_bytes")), "sec_per_video": secs, "fps": _fps(gen, secs),
+    })
+    # The BF16 twin's figures, measured in this run, so any table can give deltas without a bf16 run.
+    bf16_secs = gen.get("bf16_sec_per_video")
+    row.update({f"{k}_bf16": v for k, v in (evals.get("vbench_bf16") or {}).items() if isinstance(v, (int, float))})
+    row.update({
+        "model_size_gb_bf16": _gb(quant_info.get("bf16_model_bytes")),
+        "pipeline_size_gb_bf16": _gb(quant_info.get("bf16_pipeline_bytes")),
+        "peak_memory_gb_bf16": _gb(gen.get("bf16_peak_memory_bytes")), "sec_per_video_bf16": bf16_secs,
+        "fps_bf16": _fps(gen, bf16_secs),
+        "overrides": _overrides(run_dir), "run_dir": str(run_dir),
+    })
+    return row
+
+
+def _fps(gen: dict, secs: float | None) -> float | None:
+    """Table II's throughput: frames of one video over its generation time."""
+    return round(gen["frames"] / secs, 6) if secs and gen.get("frames") else None
+
+
+def per_sample_table(run_dir: Path) -> pd.DataFrame:
+    """One line per evaluated video: fidelity, and VBench's per-dimension scores when they were computed."""
+    table = pd.DataFrame(read_jsonl(run_dir / FIDELITY_FILE))
+    vbench = read_jsonl(run_dir / "eval" / "vbench.jsonl")
+    if vbench and not table.empty:
+        scores = pd.DataFrame(vbench).drop_duplicates("id", keep="last")
+        table = table.merge(scores[[c for c in scores if c not in table or c == "id"]], on="id", how="left")
+    return table
+
+
+def kept_label(cfg) -> str | None:
+    """What stays in BF16, e.g. ``blocks=3`` or ``modules=blocks.*.ffn.net.2`` (per expert when they differ)."""
+    def label(expert):
+        blocks, modules = keep_lists(cfg, expert)
+        parts = ([f"blocks={','.join(map(str, sorted(blocks)))}"] if blocks else []) + \
+                ([f"modules={'+'.join(modules)}"] if modules else [])
+        return " ".join(parts)
+    high, low = label("high_noise"), label("low_noise")
+    if high == low:
+        return high or None
+    return f"high_noise: {high or '-'}; low_noise: {low or '-'}"
+
+
+def sweep_group(run_dir: Path) -> str | None:
+    """``multirun/<date>/<time>`` for a run inside a Hydra sweep directory (Hydra writes multirun.yaml there)."""
+    for parent in run_dir.resolve().parents:
+        if (parent / "multirun.yaml").is_file():
+            return "/".join(parent.parts[-3:])
+    return None
+
+
+def _overrides(run_dir: Path) -> str | None:
+    """The command-line overrides of this run (Hydra's record), e.g. ``quant=tsclip quant.bins=8``."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return None
+    items = OmegaConf.load(path)
+    return " ".join(str(o) for o in items if not str(o).startswith(("progress=", "hydra.", "stage="))) or None
 
 
 def format_label(fmt_cfg) -> str:
@@ -554,7 +664,7 @@ def format_summary(s: dict) -> str:
         f"  videos: {s['num_videos']}   PSNR {num(s['psnr'], '.2f')} dB   SSIM {num(s['ssim'], '.4f')}   "
         f"latent rel. err {num(s['latent_rel_err'], '.4f')}",
         f"  model size {num(s['model_size_gb'], '.4f')} GB   s/video {num(s['sec_per_video'], '.2f')} "
-        f"(bf16 {num(s['bf16_sec_per_video'], '.2f')})",
+        f"(bf16 {num(s['sec_per_video_bf16'], '.2f')})",
         f"  videos:  {s['videos']}",
         f"  table:   {s['results']}",
         f"  wandb:   {s['wandb'] or 'off'}",

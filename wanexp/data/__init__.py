@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -66,7 +67,16 @@ def load_splits(cfg: Mapping[str, Any], cache_dir: str | Path) -> Splits:
     if not evals:
         raise WanexpError(f"the evaluation split is empty ({len(samples)} samples in {root}, "
                           f"{len(calib)} used for calibration)")
+    condition = cfg.get("image_condition") or "reference"
+    if condition == "blank":  # text-to-video through the I2V model: one fixed blank image everywhere
+        calib, evals = _blank(calib), _blank(evals)
+    elif condition != "reference":
+        raise WanexpError(f"data.image_condition={condition} is unknown (reference | blank)")
     return Splits(calib, evals)
+
+
+def _blank(samples: list[Sample]) -> list[Sample]:
+    return [replace(s, extra={**s.extra, "blank_image": True}) for s in samples]
 
 
 def _pick(by_id: dict[str, Sample], sid: str, key: str) -> Sample:

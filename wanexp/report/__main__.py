@@ -1,5 +1,7 @@
 """``python -m wanexp.report DIR [DIR ...]``: gather the results rows of many runs (run dirs or
-multirun roots) into one ablation table (CSV, Markdown, LaTeX; deltas against BF16)."""
+multirun roots) into one ablation table (CSV, Markdown, LaTeX; deltas against BF16). Runs that
+failed or have not finished are listed with their stage and error; the others are kept.
+``--paper table1|table2|hif4`` also renders a paper's table beside the paper's own figures."""
 
 from __future__ import annotations
 
@@ -11,24 +13,54 @@ from wanexp.errors import WanexpError
 
 
 def main(argv: list[str] | None = None) -> int:
+    from wanexp.report.paper import TABLES
     ap = argparse.ArgumentParser(prog="python -m wanexp.report", description=__doc__)
     ap.add_argument("dirs", nargs="+", help="run directories or multirun roots holding results.csv files")
     ap.add_argument("--out", help="where to write ablation.{csv,md,tex} (default: the first DIR)")
+    ap.add_argument("--paper", action="append", choices=sorted(TABLES), default=[],
+                    help="also write paper_<NAME>.{md,csv,tex}: the paper's table with our numbers and the gap")
     ap.add_argument("--wandb-project", default=None, help="also log the table to this W&B project (offline unless logged in)")
     args = ap.parse_args(argv)
-    from wanexp.report.table import build
+    out = Path(args.out or args.dirs[0])
     try:
-        table, paths = build(args.dirs, args.out or args.dirs[0])
+        summary = report_dirs(args.dirs, out, args.paper)
     except WanexpError as err:
         print(f"wanexp.report: error: {err}", file=sys.stderr)
         return 2
-    print(table.to_markdown(index=False, floatfmt=".4f"))
-    print("\n" + "\n".join(f"{k}: {p}" for k, p in paths.items()))
+    print(summary["text"])
     if args.wandb_project:
         from wanexp.report.wandb_log import log_run
-        log_run({"name": "wandb", "project": args.wandb_project, "job_type": "report"}, Path(paths["csv"]).parent,
-                {"dirs": [str(d) for d in args.dirs]}, {"runs": len(table)}, {"ablation": table})
+        log_run({"name": "wandb", "project": args.wandb_project, "job_type": "report"}, out,
+                {"dirs": [str(d) for d in args.dirs]}, {"runs": len(summary["table"])}, summary["tables"])
     return 0
+
+
+def report_dirs(dirs, out_dir: Path, papers=()) -> dict:
+    """Write the ablation table (and paper tables) of the runs under ``dirs`` into ``out_dir``; returns
+    the tables, the written paths, the failed runs and a printable text."""
+    from wanexp.report.paper import render_markdown, paper_table, write_paper_table
+    from wanexp.report.results import gather
+    from wanexp.report.table import ablation_table, to_markdown, write_tables
+
+    rows, failures = gather(dirs)
+    table = ablation_table(rows) if not rows.empty else rows
+    paths = write_tables(table, out_dir, failures=failures)
+    tables, paper_md = {"ablation": table}, {}
+    text = [to_markdown(table) if not table.empty else "(no finished runs)"]
+    for name in papers:
+        if rows.empty:
+            break
+        paths.update({f"paper_{name}_{k}": p for k, p in write_paper_table(rows, name, out_dir).items()})
+        long = paper_table(rows, name)
+        tables[f"paper_{name}"] = long
+        paper_md[name] = render_markdown(long, name)
+        text.append(paper_md[name])
+    if not failures.empty:
+        text.append(f"{len(failures)} run(s) without results (kept out of the table):\n"
+                    + failures.to_markdown(index=False))
+    text.append("\n".join(f"{k}: {p}" for k, p in paths.items()))
+    return {"table": table, "failures": failures, "paths": paths, "tables": tables, "paper_md": paper_md,
+            "text": "\n\n".join(text)}
 
 
 if __name__ == "__main__":

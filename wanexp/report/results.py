@@ -1,7 +1,9 @@
-"""One results row per run, written as CSV and parquet into the run directory."""
+"""One results row per run, written as CSV and parquet into the run directory; and the gathering of
+many runs' rows (with the runs that failed or never finished listed apart, never silently dropped)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -12,6 +14,8 @@ from wanexp.io import atomic_path
 
 RESULTS_CSV = "results.csv"
 RESULTS_PARQUET = "results.parquet"
+ERROR_FILE = "error.json"
+CONFIG_FILE = "wanexp_config.json"  # written when a run starts: marks a run directory
 
 
 def write_row(run_dir: Path, row: dict[str, Any]) -> pd.DataFrame:
@@ -23,14 +27,61 @@ def write_row(run_dir: Path, row: dict[str, Any]) -> pd.DataFrame:
     return df
 
 
-def read_rows(dirs: Iterable[str | Path]) -> pd.DataFrame:
-    """Every ``results.csv`` under the given directories (run dirs or multirun roots), one row each."""
-    paths = []
+def run_dirs(dirs: Iterable[str | Path]) -> list[Path]:
+    """Run directories given directly or found under multirun roots (any depth)."""
+    found: list[Path] = []
     for d in dirs:
         d = Path(d)
         if not d.exists():
             raise WanexpError(f"{d} does not exist")
-        paths += [d / RESULTS_CSV] if (d / RESULTS_CSV).is_file() else sorted(d.rglob(RESULTS_CSV))
-    if not paths:
+        if _is_run(d):
+            found.append(d)
+            continue
+        marks = {p.parent for name in (CONFIG_FILE, RESULTS_CSV, ERROR_FILE) for p in d.rglob(name)}
+        found += sorted(m for m in marks if _is_run(m))
+    return found
+
+
+def _is_run(d: Path) -> bool:
+    return any((d / n).is_file() for n in (CONFIG_FILE, RESULTS_CSV, ERROR_FILE))
+
+
+def gather(dirs: Iterable[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(rows of the finished runs, one line per failed or unfinished run with its stage and error)."""
+    dirs = list(dirs)
+    rows, failures = [], []
+    for run in run_dirs(dirs):
+        if (run / ERROR_FILE).is_file():
+            err = _read(run / ERROR_FILE)
+            failures.append(dict(_identity(run), stage=err.get("stage"), error=err.get("error"), run_dir=str(run)))
+        elif (run / RESULTS_CSV).is_file():
+            rows.append(pd.read_csv(run / RESULTS_CSV))
+        else:
+            done = sorted(p.stem for p in (run / "stages").glob("*.json")) if (run / "stages").is_dir() else []
+            failures.append(dict(_identity(run), stage="unfinished",
+                                 error=f"no results yet (finished stages: {', '.join(done) or 'none'})",
+                                 run_dir=str(run)))
+    if not rows and not failures:
         raise WanexpError(f"no {RESULTS_CSV} found under {', '.join(map(str, dirs))}")
-    return pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
+    table = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+    return table, pd.DataFrame(failures, columns=["method", "format", "stage", "error", "run_dir"])
+
+
+def read_rows(dirs: Iterable[str | Path]) -> pd.DataFrame:
+    """Every finished run's row under the given directories (run dirs or multirun roots)."""
+    rows, _ = gather(dirs)
+    if rows.empty:
+        raise WanexpError(f"no {RESULTS_CSV} found under {', '.join(map(str, dirs))}")
+    return rows
+
+
+def _identity(run: Path) -> dict[str, Any]:
+    cfg = _read(run / CONFIG_FILE) if (run / CONFIG_FILE).is_file() else {}
+    return {"method": (cfg.get("quant") or {}).get("name"), "format": (cfg.get("format") or {}).get("name")}
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {"error": f"unreadable {path.name}"}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
@@ -32,8 +32,11 @@ def resolve_mode(cfg: Mapping[str, Any]) -> str:
 
 
 def log_run(cfg: Mapping[str, Any], run_dir: Path, config: Mapping[str, Any], summary: Mapping[str, Any],
-            tables: Mapping[str, pd.DataFrame]) -> str | None:
-    """Log one run; returns the W&B run directory (offline) or URL (online), or None."""
+            tables: Mapping[str, pd.DataFrame], videos: Sequence[tuple[str, Path]] = (),
+            artifact: Path | None = None) -> str | None:
+    """Log one run: flattened config (so W&B's run table and parallel coordinates can use every key),
+    summary metrics, tables, a few videos (caption, mp4 path) and optionally the quantized artifact.
+    Returns the W&B run directory (offline) or URL (online), or None."""
     if cfg.get("name", "wandb") == "none":
         return None
     try:
@@ -53,6 +56,13 @@ def log_run(cfg: Mapping[str, Any], run_dir: Path, config: Mapping[str, Any], su
         run.summary.update({k: v for k, v in flatten(summary).items() if v is not None})
         for name, df in tables.items():
             run.log({name: wandb.Table(dataframe=df.reset_index(drop=True))})
+        if videos:
+            run.log({"videos": [wandb.Video(str(path), caption=caption, format="mp4") for caption, path in videos]})
+        if artifact is not None:
+            art = wandb.Artifact(f"quantized-{run_dir.name}", type="model",
+                                 metadata={k: v for k, v in flatten(summary).items() if v is not None})
+            art.add_file(str(artifact))
+            run.log_artifact(art)
         where = run.url if mode == "online" else str(Path(run.dir).parent)
         run.finish()
         return where
