@@ -52,7 +52,7 @@ def test_default_run_end_to_end(default_run):
     assert offline, "W&B should have logged offline into the run dir"
     assert len(list(offline[0].rglob("media/videos/**/*.mp4"))) == 2  # logger.videos=2 samples as wandb.Video
     # size, speed and the BF16 twin's figures measured in the same run
-    assert row["model_size_gb"] < 0.5 * row["model_size_gb_bf16"]
+    assert row["model_size_gb"] < 0.7 * row["model_size_gb_bf16"]  # tiny: embeddings and heads stay BF16
     assert row["pipeline_size_gb"] > row["model_size_gb"] and row["pipeline_size_gb_bf16"] > row["model_size_gb_bf16"]
     assert row["fps"] == pytest.approx(5 / row["sec_per_video"], rel=1e-3) and row["sec_per_video_bf16"] > 0
     assert pd.isna(row["kept"]) and pd.isna(row["clip_candidates"]) and row["rank"] == 0

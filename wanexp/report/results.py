@@ -76,7 +76,14 @@ def read_rows(dirs: Iterable[str | Path]) -> pd.DataFrame:
 
 
 def _identity(run: Path) -> dict[str, Any]:
-    cfg = _read(run / CONFIG_FILE) if (run / CONFIG_FILE).is_file() else {}
+    """Method and format of a run, from our config record or (a run that failed before writing it) Hydra's."""
+    if (run / CONFIG_FILE).is_file():
+        cfg = _read(run / CONFIG_FILE)
+    elif (run / ".hydra" / "config.yaml").is_file():
+        from omegaconf import OmegaConf
+        cfg = OmegaConf.to_container(OmegaConf.load(run / ".hydra" / "config.yaml"), resolve=False)
+    else:
+        cfg = {}
     return {"method": (cfg.get("quant") or {}).get("name"), "format": (cfg.get("format") or {}).get("name")}
 
 
