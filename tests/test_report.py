@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -112,3 +113,22 @@ def test_paper_table_sets_our_numbers_beside_the_papers():
     assert cell["ours"] == pytest.approx(0.636) and cell["gap"] == pytest.approx(0.636 - 0.588)
     with pytest.raises(WanexpError, match="unknown paper table"):
         paper_table(rows, "table9")
+
+
+def test_wandb_offline_run_holds_group_flat_config_videos_and_artifact(tmp_path, monkeypatch):
+    import numpy as np
+
+    from wanexp.generate import write_mp4
+    from wanexp.report.wandb_log import log_run
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    write_mp4(tmp_path / "v.mp4", np.zeros((5, 32, 32, 3), np.uint8), fps=8)
+    (tmp_path / "quantized.safetensors").write_bytes(b"\0" * 64)
+    where = log_run({"name": "wandb", "mode": "auto", "group": "multirun/2026-11-23/10-00-00"}, tmp_path,
+                    {"quant": {"name": "tsclip", "bins": 4}}, {"psnr": 30.0, "vbench_avg": None},
+                    {"results": pd.DataFrame([{"psnr": 30.0}])}, videos=[("singleobj_1", tmp_path / "v.mp4")],
+                    artifact=tmp_path / "quantized.safetensors")
+    assert where and "offline-run-" in where  # no project, no credentials: offline, never a network wait
+    log = next(Path(where).glob("*.wandb")).read_bytes()
+    assert b"multirun/2026-11-23/10-00-00" in log and b"quant.bins" in log  # grouped; config flattened
+    assert b"quantized-" in log  # the artifact was logged
+    assert len(list(Path(where).rglob("media/videos/*.mp4"))) == 1
