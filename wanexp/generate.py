@@ -26,12 +26,18 @@ def sample_seed(seed: int, sample_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()[:4], "little")
 
 
+def manifest_name(rank: int = 0, world_size: int = 1) -> str:
+    """One manifest per process, so ranks never append to the same file (``manifest.rank1.jsonl``)."""
+    return MANIFEST if world_size == 1 else f"manifest.rank{rank}.jsonl"
+
+
 def done_records(out_dir: Path) -> dict[str, dict]:
-    """Manifest records whose files still exist, by sample id (the last line for an id wins)."""
+    """Records of every manifest shard whose files still exist, by sample id (the last line wins)."""
     records = {}
-    for rec in read_jsonl(out_dir / MANIFEST):
-        if (out_dir / rec["video"]).is_file() and (out_dir / rec["latents"]).is_file():
-            records[rec["id"]] = rec
+    for shard in sorted(Path(out_dir).glob("manifest*.jsonl")):
+        for rec in read_jsonl(shard):
+            if (out_dir / rec["video"]).is_file() and (out_dir / rec["latents"]).is_file():
+                records[rec["id"]] = rec
     return records
 
 
@@ -99,8 +105,10 @@ def read_mp4(path: Path) -> np.ndarray:
 
 
 def generate_videos(pipe, samples: Iterable[Sample], out_dir: Path, gen_cfg: Mapping[str, Any], seed: int,
-                    variant: str, progress: Callable[[Iterable], Iterable] = lambda it: it) -> list[dict]:
-    """Generate every sample not yet in ``out_dir``'s manifest; returns all records for ``samples``."""
+                    variant: str, progress: Callable[[Iterable], Iterable] = lambda it: it,
+                    manifest: str = MANIFEST) -> list[dict]:
+    """Generate every sample not yet in ``out_dir``'s manifests, appending to ``manifest``; returns all
+    records for ``samples``."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -125,6 +133,6 @@ def generate_videos(pipe, samples: Iterable[Sample], out_dir: Path, gen_cfg: Map
                   "frames": int(video.shape[0]), "height": int(video.shape[1]), "width": int(video.shape[2])}
         if on_cuda:
             record["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated())
-        append_jsonl(out_dir / MANIFEST, record)
+        append_jsonl(out_dir / manifest, record)
         done[sample.id] = record
     return [done[s.id] for s in samples]

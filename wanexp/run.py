@@ -33,9 +33,11 @@ _RESUME_FREE = ("stage", "logger", "progress", "device", "paths", "report")
 class Run:
     """State shared by the stages of one run: config, directory, and the (lazily loaded) pipeline."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path):
+    def __init__(self, cfg: DictConfig, run_dir: Path, world=None):
+        from wanexp.distributed import World
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.device = _device(str(cfg.device))
+        self.world = world or World()
+        self.device = _device(str(cfg.device), self.world.local_rank)
         self._pipe = None
         self._pipe_quantized = False
         self._splits = None
@@ -102,29 +104,47 @@ class Run:
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Execute ``cfg.stage`` (or every unfinished stage) in ``run_dir``; returns the run summary."""
-    run_dir = Path(run_dir)
+    """Execute ``cfg.stage`` (or every unfinished stage) in ``run_dir``; returns the run summary.
+
+    Under torchrun (WORLD_SIZE > 1) every rank calls this: rank 0's run directory is used by all,
+    rank 0 alone calibrates, quantizes, evaluates and reports, and every rank generates its share."""
+    from wanexp.distributed import drop_orphan_dir, world_from_env
+    world = world_from_env()
+    own_dir, run_dir = Path(run_dir), Path(world.broadcast(str(run_dir)))
+    drop_orphan_dir(own_dir, run_dir)
     stage = "setup"
     try:
         validate(cfg)
-        _check_writable(run_dir)
-        _check_same_config(cfg, run_dir)
-        state = Run(cfg, run_dir)
+        if world.main:
+            _check_writable(run_dir)
+            _check_same_config(cfg, run_dir)
+            (run_dir / ERROR_FILE).unlink(missing_ok=True)  # this attempt replaces an earlier failed one
+        world.barrier()
+        state = Run(cfg, run_dir, world)
         wanted = STAGES if cfg.stage == "all" else (str(cfg.stage),)
         for stage in wanted:
             if cfg.stage == "all" and state.done(stage):
                 continue
             start = time.perf_counter()
-            info = _STAGE_FUNCS[stage](state) or {}
-            info["seconds"] = round(time.perf_counter() - start, 3)
-            state.mark_done(stage, info)
+            info = _STAGE_FUNCS[stage](state) if world.main or stage in PER_RANK else None
+            if stage in PER_RANK or stage in ("calibrate", "quantize"):
+                world.barrier()  # the next stage needs every rank's files (or rank 0's artifact)
+            if stage in PER_RANK and world.main:
+                info = PER_RANK[stage](state)
+            if info is not None and world.main:
+                info["seconds"] = round(time.perf_counter() - start, 3)
+                state.mark_done(stage, info)
     except BaseException as err:
-        _record_error(run_dir, stage, err)
+        _record_error(run_dir, f"{stage} (rank {world.rank})" if world.size > 1 else stage, err)
         raise
-    (run_dir / ERROR_FILE).unlink(missing_ok=True)  # an earlier failure is healed by this resume
+    if not world.main:
+        return {}
     return read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
 
 
+# Stages every rank runs on its own share of the samples, with what rank 0 does once all shards
+# are in; the other stages run on rank 0 alone.
+PER_RANK = {"generate": lambda state: generation_summary(state)}
 ERROR_FILE = "error.json"
 
 
@@ -174,10 +194,13 @@ def validate(cfg: DictConfig) -> None:
         raise WanexpError(f"model.generation height×width {gen.height}×{gen.width} must be multiples of 16")
 
 
-def _device(name: str) -> torch.device:
+def _device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:  # one GPU per rank of a torchrun job
+        device = torch.device("cuda", local_rank)
+    return device
 
 
 def _check_writable(run_dir: Path) -> None:
@@ -226,18 +249,46 @@ def calib_parts(state: Run, model) -> list[list[str]]:
     return [[n for n in layers if block_index(n) in set(g)] for g in groups]
 
 
-def part_path(run_dir: Path, k: int, n: int) -> Path:
-    return run_dir / CALIB_DIR / f"stats-part{k:03d}-of{n:03d}.safetensors"
+# Bump when what the collectors record changes, so cached statistics of the old kind are not reused.
+CALIB_FORMAT = 1
+
+
+def part_path(stats_dir: Path, k: int, n: int) -> Path:
+    return stats_dir / f"stats-part{k:03d}-of{n:03d}.safetensors"
+
+
+def calib_key(state: Run, pipe, needs: list[str]) -> dict:
+    """Everything the calibration statistics depend on, and nothing else (not the method's search
+    settings, not the format): runs that agree on it share one set of statistics."""
+    cfg = state.cfg
+    samples = [(s.id, s.prompt, str(s.image_path), bool(s.extra.get("blank_image"))) for s in state.splits.calib]
+    return {"format": CALIB_FORMAT, "fingerprint": state.fingerprint, "needs": needs,
+            "calib_tokens": int(cfg.quant.get("calib_tokens", 256)), "seed": int(cfg.seed),
+            "bins": {k: c.bins.to_json() for k, c in state.contexts(pipe).items()},
+            "blocks_per_pass": cfg.quant.get("calib_blocks_per_pass"), "samples": samples,
+            "generation": OmegaConf.to_container(cfg.model.generation, resolve=True)}
+
+
+def stats_dir(state: Run, key: dict) -> Path:
+    """``<paths.calib_cache>/<hash of the key>`` (shared across runs), or the run's own ``calib/``."""
+    import hashlib
+    cache = state.cfg.paths.get("calib_cache")
+    if not cache:
+        return state.run_dir / CALIB_DIR
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return Path(str(cache)).expanduser() / digest
 
 
 def load_calib_stats(run_dir: Path):
     from wanexp.calib import CalibStats
-    parts = sorted((run_dir / CALIB_DIR).glob("stats-part*-of*.safetensors"))
+    marker = run_dir / "stages" / "calibrate.json"
+    where = Path(read_json(marker).get("stats_dir", run_dir / CALIB_DIR)) if marker.is_file() else run_dir / CALIB_DIR
+    parts = sorted(where.glob("stats-part*-of*.safetensors"))
     if not parts:
-        raise WanexpError(f"no calibration statistics in {run_dir / CALIB_DIR} (run stage=calibrate first)")
+        raise WanexpError(f"no calibration statistics in {where} (run stage=calibrate first)")
     n = int(parts[0].stem.split("-of")[-1])
     if len(parts) != n:
-        raise WanexpError(f"{run_dir / CALIB_DIR} holds {len(parts)} of {n} calibration parts; re-run stage=calibrate")
+        raise WanexpError(f"{where} holds {len(parts)} of {n} calibration parts; re-run stage=calibrate")
     merged = CalibStats()
     for p in parts:
         merged.data.update(CalibStats.load(p).data)
@@ -263,12 +314,17 @@ def calibrate(state: Run) -> dict:
                           "(set data.calib.num_samples, data.calib.ids or data.calib.prompts_file)")
     pipe = state.bf16_pipe()
     contexts = state.contexts(pipe)
+    key = calib_key(state, pipe, needs)
+    where = stats_dir(state, key)
+    if where.parent != state.run_dir:  # the cache: say what the statistics are of, next to them
+        write_json(where / "key.json", key)
     parts = {name: calib_parts(state, model) for name, model in experts(pipe).items()}
     n_parts = len(parts["high_noise"])
-    entries = 0
+    entries, reused = 0, 0
     for k in range(n_parts):
-        path = part_path(state.run_dir, k, n_parts)
-        if path.is_file():
+        path = part_path(where, k, n_parts)
+        if path.is_file():  # finished by an earlier attempt, or by another run with the same key
+            reused += 1
             continue
         stats = CalibStats()
         collectors = [ActivationCollector(name, model, parts[name][k], contexts[name], needs, stats,
@@ -284,7 +340,8 @@ def calibrate(state: Run) -> dict:
                 h.remove()
         stats.save(path)
         entries += len(stats.data)
-    return {"samples": [s.id for s in samples], "needs": needs, "parts": n_parts, "entries": entries}
+    return {"samples": [s.id for s in samples], "needs": needs, "parts": n_parts, "entries": entries,
+            "parts_reused": reused, "stats_dir": str(where)}
 
 
 @torch.no_grad()
@@ -448,44 +505,53 @@ def reference_dir(state: Run) -> Path:
     return Path(state.cfg.paths.reference_cache) / generation_key(state.fingerprint, gen, int(state.cfg.seed))
 
 
-def generate(state: Run) -> dict:
-    """BF16 reference videos (shared through the reference cache) and this method's videos, same seeds."""
-    from wanexp.generate import generate_videos
+def generate(state: Run) -> None:
+    """This rank's share of the BF16 reference videos (shared through the reference cache) and of this
+    method's videos, same seeds; each rank appends to its own manifest shard."""
+    from wanexp.generate import generate_videos, manifest_name
 
-    cfg, samples = state.cfg, state.splits.eval
+    cfg, world = state.cfg, state.world
+    samples = world.shard(state.splits.eval)
     gen = OmegaConf.to_container(cfg.model.generation, resolve=True)
-    ref_dir, quant_dir = reference_dir(state), state.run_dir
-    info: dict = {"reference_dir": str(ref_dir)}
+    ref_dir, quant_dir, shard = reference_dir(state), state.run_dir, manifest_name(world.rank, world.size)
 
     def make_reference():
-        pipe = state.bf16_pipe()
-        recs = generate_videos(pipe, samples, ref_dir, gen, int(cfg.seed), "bf16", lambda it: state.progress(it, "bf16 videos"))
-        info["bf16_sec_per_video"] = _mean_seconds(recs)
-        info["bf16_peak_memory_bytes"] = _max_peak(recs)
-        info["frames"] = recs[0]["frames"]
+        generate_videos(state.bf16_pipe(), samples, ref_dir, gen, int(cfg.seed), "bf16",
+                        lambda it: state.progress(it, "bf16 videos"), manifest=shard)
 
     def make_quant():
         if cfg.quant.name == "bf16":
-            info["quant_dir"] = str(ref_dir)
             return
         pipe, hooks = quantized_pipe(state)
         try:
-            recs = generate_videos(pipe, samples, quant_dir, gen, int(cfg.seed), cfg.quant.name,
-                                   lambda it: state.progress(it, f"{cfg.quant.name} videos"))
+            generate_videos(pipe, samples, quant_dir, gen, int(cfg.seed), cfg.quant.name,
+                            lambda it: state.progress(it, f"{cfg.quant.name} videos"), manifest=shard)
         finally:
             for h in hooks:
                 h.remove()
-        info["quant_dir"] = str(quant_dir)
-        info["quant_sec_per_video"] = _mean_seconds(recs)
-        info["peak_memory_bytes"] = _max_peak(recs)
 
     # Use whichever pipeline is in memory first, so a single process loads the model as rarely as possible.
     order = (make_quant, make_reference) if state._pipe_quantized else (make_reference, make_quant)
-    for step in order:
+    for step in order if samples else ():
         step()
-    if cfg.quant.name == "bf16":
-        info["quant_sec_per_video"] = info["bf16_sec_per_video"]
-        info["peak_memory_bytes"] = info["bf16_peak_memory_bytes"]
+
+
+def generation_summary(state: Run) -> dict:
+    """Once every rank's shard is in: check that no video is missing, and record timing and memory."""
+    from wanexp.generate import done_records
+
+    ref_dir = reference_dir(state)
+    quant_dir = ref_dir if state.cfg.quant.name == "bf16" else state.run_dir
+    ids = [s.id for s in state.splits.eval]
+    refs, quants = done_records(ref_dir), done_records(quant_dir)
+    missing = [i for i in ids if i not in refs or i not in quants]
+    if missing:
+        raise WanexpError(f"{len(missing)} of {len(ids)} videos were not generated ({', '.join(missing[:5])}"
+                          f"{' …' if len(missing) > 5 else ''}): a rank stopped early; re-run to fill the gaps")
+    ref_recs, quant_recs = [refs[i] for i in ids], [quants[i] for i in ids]
+    info = {"reference_dir": str(ref_dir), "quant_dir": str(quant_dir), "frames": ref_recs[0]["frames"],
+            "bf16_sec_per_video": _mean_seconds(ref_recs), "bf16_peak_memory_bytes": _max_peak(ref_recs),
+            "quant_sec_per_video": _mean_seconds(quant_recs), "peak_memory_bytes": _max_peak(quant_recs)}
     write_json(state.run_dir / "generate.json", info)
     return info
 
@@ -505,6 +571,7 @@ def _max_peak(records: list[dict]) -> int | None:
 # evaluate
 # ---------------------------------------------------------------------------------------------
 FIDELITY_FILE = Path("eval") / "fidelity.jsonl"
+VBENCH_FILE = Path("eval") / "vbench.jsonl"        # evaluate=vbench: one line per video
 
 
 def evaluate(state: Run) -> dict:
@@ -530,7 +597,15 @@ def evaluate(state: Run) -> dict:
         append_jsonl(out, row)
         scored[sid] = row
     summary = {"fidelity": summarize(scored[i] for i in wanted)}
-    write_json(state.run_dir / "eval" / "summary.json", summary)
+    write_json(state.run_dir / "eval" / "summary.json", summary)  # kept if VBench below refuses
+    if "vbench" in state.cfg.evaluate.get("metrics", ()):
+        from wanexp.evaluate.vbench import score_into
+        vcfg = OmegaConf.to_container(state.cfg.evaluate.vbench, resolve=True)
+        samples = {s.id: s for s in state.splits.eval}
+        summary["vbench"] = score_into(state.run_dir / VBENCH_FILE, {i: quant_dir / quants[i]["video"] for i in wanted},
+                                       samples, vcfg, vcfg.get("device") or state.device, state.run_dir / "eval" / "vbench",
+                                       lambda it: state.progress(it, "vbench"))
+        write_json(state.run_dir / "eval" / "summary.json", summary)
     return summary
 
 
@@ -539,6 +614,7 @@ def evaluate(state: Run) -> dict:
 # ---------------------------------------------------------------------------------------------
 def report(state: Run) -> dict:
     """One results row (CSV + parquet), the per-sample table, W&B, and the printed summary."""
+    from wanexp.generate import done_records
     from wanexp.report.results import write_row
     from wanexp.report.wandb_log import log_run
 
@@ -555,8 +631,9 @@ def report(state: Run) -> dict:
     logger = OmegaConf.to_container(cfg.logger, resolve=True)
     if not logger.get("group"):  # the runs of one sweep share a W&B group: the sweep directory
         logger["group"] = sweep_group(run_dir)
+    records = done_records(Path(gen["quant_dir"]))
     videos = [(f"{r['id']} ({r['category']})", Path(gen["quant_dir"]) / r["video"])
-              for r in read_jsonl(Path(gen["quant_dir"]) / "manifest.jsonl")[: int(logger.get("videos") or 0)]]
+              for r in (records[s.id] for s in state.splits.eval[: int(logger.get("videos") or 0)])]
     artifact = artifact_path(state) if logger.get("log_artifact") and cfg.quant.name != "bf16" else None
     wandb_where = log_run(logger, run_dir, OmegaConf.to_container(cfg, resolve=True),
                           {k: v for k, v in row.items() if k != "run_dir"},
