@@ -5,7 +5,10 @@
 ``s`` is an optional per-input-channel smoothing vector (already folded into the weight as
 ``W · diag(s)``), ``L1 L2`` an optional 16-bit low-rank branch, ``W_q`` the packed low-bit residual
 weight and ``rho[bin]`` the activation clip ratio of the current timestep bin, read from a table.
-The forward below is the plain-torch reference path; fused GPU kernels must match it.
+:meth:`QuantLinear.reference_forward` is the plain-torch reference path (and the CPU path);
+:meth:`QuantLinear.forward` sends CUDA inputs of MXFP4 W4A4 layers to the fused Triton kernels of
+:mod:`wanexp.kernels` (same numerics up to the final bf16 rounding), unless ``fused`` is off for
+the layer or globally (``wanexp.kernels.fused(False)``, ``WANEXP_FUSED=0``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from wanexp.quant.context import TimestepContext
 
 
 class QuantLinear(nn.Module):
+    fused: bool = True  # False on an instance keeps that layer on the reference path
+
     def __init__(self, in_features: int, out_features: int, *, weight: PackedTensor | torch.Tensor,
                  bias: torch.Tensor | None, act_format: dict | None, clip_table: torch.Tensor | None = None,
                  smooth: torch.Tensor | None = None, lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -61,8 +66,16 @@ class QuantLinear(nn.Module):
         bin_ = 0 if self.context is None else self.context.bin
         return self.clip_table[min(bin_, self.clip_table.numel() - 1)]
 
-    # -- forward (the reference path) ----------------------------------------------------------
+    # -- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and self.fused and self.weight_meta is not None and self.act_format is not None:
+            from wanexp import kernels
+            if kernels.can_fuse(self, x):
+                return kernels.fused_forward(self, x)
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain-torch reference path: dequantize, fake-quantize, bf16 GEMMs."""
         out_dtype = x.dtype
         x = x.to(self.compute_dtype)
         if self.smooth is not None:

@@ -1,0 +1,354 @@
+"""The GPU-efficiency benchmark: one Wan2.2-I2V-A14B expert at full size, random weights.
+
+In one process: build the real diffusers ``WanTransformer3DModel`` with the A14B configuration
+(40 blocks, dim 5120, ffn 13824; random bf16 weights, no checkpoint), time one denoiser forward
+(no CFG) per resolution in BF16, then quantize the 400 block linears in place to W4A4 MXFP4 (real
+storage: packed codes + E8M0 scales, rank-r low-rank factors and smoothing in 16/32 bits, a
+per-bin clip table; the bf16 originals are freed) and time the same forwards through the torch
+reference path and the fused Triton path. Reports seconds per forward, peak GPU memory, bytes of
+weights held, and every ratio to the BF16 numbers of the same run; optionally a torch.profiler
+breakdown (attention / fused GEMM / activation quantizer / cuBLAS GEMMs / other).
+
+The quantizer is synthetic (:class:`SyntheticTSClip`): the tensors a calibrated TS-clip layer
+holds (smoothing vector, low-rank factors, RTN residual, clip table), built from the random
+weights without calibration. Speed and memory do not depend on their values.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from wanexp.formats import get_format
+from wanexp.quant.context import TimestepBins, TimestepContext
+from wanexp.quant.linear import QuantLinear
+
+A14B_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=36,
+                        out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40,
+                        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None,
+                        rope_max_seq_len=1024)
+
+GB = 1e9
+
+
+@dataclass
+class SyntheticTSClip:
+    """Builds a TS-clip-shaped W4A4 MXFP4 QuantLinear from a bf16 linear, without calibration:
+    smoothing s ~ U[0.5, 2] (folded into the weight), random rank-r factors L1 L2 (bf16), RTN
+    residual of W·diag(s) − L1 L2, and a clip table (one ratio per timestep bin)."""
+
+    rank: int = 32
+    smooth: bool = True
+    clip_table: tuple[float, ...] = (1.0, 0.9, 0.8, 0.9)
+    scale_rule: str = "floor"
+    seed: int = 0
+
+    def build(self, name: str, linear: nn.Linear) -> QuantLinear:
+        dev = linear.weight.device
+        g = torch.Generator(device=dev).manual_seed(self.seed + hash(name) % 100003)
+        k, n = linear.in_features, linear.out_features
+        w = linear.weight.detach().float()
+        s = None
+        if self.smooth:
+            s = torch.rand(k, device=dev, generator=g) * 1.5 + 0.5
+            w = w * s
+        lowrank = None
+        if self.rank:
+            std = float(w.std()) / self.rank ** 0.5
+            l1 = (torch.randn(n, self.rank, device=dev, generator=g) * std).to(torch.bfloat16)
+            l2 = torch.randn(self.rank, k, device=dev, generator=g).to(torch.bfloat16)
+            lowrank = (l1, l2)
+            w = w - l1.float() @ l2.float()
+        fmt = {"name": "mxfp4", "opts": {"scale_rule": self.scale_rule}}
+        packed = get_format("mxfp4", scale_rule=self.scale_rule).encode(w)
+        del w
+        return QuantLinear(k, n, weight=packed, bias=linear.bias, act_format=fmt,
+                           clip_table=torch.tensor(self.clip_table, device=dev), smooth=s, lowrank=lowrank)
+
+
+def build_expert(device: torch.device, num_layers: int = 40, seed: int = 0) -> nn.Module:
+    from diffusers import WanTransformer3DModel
+    cfg = dict(A14B_TRANSFORMER, num_layers=num_layers)
+    with torch.device("meta"):
+        model = WanTransformer3DModel(**cfg)
+    model = model.to_empty(device=device).to(torch.bfloat16)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim < 2 and "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    return model.eval()
+
+
+def reinit_rope(model: nn.Module, num_layers: int) -> None:
+    """to_empty() leaves non-persistent buffers (the RoPE frequency tables) uninitialised: rebuild
+    the rope module on the device."""
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+    rope = model.rope
+    dev = next(model.parameters()).device
+    cfg = A14B_TRANSFORMER
+    new = WanRotaryPosEmbed(cfg["attention_head_dim"], cfg["patch_size"], cfg["rope_max_seq_len"])
+    model.rope = new.to(dev)
+    del rope
+
+
+def held_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer the model holds (packed codes and scales count as
+    stored; the bf16 originals of quantized layers no longer exist)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t is None or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def make_inputs(height: int, width: int, frames: int, device: torch.device, seed: int = 1) -> tuple[dict, int]:
+    lat_f, lat_h, lat_w = (frames - 1) // 4 + 1, height // 8, width // 8
+    g = torch.Generator(device=device).manual_seed(seed)
+    inputs = dict(hidden_states=torch.randn(1, 36, lat_f, lat_h, lat_w, device=device, dtype=torch.bfloat16, generator=g),
+                  timestep=torch.tensor([950.0], device=device),
+                  encoder_hidden_states=torch.randn(1, 512, 4096, device=device, dtype=torch.bfloat16, generator=g))
+    return inputs, lat_f * (lat_h // 2) * (lat_w // 2)
+
+
+@torch.no_grad()
+def timed_forward(model: nn.Module, inputs: dict, warmup: int, repeats: int) -> dict[str, Any]:
+    """Seconds per forward (mean of ``repeats`` after ``warmup``), the peak memory allocated during
+    them (model included), and the last output."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    out = None
+    for _ in range(warmup):
+        out = model(**inputs, return_dict=False)[0]
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = model(**inputs, return_dict=False)[0]
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return {"seconds": sum(times) / len(times), "all_seconds": times,
+            "peak_bytes": torch.cuda.max_memory_allocated(), "out": out}
+
+
+_CATEGORIES: list[tuple[str, Callable[[str], bool]]] = [
+    ("attention (flash/SDPA)", lambda n: any(s in n.lower() for s in ("flash", "fmha", "attention", "sdpa", "cudnn"))),
+    ("fused W4A4 GEMM (Triton)", lambda n: "_mxfp4_gemm_kernel" in n),
+    ("activation quantizer (Triton)", lambda n: "_act_quant_kernel" in n),
+    ("cuBLAS GEMMs (bf16 linears, low-rank)", lambda n: any(s in n.lower() for s in ("gemm", "xmma", "cutlass", "cublas", "nvjet", "matmul"))),
+]
+
+
+@torch.no_grad()
+def profile_forward(model: nn.Module, inputs: dict) -> dict[str, Any]:
+    """Device time of one forward by kernel category (torch.profiler), plus the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model(**inputs, return_dict=False)
+        torch.cuda.synchronize()
+    per_kernel: dict[str, float] = {}
+    for evt in prof.key_averages():
+        dt = getattr(evt, "self_device_time_total", None)
+        if dt is None:
+            dt = getattr(evt, "self_cuda_time_total", 0.0)
+        if dt and getattr(evt, "device_type", None) is not None and "CUDA" in str(evt.device_type):
+            per_kernel[evt.key] = per_kernel.get(evt.key, 0.0) + dt / 1e6
+    if not per_kernel:  # older profilers: keep every event with device time
+        for evt in prof.key_averages():
+            dt = getattr(evt, "self_device_time_total", 0.0) or 0.0
+            if dt:
+                per_kernel[evt.key] = dt / 1e6
+    cats: dict[str, float] = {c: 0.0 for c, _ in _CATEGORIES}
+    cats["other (norms, RoPE, elementwise, copies)"] = 0.0
+    for name, sec in per_kernel.items():
+        for cat, match in _CATEGORIES:
+            if match(name):
+                cats[cat] += sec
+                break
+        else:
+            cats["other (norms, RoPE, elementwise, copies)"] += sec
+    total = sum(cats.values())
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]
+    return {"device_seconds": total, "categories": cats,
+            "top_kernels": [{"name": n[:120], "seconds": s} for n, s in top]}
+
+
+def _free(*objs) -> None:
+    del objs
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the benchmark described by ``cfg`` (the ``bench`` config group) and write
+    ``<name>.json`` and ``<name>.md`` into ``out_dir``."""
+    from wanexp import kernels
+    from wanexp.quant.api import quantize_
+    from wanexp.quant.targets import select_targets
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("wanexp.bench needs a CUDA GPU")
+    device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    num_layers = int(cfg.get("num_layers", 40))
+    warmup, repeats = int(cfg.get("warmup", 1)), int(cfg.get("repeats", 1))
+    resolutions = [dict(r) for r in cfg["resolutions"]]
+    paths = list(cfg.get("paths", ["bf16", "reference", "fused"]))
+    prof_cfg = dict(cfg.get("profile") or {})
+    q = dict(cfg.get("quant") or {})
+    if cfg.get("gemm_variant") is not None:
+        from wanexp.kernels.mxfp4 import set_gemm_options
+        set_gemm_options(variant=int(cfg["gemm_variant"]))
+
+    import diffusers
+    import triton
+    result: dict[str, Any] = {
+        "name": cfg.get("name", "bench"), "date": str(cfg.get("date") or datetime.date.today()),
+        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+        "diffusers": diffusers.__version__, "num_layers": num_layers, "warmup": warmup, "repeats": repeats,
+        "quant": q, "resolutions": {}, "paths": paths,
+        "pipeline_memory": None,  # hook: whole-pipeline peak memory under model.offload= policies (not measured here)
+    }
+    t0 = time.perf_counter()
+    model = build_expert(device, num_layers)
+    reinit_rope(model, num_layers)
+    result["build_s"] = time.perf_counter() - t0
+    result["bytes_bf16"] = held_bytes(model)
+    log(f"built A14B expert ({num_layers} blocks): {result['bytes_bf16'] / GB:.2f} GB in {result['build_s']:.1f} s")
+    outs: dict[str, dict[str, torch.Tensor]] = {}
+    prof_res = prof_cfg.get("resolution")
+
+    def measure(path: str) -> None:
+        for r in resolutions:
+            inputs, tokens = make_inputs(r["height"], r["width"], r["frames"], device)
+            m = timed_forward(model, inputs, warmup, repeats)
+            entry = result["resolutions"].setdefault(r["name"], {"video": f"{r['height']}x{r['width']}x{r['frames']}",
+                                                                 "tokens": tokens})
+            entry[path] = {"seconds": m["seconds"], "all_seconds": m["all_seconds"], "peak_bytes": m["peak_bytes"]}
+            outs.setdefault(r["name"], {})[path] = m["out"].float().cpu()
+            log(f"{path:>9} {r['name']:>5} ({tokens} tokens): {m['seconds']:.3f} s/forward, "
+                f"peak {m['peak_bytes'] / GB:.2f} GB")
+            if prof_cfg.get("enabled") and r["name"] == prof_res and path in prof_cfg.get("paths", []):
+                entry[path]["profile"] = profile_forward(model, inputs)
+                log(f"  profile {path} {r['name']}: " + ", ".join(
+                    f"{k} {v:.2f} s" for k, v in entry[path]["profile"]["categories"].items()))
+            _free(inputs, m)
+
+    if "bf16" in paths:
+        measure("bf16")
+    # W4A4: swap the 400 block linears for QuantLinear in place (bf16 originals freed one by one)
+    t0 = time.perf_counter()
+    builder = SyntheticTSClip(rank=int(q.get("rank", 32)), smooth=bool(q.get("smooth", True)),
+                              clip_table=tuple(q.get("clip_table", (1.0, 0.9, 0.8, 0.9))),
+                              scale_rule=str(q.get("scale_rule", "floor")))
+    edges = TimestepBins.equal_width(900.0, 1000.0, len(builder.clip_table))
+    ctx = TimestepContext(bins=edges)
+    ctx.set_timestep(950.0)
+    with torch.no_grad():
+        swapped = quantize_(model, builder, select_targets(model), context=ctx)
+    torch.cuda.synchronize()
+    _free()
+    result["quantize_s"] = time.perf_counter() - t0
+    result["targeted_linears"] = len(swapped)
+    result["bytes_w4a4"] = held_bytes(model)
+    result["timestep_bin"] = ctx.bin
+    log(f"quantized {len(swapped)} linears in {result['quantize_s']:.1f} s: {result['bytes_w4a4'] / GB:.2f} GB held")
+    for path in ("reference", "fused", "fused_triton"):
+        if path in paths:
+            backend = "triton" if path == "fused_triton" else "auto"
+            with kernels.fused(path != "reference"), kernels.gemm_backend(backend):
+                measure(path)
+    for name, o in outs.items():
+        entry = result["resolutions"][name]
+        if "reference" in o and "fused" in o:
+            entry["fused_vs_reference_rel_err"] = float((o["fused"] - o["reference"]).norm() / o["reference"].norm())
+        if "fused_triton" in o and "reference" in o:
+            entry["fused_triton_vs_reference_rel_err"] = float((o["fused_triton"] - o["reference"]).norm()
+                                                               / o["reference"].norm())
+        for path in ("reference", "fused", "fused_triton"):
+            if "bf16" in o and path in o:
+                entry[f"{path}_vs_bf16_rel_err"] = float((o[path] - o["bf16"]).norm() / o["bf16"].norm())
+        base = entry.get("bf16")
+        for path in ("reference", "fused", "fused_triton"):
+            if base and path in entry:
+                entry[path]["time_ratio"] = entry[path]["seconds"] / base["seconds"]
+                entry[path]["peak_ratio"] = entry[path]["peak_bytes"] / base["peak_bytes"]
+    result["bytes_ratio"] = result["bytes_w4a4"] / result["bytes_bf16"]
+    from wanexp.kernels.mxfp4 import tuned_configs
+    result["gemm_configs"] = tuned_configs()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = cfg.get("name", "bench")
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    md = to_markdown(result)
+    (out_dir / f"{stem}.md").write_text(md)
+    log(md)
+    _free(model)
+    return result
+
+
+def to_markdown(r: dict[str, Any]) -> str:
+    """Table II of the paper's layout: per method, model size, and per resolution latency, the ratio
+    to BF16 and peak memory; then the profile breakdown."""
+    names = list(r["resolutions"])
+    lines = [f"# Wan2.2-I2V-A14B expert, one denoiser forward: BF16 vs W4A4 MXFP4 ({r['gpu']}, {r['date']})", "",
+             f"torch {r['torch']}, triton {r['triton']}, diffusers {r['diffusers']}; {r['num_layers']} blocks, random "
+             f"weights; {r['targeted_linears']} block linears quantized (smoothing, rank-{r['quant'].get('rank', 32)} "
+             f"low-rank, clip table); {r['warmup']} warm-up + {r['repeats']} timed forward(s) per cell, no CFG.", ""]
+    head = "| method | weights held (GB) | size ratio |"
+    sep = "|---|---|---|"
+    for n in names:
+        e = r["resolutions"][n]
+        head += f" {n} s/forward ({e['tokens']} tok) | {n} × BF16 | {n} peak GB |"
+        sep += "---|---|---|"
+    lines += [head, sep]
+    labels = {"bf16": "BF16", "reference": "W4A4 reference (torch, unfused)",
+              "fused": "W4A4 fused (Triton act-quant; GEMM auto: upcast + cuBLAS above 4096 tokens)",
+              "fused_triton": "W4A4 fused (Triton act-quant + Triton packed-weight GEMM)"}
+    for path in r["paths"]:
+        held = r["bytes_bf16"] if path == "bf16" else r["bytes_w4a4"]
+        row = f"| {labels[path]} | {held / GB:.2f} | {held / r['bytes_bf16']:.3f} |"
+        for n in names:
+            e = r["resolutions"][n].get(path)
+            if not e:
+                row += " – | – | – |"
+                continue
+            ratio = e.get("time_ratio", 1.0)
+            row += f" {e['seconds']:.3f} | {ratio:.2f}× | {e['peak_bytes'] / GB:.2f} |"
+        lines.append(row)
+    lines.append("")
+    for n in names:
+        e = r["resolutions"][n]
+        if "fused_vs_reference_rel_err" in e:
+            lines.append(f"- {n}: fused vs reference output relative error {e['fused_vs_reference_rel_err']:.2e}"
+                         + (f", Triton-GEMM fused vs reference {e['fused_triton_vs_reference_rel_err']:.2e}"
+                            if "fused_triton_vs_reference_rel_err" in e else "")
+                         + f" (W4A4 vs BF16: {e.get('fused_vs_bf16_rel_err', float('nan')):.3f}; random weights, "
+                         "40 blocks: per-layer bf16-rounding differences flip later MXFP4 roundings)")
+    for n in names:
+        for path in r["paths"]:
+            p = (r["resolutions"][n].get(path) or {}).get("profile")
+            if not p:
+                continue
+            lines += ["", f"## Where the time goes: {labels[path]}, {n} (torch.profiler, device time of one forward)", "",
+                      "| kernels | seconds | share |", "|---|---|---|"]
+            for cat, sec in p["categories"].items():
+                lines.append(f"| {cat} | {sec:.3f} | {sec / max(p['device_seconds'], 1e-9):.1%} |")
+            lines.append(f"| total | {p['device_seconds']:.3f} | |")
+    lines += ["", "Pipeline memory (offload policies, tiled VAE): not measured by this benchmark "
+              "(`pipeline_memory` hook in the JSON)."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,131 @@
+"""Fused GPU kernels (Triton) for QuantLinear, each with the plain-torch reference as its spec.
+
+:class:`wanexp.quant.linear.QuantLinear` calls :func:`fused_forward` when :func:`can_fuse` says
+yes: the input is on CUDA, Triton imports, weights and activations are both MXFP4, the compute
+dtype is bf16, ``in_features`` is a multiple of 128 and the fused path is enabled. Anything else
+(CPU, other formats, W4A16, odd shapes) runs the reference forward, unchanged.
+
+Switches, so one process can time both paths:
+
+* ``with wanexp.kernels.fused(False): model(...)``  forces the reference path (``fused(True)``
+  re-enables it); ``set_fused(bool)`` does the same without a context;
+* ``WANEXP_FUSED=0`` in the environment starts with it off;
+* ``layer.fused = False`` on one QuantLinear keeps that layer on the reference path;
+* ``with gemm_backend("triton" | "cublas" | "auto")`` (env ``WANEXP_FUSED_GEMM``) picks the GEMM
+  after the fused activation quantizer: the Triton GEMM that reads the packed weight, or an
+  exact upcast of the weight into a transient bf16 buffer + one cuBLAS GEMM (``auto``: the latter
+  above :data:`UPCAST_MIN_TOKENS` tokens, where it is faster on Hopper).
+
+The kernels and their math: :mod:`wanexp.kernels.mxfp4`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+import torch
+
+_STATE = {"enabled": os.environ.get("WANEXP_FUSED", "1") != "0", "triton": None,
+          "gemm": os.environ.get("WANEXP_FUSED_GEMM", "auto")}
+# Above this many tokens, "auto" runs the GEMM as upcast-to-scratch + cuBLAS (faster on Hopper, see
+# wanexp.kernels.mxfp4.upcast_linear); at or below it, the Triton GEMM on the packed weight.
+UPCAST_MIN_TOKENS = 4096
+
+
+def set_gemm_backend(backend: str) -> None:
+    """"auto" (default), "triton" (always the fused packed-weight GEMM) or "cublas" (always
+    upcast-to-scratch + cuBLAS)."""
+    if backend not in ("auto", "triton", "cublas"):
+        raise ValueError(f"gemm backend must be auto | triton | cublas, got {backend!r}")
+    _STATE["gemm"] = backend
+
+
+@contextlib.contextmanager
+def gemm_backend(backend: str) -> Iterator[None]:
+    before = _STATE["gemm"]
+    set_gemm_backend(backend)
+    try:
+        yield
+    finally:
+        _STATE["gemm"] = before
+
+
+def triton_available() -> bool:
+    if _STATE["triton"] is None:
+        try:
+            import triton  # noqa: F401
+            _STATE["triton"] = True
+        except Exception:  # pragma: no cover - triton missing or broken
+            _STATE["triton"] = False
+    return bool(_STATE["triton"])
+
+
+def fused_enabled() -> bool:
+    return bool(_STATE["enabled"])
+
+
+def set_fused(enabled: bool) -> None:
+    _STATE["enabled"] = bool(enabled)
+
+
+@contextlib.contextmanager
+def fused(enabled: bool = True) -> Iterator[None]:
+    """Run the block with the fused path on (True) or forced off (False)."""
+    before = _STATE["enabled"]
+    _STATE["enabled"] = bool(enabled)
+    try:
+        yield
+    finally:
+        _STATE["enabled"] = before
+
+
+def supports_layer(layer) -> bool:
+    """Static part of the check: formats, dtype, shapes (see the module docstring)."""
+    meta = layer.weight_meta
+    act = layer.act_format_spec
+    return (meta is not None and meta["format"] == "mxfp4" and act is not None and act.get("name") == "mxfp4"
+            and layer.compute_dtype == torch.bfloat16 and layer.in_features % 128 == 0
+            and list(meta["shape"]) == [layer.out_features, layer.in_features]
+            and getattr(layer.act_format, "scale_rule", None) in ("floor", "ceil"))
+
+
+def can_fuse(layer, x: torch.Tensor) -> bool:
+    return (x.is_cuda and _STATE["enabled"] and getattr(layer, "fused", True) and supports_layer(layer)
+            and triton_available())
+
+
+def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """QuantLinear's forward through the two fused kernels (same numerics as the reference, up to
+    the final rounding; see :mod:`wanexp.kernels.mxfp4`)."""
+    from wanexp.kernels.mxfp4 import act_quant, mxfp4_linear, upcast_linear
+
+    out_dtype = x.dtype
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, layer.in_features).to(torch.bfloat16)
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != layer.in_features):
+        x2 = x2.contiguous()
+    if x2.shape[0] == 0:
+        return x.new_empty(*lead, layer.out_features)
+    bin_ = 0 if layer.context is None else int(layer.context.bin)
+    bin_ = min(bin_, layer.clip_table.numel() - 1)
+    has_lr = layer.lowrank_up is not None
+    backend = _STATE["gemm"]
+    if backend == "cublas" or (backend == "auto" and x2.shape[0] > UPCAST_MIN_TOKENS):
+        y = upcast_linear(x2, layer.wq_codes, layer.wq_scales, layer.clip_table, bin_, layer.smooth,
+                          layer.act_format.scale_rule, layer.bias, layer.lowrank_up if has_lr else None,
+                          layer.lowrank_down if has_lr else None)
+        return y.reshape(*lead, layer.out_features).to(out_dtype)
+    q = act_quant(x2, layer.clip_table, bin_, layer.smooth, scale_rule=layer.act_format.scale_rule,
+                  write_xs=has_lr)
+    t = None
+    if has_lr:  # the 16-bit branch sees the smoothed, unquantized input (x itself without smoothing)
+        t = torch.nn.functional.linear(q.get("xs", x2), layer.lowrank_down)
+    y = mxfp4_linear(q["xq"], layer.wq_codes, layer.wq_scales, layer.bias, t,
+                     layer.lowrank_up if has_lr else None)
+    return y.reshape(*lead, layer.out_features).to(out_dtype)
+
+
+__all__ = ["UPCAST_MIN_TOKENS", "can_fuse", "fused", "gemm_backend", "set_gemm_backend", "fused_enabled", "fused_forward", "set_fused", "supports_layer",
+           "triton_available"]
