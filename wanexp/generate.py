@@ -8,7 +8,11 @@ and a re-run skips every sample whose manifest line and files exist.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
+import os
+import socket
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -48,8 +52,10 @@ def generation_key(fingerprint: str, gen_cfg: Mapping[str, Any], seed: int) -> s
 
 
 @torch.no_grad()
-def generate_one(pipe, sample: Sample, gen_cfg: Mapping[str, Any], seed: int) -> tuple[torch.Tensor, np.ndarray]:
-    """Denoise one sample; returns (latents [1, C, F, H, W] float32 on CPU, video uint8 [F, H, W, 3])."""
+def generate_one(pipe, sample: Sample, gen_cfg: Mapping[str, Any], seed: int,
+                 on_step: Callable[[], Any] | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    """Denoise one sample; returns (latents [1, C, F, H, W] float32 on CPU, video uint8 [F, H, W, 3]).
+    ``on_step`` is called after every denoising step (a heartbeat)."""
     device = pipe._execution_device
     image = sample.load_image().resize((int(gen_cfg["width"]), int(gen_cfg["height"])))
     kwargs = dict(image=image, prompt=sample.prompt, negative_prompt=gen_cfg.get("negative_prompt") or None,
@@ -61,6 +67,11 @@ def generate_one(pipe, sample: Sample, gen_cfg: Mapping[str, Any], seed: int) ->
         kwargs["guidance_scale_2"] = float(gen_cfg["guidance_scale_2"])
     if gen_cfg.get("max_sequence_length"):
         kwargs["max_sequence_length"] = int(gen_cfg["max_sequence_length"])
+    if on_step is not None:
+        def step_end(_pipe, _i, _t, tensors):
+            on_step()
+            return tensors
+        kwargs["callback_on_step_end"] = step_end
     latents = pipe(**kwargs).frames
     video = decode_latents(pipe, latents.to(device))
     return latents.float().cpu(), video
@@ -106,33 +117,91 @@ def read_mp4(path: Path) -> np.ndarray:
 
 def generate_videos(pipe, samples: Iterable[Sample], out_dir: Path, gen_cfg: Mapping[str, Any], seed: int,
                     variant: str, progress: Callable[[Iterable], Iterable] = lambda it: it,
-                    manifest: str = MANIFEST) -> list[dict]:
+                    manifest: str = MANIFEST, poll_s: float = 5.0, stale_s: float = 900.0) -> list[dict]:
     """Generate every sample not yet in ``out_dir``'s manifests, appending to ``manifest``; returns all
-    records for ``samples``."""
+    records for ``samples``.
+
+    Several processes may fill one directory at once (the parallel jobs of a sweep share the BF16
+    reference cache): each video is claimed first, a sample claimed by another live process is left
+    to it and waited for, and a claim whose process died is taken over."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     samples = list(samples)
     done = done_records(out_dir)
-    todo = [s for s in samples if s.id not in done]
+    pending = [s for s in samples if s.id not in done]
     on_cuda = pipe._execution_device.type == "cuda"
-    for sample in progress(todo):
-        s_seed = sample_seed(seed, sample.id)
-        if on_cuda:  # the peak of this video alone, weights held included
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        latents, video = generate_one(pipe, sample, gen_cfg, s_seed)
-        seconds = time.perf_counter() - start
-        lat_rel, vid_rel = Path("latents") / f"{sample.id}.safetensors", Path("videos") / f"{sample.id}.mp4"
-        with atomic_path(out_dir / lat_rel) as tmp:
-            save_file({"latents": latents.contiguous()}, str(tmp))
-        write_mp4(out_dir / vid_rel, video, fps=int(gen_cfg.get("fps", 16)), crf=int(gen_cfg.get("crf", 12)))
-        record = {"id": sample.id, "category": sample.category, "prompt": sample.prompt, "variant": variant,
-                  "seed": s_seed, "video": str(vid_rel), "latents": str(lat_rel), "seconds": round(seconds, 3),
-                  "frames": int(video.shape[0]), "height": int(video.shape[1]), "width": int(video.shape[2])}
-        if on_cuda:
-            record["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated())
-        append_jsonl(out_dir / manifest, record)
-        done[sample.id] = record
+    while pending:
+        waiting = []
+        for sample in progress(pending):
+            claim = _claim(out_dir / CLAIMS / sample.id, stale_s)
+            if claim is None:
+                waiting.append(sample)
+                continue
+            try:
+                if sample.id in done_records(out_dir):  # finished by another process meanwhile
+                    continue
+                s_seed = sample_seed(seed, sample.id)
+                if on_cuda:  # the peak of this video alone, weights held included
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                start = time.perf_counter()
+                latents, video = generate_one(pipe, sample, gen_cfg, s_seed, on_step=claim.touch)
+                seconds = time.perf_counter() - start
+                lat_rel, vid_rel = Path("latents") / f"{sample.id}.safetensors", Path("videos") / f"{sample.id}.mp4"
+                with atomic_path(out_dir / lat_rel) as tmp:
+                    save_file({"latents": latents.contiguous()}, str(tmp))
+                write_mp4(out_dir / vid_rel, video, fps=int(gen_cfg.get("fps", 16)), crf=int(gen_cfg.get("crf", 12)))
+                record = {"id": sample.id, "category": sample.category, "prompt": sample.prompt, "variant": variant,
+                          "seed": s_seed, "video": str(vid_rel), "latents": str(lat_rel), "seconds": round(seconds, 3),
+                          "frames": int(video.shape[0]), "height": int(video.shape[1]), "width": int(video.shape[2])}
+                if on_cuda:
+                    record["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated())
+                append_jsonl(out_dir / manifest, record)
+            finally:
+                claim.unlink(missing_ok=True)
+        done = done_records(out_dir)
+        pending = [s for s in waiting if s.id not in done]
+        if pending:
+            time.sleep(poll_s)
+    with contextlib.suppress(OSError):
+        (out_dir / CLAIMS).rmdir()  # only when empty: no other process is at work here
     return [done[s.id] for s in samples]
+
+
+CLAIMS = "claims"
+
+
+def _claim(path: Path, stale_s: float) -> Path | None:
+    """Create ``path`` exclusively (host and pid inside); None while another live process holds it.
+    A claim is stale when its process is gone (same host) or untouched for ``stale_s`` seconds
+    (another host: the claimant touches it at every denoising step)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if not _stale(path, stale_s):
+                return None
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}, f)
+        return path
+    return None
+
+
+def _stale(path: Path, stale_s: float) -> bool:
+    try:
+        holder, age = json.loads(path.read_text()), time.time() - path.stat().st_mtime
+    except (OSError, ValueError):  # vanished, or half-written by a process that died at that moment
+        return path.exists()
+    if holder.get("host") == socket.gethostname():
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+    return age > stale_s
