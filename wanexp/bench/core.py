@@ -221,8 +221,27 @@ def run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None] = print
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
         "diffusers": diffusers.__version__, "num_layers": num_layers, "warmup": warmup, "repeats": repeats,
         "quant": q, "resolutions": {}, "paths": paths,
-        "pipeline_memory": None,  # hook: whole-pipeline peak memory under model.offload= policies (not measured here)
+        "pipeline_memory": None,  # whole-pipeline peak memory under the model.offload= policies (bench.pipeline_memory)
     }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = cfg.get("name", "bench")
+
+    def save(partial: dict) -> None:  # after each measurement, so a cut-off command keeps what it measured
+        (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str))
+
+    pm = dict(cfg.get("pipeline_memory") or {})
+    if pm.get("enabled"):
+        from wanexp.bench.pipeline import run_pipeline_memory
+        result["pipeline_memory"] = {}
+        result["pipeline_memory"] = run_pipeline_memory(
+            pm, device, log, save=lambda r: (result.__setitem__("pipeline_memory", r), save(result)))
+        save(result)
+    if not paths:
+        md = to_markdown(result)
+        (out_dir / f"{stem}.md").write_text(md)
+        log(md)
+        return result
     t0 = time.perf_counter()
     model = build_expert(device, num_layers)
     reinit_rope(model, num_layers)
@@ -290,9 +309,6 @@ def run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None] = print
     result["bytes_ratio"] = result["bytes_w4a4"] / result["bytes_bf16"]
     from wanexp.kernels.mxfp4 import tuned_configs
     result["gemm_configs"] = tuned_configs()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = cfg.get("name", "bench")
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2))
     md = to_markdown(result)
     (out_dir / f"{stem}.md").write_text(md)
@@ -305,6 +321,10 @@ def to_markdown(r: dict[str, Any]) -> str:
     """Table II of the paper's layout: per method, model size, and per resolution latency, the ratio
     to BF16 and peak memory; then the profile breakdown."""
     names = list(r["resolutions"])
+    if not r["paths"]:  # the whole-pipeline memory section alone
+        from wanexp.bench.pipeline import to_markdown as pipeline_md
+        return "\n".join([f"# Wan2.2-I2V-A14B pipeline memory ({r['gpu']}, {r['date']}; torch {r['torch']}, "
+                          f"diffusers {r['diffusers']})", "", *pipeline_md(r["pipeline_memory"])]) + "\n"
     lines = [f"# Wan2.2-I2V-A14B expert, one denoiser forward: BF16 vs W4A4 MXFP4 ({r['gpu']}, {r['date']})", "",
              f"torch {r['torch']}, triton {r['triton']}, diffusers {r['diffusers']}; {r['num_layers']} blocks, random "
              f"weights; {r['targeted_linears']} block linears quantized (smoothing, rank-{r['quant'].get('rank', 32)} "
@@ -349,6 +369,7 @@ def to_markdown(r: dict[str, Any]) -> str:
             for cat, sec in p["categories"].items():
                 lines.append(f"| {cat} | {sec:.3f} | {sec / max(p['device_seconds'], 1e-9):.1%} |")
             lines.append(f"| total | {p['device_seconds']:.3f} | |")
-    lines += ["", "Pipeline memory (offload policies, tiled VAE): not measured by this benchmark "
-              "(`pipeline_memory` hook in the JSON)."]
+    if r.get("pipeline_memory"):
+        from wanexp.bench.pipeline import to_markdown as pipeline_md
+        lines += ["", *pipeline_md(r["pipeline_memory"])]
     return "\n".join(lines) + "\n"

@@ -84,7 +84,7 @@ def load_pipeline(cfg: Mapping[str, Any], cache_dir: str | Path, device: str | t
     except (OSError, ValueError, EnvironmentError) as err:
         raise WanexpError(f"could not load the pipeline from {path}: {str(err).splitlines()[0]}") from err
     pipe.set_progress_bar_config(disable=True)
-    place_pipeline(pipe, str(cfg.get("offload", "none")), torch.device(device))
+    place_pipeline(pipe, str(cfg.get("offload", "none")), torch.device(device), bool(cfg.get("vae_tiling", False)))
     return pipe
 
 
@@ -97,15 +97,19 @@ def quiet_libraries() -> None:
         lib.utils.logging.disable_progress_bar()
 
 
-def place_pipeline(pipe, offload: str, device: torch.device) -> None:
-    """Put the pipeline on ``device``. ``offload``: none | model (diffusers' per-component CPU offload,
-    which keeps only the component running — one expert, or the text encoder, or the VAE — on the GPU)."""
+def place_pipeline(pipe, offload: str, device: torch.device, vae_tiling: bool = False) -> None:
+    """Put the pipeline on ``device``. ``offload``: ``none`` (everything on the device) | ``model``
+    (diffusers' per-component CPU offload: only the running component is on the GPU — the text
+    encoder while it encodes, then the active expert, swapped once per video at the boundary, then
+    the VAE). ``vae_tiling`` decodes the video in spatial tiles (bounded decoder activations)."""
+    if offload not in ("none", "model"):
+        raise WanexpError(f"model.offload={offload!r} is not one of none, model")
     if offload == "none" or device.type == "cpu":
         pipe.to(device)
-    elif offload == "model":
-        pipe.enable_model_cpu_offload(device=device)
     else:
-        raise WanexpError(f"model.offload={offload!r} is not one of none, model")
+        pipe.enable_model_cpu_offload(device=device)
+    if vae_tiling:
+        pipe.vae.enable_tiling()
 
 
 def model_fingerprint(pipe) -> str:
