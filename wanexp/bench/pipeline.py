@@ -203,7 +203,8 @@ def to_markdown(res: dict[str, Any]) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     for key, r in res["runs"].items():
         precision, policy = key.split("/")
-        peak = "OOM" if "oom" in r else (f"{r['peak_bytes'] / GB:.2f}" if r.get("peak_bytes") else "n/a")
+        peak = f"{r['peak_bytes'] / GB:.2f}" if r.get("peak_bytes") else "n/a"
+        peak = f"OOM (> {peak})" if "oom" in r else peak
         lines.append(f"| {precision} | {policy} | {r['pipeline_bytes'] / GB:.2f} | {peak} | "
                      f"{r.get('peak_vs_bf16_none', float('nan')):.3f} | {r.get('peak_vs_bf16_same_policy', float('nan')):.3f} | "
                      f"{r.get('seconds', float('nan')):.1f} |")
