@@ -27,7 +27,8 @@ METHODS = ("bf16", "w4a16", "rtn", "svdquant_rtn", "svdquant_gptq", "tsclip", "t
 # The challenge rule of both papers: at most this many whole blocks kept in high precision.
 MAX_KEEP_BLOCKS = {"mxfp4": 5, "hif4": 2}
 # Keys that may differ between the first run in a directory and a resumed one.
-_RESUME_FREE = ("stage", "logger", "progress", "device", "paths", "report")
+# Evaluation settings may change too: the generated videos do not depend on them (stage=evaluate re-scores).
+_RESUME_FREE = ("stage", "logger", "progress", "device", "paths", "report", "evaluate")
 
 
 class Run:
@@ -170,6 +171,9 @@ def validate(cfg: DictConfig) -> None:
     from wanexp.formats import FORMAT_NAMES
     if cfg.stage not in (*STAGES, "all"):
         raise WanexpError(f"stage={cfg.stage} is not one of all, {', '.join(STAGES)}")
+    if "vbench" in (cfg.evaluate.get("metrics") or ()):
+        from wanexp.evaluate.vbench import validate_dimensions
+        validate_dimensions(cfg.evaluate.vbench.dimensions)  # a typo fails now, not after generation
     if cfg.quant.name not in METHODS:
         raise WanexpError(f"quant={cfg.quant.name} is not implemented; available: {', '.join(METHODS)}")
     if cfg.format.name not in FORMAT_NAMES:
@@ -599,12 +603,19 @@ def evaluate(state: Run) -> dict:
     summary = {"fidelity": summarize(scored[i] for i in wanted)}
     write_json(state.run_dir / "eval" / "summary.json", summary)  # kept if VBench below refuses
     if "vbench" in state.cfg.evaluate.get("metrics", ()):
-        from wanexp.evaluate.vbench import score_into
+        from wanexp.evaluate.vbench import score_into, weights_key
         vcfg = OmegaConf.to_container(state.cfg.evaluate.vbench, resolve=True)
         samples = {s.id: s for s in state.splits.eval}
+        device = vcfg.get("device") or state.device
         summary["vbench"] = score_into(state.run_dir / VBENCH_FILE, {i: quant_dir / quants[i]["video"] for i in wanted},
-                                       samples, vcfg, vcfg.get("device") or state.device, state.run_dir / "eval" / "vbench",
+                                       samples, vcfg, device, state.run_dir / "eval" / "vbench",
                                        lambda it: state.progress(it, "vbench"))
+        write_json(state.run_dir / "eval" / "summary.json", summary)
+        # The BF16 twin's scores, kept beside the shared reference videos (scored once per sweep), so
+        # every run's row carries its own VBench deltas.
+        summary["vbench_bf16"] = summary["vbench"] if quant_dir == ref_dir else score_into(
+            ref_dir / f"vbench-{weights_key(vcfg['cache_dir'])}.jsonl", {i: ref_dir / refs[i]["video"] for i in wanted},
+            samples, vcfg, device, state.run_dir / "eval" / "vbench_bf16", lambda it: state.progress(it, "vbench bf16"))
         write_json(state.run_dir / "eval" / "summary.json", summary)
     return summary
 
@@ -660,14 +671,14 @@ def results_row(state: Run, evals: dict, gen: dict) -> dict:
         "seed": int(cfg.seed), "model": cfg.model.name, "data": cfg.data.name, "num_videos": fid.get("num_videos"),
         "psnr": fid.get("psnr"), "ssim": fid.get("ssim"), "latent_rel_err": fid.get("latent_rel_err"),
     }
-    row.update({k: v for k, v in (evals.get("vbench") or {}).items() if isinstance(v, (int, float))})
+    row.update({k: v for k, v in (evals.get("vbench") or {}).items() if isinstance(v, float)})
     row.update({
         "model_size_gb": _gb(quant_info.get("model_bytes")), "pipeline_size_gb": _gb(quant_info.get("pipeline_bytes")),
         "peak_memory_gb": _gb(gen.get("peak_memory_bytes")), "sec_per_video": secs, "fps": _fps(gen, secs),
     })
     # The BF16 twin's figures, measured in this run, so any table can give deltas without a bf16 run.
     bf16_secs = gen.get("bf16_sec_per_video")
-    row.update({f"{k}_bf16": v for k, v in (evals.get("vbench_bf16") or {}).items() if isinstance(v, (int, float))})
+    row.update({f"{k}_bf16": v for k, v in (evals.get("vbench_bf16") or {}).items() if isinstance(v, float)})
     row.update({
         "model_size_gb_bf16": _gb(quant_info.get("bf16_model_bytes")),
         "pipeline_size_gb_bf16": _gb(quant_info.get("bf16_pipeline_bytes")),
@@ -733,6 +744,9 @@ def format_label(fmt_cfg) -> str:
     return fmt_cfg.name + ("(" + ",".join(f"{k}={v}" for k, v in sorted(extra.items())) + ")" if extra else "")
 
 
+VBENCH_DIMS = ("imaging_quality", "aesthetic_quality", "subject_consistency", "motion_smoothness", "overall_consistency")
+
+
 def format_summary(s: dict) -> str:
     def num(v, fmt):
         return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
@@ -740,6 +754,8 @@ def format_summary(s: dict) -> str:
         f"wanexp  method={s['method']}  format={s['format']}  experts={s['expert_policy']}  model={s['model']}",
         f"  videos: {s['num_videos']}   PSNR {num(s['psnr'], '.2f')} dB   SSIM {num(s['ssim'], '.4f')}   "
         f"latent rel. err {num(s['latent_rel_err'], '.4f')}",
+        *([f"  VBench avg {num(s['vbench_avg'], '.4f')} (bf16 {num(s.get('vbench_avg_bf16'), '.4f')})   "
+           + "   ".join(f"{d} {num(s[d], '.4f')}" for d in VBENCH_DIMS if d in s)] if "vbench_avg" in s else []),
         f"  model size {num(s['model_size_gb'], '.4f')} GB   s/video {num(s['sec_per_video'], '.2f')} "
         f"(bf16 {num(s['sec_per_video_bf16'], '.2f')})",
         f"  videos:  {s['videos']}",
