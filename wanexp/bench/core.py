@@ -75,43 +75,41 @@ class SyntheticTSClip:
                            clip_table=torch.tensor(self.clip_table, device=dev), smooth=s, lowrank=lowrank)
 
 
-def build_expert(device: torch.device, num_layers: int = 40, seed: int = 0) -> nn.Module:
-    from diffusers import WanTransformer3DModel
-    cfg = dict(A14B_TRANSFORMER, num_layers=num_layers)
-    with torch.device("meta"):
-        model = WanTransformer3DModel(**cfg)
-    model = model.to_empty(device=device).to(torch.bfloat16)
+def random_init(module: nn.Module, device: torch.device, seed: int) -> nn.Module:
+    """Materialise a meta-built module on ``device`` with random bf16 weights (norm gains 1) and, for
+    a Wan transformer, its RoPE tables (non-persistent buffers that to_empty() leaves empty)."""
+    module = module.to_empty(device=device).to(torch.bfloat16)
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in module.named_parameters():
             if p.ndim < 2 and "norm" in name and name.endswith("weight"):
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02, generator=g)
-    return model.eval()
+    if hasattr(module, "rope"):
+        from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+        c = module.config
+        module.rope = WanRotaryPosEmbed(c.attention_head_dim, c.patch_size, c.rope_max_seq_len).to(device)
+    return module.eval()
 
 
-def reinit_rope(model: nn.Module, num_layers: int) -> None:
-    """to_empty() leaves non-persistent buffers (the RoPE frequency tables) uninitialised: rebuild
-    the rope module on the device."""
-    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
-    rope = model.rope
-    dev = next(model.parameters()).device
-    cfg = A14B_TRANSFORMER
-    new = WanRotaryPosEmbed(cfg["attention_head_dim"], cfg["patch_size"], cfg["rope_max_seq_len"])
-    model.rope = new.to(dev)
-    del rope
+def build_expert(device: torch.device, num_layers: int = 40, seed: int = 0) -> nn.Module:
+    from diffusers import WanTransformer3DModel
+    with torch.device("meta"):
+        model = WanTransformer3DModel(**dict(A14B_TRANSFORMER, num_layers=num_layers))
+    return random_init(model, device, seed)
 
 
-def held_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer the model holds (packed codes and scales count as
-    stored; the bf16 originals of quantized layers no longer exist)."""
+def held_bytes(*modules: nn.Module) -> int:
+    """Bytes of every parameter and buffer the modules hold, each storage once (packed codes and
+    scales count as stored; the bf16 originals of quantized layers no longer exist)."""
     seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t is None or t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
+    for model in modules:
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t is None or t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
     return total
 
 
@@ -244,7 +242,6 @@ def run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None] = print
         return result
     t0 = time.perf_counter()
     model = build_expert(device, num_layers)
-    reinit_rope(model, num_layers)
     result["build_s"] = time.perf_counter() - t0
     result["bytes_bf16"] = held_bytes(model)
     log(f"built A14B expert ({num_layers} blocks): {result['bytes_bf16'] / GB:.2f} GB in {result['build_s']:.1f} s")

@@ -28,19 +28,6 @@ UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers
                 decoder_start_token_id=0)
 
 
-def _random_init(module: torch.nn.Module, device: torch.device, seed: int) -> torch.nn.Module:
-    """Materialise a meta-built module on ``device`` with random bf16 weights (norm gains 1)."""
-    module = module.to_empty(device=device).to(torch.bfloat16)
-    g = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim < 2 and "norm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=g)
-    return module.eval()
-
-
 def build_a14b_pipeline(init_device: torch.device, arch: str = "a14b"):
     """The A14B pipeline with random weights, every component left on the CPU (each is initialised
     on ``init_device``, which is fast on a GPU, then moved). ``arch='tiny'`` builds the tiny model's
@@ -48,7 +35,7 @@ def build_a14b_pipeline(init_device: torch.device, arch: str = "a14b"):
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from wanexp.bench.core import A14B_TRANSFORMER
+    from wanexp.bench.core import A14B_TRANSFORMER, random_init
     from wanexp.models.tiny import TINY_SPEC, _build_tokenizer
 
     big = arch == "a14b"
@@ -56,14 +43,12 @@ def build_a14b_pipeline(init_device: torch.device, arch: str = "a14b"):
     for seed in (0, 1):
         with torch.device("meta"):
             model = WanTransformer3DModel(**(A14B_TRANSFORMER if big else TINY_SPEC["transformer"]))
-        model = _random_init(model, init_device, seed)
-        _rebuild_rope(model)
-        experts.append(model.to("cpu"))
+        experts.append(random_init(model, init_device, seed).to("cpu"))
         del model
         _free()
     with torch.device("meta"):
         text_encoder = UMT5EncoderModel(UMT5Config(**(UMT5_XXL if big else TINY_SPEC["text_encoder"])))
-    text_encoder = _random_init(text_encoder, init_device, 2).to("cpu")
+    text_encoder = random_init(text_encoder, init_device, 2).to("cpu")
     vae = AutoencoderKLWan(**({} if big else TINY_SPEC["vae"])).to(torch.float32).eval()  # the pipeline's VAE runs in fp32
     scheduler = UniPCMultistepScheduler(**TINY_SPEC["scheduler"])
     pipe = WanImageToVideoPipeline(tokenizer=_build_tokenizer(), text_encoder=text_encoder, vae=vae,
@@ -72,13 +57,6 @@ def build_a14b_pipeline(init_device: torch.device, arch: str = "a14b"):
     pipe.set_progress_bar_config(disable=True)
     _free()
     return pipe
-
-
-def _rebuild_rope(model) -> None:
-    """to_empty() leaves the RoPE tables (non-persistent buffers) empty: rebuild them."""
-    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
-    c = model.config
-    model.rope = WanRotaryPosEmbed(c.attention_head_dim, c.patch_size, c.rope_max_seq_len).to(next(model.parameters()).device)
 
 
 def quantize_experts(pipe, device: torch.device, rank: int = 32) -> int:
@@ -102,14 +80,8 @@ def quantize_experts(pipe, device: torch.device, rank: int = 32) -> int:
 
 
 def pipeline_bytes(pipe) -> int:
-    seen, total = set(), 0
-    for m in pipe.components.values():
-        if isinstance(m, torch.nn.Module):
-            for t in list(m.parameters()) + list(m.buffers()):
-                if t is not None and t.data_ptr() not in seen:
-                    seen.add(t.data_ptr())
-                    total += t.numel() * t.element_size()
-    return total
+    from wanexp.bench.core import held_bytes
+    return held_bytes(*(m for m in pipe.components.values() if isinstance(m, torch.nn.Module)))
 
 
 @torch.no_grad()
