@@ -50,7 +50,7 @@ class SweepReport(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from wanexp.errors import WanexpError
-        from wanexp.report.__main__ import report_dirs
+        from wanexp.report.table import report_dirs
         sweep_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir")))
         paper = OmegaConf.select(config, "report.paper_table", default=None)
         try:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from wanexp.errors import WanexpError
+from wanexp.report.table import report_dirs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,34 +34,6 @@ def main(argv: list[str] | None = None) -> int:
         log_run({"name": "wandb", "project": args.wandb_project, "job_type": "report"}, out,
                 {"dirs": [str(d) for d in args.dirs]}, {"runs": len(summary["table"])}, summary["tables"])
     return 0
-
-
-def report_dirs(dirs, out_dir: Path, papers=()) -> dict:
-    """Write the ablation table (and paper tables) of the runs under ``dirs`` into ``out_dir``; returns
-    the tables, the written paths, the failed runs and a printable text."""
-    from wanexp.report.paper import render_markdown, paper_table, write_paper_table
-    from wanexp.report.results import gather
-    from wanexp.report.table import ablation_table, to_markdown, write_tables
-
-    rows, failures = gather(dirs)
-    table = ablation_table(rows) if not rows.empty else rows
-    paths = write_tables(table, out_dir, failures=failures)
-    tables, paper_md = {"ablation": table}, {}
-    text = [to_markdown(table) if not table.empty else "(no finished runs)"]
-    for name in papers:
-        if rows.empty:
-            break
-        paths.update({f"paper_{name}_{k}": p for k, p in write_paper_table(rows, name, out_dir).items()})
-        long = paper_table(rows, name)
-        tables[f"paper_{name}"] = long
-        paper_md[name] = render_markdown(long, name)
-        text.append(paper_md[name])
-    if not failures.empty:
-        text.append(f"{len(failures)} run(s) without results (kept out of the table):\n"
-                    + failures.to_markdown(index=False))
-    text.append("\n".join(f"{k}: {p}" for k, p in paths.items()))
-    return {"table": table, "failures": failures, "paths": paths, "tables": tables, "paper_md": paper_md,
-            "text": "\n\n".join(text)}
 
 
 if __name__ == "__main__":

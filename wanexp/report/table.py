@@ -71,3 +71,30 @@ def write_tables(table: pd.DataFrame, out_dir: Path, stem: str = "ablation",
 def to_markdown(table: pd.DataFrame) -> str:
     """Markdown with 4 decimals and ``–`` for what a run did not measure."""
     return table.astype(object).where(table.notna(), None).to_markdown(index=False, floatfmt=".4f", missingval="–")
+
+
+def report_dirs(dirs, out_dir: Path, papers=()) -> dict:
+    """Write the ablation table (and paper tables) of the runs under ``dirs`` into ``out_dir``; returns
+    the tables, the written paths, the failed runs and a printable text."""
+    from wanexp.report.paper import paper_table, render_markdown, write_paper_table
+    from wanexp.report.results import gather
+
+    rows, failures = gather(dirs)
+    table = ablation_table(rows) if not rows.empty else rows
+    paths = write_tables(table, out_dir, failures=failures)
+    tables, paper_md = {"ablation": table}, {}
+    text = [to_markdown(table) if not table.empty else "(no finished runs)"]
+    for name in papers:
+        if rows.empty:
+            break
+        paths.update({f"paper_{name}_{k}": p for k, p in write_paper_table(rows, name, out_dir).items()})
+        long = paper_table(rows, name)
+        tables[f"paper_{name}"] = long
+        paper_md[name] = render_markdown(long, name)
+        text.append(paper_md[name])
+    if not failures.empty:
+        text.append(f"{len(failures)} run(s) without results (kept out of the table):\n"
+                    + failures.to_markdown(index=False))
+    text.append("\n".join(f"{k}: {p}" for k, p in paths.items()))
+    return {"table": table, "failures": failures, "paths": paths, "tables": tables, "paper_md": paper_md,
+            "text": "\n\n".join(text)}
