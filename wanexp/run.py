@@ -22,13 +22,14 @@ from wanexp.errors import WanexpError
 from wanexp.io import append_jsonl, atomic_path, flatten, read_json, read_jsonl, write_json, write_text
 
 STAGES = ("calibrate", "quantize", "generate", "evaluate", "report")
+OPTIONAL_STAGES = ("analyze",)  # stage=analyze; analysis.auto=true also runs it at the end of stage=all
 METHODS = ("bf16", "w4a16", "rtn", "svdquant_rtn", "svdquant_gptq", "tsclip", "tsclip_keep_sensitive",
            "hif4_conservative", "hif4_tailaware")
 # The challenge rule of both papers: at most this many whole blocks kept in high precision.
 MAX_KEEP_BLOCKS = {"mxfp4": 5, "hif4": 2}
 # Keys that may differ between the first run in a directory and a resumed one.
 # Evaluation settings may change too: the generated videos do not depend on them (stage=evaluate re-scores).
-_RESUME_FREE = ("stage", "logger", "progress", "device", "paths", "report", "evaluate")
+_RESUME_FREE = ("stage", "logger", "progress", "device", "paths", "report", "analysis", "evaluate")
 
 
 class Run:
@@ -123,6 +124,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         world.barrier()
         state = Run(cfg, run_dir, world)
         wanted = STAGES if cfg.stage == "all" else (str(cfg.stage),)
+        wanted += OPTIONAL_STAGES if cfg.stage == "all" and (cfg.get("analysis") or {}).get("auto") else ()
         for stage in wanted:
             if cfg.stage == "all" and state.done(stage):
                 continue
@@ -169,8 +171,8 @@ def _record_error(run_dir: Path, stage: str, err: BaseException) -> None:
 def validate(cfg: DictConfig) -> None:
     """Refuse bad values before any heavy work, with one message naming the key."""
     from wanexp.formats import FORMAT_NAMES
-    if cfg.stage not in (*STAGES, "all"):
-        raise WanexpError(f"stage={cfg.stage} is not one of all, {', '.join(STAGES)}")
+    if cfg.stage not in (*STAGES, *OPTIONAL_STAGES, "all"):
+        raise WanexpError(f"stage={cfg.stage} is not one of all, {', '.join(STAGES + OPTIONAL_STAGES)}")
     if "vbench" in (cfg.evaluate.get("metrics") or ()):
         from wanexp.evaluate.vbench import validate_dimensions
         validate_dimensions(cfg.evaluate.vbench.dimensions)  # a typo fails now, not after generation
@@ -254,7 +256,7 @@ def calib_parts(state: Run, model) -> list[list[str]]:
 
 
 # Bump when what the collectors record changes, so cached statistics of the old kind are not reused.
-CALIB_FORMAT = 1
+CALIB_FORMAT = 2  # 2: per-step traces of analysis.layers (wanexp.analysis.trace_spec) in the part files
 
 
 def part_path(stats_dir: Path, k: int, n: int) -> Path:
@@ -270,7 +272,18 @@ def calib_key(state: Run, pipe, needs: list[str]) -> dict:
             "calib_tokens": int(cfg.quant.get("calib_tokens", 256)), "seed": int(cfg.seed),
             "bins": {k: c.bins.to_json() for k, c in state.contexts(pipe).items()},
             "blocks_per_pass": cfg.quant.get("calib_blocks_per_pass"), "samples": samples,
-            "generation": OmegaConf.to_container(cfg.model.generation, resolve=True)}
+            "generation": OmegaConf.to_container(cfg.model.generation, resolve=True),
+            "analysis": _trace_spec(state, pipe)}
+
+
+def _trace_spec(state: Run, pipe) -> dict:
+    """The layers whose per-step statistics calibration also records (paper Fig. 1), resolved."""
+    from wanexp.analysis import trace_spec
+    from wanexp.models import experts
+    from wanexp.quant.targets import targeted_linears
+    analysis = state.cfg.get("analysis")
+    return trace_spec(OmegaConf.to_container(analysis, resolve=True) if analysis is not None else {},
+                      targeted_linears(experts(pipe)["high_noise"]))
 
 
 def stats_dir(state: Run, key: dict) -> Path:
@@ -331,9 +344,12 @@ def calibrate(state: Run) -> dict:
             reused += 1
             continue
         stats = CalibStats()
+        trace = key["analysis"]
         collectors = [ActivationCollector(name, model, parts[name][k], contexts[name], needs, stats,
                                           max_tokens=int(state.cfg.quant.get("calib_tokens", 256)),
-                                          seed=int(state.cfg.seed))
+                                          seed=int(state.cfg.seed), trace_layers=trace.get("layers", ()),
+                                          trace_percentile=trace.get("percentile", 99.9),
+                                          trace_tokens=trace.get("tokens", 16384))
                       for name, model in experts(pipe).items()]
         hooks = install_timestep_hooks(pipe, lambda expert, t: contexts[expert].set_timestep(t))
         try:
@@ -345,7 +361,7 @@ def calibrate(state: Run) -> dict:
         stats.save(path)
         entries += len(stats.data)
     return {"samples": [s.id for s in samples], "needs": needs, "parts": n_parts, "entries": entries,
-            "parts_reused": reused, "stats_dir": str(where)}
+            "parts_reused": reused, "stats_dir": str(where), "traced": key["analysis"].get("layers", [])}
 
 
 @torch.no_grad()
@@ -768,5 +784,21 @@ def _gb(n: int | None) -> float | None:
     return None if n is None else n / 1e9
 
 
+# ---------------------------------------------------------------------------------------------
+# analyze (opt-in)
+# ---------------------------------------------------------------------------------------------
+def analyze(state: Run) -> dict:
+    """The seed paper's diagnostic figures of this run from what it recorded (``analysis/*.png|pdf|json``),
+    logged to W&B as images unless ``logger=none``; a figure whose data the run lacks is skipped with the reason."""
+    from wanexp.report.plots import analyze_run
+    cfg = state.cfg
+    logger = OmegaConf.to_container(cfg.logger, resolve=True)
+    if not logger.get("group"):
+        logger["group"] = sweep_group(state.run_dir)
+    analysis = cfg.get("analysis")
+    return analyze_run(state.run_dir, OmegaConf.to_container(analysis, resolve=True) if analysis is not None else {},
+                       logger=logger, config=OmegaConf.to_container(cfg, resolve=True))
+
+
 _STAGE_FUNCS = {"calibrate": calibrate, "quantize": quantize, "generate": generate, "evaluate": evaluate,
-                "report": report}
+                "report": report, "analyze": analyze}

@@ -11,13 +11,20 @@ of steps except the optional bounded token sample:
 
 Which statistics are kept is the method's choice (``needs``); the timestep bin comes from the
 expert's TimestepContext, set by the runner's timestep hook before each expert forward.
+
+For a few *traced* layers (``analysis.layers``; the seed paper's Fig. 1) the collector also keeps,
+per denoising step (distinct timestep) of the same BF16 trajectories, a per-channel max |x| over
+every token and a per-channel high percentile of |x| over an evenly strided subsample of at most
+``trace_tokens`` tokens. Forwards sharing a timestep (the CFG passes, several calibration samples)
+are folded: the max by max, the percentile by mean. Size: steps × channels × 2 floats per layer.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -28,6 +35,7 @@ from wanexp.quant.context import TimestepContext
 
 STATS = ("absmax", "sumsq", "hessian", "tokens")
 ALL_BINS = -1  # the bin key of statistics pooled over every bin
+TRACE_PREFIX = "trace"  # saved keys of the per-step traces: ``trace|<expert>|<layer>|<stat>``
 
 
 @dataclass
@@ -35,6 +43,9 @@ class CalibStats:
     """``data[(expert, layer, bin)][stat]`` → tensor; saved as one safetensors file."""
 
     data: dict[tuple[str, str, int], dict[str, torch.Tensor]] = field(default_factory=dict)
+    # per-step traces of the traced layers: (expert, layer) → {timestep [S], absmax [S, C], pct [S, C],
+    # count [S], percentile []} (a StepTrace while collecting)
+    trace: dict[tuple[str, str], Any] = field(default_factory=dict)
 
     def get(self, expert: str, layer: str, bin_: int) -> dict[str, torch.Tensor]:
         return self.data.get((expert, layer, bin_), {})
@@ -45,6 +56,9 @@ class CalibStats:
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
         flat = {f"{e}|{l}|{b}|{k}": v.contiguous().cpu() for (e, l, b), d in self.data.items() for k, v in d.items()}
+        for (e, l), d in self.trace.items():
+            d = d.tensors() if isinstance(d, StepTrace) else d
+            flat.update({f"{TRACE_PREFIX}|{e}|{l}|{k}": v.contiguous().cpu() for k, v in d.items()})
         with atomic_path(path) as tmp:
             save_file(flat, str(tmp), metadata={"format": "wanexp-calib-v1"})
 
@@ -59,16 +73,72 @@ class CalibStats:
             raise WanexpError(f"calibration statistics {path} are corrupt ({err}); delete the file and re-run calibrate") from err
         out = cls()
         for key, v in flat.items():
+            if key.startswith(TRACE_PREFIX + "|"):
+                _, e, l, k = key.split("|")
+                out.trace.setdefault((e, l), {})[k] = v
+                continue
             e, l, b, k = key.split("|")
             out.data.setdefault((e, l, int(b)), {})[k] = v
         return out
+
+
+def load_traces(paths: Iterable[str | Path]) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
+    """The per-step traces stored in calibration part files, reading only those tensors (the
+    Hessians next to them can be many GB at A14B size)."""
+    from safetensors import safe_open
+    out: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for path in paths:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                if key.startswith(TRACE_PREFIX + "|"):
+                    _, e, l, k = key.split("|")
+                    out.setdefault((e, l), {})[k] = f.get_tensor(key)
+    return out
+
+
+class StepTrace:
+    """Per-step, per-channel statistics of one layer's inputs, folded over forwards sharing a timestep."""
+
+    def __init__(self, percentile: float = 99.9, max_tokens: int = 16384, chunk: int = 2048):
+        if not 0 < percentile <= 100:
+            raise ValueError(f"trace percentile must be in (0, 100], got {percentile}")
+        self.percentile, self.max_tokens, self.chunk = float(percentile), int(max_tokens), int(chunk)
+        self.steps: dict[float, dict[str, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def observe(self, t: float, x: torch.Tensor) -> None:
+        """``x`` [tokens, channels] (float) seen at timestep ``t``."""
+        amax = torch.maximum(x.amax(dim=0), -x.amin(dim=0)).float().cpu()  # max |x| without an |x| copy
+        stride = max(1, -(-x.shape[0] // self.max_tokens))
+        sub = x[::stride]
+        k = min(sub.shape[0], max(1, math.ceil(self.percentile / 100.0 * sub.shape[0])))
+        pct = torch.cat([sub[:, c:c + self.chunk].abs().kthvalue(k, dim=0).values
+                         for c in range(0, sub.shape[1], self.chunk)]).float().cpu()
+        rec = self.steps.get(t)
+        if rec is None:
+            self.steps[t] = {"absmax": amax, "pct_sum": pct.double(), "count": 1}
+        else:
+            rec["absmax"] = torch.maximum(rec["absmax"], amax)
+            rec["pct_sum"] += pct.double()
+            rec["count"] += 1
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Steps from the noisiest (largest timestep) down, as denoising visits them."""
+        ts = sorted(self.steps, reverse=True)
+        recs = [self.steps[t] for t in ts]
+        return {"timestep": torch.tensor(ts, dtype=torch.float64),
+                "absmax": torch.stack([r["absmax"] for r in recs]),
+                "pct": torch.stack([(r["pct_sum"] / r["count"]).float() for r in recs]),
+                "count": torch.tensor([r["count"] for r in recs], dtype=torch.int64),
+                "percentile": torch.tensor(self.percentile, dtype=torch.float64)}
 
 
 class ActivationCollector:
     """Attach to one expert's targeted linears; fold each input into the stats of the current bin."""
 
     def __init__(self, expert: str, model: nn.Module, layers: Iterable[str], context: TimestepContext,
-                 needs: Iterable[str], stats: CalibStats, max_tokens: int = 256, seed: int = 0):
+                 needs: Iterable[str], stats: CalibStats, max_tokens: int = 256, seed: int = 0,
+                 trace_layers: Iterable[str] = (), trace_percentile: float = 99.9, trace_tokens: int = 16384):
         unknown = set(needs) - set(STATS)
         if unknown:
             raise ValueError(f"unknown calibration statistics {sorted(unknown)}; known: {STATS}")
@@ -76,6 +146,9 @@ class ActivationCollector:
         self.max_tokens = max_tokens
         self.generator = torch.Generator().manual_seed(seed)
         self.seen: dict[tuple[str, str, int], int] = {}
+        layers = list(layers)
+        # traced layers of this collector's share (a calibration pass may cover only some blocks)
+        self.traces = {n: StepTrace(trace_percentile, trace_tokens) for n in trace_layers if n in set(layers)}
         self.handles = [model.get_submodule(n).register_forward_pre_hook(self._hook(n)) for n in layers]
 
     def _hook(self, layer: str):
@@ -102,6 +175,10 @@ class ActivationCollector:
             pooled["hessian"] = pooled.get("hessian", 0) + (x.T @ x).cpu()
         if "tokens" in self.needs:
             self._reservoir(key, d, x)
+        if layer in self.traces and self.context.timestep is not None:
+            trace = self.traces[layer]
+            trace.observe(float(self.context.timestep), x)
+            self.stats.trace[(self.expert, layer)] = trace  # turned into tensors when saved
 
     def _reservoir(self, key, d: dict, x: torch.Tensor) -> None:
         """Algorithm R over rows: every row seen so far is in the sample with equal probability."""

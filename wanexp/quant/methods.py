@@ -100,8 +100,41 @@ class MethodConfig:
                             lowrank=None if l1 is None else (l1, l2), compute_dtype=self.compute_dtype)
         self._clip_table(layer, w, stats)
         chosen["clip"] = [round(float(r), 4) for r in layer.clip_table]
+        chosen.update(self.sensitivity(layer, w, stats))
         self.report[name] = chosen
         return layer
+
+    @torch.no_grad()
+    def sensitivity(self, layer: QuantLinear, w: torch.Tensor, stats: LayerStats) -> dict[str, Any]:
+        """How far the quantized layer is from ``x Wᵀ`` (the seed paper's Fig. 4 numbers).
+
+        ``w_cos_err``: 1 − cos(W, Ŵ) of the effective weight (every method, no data needed).
+        With a calibration token sample: ``cos_err`` = 1 − the mean over tokens of cos(x Wᵀ, Ŷ(x)),
+        ``rel_err`` = ‖x Wᵀ − Ŷ‖² / ‖x Wᵀ‖², and ``cos_err_bins`` per timestep bin, each bin's tokens
+        run with that bin's clip ratio (as at inference)."""
+        out: dict[str, Any] = {"w_cos_err": _cos_err(effective_weight(layer).reshape(1, -1), w.reshape(1, -1))}
+        if not stats.tokens:
+            return out
+        table = layer.clip_table.clone()
+        refs, outs, per_bin = [], [], [None] * self.num_bins
+        try:
+            for b in sorted(stats.tokens):
+                tokens = stats.tokens[b]
+                if tokens is None or tokens.shape[0] == 0:
+                    continue
+                layer.clip_table = torch.full_like(table, float(table[min(b, table.numel() - 1)]))
+                ref, got = _outputs(layer, tokens, w)
+                if 0 <= b < self.num_bins:
+                    per_bin[b] = _cos_err(got, ref)
+                refs.append(ref)
+                outs.append(got)
+        finally:
+            layer.clip_table = table
+        if refs:
+            ref, got = torch.cat(refs), torch.cat(outs)
+            out.update(cos_err=_cos_err(got, ref), cos_err_bins=per_bin,
+                       rel_err=float((got - ref).square().sum() / ref.square().sum().clamp_min(1e-30)))
+        return out
 
     def _lowrank(self, ws: torch.Tensor):
         l1, l2, _ = split_lowrank(ws, self.rank)
@@ -184,13 +217,42 @@ class MethodConfig:
 @torch.no_grad()
 def layer_error(layer: QuantLinear, tokens: torch.Tensor, w: torch.Tensor) -> float:
     """Σ‖x Wᵀ − layer(x)‖² over a token sample (bias cancels, so both sides omit it)."""
+    ref, out = _outputs(layer, tokens, w)
+    return float((out - ref).square().sum())
+
+
+def _outputs(layer: QuantLinear, tokens: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x Wᵀ, the layer's output) on a token sample, both without bias."""
     ref = tokens.float() @ w.float().T
     saved_bias, layer.bias = layer.bias, None
     try:
         out = layer(tokens.to(layer.compute_dtype)).float()
     finally:
         layer.bias = saved_bias
-    return float((out - ref).square().sum())
+    return ref, out
+
+
+def _cos_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """1 − the mean over rows of cos(a_i, b_i), sums in float64 (a row zero on both sides is exact,
+    zero on one side only is orthogonal)."""
+    a, b = a.float(), b.float()
+    num = (a * b).sum(dim=1, dtype=torch.float64)
+    na, nb = a.square().sum(dim=1, dtype=torch.float64).sqrt(), b.square().sum(dim=1, dtype=torch.float64).sqrt()
+    den = na * nb
+    cos = torch.where(den > 0, num / den.clamp_min(1e-300), ((na == 0) & (nb == 0)).double())
+    return float(1.0 - cos.mean())
+
+
+@torch.no_grad()
+def effective_weight(layer: QuantLinear) -> torch.Tensor:
+    """The dense weight the layer applies to unsmoothed inputs (activation quantization aside):
+    ``(dequant(W_q) + L1 L2) · diag(s)⁻¹``."""
+    wq = layer.dequantized_weight().float()
+    if layer.lowrank_up is not None:
+        wq = wq + layer.lowrank_up.float() @ layer.lowrank_down.float()
+    if layer.smooth is not None:
+        wq = wq / layer.smooth.float()
+    return wq
 
 
 def method_config(quant_cfg: Mapping[str, Any], fmt_cfg: Mapping[str, Any], num_bins: int,

@@ -33,9 +33,10 @@ def resolve_mode(cfg: Mapping[str, Any]) -> str:
 
 def log_run(cfg: Mapping[str, Any], run_dir: Path, config: Mapping[str, Any], summary: Mapping[str, Any],
             tables: Mapping[str, pd.DataFrame], videos: Sequence[tuple[str, Path]] = (),
-            artifact: Path | None = None) -> str | None:
+            artifact: Path | None = None, images: Mapping[str, Path] | None = None) -> str | None:
     """Log one run: flattened config (so W&B's run table and parallel coordinates can use every key),
-    summary metrics, tables, a few videos (caption, mp4 path) and optionally the quantized artifact.
+    summary metrics, tables, a few videos (caption, mp4 path), images (key → PNG path, e.g. the
+    analysis figures) and optionally the quantized artifact.
     Returns the W&B run directory (offline) or URL (online), or None."""
     if cfg.get("name", "wandb") == "none":
         return None
@@ -56,6 +57,8 @@ def log_run(cfg: Mapping[str, Any], run_dir: Path, config: Mapping[str, Any], su
         run.summary.update({k: v for k, v in flatten(summary).items() if v is not None})
         for name, df in tables.items():
             run.log({name: wandb.Table(dataframe=df.reset_index(drop=True))})
+        if images:
+            run.log({key: wandb.Image(str(path), caption=Path(path).stem) for key, path in images.items()})
         if videos:
             run.log({"videos": [wandb.Video(str(path), caption=caption, format="mp4") for caption, path in videos]})
         if artifact is not None:
