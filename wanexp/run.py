@@ -471,28 +471,11 @@ def layer_stats(stats, pool: list[str], layers: list[str]) -> dict:
     return out
 
 
-def _held_bytes(modules) -> int:
-    """Bytes the modules actually hold: parameters and buffers (packed codes and scales included),
-    each storage counted once."""
-    seen, total = set(), 0
-    for model in modules:
-        for t in list(model.parameters()) + list(model.buffers()):
-            if t is not None and t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.numel() * t.element_size()
-    return total
-
-
-def _model_bytes(pipe) -> int:
-    """The two experts (what quantization shrinks)."""
-    from wanexp.models import experts
-    return _held_bytes(experts(pipe).values())
-
-
 def _size_info(pipe, prefix: str = "") -> dict:
-    """Model size as the papers count it: the experts, and the whole pipeline (text encoder and VAE too)."""
-    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
-    return {f"{prefix}model_bytes": _model_bytes(pipe), f"{prefix}pipeline_bytes": _held_bytes(modules)}
+    """Model size as the papers count it: the two experts (what quantization shrinks), and the whole
+    pipeline (text encoder and VAE too)."""
+    from wanexp.models import experts, held_bytes, pipeline_bytes
+    return {f"{prefix}model_bytes": held_bytes(*experts(pipe).values()), f"{prefix}pipeline_bytes": pipeline_bytes(pipe)}
 
 
 def quantized_pipe(state: Run):

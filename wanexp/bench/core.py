@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from wanexp.formats import get_format
+from wanexp.models import held_bytes
 from wanexp.quant.context import TimestepBins, TimestepContext
 from wanexp.quant.linear import QuantLinear
 
@@ -98,19 +99,6 @@ def build_expert(device: torch.device, num_layers: int = 40, seed: int = 0) -> n
     with torch.device("meta"):
         model = WanTransformer3DModel(**dict(A14B_TRANSFORMER, num_layers=num_layers))
     return random_init(model, device, seed)
-
-
-def held_bytes(*modules: nn.Module) -> int:
-    """Bytes of every parameter and buffer the modules hold, each storage once (packed codes and
-    scales count as stored; the bf16 originals of quantized layers no longer exist)."""
-    seen, total = set(), 0
-    for model in modules:
-        for t in list(model.parameters()) + list(model.buffers()):
-            if t is None or t.data_ptr() in seen:
-                continue
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
 
 
 def make_inputs(height: int, width: int, frames: int, device: torch.device, seed: int = 1) -> tuple[dict, int]:

@@ -79,11 +79,6 @@ def quantize_experts(pipe, device: torch.device, rank: int = 32) -> int:
     return swapped
 
 
-def pipeline_bytes(pipe) -> int:
-    from wanexp.bench.core import held_bytes
-    return held_bytes(*(m for m in pipe.components.values() if isinstance(m, torch.nn.Module)))
-
-
 @torch.no_grad()
 def one_video(pipe, policy: str, device: torch.device, gen: dict) -> dict[str, Any]:
     """Generate and decode one video under ``policy``; peak GPU memory over all of it."""
@@ -139,6 +134,7 @@ def run_pipeline_memory(cfg: dict, device: torch.device, log: Callable[[str], No
     result: dict[str, Any] = {"video": f"{gen['height']}x{gen['width']}x{gen['frames']}", "steps": gen["steps"],
                               "policies": policies, "runs": {}}
     t0 = time.perf_counter()
+    from wanexp.models import pipeline_bytes
     pipe = build_a14b_pipeline(device, str(cfg.get("arch", "a14b")))
     result["build_s"] = time.perf_counter() - t0
     for precision in ("bf16", "w4a4"):

@@ -124,3 +124,20 @@ def model_fingerprint(pipe) -> str:
                 h.update(pname.encode())
                 h.update(p.detach()[0, :64].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def held_bytes(*modules: torch.nn.Module) -> int:
+    """Bytes the modules actually hold: every parameter and buffer (packed codes and scales as
+    stored), each storage counted once."""
+    seen, total = set(), 0
+    for module in modules:
+        for t in list(module.parameters()) + list(module.buffers()):
+            if t is not None and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
+
+
+def pipeline_bytes(pipe) -> int:
+    """Every weight the pipeline holds (both experts, text encoder, VAE): the papers' model size."""
+    return held_bytes(*(m for m in pipe.components.values() if isinstance(m, torch.nn.Module)))
