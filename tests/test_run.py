@@ -165,6 +165,8 @@ def test_help_cfg_and_named_sweeps(cli):
     (("format.name=e3m0",), "format.name=e3m0 is unknown"),
     (("stage=dance",), "stage=dance"),
     (("data=opens2v_eval", "data.root=/nonexistent/OpenS2V"), "/nonexistent/OpenS2V"),
+    (("evaluate=vbench",), "at least 113 pixels a side, but model.generation makes 64×64"),  # before generating
+    (("evaluate=vbench", "evaluate.vbench.dimensions=[imaging_quality,colour]"), "'colour' is not a VBench dimension"),
 ])
 def test_bad_input_gives_one_clear_error(cli, args, expect):
     proc = cli(*args, env={"WANEXP_OPENS2V_ROOT": ""})

@@ -174,8 +174,14 @@ def validate(cfg: DictConfig) -> None:
     if cfg.stage not in (*STAGES, *OPTIONAL_STAGES, "all"):
         raise WanexpError(f"stage={cfg.stage} is not one of all, {', '.join(STAGES + OPTIONAL_STAGES)}")
     if "vbench" in (cfg.evaluate.get("metrics") or ()):
-        from wanexp.evaluate.vbench import validate_dimensions
-        validate_dimensions(cfg.evaluate.vbench.dimensions)  # a typo fails now, not after generation
+        from wanexp.evaluate.vbench import MOTION_MIN_SIDE, validate_dimensions
+        dims = validate_dimensions(cfg.evaluate.vbench.dimensions)  # a typo fails now, not after generation
+        side = min(int(cfg.model.generation.height), int(cfg.model.generation.width))
+        if "motion_smoothness" in dims and -(-side // 16) * 16 < MOTION_MIN_SIDE:
+            raise WanexpError(f"evaluate.vbench: motion_smoothness (AMT-S) needs frames of at least "
+                              f"{MOTION_MIN_SIDE - 15} pixels a side, but model.generation makes "
+                              f"{cfg.model.generation.width}×{cfg.model.generation.height}; drop the dimension "
+                              "(evaluate.vbench.dimensions=[…]) or generate larger videos")
     if cfg.quant.name not in METHODS:
         raise WanexpError(f"quant={cfg.quant.name} is not implemented; available: {', '.join(METHODS)}")
     if cfg.format.name not in FORMAT_NAMES:
