@@ -145,9 +145,6 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     return read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
 
 
-# Stages every rank runs on its own share of the samples, with what rank 0 does once all shards
-# are in; the other stages run on rank 0 alone.
-PER_RANK = {"generate": lambda state: generation_summary(state)}
 ERROR_FILE = "error.json"
 
 
@@ -791,3 +788,6 @@ def analyze(state: Run) -> dict:
 
 _STAGE_FUNCS = {"calibrate": calibrate, "quantize": quantize, "generate": generate, "evaluate": evaluate,
                 "report": report, "analyze": analyze}
+# Stages every rank runs on its own share of the samples, with what rank 0 does once all shards
+# are in; the other stages run on rank 0 alone.
+PER_RANK = {"generate": generation_summary}
