@@ -64,8 +64,8 @@ class SweepReport(Callback):
             print(out["paper_md"][paper] + f"wanexp: paper table: {out['paths'][f'paper_{paper}_md']}")
         logger = OmegaConf.to_container(config.logger, resolve=True) if "logger" in config else {"name": "none"}
         if logger.get("name") != "none":
-            from wanexp.report.wandb_log import log_run
-            group = logger.get("group") or "/".join(sweep_dir.resolve().parts[-3:])
+            from wanexp.report.wandb_log import log_run, sweep_group
+            group = logger.get("group") or sweep_group(sweep_dir)
             log_run(dict(logger, group=group, job_type="ablation", run_name=f"ablation-{sweep_dir.name}"), sweep_dir,
                     {"sweep_dir": str(sweep_dir)}, {"runs": len(table), "failed": len(failures)}, out["tables"])
         if not failures.empty:

@@ -629,7 +629,7 @@ def report(state: Run) -> dict:
     """One results row (CSV + parquet), the per-sample table, W&B, and the printed summary."""
     from wanexp.generate import done_records
     from wanexp.report.results import write_row
-    from wanexp.report.wandb_log import log_run
+    from wanexp.report.wandb_log import log_run, sweep_group
 
     cfg, run_dir = state.cfg, state.run_dir
     if not (run_dir / "eval" / "summary.json").is_file():
@@ -719,14 +719,6 @@ def kept_label(cfg) -> str | None:
     return f"high_noise: {high or '-'}; low_noise: {low or '-'}"
 
 
-def sweep_group(run_dir: Path) -> str | None:
-    """``multirun/<date>/<time>`` for a run inside a Hydra sweep directory (Hydra writes multirun.yaml there)."""
-    for parent in run_dir.resolve().parents:
-        if (parent / "multirun.yaml").is_file():
-            return "/".join(parent.parts[-3:])
-    return None
-
-
 def _overrides(run_dir: Path) -> str | None:
     """The command-line overrides of this run (Hydra's record), e.g. ``quant=tsclip quant.bins=8``."""
     path = run_dir / ".hydra" / "overrides.yaml"
@@ -777,6 +769,7 @@ def analyze(state: Run) -> dict:
     """The seed paper's diagnostic figures of this run from what it recorded (``analysis/*.png|pdf|json``),
     logged to W&B as images unless ``logger=none``; a figure whose data the run lacks is skipped with the reason."""
     from wanexp.report.plots import analyze_run
+    from wanexp.report.wandb_log import sweep_group
     cfg = state.cfg
     logger = OmegaConf.to_container(cfg.logger, resolve=True)
     if not logger.get("group"):

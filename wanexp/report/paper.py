@@ -156,16 +156,17 @@ def _cell(c) -> str:
     return f"{num} / {paper:g}" + ("" if pd.isna(gap) else f" ({gap:+.4g})")
 
 
-def write_paper_table(rows: pd.DataFrame, name: str, out_dir: Path) -> dict[str, Path]:
-    """``paper_<name>.md`` (the paper's layout), ``.csv`` (long form, exact) and ``.tex``."""
-    long = paper_table(rows, name)
+def write_paper_table(long: pd.DataFrame, name: str, out_dir: Path) -> tuple[dict[str, Path], str]:
+    """Write :func:`paper_table`'s ``long`` form as ``paper_<name>.md`` (the paper's layout), ``.csv``
+    (exact) and ``.tex``; returns the paths and the Markdown."""
+    md = render_markdown(long, name)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {k: out_dir / f"paper_{name}.{k}" for k in ("md", "csv", "tex")}
     with atomic_path(paths["csv"]) as tmp:
         long.to_csv(tmp, index=False)
     with atomic_path(paths["md"]) as tmp:
-        tmp.write_text(render_markdown(long, name))
+        tmp.write_text(md)
     wide = long.pivot_table(index="row", columns="metric", values=["ours", "paper"], aggfunc="first", sort=False)
     with atomic_path(paths["tex"]) as tmp:
         tmp.write_text(wide.to_latex(float_format="%.4f", na_rep="--"))
-    return paths
+    return paths, md

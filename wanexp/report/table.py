@@ -76,7 +76,7 @@ def to_markdown(table: pd.DataFrame) -> str:
 def report_dirs(dirs, out_dir: Path, papers=()) -> dict:
     """Write the ablation table (and paper tables) of the runs under ``dirs`` into ``out_dir``; returns
     the tables, the written paths, the failed runs and a printable text."""
-    from wanexp.report.paper import paper_table, render_markdown, write_paper_table
+    from wanexp.report.paper import paper_table, write_paper_table
     from wanexp.report.results import gather
 
     rows, failures = gather(dirs)
@@ -87,10 +87,10 @@ def report_dirs(dirs, out_dir: Path, papers=()) -> dict:
     for name in papers:
         if rows.empty:
             break
-        paths.update({f"paper_{name}_{k}": p for k, p in write_paper_table(rows, name, out_dir).items()})
         long = paper_table(rows, name)
+        written, paper_md[name] = write_paper_table(long, name, out_dir)
+        paths.update({f"paper_{name}_{k}": p for k, p in written.items()})
         tables[f"paper_{name}"] = long
-        paper_md[name] = render_markdown(long, name)
         text.append(paper_md[name])
     if not failures.empty:
         text.append(f"{len(failures)} run(s) without results (kept out of the table):\n"

@@ -72,3 +72,13 @@ def log_run(cfg: Mapping[str, Any], run_dir: Path, config: Mapping[str, Any], su
     except Exception as err:  # never lose a finished run to a logging problem
         warnings.warn(f"W&B logging failed ({type(err).__name__}: {err}); results are on disk in {run_dir}")
         return None
+
+
+def sweep_group(path: Path) -> str | None:
+    """``multirun/<date>/<time>``: the W&B group of a Hydra sweep directory, or of a run inside one
+    (Hydra writes multirun.yaml into the sweep directory); None outside a sweep."""
+    path = Path(path).resolve()
+    for d in (path, *path.parents):
+        if (d / "multirun.yaml").is_file():
+            return "/".join(d.parts[-3:])
+    return None
