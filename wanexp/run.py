@@ -429,7 +429,9 @@ def quantize(state: Run) -> dict:
         pool = list(experts(pipe)) if cfg.expert.policy == "shared" else [name]
         method.stats = layer_stats(stats, pool, targets) if stats is not None else {}
         method.report = {}
-        swapped[name] = len(quantize_(model, method, state.progress(targets, f"quantize {name}"), contexts[name]))
+        # built on the run's device (the GPU even when the pipeline is offloaded), kept where the layer was
+        swapped[name] = len(quantize_(model, method, state.progress(targets, f"quantize {name}"), contexts[name],
+                                      compute_device=state.device))
         chosen[name] = method.report
         method.stats = {}
     state._pipe_quantized = True
@@ -492,8 +494,7 @@ def quantized_pipe(state: Run):
     else:
         fingerprint = state.fingerprint
         pipe = state.bf16_pipe()
-        load_artifact(artifact_path(state), experts(pipe), fingerprint, device=state.device,
-                      expect=artifact_expect(state.cfg))
+        load_artifact(artifact_path(state), experts(pipe), fingerprint, expect=artifact_expect(state.cfg))
         state._pipe_quantized = True
     contexts = state.contexts(pipe)
     for name, model in experts(pipe).items():
@@ -528,18 +529,27 @@ def generate(state: Run) -> None:
     def make_quant():
         if cfg.quant.name == "bf16":
             return
+        from wanexp.models import experts
+        from wanexp.quant.api import path_calls
         pipe, hooks = quantized_pipe(state)
+        before = path_calls(*experts(pipe).values())
         try:
             generate_videos(pipe, samples, quant_dir, gen, int(cfg.seed), cfg.quant.name,
                             lambda it: state.progress(it, f"{cfg.quant.name} videos"), manifest=shard)
         finally:
             for h in hooks:
                 h.remove()
+        # which path the quantized layers took while this rank generated (fused GPU kernels or torch)
+        after = path_calls(*experts(pipe).values())
+        write_json(quant_dir / LAYER_CALLS.format(rank=world.rank), {k: after[k] - before[k] for k in after})
 
     # Use whichever pipeline is in memory first, so a single process loads the model as rarely as possible.
     order = (make_quant, make_reference) if state._pipe_quantized else (make_reference, make_quant)
     for step in order if samples else ():
         step()
+
+
+LAYER_CALLS = "layer_calls.rank{rank}.json"
 
 
 def generation_summary(state: Run) -> dict:
@@ -558,6 +568,9 @@ def generation_summary(state: Run) -> dict:
     info = {"reference_dir": str(ref_dir), "quant_dir": str(quant_dir), "frames": ref_recs[0]["frames"],
             "bf16_sec_per_video": _mean_seconds(ref_recs), "bf16_peak_memory_bytes": _max_peak(ref_recs),
             "quant_sec_per_video": _mean_seconds(quant_recs), "peak_memory_bytes": _max_peak(quant_recs)}
+    calls = [read_json(p) for p in sorted(quant_dir.glob(LAYER_CALLS.format(rank="*")))] if quant_dir != ref_dir else []
+    if calls:  # summed over ranks; only the videos made by the last attempt of each rank are counted
+        info["quant_layer_calls"] = {k: sum(c.get(k, 0) for c in calls) for k in calls[0]}
     write_json(state.run_dir / "generate.json", info)
     return info
 

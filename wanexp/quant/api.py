@@ -3,12 +3,18 @@
 A config object knows how to build one quantized layer from one ``nn.Linear``; ``quantize_`` walks
 the model, asks it for each selected layer, and swaps the module in place (the 16-bit original is
 dropped, so its memory is freed once nothing else holds it).
+
+Device placement, the one rule (every swap goes through :func:`replace_module`): a replacement
+lives on the device of the module it replaces. The layer may be *computed* elsewhere
+(``compute_device``: the GPU while an offloaded model sits on the CPU); the config's ``build``
+brings its own inputs (calibration statistics) to the device of the linear it is given.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Iterable, Protocol
 
+import torch
 from torch import nn
 
 from wanexp.quant.context import TimestepContext
@@ -17,7 +23,16 @@ from wanexp.quant.linear import QuantLinear
 
 class LayerQuantizer(Protocol):
     def build(self, name: str, linear: nn.Linear) -> nn.Module | None:
-        """Return the replacement for ``linear`` (or None to keep it as it is)."""
+        """Return the replacement for ``linear`` (or None to keep it as it is), on ``linear``'s device."""
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where a module's tensors live: its first parameter or buffer (CPU for an empty module)."""
+    for t in module.parameters(recurse=True):
+        return t.device
+    for t in module.buffers(recurse=True):
+        return t.device
+    return torch.device("cpu")
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -25,19 +40,40 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Swap ``model.<name>`` for ``new``, placed on the device of the module it replaces."""
+    set_submodule(model, name, new.to(module_device(model.get_submodule(name))))
+
+
+def linear_on(linear: nn.Linear, device: torch.device | None) -> nn.Linear:
+    """``linear`` itself when it is already on ``device`` (or no device is asked for), else a copy there."""
+    if device is None or module_device(linear) == torch.device(device):
+        return linear
+    with torch.device("meta"):
+        copy = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+    copy.weight = nn.Parameter(linear.weight.detach().to(device), requires_grad=False)
+    if linear.bias is not None:
+        copy.bias = nn.Parameter(linear.bias.detach().to(device), requires_grad=False)
+    return copy
+
+
 def quantize_(model: nn.Module, config: LayerQuantizer, names: Iterable[str],
-              context: TimestepContext | None = None, progress: Callable[[str], None] | None = None) -> list[str]:
-    """Replace each named linear by ``config.build(name, linear)``; returns the names swapped."""
+              context: TimestepContext | None = None, progress: Callable[[str], None] | None = None,
+              compute_device: torch.device | str | None = None) -> list[str]:
+    """Replace each named linear by ``config.build(name, linear)``; returns the names swapped.
+
+    ``compute_device``: where each layer is built (None: where the linear is); the result is
+    placed where the linear was."""
     swapped = []
     for name in list(names):
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{name} is a {type(linear).__name__}, not nn.Linear")
-        new = config.build(name, linear)
+        new = config.build(name, linear_on(linear, compute_device))
         if new is not None:
             if isinstance(new, QuantLinear):
                 new.context = context
-            set_submodule(model, name, new)
+            replace_module(model, name, new)
             swapped.append(name)
         if progress:
             progress(name)
@@ -46,6 +82,16 @@ def quantize_(model: nn.Module, config: LayerQuantizer, names: Iterable[str],
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def path_calls(*models: nn.Module) -> dict[str, int]:
+    """Forwards of the models' QuantLinears by path (``fused``: the GPU kernels; ``reference``: torch)."""
+    total = {"fused": 0, "reference": 0}
+    for model in models:
+        for layer in quant_layers(model).values():
+            for path, n in layer.calls.items():
+                total[path] += n
+    return total
 
 
 def attach_context(model: nn.Module, context: TimestepContext) -> None:

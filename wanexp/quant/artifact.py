@@ -15,7 +15,7 @@ from torch import nn
 
 from wanexp.errors import WanexpError
 from wanexp.io import atomic_path
-from wanexp.quant.api import quant_layers, set_submodule
+from wanexp.quant.api import module_device, quant_layers, replace_module
 from wanexp.quant.linear import QuantLinear
 
 ARTIFACT_FILE = "quantized.safetensors"
@@ -70,18 +70,23 @@ def check_header(path: str | Path, header: dict[str, Any], fingerprint: str | No
 
 
 def load_artifact(path: str | Path, experts: dict[str, nn.Module], fingerprint: str | None,
-                  device: torch.device | str = "cpu", expect: dict[str, Any] | None = None) -> dict[str, Any]:
+                  expect: dict[str, Any] | None = None) -> dict[str, Any]:
     """Swap the artifact's QuantLinears into ``experts`` (in place); returns the header.
 
-    The tensors are checked against the header's layer list before any module is replaced, so a
-    tampered file fails without leaving a half-quantized model behind.
+    Each layer lands on the device of the module it replaces (the placement rule of
+    :func:`wanexp.quant.api.replace_module`): on the GPU for a pipeline held there, on the CPU for
+    an offloaded one. The tensors are checked against the header's layer list before any module is
+    replaced, so a tampered file fails without leaving a half-quantized model behind.
     """
     from safetensors.torch import load_file
 
     header = read_header(path)
     check_header(path, header, fingerprint, expect)
     try:
-        tensors = load_file(str(path), device=str(device))
+        # read straight onto the experts' device when they share one (no host copy of the GPU's share)
+        homes = {module_device(m) for m in experts.values()}
+        read_to = homes.pop() if len(homes) == 1 else torch.device("cpu")
+        tensors = load_file(str(path), device=str(read_to) if read_to.type != "meta" else "cpu")
     except Exception as err:
         raise WanexpError(f"quantized artifact {path} is corrupt ({err})") from err
     grouped: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
@@ -106,5 +111,5 @@ def load_artifact(path: str | Path, experts: dict[str, nn.Module], fingerprint: 
                                   "it was modified or truncated — re-run the quantize stage") from err
             built.append((experts[expert], name, layer))
     for model, name, layer in built:
-        set_submodule(model, name, layer)
+        replace_module(model, name, layer)
     return header

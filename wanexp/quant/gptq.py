@@ -244,7 +244,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, fmt: NumberFormat, *, block_size: int
     if act_order:
         perm = torch.sort(torch.diagonal(Hf).cpu(), descending=True, stable=True).indices
     else:
-        perm = torch.arange(n)
+        perm = torch.arange(n, device="cpu")  # host-side order; moved to W's device below
     groups = _GroupScales(fmt, n, perm, clip_ratio, _format_kwargs(fmt, W0))
     if static_groups:
         groups.compute_all(W0)

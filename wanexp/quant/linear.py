@@ -45,9 +45,13 @@ class QuantLinear(nn.Module):
         self.register_buffer("lowrank_down", None if lowrank is None else lowrank[1].detach().to(compute_dtype))
         self.act_format_spec = act_format
         self.act_format = None if act_format is None else get_format(act_format["name"], **act_format.get("opts", {}))
-        table = torch.ones(1) if clip_table is None else clip_table.detach().float().flatten()
+        home = weight.device  # PackedTensor and Tensor alike: the table lives with the weight
+        table = torch.ones(1, device=home) if clip_table is None else clip_table.detach().float().flatten().to(home)
         self.register_buffer("clip_table", table)
         self.context = context
+        # forwards taken by each path (the fused GPU kernels or the torch reference), for the
+        # runner's record of which path a run really used
+        self.calls = {"fused": 0, "reference": 0}
 
     # -- weights -------------------------------------------------------------------------------
     def packed_weight(self) -> PackedTensor | None:
@@ -62,6 +66,10 @@ class QuantLinear(nn.Module):
             return self.weight
         return decode(packed).to(self.compute_dtype)
 
+    def set_clip_table(self, ratios) -> None:
+        """Replace the per-bin clip ratios (a sequence or tensor), kept on this layer's device."""
+        self.clip_table = torch.as_tensor(ratios, dtype=torch.float32, device=self.clip_table.device).flatten()
+
     def clip_ratio(self) -> torch.Tensor:
         bin_ = 0 if self.context is None else self.context.bin
         return self.clip_table[min(bin_, self.clip_table.numel() - 1)]
@@ -71,7 +79,9 @@ class QuantLinear(nn.Module):
         if x.is_cuda and self.fused and self.weight_meta is not None and self.act_format is not None:
             from wanexp import kernels
             if kernels.can_fuse(self, x):
+                self.calls["fused"] += 1
                 return kernels.fused_forward(self, x)
+        self.calls["reference"] += 1
         return self.reference_forward(x)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,12 @@ class LayerStats:
     def all_tokens(self) -> torch.Tensor | None:
         return torch.cat([self.tokens[b] for b in sorted(self.tokens)]) if self.tokens else None
 
+    def to(self, device: torch.device) -> "LayerStats":
+        """These statistics on ``device`` (where the layer they describe is built)."""
+        move = (lambda t: None if t is None else t.to(device))
+        return LayerStats(absmax=move(self.absmax), hessian=move(self.hessian),
+                          tokens={b: move(t) for b, t in self.tokens.items()})
+
 
 @dataclass
 class MethodConfig:
@@ -86,8 +92,8 @@ class MethodConfig:
 
     # -- the layer --------------------------------------------------------------------------
     def build(self, name: str, linear: nn.Linear) -> QuantLinear:
-        stats = self.stats.get(name, LayerStats())
         w = linear.weight.detach().float()
+        stats = self.stats.get(name, LayerStats()).to(w.device)  # the statistics come to the weight
         chosen: dict[str, Any] = {}
         s = None
         if self.smoothing:
@@ -99,7 +105,7 @@ class MethodConfig:
                             act_format=self.act_format, smooth=s,
                             lowrank=None if l1 is None else (l1, l2), compute_dtype=self.compute_dtype)
         self._clip_table(layer, w, stats)
-        chosen["clip"] = [round(float(r), 4) for r in layer.clip_table]
+        chosen["clip"] = [round(r, 4) for r in layer.clip_table.tolist()]
         chosen.update(self.sensitivity(layer, w, stats))
         self.report[name] = chosen
         return layer
@@ -122,7 +128,7 @@ class MethodConfig:
                 tokens = stats.tokens[b]
                 if tokens is None or tokens.shape[0] == 0:
                     continue
-                layer.clip_table = torch.full_like(table, float(table[min(b, table.numel() - 1)]))
+                layer.set_clip_table(torch.full_like(table, float(table[min(b, table.numel() - 1)])))
                 ref, got = _outputs(layer, tokens, w)
                 if 0 <= b < self.num_bins:
                     per_bin[b] = _cos_err(got, ref)
@@ -193,12 +199,12 @@ class MethodConfig:
         packed = self._wfmt().encode(r)
         layer = QuantLinear(w.shape[1], w.shape[0], weight=packed, bias=None, act_format=self.act_format,
                             smooth=s, lowrank=None if l1 is None else (l1, l2), compute_dtype=self.compute_dtype,
-                            clip_table=torch.tensor([1.0]))
+                            clip_table=torch.ones(1, device=w.device))
         return layer_error(layer, tokens, w)
 
-    def _clip_table(self, layer: QuantLinear, w: torch.Tensor, stats: LayerStats) -> torch.Tensor:
+    def _clip_table(self, layer: QuantLinear, w: torch.Tensor, stats: LayerStats) -> list[float]:
         """TS-clip (paper A, step 4): per bin, the candidate ρ with the least output error on that bin's tokens."""
-        table = torch.ones(self.num_bins)
+        table = [1.0] * self.num_bins
         if not self.clip_search or layer.act_format is None:
             return table
         for b in range(self.num_bins):
@@ -207,10 +213,10 @@ class MethodConfig:
                 continue  # a bin calibration never visited keeps ρ = 1 (no clipping)
             errors = []
             for rho in self.clip_candidates:
-                layer.clip_table = torch.full((self.num_bins,), float(rho))
+                layer.set_clip_table([float(rho)] * self.num_bins)
                 errors.append(layer_error(layer, tokens, w))
             table[b] = float(self.clip_candidates[min(range(len(errors)), key=errors.__getitem__)])
-        layer.clip_table = table
+        layer.set_clip_table(table)
         return table
 
 
