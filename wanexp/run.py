@@ -259,7 +259,7 @@ def calib_parts(state: Run, model) -> list[list[str]]:
 
 
 # Bump when what the collectors record changes, so cached statistics of the old kind are not reused.
-CALIB_FORMAT = 2  # 2: per-step traces of analysis.layers (wanexp.analysis.trace_spec) in the part files
+CALIB_FORMAT = 3  # 3: shared records for layers with one input, packed Hessians (2: per-step traces)
 
 
 def part_path(stats_dir: Path, k: int, n: int) -> Path:
@@ -311,7 +311,7 @@ def load_calib_stats(run_dir: Path):
         raise WanexpError(f"{where} holds {len(parts)} of {n} calibration parts; re-run stage=calibrate")
     merged = CalibStats()
     for p in parts:
-        merged.data.update(CalibStats.load(p).data)
+        merged.update(CalibStats.load(p))
     return merged
 
 

@@ -30,13 +30,9 @@ from torch import nn
 
 from wanexp.formats import get_format
 from wanexp.models import held_bytes
+from wanexp.models.a14b_random import A14B_TRANSFORMER, build_expert, random_init  # noqa: F401 (re-exported)
 from wanexp.quant.context import TimestepBins, TimestepContext
 from wanexp.quant.linear import QuantLinear
-
-A14B_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=36,
-                        out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40,
-                        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None,
-                        rope_max_seq_len=1024)
 
 GB = 1e9
 
@@ -74,31 +70,6 @@ class SyntheticTSClip:
         del w
         return QuantLinear(k, n, weight=packed, bias=linear.bias, act_format=fmt,
                            clip_table=torch.tensor(self.clip_table, device=dev), smooth=s, lowrank=lowrank)
-
-
-def random_init(module: nn.Module, device: torch.device, seed: int) -> nn.Module:
-    """Materialise a meta-built module on ``device`` with random bf16 weights (norm gains 1) and, for
-    a Wan transformer, its RoPE tables (non-persistent buffers that to_empty() leaves empty)."""
-    module = module.to_empty(device=device).to(torch.bfloat16)
-    g = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim < 2 and "norm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=g)
-    if hasattr(module, "rope"):
-        from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
-        c = module.config
-        module.rope = WanRotaryPosEmbed(c.attention_head_dim, c.patch_size, c.rope_max_seq_len).to(device)
-    return module.eval()
-
-
-def build_expert(device: torch.device, num_layers: int = 40, seed: int = 0) -> nn.Module:
-    from diffusers import WanTransformer3DModel
-    with torch.device("meta"):
-        model = WanTransformer3DModel(**dict(A14B_TRANSFORMER, num_layers=num_layers))
-    return random_init(model, device, seed)
 
 
 def make_inputs(height: int, width: int, frames: int, device: torch.device, seed: int = 1) -> tuple[dict, int]:

@@ -22,41 +22,13 @@ from typing import Any, Callable
 import torch
 
 GB = 1e9
-UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.0,
-                feed_forward_proj="gated-gelu", is_encoder_decoder=False, pad_token_id=0, eos_token_id=1,
-                decoder_start_token_id=0)
 
 
 def build_a14b_pipeline(init_device: torch.device, arch: str = "a14b"):
-    """The A14B pipeline with random weights, every component left on the CPU (each is initialised
-    on ``init_device``, which is fast on a GPU, then moved). ``arch='tiny'`` builds the tiny model's
-    sizes instead (a CPU dry run of this code)."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    from wanexp.bench.core import A14B_TRANSFORMER, random_init
-    from wanexp.models.tiny import TINY_SPEC, _build_tokenizer
-
-    big = arch == "a14b"
-    experts = []
-    for seed in (0, 1):
-        with torch.device("meta"):
-            model = WanTransformer3DModel(**(A14B_TRANSFORMER if big else TINY_SPEC["transformer"]))
-        experts.append(random_init(model, init_device, seed).to("cpu"))
-        del model
-        _free()
-    with torch.device("meta"):
-        text_encoder = UMT5EncoderModel(UMT5Config(**(UMT5_XXL if big else TINY_SPEC["text_encoder"])))
-    text_encoder = random_init(text_encoder, init_device, 2).to("cpu")
-    vae = AutoencoderKLWan(**({} if big else TINY_SPEC["vae"])).to(torch.float32).eval()  # the pipeline's VAE runs in fp32
-    scheduler = UniPCMultistepScheduler(**TINY_SPEC["scheduler"])
-    pipe = WanImageToVideoPipeline(tokenizer=_build_tokenizer(), text_encoder=text_encoder, vae=vae,
-                                   scheduler=scheduler, transformer=experts[0], transformer_2=experts[1],
-                                   image_encoder=None, image_processor=None, boundary_ratio=0.9)
-    pipe.set_progress_bar_config(disable=True)
-    _free()
-    return pipe
+    """The A14B pipeline with random weights, every component left on the CPU (each initialised on
+    ``init_device``, fast on a GPU, then moved). ``arch='tiny'`` builds the tiny model's sizes."""
+    from wanexp.models.a14b_random import build_random_pipeline
+    return build_random_pipeline(init_device, "cpu", arch=arch)
 
 
 def quantize_experts(pipe, device: torch.device, rank: int = 32) -> int:

@@ -12,6 +12,14 @@ of steps except the optional bounded token sample:
 Which statistics are kept is the method's choice (``needs``); the timestep bin comes from the
 expert's TimestepContext, set by the runner's timestep hook before each expert forward.
 
+Everything accumulates on the device the activations are on (the GPU at A14B size: no per-call
+copy to the host) and goes to the CPU only when saved. Layers that read the same input tensor
+(``attn1.to_q/k/v``; ``attn2.to_k/v``, the text tokens) share one record, kept under the first
+of them (:func:`input_groups`; verified at the first call). The Hessian is held as the row panels
+of its upper triangle (:class:`PackedGram`: XᵀX is symmetric, so about half the memory and half
+the FLOPs), summed in fp32 (bf16 inputs, fp32 accumulation on CUDA), optionally over a uniform
+subsample of the tokens (``hessian_stride``: every s-th row, the offset rotating per call).
+
 For a few *traced* layers (``analysis.layers``; the seed paper's Fig. 1) the collector also keeps,
 per denoising step (distinct timestep) of the same BF16 trajectories, a per-channel max |x| over
 every token and a per-channel high percentile of |x| over an evenly strided subsample of at most
@@ -36,6 +44,69 @@ from wanexp.quant.context import TimestepContext
 STATS = ("absmax", "sumsq", "hessian", "tokens")
 ALL_BINS = -1  # the bin key of statistics pooled over every bin
 TRACE_PREFIX = "trace"  # saved keys of the per-step traces: ``trace|<expert>|<layer>|<stat>``
+GRAM_KEY = "hessian"      # packed panels are saved as ``hessian@<tile>#<panel>``
+_SHARED = (("attn1.to_q", "attn1.to_k", "attn1.to_v"), ("attn2.to_k", "attn2.to_v"))
+
+
+def input_groups(layers: Iterable[str]) -> dict[str, str]:
+    """``member → representative`` for layers that read the same input tensor in a Wan block:
+    ``attn1.to_q/k/v`` (the hidden states) and ``attn2.to_k/v`` (the text tokens). Layers not in a
+    group map to themselves."""
+    layers = list(layers)
+    present = set(layers)
+    out = {n: n for n in layers}
+    for n in layers:
+        for group in _SHARED:
+            for suffix in group[1:]:
+                if n.endswith("." + suffix):
+                    rep = n[: -len(suffix)] + group[0]
+                    if rep in present:
+                        out[n] = rep
+    return out
+
+
+class PackedGram:
+    """XᵀX accumulated as the row panels of its upper triangle: panel i holds rows [iT, (i+1)T) and
+    columns [iT, k). Sums in fp32; on CUDA the products take bf16 inputs with fp32 accumulation and
+    fp32 output (exact products, fp32-grade sums)."""
+
+    def __init__(self, k: int, device: torch.device, tile: int = 512, panels: list[torch.Tensor] | None = None):
+        self.k, self.tile = int(k), int(min(tile, k))
+        starts = range(0, self.k, self.tile)
+        self.panels = panels if panels is not None else [
+            torch.zeros(min(self.tile, self.k - i), self.k - i, dtype=torch.float32, device=device) for i in starts]
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        """Fold the rows of ``x [n, k]`` in."""
+        fused = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+        xf = x if fused else x.float()
+        for p, i in zip(self.panels, range(0, self.k, self.tile)):
+            a, b = xf[:, i:i + p.shape[0]], xf[:, i:]
+            if fused:
+                torch.addmm(p, a.T, b, out_dtype=torch.float32, out=p)
+            else:
+                p.addmm_(a.T, b)
+
+    def full(self) -> torch.Tensor:
+        """The symmetric [k, k] matrix."""
+        h = torch.empty(self.k, self.k, dtype=torch.float32, device=self.panels[0].device)
+        for p, i in zip(self.panels, range(0, self.k, self.tile)):
+            h[i:i + p.shape[0], i:] = p
+        upper = torch.triu(h)
+        return upper + torch.triu(h, diagonal=1).T
+
+    def __add__(self, other: "PackedGram") -> "PackedGram":
+        assert (self.k, self.tile) == (other.k, other.tile)
+        return PackedGram(self.k, self.panels[0].device, self.tile,
+                          [a + b.to(a.device) for a, b in zip(self.panels, other.panels)])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.numel() * 4 for p in self.panels)
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}@{self.tile}#{n}": p for n, p in enumerate(self.panels)}
 
 
 @dataclass
@@ -46,39 +117,86 @@ class CalibStats:
     # per-step traces of the traced layers: (expert, layer) → {timestep [S], absmax [S, C], pct [S, C],
     # count [S], percentile []} (a StepTrace while collecting)
     trace: dict[tuple[str, str], Any] = field(default_factory=dict)
+    # (expert, layer) → the layer whose record it shares (same input tensor; see input_groups)
+    aliases: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def _key(self, expert: str, layer: str) -> str:
+        return self.aliases.get((expert, layer), layer)
 
     def get(self, expert: str, layer: str, bin_: int) -> dict[str, torch.Tensor]:
-        return self.data.get((expert, layer, bin_), {})
+        """The statistics of one layer in one bin (``ALL_BINS``: pooled), the Hessian as a full matrix."""
+        d = self.data.get((expert, self._key(expert, layer), bin_), {})
+        return {k: v.full() if isinstance(v, PackedGram) else v for k, v in d.items()}
 
     def bins_of(self, expert: str, layer: str) -> list[int]:
+        layer = self._key(expert, layer)
         return sorted(b for (e, l, b) in self.data if e == expert and l == layer and b != ALL_BINS)
 
+    def update(self, other: "CalibStats") -> None:
+        self.data.update(other.data)
+        self.trace.update(other.trace)
+        self.aliases.update(other.aliases)
+
+    def drop(self, stat: str) -> None:
+        """Forget one statistic everywhere (a transient Hessian, once it has been used)."""
+        for d in self.data.values():
+            d.pop(stat, None)
+
+    def nbytes(self, stat: str | None = None) -> int:
+        total = 0
+        for d in self.data.values():
+            for k, v in d.items():
+                if stat is None or k == stat:
+                    total += v.nbytes if isinstance(v, PackedGram) else v.numel() * v.element_size()
+        return total
+
     def save(self, path: str | Path) -> None:
+        import json as _json
         from safetensors.torch import save_file
-        flat = {f"{e}|{l}|{b}|{k}": v.contiguous().cpu() for (e, l, b), d in self.data.items() for k, v in d.items()}
+        flat = {}
+        for (e, l, b), d in self.data.items():
+            for k, v in d.items():
+                parts = v.tensors(k) if isinstance(v, PackedGram) else {k: v}
+                flat.update({f"{e}|{l}|{b}|{name}": t.contiguous().cpu() for name, t in parts.items()})
         for (e, l), d in self.trace.items():
             d = d.tensors() if isinstance(d, StepTrace) else d
             flat.update({f"{TRACE_PREFIX}|{e}|{l}|{k}": v.contiguous().cpu() for k, v in d.items()})
+        aliases = _json.dumps([[e, l, rep] for (e, l), rep in sorted(self.aliases.items())])
         with atomic_path(path) as tmp:
-            save_file(flat, str(tmp), metadata={"format": "wanexp-calib-v1"})
+            save_file(flat, str(tmp), metadata={"format": "wanexp-calib-v2", "aliases": aliases})
 
     @classmethod
     def load(cls, path: str | Path) -> "CalibStats":
         from safetensors.torch import load_file
         if not Path(path).is_file():
             raise WanexpError(f"calibration statistics {path} do not exist (run the calibrate stage first)")
+        import json as _json
+        from safetensors import safe_open
         try:
             flat = load_file(str(path))
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
         except Exception as err:
             raise WanexpError(f"calibration statistics {path} are corrupt ({err}); delete the file and re-run calibrate") from err
         out = cls()
+        panels: dict[tuple, dict[int, torch.Tensor]] = {}
         for key, v in flat.items():
             if key.startswith(TRACE_PREFIX + "|"):
                 _, e, l, k = key.split("|")
                 out.trace.setdefault((e, l), {})[k] = v
                 continue
             e, l, b, k = key.split("|")
+            if "@" in k:  # a packed Hessian panel: <stat>@<tile>#<n>
+                stat, rest = k.split("@")
+                tile, n = rest.split("#")
+                panels.setdefault((e, l, int(b), stat, int(tile)), {})[int(n)] = v
+                continue
             out.data.setdefault((e, l, int(b)), {})[k] = v
+        for (e, l, b, stat, tile), parts in panels.items():
+            ordered = [parts[n] for n in sorted(parts)]
+            out.data.setdefault((e, l, b), {})[stat] = PackedGram(ordered[0].shape[1], ordered[0].device, tile, ordered)
+        for e, l, rep in _json.loads(meta.get("aliases", "[]")):
+            out.aliases[(e, l)] = rep
         return out
 
 
@@ -134,70 +252,139 @@ class StepTrace:
 
 
 class ActivationCollector:
-    """Attach to one expert's targeted linears; fold each input into the stats of the current bin."""
+    """Attach to one expert's targeted linears; fold each input into the stats of the current bin.
+
+    ``hessian_stride`` s > 1 accumulates the Hessian over every s-th token (a uniform subsample,
+    the offset rotating with each call); ``share_inputs`` keeps one record for layers reading the
+    same tensor. Non-finite inputs are flagged on the device and raised by :meth:`check` (called
+    after each denoising step: one host sync a step, not one a layer), naming layer and timestep."""
 
     def __init__(self, expert: str, model: nn.Module, layers: Iterable[str], context: TimestepContext,
                  needs: Iterable[str], stats: CalibStats, max_tokens: int = 256, seed: int = 0,
-                 trace_layers: Iterable[str] = (), trace_percentile: float = 99.9, trace_tokens: int = 16384):
+                 trace_layers: Iterable[str] = (), trace_percentile: float = 99.9, trace_tokens: int = 16384,
+                 hessian_stride: int = 1, share_inputs: bool = True, gram_tile: int = 512):
         unknown = set(needs) - set(STATS)
         if unknown:
             raise ValueError(f"unknown calibration statistics {sorted(unknown)}; known: {STATS}")
+        if int(hessian_stride) < 1:
+            raise ValueError(f"hessian_stride must be >= 1, got {hessian_stride}")
         self.expert, self.context, self.needs, self.stats = expert, context, set(needs), stats
-        self.max_tokens = max_tokens
-        self.generator = torch.Generator().manual_seed(seed)
+        self.max_tokens, self.seed, self.hessian_stride, self.gram_tile = max_tokens, seed, int(hessian_stride), gram_tile
+        self.generators: dict[torch.device, torch.Generator] = {}
         self.seen: dict[tuple[str, str, int], int] = {}
+        self.calls: dict[str, int] = {}
+        self.bad: dict[str, tuple[torch.Tensor, float | None]] = {}
         layers = list(layers)
+        groups = input_groups(layers) if share_inputs else {n: n for n in layers}
+        reps = [n for n in layers if groups[n] == n]
+        for member, rep in groups.items():
+            if member != rep:
+                stats.aliases[(expert, member)] = rep
         # traced layers of this collector's share (a calibration pass may cover only some blocks)
         self.traces = {n: StepTrace(trace_percentile, trace_tokens) for n in trace_layers if n in set(layers)}
-        self.handles = [model.get_submodule(n).register_forward_pre_hook(self._hook(n)) for n in layers]
+        self._last_input: dict[str, int] = {}
+        self.handles = [model.get_submodule(n).register_forward_pre_hook(self._hook(n)) for n in reps]
+        for n in self.traces:  # a traced member of a group is traced on its own
+            if groups[n] != n:
+                self.handles.append(model.get_submodule(n).register_forward_pre_hook(self._trace_hook(n)))
+        # the first call checks that grouped layers really read their representative's tensor
+        self._unchecked = {m: r for m, r in groups.items() if m != r}
+        self.handles += [model.get_submodule(m).register_forward_pre_hook(self._check_hook(m, r))
+                         for m, r in self._unchecked.items()]
 
     def _hook(self, layer: str):
         def hook(module, args):
+            self._last_input[layer] = args[0].data_ptr()
             self.observe(layer, args[0])
         return hook
 
+    def _trace_hook(self, layer: str):
+        def hook(module, args):
+            if self.context.timestep is not None:
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                self.traces[layer].observe(float(self.context.timestep), x)
+                self.stats.trace[(self.expert, layer)] = self.traces[layer]
+        return hook
+
+    def _check_hook(self, member: str, rep: str):
+        def hook(module, args):
+            if member not in self._unchecked:
+                return
+            if self._last_input.get(rep) != args[0].data_ptr():
+                raise WanexpError(f"calibration: {self.expert}:{member} does not read the same input as {rep}, "
+                                  "so they cannot share statistics (set quant.share_inputs=false)")
+            del self._unchecked[member]
+        return hook
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self.generators:
+            self.generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self.generators[device]
+
     @torch.no_grad()
     def observe(self, layer: str, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        if not torch.isfinite(x).all():
-            raise WanexpError(f"non-finite activations entering {self.expert}:{layer} at timestep "
-                              f"{self.context.timestep} during calibration")
+        x = x.detach().reshape(-1, x.shape[-1])
         key = (self.expert, layer, self.context.bin)
         d = self.stats.data.setdefault(key, {})
         pooled = self.stats.data.setdefault((self.expert, layer, ALL_BINS), {})
+        amax = x.abs().amax(dim=0).float()  # max |x| per channel; NaN/Inf propagate into it
+        finite = torch.isfinite(amax).all()
+        prev = self.bad.get(layer)
+        if prev is None or prev[1] is None:  # remember the first timestep a layer went non-finite
+            self.bad[layer] = (~finite if prev is None else prev[0] | ~finite, self.context.timestep)
+        else:
+            self.bad[layer] = (prev[0] | ~finite, prev[1])
+        if not x.is_cuda and not bool(finite):  # on the CPU a check costs nothing: fail at once
+            self.check()
         if "absmax" in self.needs:
-            amax = x.abs().amax(dim=0).cpu()
             d["absmax"] = amax if "absmax" not in d else torch.maximum(d["absmax"], amax)
         d["count"] = d.get("count", torch.zeros((), dtype=torch.float64)) + x.shape[0]
         if "sumsq" in self.needs:
-            d["sumsq"] = d.get("sumsq", 0) + x.square().sum(dim=0).double().cpu()
+            d["sumsq"] = d.get("sumsq", 0) + x.float().square().sum(dim=0).double()
         if "hessian" in self.needs:  # pooled over bins: GPTQ uses one Hessian, and [in, in] per bin would not fit at A14B size
-            pooled["hessian"] = pooled.get("hessian", 0) + (x.T @ x).cpu()
+            gram = pooled.get("hessian")
+            if gram is None:
+                gram = pooled["hessian"] = PackedGram(x.shape[1], x.device, self.gram_tile)
+            calls = self.calls[layer] = self.calls.get(layer, -1) + 1
+            gram.add(x[calls % self.hessian_stride::self.hessian_stride] if self.hessian_stride > 1 else x)
         if "tokens" in self.needs:
             self._reservoir(key, d, x)
         if layer in self.traces and self.context.timestep is not None:
             trace = self.traces[layer]
-            trace.observe(float(self.context.timestep), x)
+            trace.observe(float(self.context.timestep), x.float())
             self.stats.trace[(self.expert, layer)] = trace  # turned into tensors when saved
+
+    def check(self) -> None:
+        """Raise if any layer saw a non-finite input since calibration began (one host sync)."""
+        if not self.bad:
+            return
+        names = list(self.bad)
+        flags = torch.stack([self.bad[n][0].to(torch.bool).reshape(()).cpu() for n in names])
+        if bool(flags.any()):
+            first = names[int(torch.nonzero(flags)[0])]
+            raise WanexpError(f"non-finite activations entering {self.expert}:{first} at timestep "
+                              f"{self.bad[first][1]} during calibration")
 
     def _reservoir(self, key, d: dict, x: torch.Tensor) -> None:
         """Algorithm R over rows: every row seen so far is in the sample with equal probability."""
         seen = self.seen.get(key, 0)
         k = self.max_tokens
-        x = x.to(torch.bfloat16).cpu()
+        x = x.to(torch.bfloat16)
         if seen < k:
             take = x[: k - seen]
             d["tokens"] = take.clone() if "tokens" not in d else torch.cat([d["tokens"], take])
             x, seen = x[k - seen:], seen + take.shape[0]
         if x.shape[0]:
-            idx = seen + torch.arange(x.shape[0])
-            slot = (torch.rand(x.shape[0], generator=self.generator, dtype=torch.float64) * (idx + 1)).long()
+            dev = x.device
+            idx = seen + torch.arange(x.shape[0], device=dev)
+            u = torch.rand(x.shape[0], generator=self._generator(dev), dtype=torch.float64, device=dev)
+            slot = (u * (idx + 1)).long()
             hit = slot < k
-            if hit.any():  # when rows share a slot the last one wins, as in sequential R
-                slots, rows = slot[hit], torch.nonzero(hit).flatten()
-                last = torch.full((k,), -1, dtype=torch.long).scatter_reduce_(0, slots, rows, reduce="amax")
-                filled = last >= 0
-                d["tokens"][filled] = x[last[filled]]
+            # when rows share a slot the last one wins, as in sequential R
+            slots, rows = slot[hit], torch.nonzero(hit).flatten()
+            last = torch.full((k,), -1, dtype=torch.long, device=dev).scatter_reduce_(0, slots, rows, reduce="amax")
+            filled = last >= 0
+            d["tokens"][filled] = x[last[filled]]
             seen += x.shape[0]
         self.seen[key] = seen
 

@@ -74,6 +74,9 @@ def load_pipeline(cfg: Mapping[str, Any], cache_dir: str | Path, device: str | t
     quiet_libraries()
     from diffusers import WanImageToVideoPipeline
 
+    if cfg["name"] == "a14b_random":  # full size, random weights, built in memory (no checkpoint)
+        from wanexp.models.a14b_random import load_random_pipeline
+        return load_random_pipeline(cfg, torch.device(device))
     path = resolve_model_dir(cfg, cache_dir)
     dtype = _DTYPES.get(str(cfg.get("dtype", "bf16")))
     if dtype is None:
