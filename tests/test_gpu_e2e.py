@@ -7,19 +7,26 @@ The matrix: every method under both offload policies (``none``: everything on th
 only the running component there), every format under both, every stage (calibrate → report, then
 ``stage=analyze``), and ``quant.load=`` of an artifact written on the CPU and of one written on the GPU.
 
-CUDA against CPU. Latents are compared, per method, over the evaluation samples:
+CUDA against CPU. Latents are compared over the evaluation samples:
 
-    d_device  = ‖z_cuda − z_cpu‖ / ‖z_cpu‖        the device's effect on this method's output
-    e_quant   = ‖z_cpu − z_bf16,cpu‖ / ‖z_bf16,cpu‖  the method's own effect (its latent error)
+    d_device(m) = ‖z_cuda − z_cpu‖ / ‖z_cpu‖           the device's effect on method m's output
+    e_quant(m)  = ‖z_m − z_bf16‖ / ‖z_bf16‖ (same device)  the method's own effect (its latent error)
 
-The two runs differ in summation order (cuBLAS vs CPU GEMMs, cuDNN vs CPU attention) and, for MXFP4,
-in the fused kernel's single rounding where the reference rounds three times; a 4-bit quantizer turns
-such ulp-level differences into whole code flips for values near a rounding boundary, so d_device is
-not ulp-small. What must hold is that the GPU reproduces the method and not something else:
-**d_device ≤ 0.5 · e_quant** (the device moves a W4A4 result by less than half of what quantization
-moves it; a wrong clip ratio, bin, scale rule or smoothing vector moves it by about e_quant or more),
-and the GPU run's own latent error is within ±30% of the CPU run's. The BF16 pair's d_device is
-recorded beside them as the floor.
+The two devices differ in summation order (cuBLAS vs CPU GEMMs, cuDNN vs CPU attention) and, for
+MXFP4, in the fused kernel's single rounding where the reference rounds three times. The tiny
+random model amplifies such differences (its BF16 runs already differ by d_device(bf16) = 0.005
+between the devices, measured on an H200), and a 4-bit quantizer turns them into whole code flips
+near rounding boundaries; calibrated methods also make their discrete choices (α, clip ratios,
+GPTQ order of errors) on statistics of slightly different BF16 trajectories. So W4A4 latents are
+not expected to agree to ulps, and the tolerances are:
+
+- the weights: RTN's packed codes and scales written on the GPU equal the CPU's bit for bit;
+- the same layers on both devices (RTN, and TS-clip loaded from the CPU-written artifact):
+  d_device ≤ 2.5 · d_device(bf16): the quantized layers add at most 2.5× the BF16 model's own
+  device difference (measured: 1.9× and 1.7×);
+- every compared method, calibrated on each device: the method's effect is reproduced,
+  |e_quant(cuda) / e_quant(cpu) − 1| ≤ 0.2 (measured: 0.2% to 11%). A wrong clip ratio, bin,
+  scale rule or smoothing vector changes e_quant by more.
 
 Set ``WANEXP_GPU_RESULTS=<dir>`` to keep the matrix and the figures as JSON and Markdown.
 """
@@ -206,12 +213,22 @@ def _figures(matrix) -> dict:
 def test_cuda_reproduces_the_cpu_run_of_the_same_config(matrix):
     figures = _figures(matrix)
     _keep(matrix, figures)
-    for method, f in figures.items():
-        if method == "bf16":
-            continue
-        assert f["d_device"] <= 0.5 * f["e_quant_cpu"], (method, f)
-        if "e_quant_gpu" in f:
-            assert f["e_quant_gpu"] == pytest.approx(f["e_quant_cpu"], rel=0.3), (method, f)
+    floor = figures["bf16"]["d_device"]
+    for same_layers in ("rtn", "tsclip_cpu_artifact_on_gpu"):
+        assert figures[same_layers]["d_device"] <= 2.5 * floor, (same_layers, figures)
+    for method in COMPARED:
+        f = figures[method]
+        assert f["e_quant_gpu"] == pytest.approx(f["e_quant_cpu"], rel=0.2), (method, f)
+
+
+def test_rtn_codes_written_on_cuda_equal_the_cpus(matrix):
+    from safetensors.torch import load_file
+    art = "artifact/quantized.safetensors"
+    cpu = load_file(str(matrix["runs"]["cpu"][("rtn", "mxfp4", "none")] / art))
+    gpu = load_file(str(matrix["runs"]["methods"][("rtn", "mxfp4", "none")] / art))
+    assert cpu.keys() == gpu.keys()
+    packed = [k for k in cpu if "/wq_" in k]
+    assert packed and all(torch.equal(cpu[k], gpu[k]) for k in packed)
 
 
 def _keep(matrix, figures: dict) -> None:
