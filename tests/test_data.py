@@ -273,3 +273,4 @@ def test_run_checks_every_sample_before_loading_a_model(published, tmp_path, cli
     line, = proc.stderr.strip().splitlines()
     assert line.startswith("wanexp: error: 1 image(s) of the run's samples cannot be used: ") and "'faceobj_3'" in line
     assert "undecodable" in line and not (run_dir / "model.json").exists() and not (run_dir / "stages").exists()
+    assert not (run_dir / "wanexp_config.json").exists()  # the directory is not tied to the failed attempt

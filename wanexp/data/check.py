@@ -14,6 +14,7 @@ sample of both splits read, its image decoded.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -117,7 +118,7 @@ def scan_root(root: Path) -> RootReport:
             for p in image_paths(rec):
                 images.setdefault(root / p, f"{f.name}: {sid!r}")
     bad_images = decode_problems(images)
-    problems += record_problems + [f"image {p.relative_to(root)} ({images[p]}) is {why}"
+    problems += record_problems + [f"image {os.path.relpath(p, root)} ({images[p]}) is {why}"
                                    for p, why in sorted(bad_images.items())]
     lines += ["overlaps"] + (_overlap_lines(files) or ["  none"])
     missing = sum(why == "missing" for why in bad_images.values())

@@ -210,8 +210,11 @@ def to_sample(root: Path, sid: str, rec: dict, source: str) -> Sample:
 
 
 def image_paths(rec: dict) -> Sequence[str]:
+    """The record's reference image paths (a single string is one path; anything else is none)."""
     paths = rec.get("img_paths")
-    return [paths] if isinstance(paths, str) else list(paths or [])
+    if isinstance(paths, str):
+        paths = [paths]
+    return [p for p in paths if isinstance(p, str) and p] if isinstance(paths, list) else []
 
 
 def natural_key(sid: str):
