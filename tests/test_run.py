@@ -58,6 +58,8 @@ def test_default_run_end_to_end(default_run):
     assert pd.isna(row["kept"]) and pd.isna(row["clip_candidates"]) and row["rank"] == 0
     per_sample = pd.read_csv(run_dir / "eval" / "per_sample.csv")
     assert len(per_sample) == 6 and per_sample["category"].nunique() == 6
+    assert (per_sample["num_ref_images"] == 1).all()  # the tiny fixture: one reference image a sample
+    assert row["num_calib_samples"] == 0 and not row["calib_overlaps_eval"] and pd.isna(row["calib_samples"])  # RTN
 
 
 def test_resuming_a_finished_run_does_no_work(default_run):
@@ -207,6 +209,10 @@ def test_paper_table1_sweep_renders_the_papers_layout(cli, tmp_path):
     err = long[long["metric"] == "latent rel. err"].set_index("method")["ours"]
     assert err.to_dict() == pytest.approx(t["latent_rel_err"].to_dict())
     assert "Ours† (+ self_attn.o, ffn.2 in BF16)" in proc.stdout
+    # the preset's overlapping split; one evaluated sample is taken from those not calibrated on first
+    rows = pd.concat([pd.read_csv(p) for p in sweep.glob("*/results.csv")]).set_index("method")
+    assert rows.loc["tsclip", "num_calib_samples"] == 1 and rows.loc["tsclip", "calib_source"] == "data"
+    assert not rows.loc["tsclip", "calib_overlaps_eval"] and rows.loc["rtn", "num_calib_samples"] == 0
 
 
 def test_a_failing_sweep_point_is_reported_and_the_others_kept(cli, tmp_path):

@@ -117,6 +117,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     stage = "setup"
     try:
         validate(cfg)
+        from wanexp.data.check import check_run_data  # every sample of both splits read, before any model loads
+        check_run_data(OmegaConf.to_container(cfg.data, resolve=True), cfg.paths.cache_dir)
         if world.main:
             _check_writable(run_dir)
             _check_same_config(cfg, run_dir)
@@ -651,7 +653,8 @@ def report(state: Run) -> dict:
     gen = read_json(run_dir / "generate.json")
     row = results_row(state, evals, gen)
     write_row(run_dir, row)
-    per_sample = per_sample_table(run_dir)
+    from wanexp.data import sample_table
+    per_sample = per_sample_table(run_dir).merge(sample_table(state.splits.eval), on="id", how="left")
     with atomic_path(run_dir / "eval" / "per_sample.csv") as tmp:
         per_sample.to_csv(tmp, index=False)
     logger = OmegaConf.to_container(cfg.logger, resolve=True)
@@ -686,6 +689,9 @@ def results_row(state: Run, evals: dict, gen: dict) -> dict:
         "seed": int(cfg.seed), "model": cfg.model.name, "data": cfg.data.name, "num_videos": fid.get("num_videos"),
         "psnr": fid.get("psnr"), "ssim": fid.get("ssim"), "latent_rel_err": fid.get("latent_rel_err"),
     }
+    from wanexp.data import calib_record  # what calibration ran on, and whether it was evaluated too
+    calibrated = state.done("calibrate") and "samples" in read_json(state.marker("calibrate"))
+    row.update(calib_record(state.splits, calibrated))
     row.update({k: v for k, v in (evals.get("vbench") or {}).items() if isinstance(v, float)})
     row.update({
         "model_size_gb": _gb(quant_info.get("model_bytes")), "pipeline_size_gb": _gb(quant_info.get("pipeline_bytes")),
