@@ -125,10 +125,11 @@ def test_method_ladder_multirun_and_artifact_reload(cli, tmp_path):
     assert table.set_index("method").loc["rtn", "Δlatent_rel_err"] == pytest.approx(rows["rtn"]["latent_rel_err"])
     ts = runs["tsclip"]
     calib = json.loads((ts / "stages" / "calibrate.json").read_text())
-    assert len(list(Path(calib["stats_dir"]).glob("stats-part*-of002.safetensors"))) == 2  # 4 blocks, 2 per pass
+    # 4 blocks, 2 per pass, one pass of each expert's steps per group
+    assert len(list(Path(calib["stats_dir"]).glob("stats-*-part*-of002.safetensors"))) == 4
     # the content-addressed cache: tsclip_keep_sensitive needs the same statistics and calibrates no more
     kept_calib = json.loads((runs["tsclip_keep_sensitive"] / "stages" / "calibrate.json").read_text())
-    assert kept_calib["stats_dir"] == calib["stats_dir"] and kept_calib["parts_reused"] == 2
+    assert kept_calib["stats_dir"] == calib["stats_dir"] and kept_calib["parts_reused"] == 4
     assert calib["parts_reused"] == 0 and kept_calib["seconds"] < calib["seconds"]
     gptq_calib = json.loads((runs["svdquant_gptq"] / "stages" / "calibrate.json").read_text())
     assert gptq_calib["stats_dir"] != calib["stats_dir"]  # 1 bin, not 4: other statistics

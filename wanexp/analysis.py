@@ -162,7 +162,7 @@ def _load_traces(run_dir: Path) -> dict:
         raise NotRecorded(f"no BF16 calibration trajectory recorded: quant={name} skips calibration "
                           "(per-step traces are recorded during the calibration of methods that calibrate, "
                           "e.g. quant=tsclip)")
-    parts = sorted(where.glob("stats-part*-of*.safetensors"))
+    parts = sorted(where.glob("stats-*part*-of*.safetensors"))
     if not parts:
         raise NotRecorded(f"no calibration statistics in {where}")
     traces = load_traces(parts)

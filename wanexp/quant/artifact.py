@@ -23,20 +23,26 @@ ARTIFACT_VERSION = 1
 
 
 def save_artifact(path: str | Path, experts: dict[str, nn.Module], header: dict[str, Any]) -> Path:
+    """Every QuantLinear of ``experts`` (``{name: model}``) into one file."""
+    return save_layers(path, {e: quant_layers(m) for e, m in experts.items()}, header)
+
+
+def save_layers(path: str | Path, layers: dict[str, dict[str, QuantLinear]], header: dict[str, Any]) -> Path:
+    """``{expert: {layer name: QuantLinear}}`` into one safetensors file with the JSON header."""
     from safetensors.torch import save_file
 
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
-    layers: dict[str, dict[str, dict]] = {}
-    for expert, model in experts.items():
-        layers[expert] = {}
-        for name, layer in quant_layers(model).items():
-            layers[expert][name] = layer.describe()
+    described: dict[str, dict[str, dict]] = {}
+    for expert, named in layers.items():
+        described[expert] = {}
+        for name, layer in named.items():
+            described[expert][name] = layer.describe()
             for key, buf in layer.named_buffers(recurse=False):
                 if buf is not None:
                     tensors[f"{expert}/{name}/{key}"] = buf.detach().contiguous().cpu()
     import wanexp
-    full = dict(header, version=ARTIFACT_VERSION, wanexp_version=wanexp.__version__, layers=layers)
+    full = dict(header, version=ARTIFACT_VERSION, wanexp_version=wanexp.__version__, layers=described)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"wanexp": json.dumps(full, sort_keys=True)})
     return path

@@ -1,0 +1,209 @@
+"""calibrate: BF16 denoising of the calibration split, recording per expert, layer and timestep bin
+what the method needs (``wanexp.calib.collect``).
+
+Passes run expert by expert (``wanexp.calib.trajectory.ExpertSplit``): every sample's high-noise
+steps with collectors on the high-noise expert, then every sample's low-noise steps, so one
+denoising pass covers the calibration set and only one expert's statistics are held at a time.
+``quant.calib_blocks_per_pass`` cuts each expert's pass further into groups of blocks (bounded
+memory, at the cost of one more pass over that expert's steps per group).
+
+Each pass writes one part file (``stats-<expert>-part<k>-of<n>.safetensors``) into the
+content-addressed calibration cache; a finished part is not recomputed on resume, so a crash loses
+at most the pass in flight. Hessians are *transient* when ``store_hessians`` is false (the default
+at A14B size, where they are ~30 GB an expert): the pass builds that expert's GPTQ layers from them
+at once, writes them to ``artifact/parts/`` and saves its statistics without the Hessians; the
+quantize stage then assembles the artifact from the parts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from wanexp.analysis import trace_spec
+from wanexp.calib import ActivationCollector, CalibStats
+from wanexp.calib.trajectory import ExpertSplit
+from wanexp.errors import WanexpError
+from wanexp.generate import sample_seed
+from wanexp.io import read_json, write_json
+from wanexp.models import EXPERTS, experts, install_timestep_hooks
+from wanexp.quant.methods import MethodConfig
+from wanexp.quant.targets import block_index, targeted_linears
+
+CALIB_DIR = Path("calib")
+# Bump when what the collectors record changes, so cached statistics of the old kind are not reused.
+CALIB_FORMAT = 4  # 4: passes per expert, shared records for one-input layers, packed Hessians (2: traces)
+
+
+def calib_setting(cfg, key: str, default):
+    """A calibration setting: ``quant.<key>``, else the model's scale-dependent ``model.calib.<key>``."""
+    value = cfg.quant.get(key)
+    if value is None:
+        value = (cfg.model.get("calib") or {}).get(key, default)
+    return value
+
+
+def needs_of(cfg) -> list[str]:
+    return MethodConfig.needs(cfg.quant) if cfg.quant.name != "bf16" else []
+
+
+def transient_hessians(cfg) -> bool:
+    """True when the Hessians are used within their pass and never written (see the module docstring)."""
+    return "hessian" in needs_of(cfg) and not bool(calib_setting(cfg, "store_hessians", True))
+
+
+def calib_parts(state, model) -> list[list[str]]:
+    """One expert's targeted layers cut into passes of ``quant.calib_blocks_per_pass`` blocks (null: one)."""
+    layers = targeted_linears(model)
+    per = state.cfg.quant.get("calib_blocks_per_pass")
+    if not per:
+        return [layers]
+    blocks = sorted({block_index(n) for n in layers})
+    groups = [blocks[i:i + int(per)] for i in range(0, len(blocks), int(per))]
+    return [[n for n in layers if block_index(n) in set(g)] for g in groups]
+
+
+def part_path(stats_dir: Path, expert: str, k: int, n: int) -> Path:
+    return stats_dir / f"stats-{expert}-part{k:03d}-of{n:03d}.safetensors"
+
+
+def calib_key(state, pipe, needs: list[str]) -> dict:
+    """Everything the calibration statistics depend on, and nothing else (not the method's search
+    settings, not the format): runs that agree on it share one set of statistics."""
+    cfg = state.cfg
+    samples = [(s.id, s.prompt, str(s.image_path), bool(s.extra.get("blank_image"))) for s in state.splits.calib]
+    key = {"format": CALIB_FORMAT, "fingerprint": state.fingerprint, "needs": needs,
+           "calib_tokens": int(cfg.quant.get("calib_tokens", 256)), "seed": int(cfg.seed),
+           "bins": {k: c.bins.to_json() for k, c in state.contexts(pipe).items()},
+           "blocks_per_pass": cfg.quant.get("calib_blocks_per_pass"), "samples": samples,
+           "generation": OmegaConf.to_container(cfg.model.generation, resolve=True),
+           "analysis": _trace_spec(state, pipe),
+           "share_inputs": bool(calib_setting(cfg, "share_inputs", True))}
+    if "hessian" in needs:
+        key["hessian_token_stride"] = int(calib_setting(cfg, "hessian_token_stride", 1))
+        key["hessians"] = "transient" if transient_hessians(cfg) else "stored"
+    return key
+
+
+def _trace_spec(state, pipe) -> dict:
+    """The layers whose per-step statistics calibration also records (paper Fig. 1), resolved."""
+    analysis = state.cfg.get("analysis")
+    return trace_spec(OmegaConf.to_container(analysis, resolve=True) if analysis is not None else {},
+                      targeted_linears(experts(pipe)["high_noise"]))
+
+
+def stats_dir(state, key: dict) -> Path:
+    """``<paths.calib_cache>/<hash of the key>`` (shared across runs), or the run's own ``calib/``."""
+    cache = state.cfg.paths.get("calib_cache")
+    if not cache:
+        return state.run_dir / CALIB_DIR
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return Path(str(cache)).expanduser() / digest
+
+
+def load_calib_stats(run_dir: Path) -> CalibStats:
+    marker = run_dir / "stages" / "calibrate.json"
+    where = Path(read_json(marker).get("stats_dir", run_dir / CALIB_DIR)) if marker.is_file() else run_dir / CALIB_DIR
+    parts = sorted(where.glob("stats-*part*-of*.safetensors"))
+    if not parts:
+        raise WanexpError(f"no calibration statistics in {where} (run stage=calibrate first)")
+    for expert in EXPERTS:
+        mine = [p for p in parts if p.name.startswith(f"stats-{expert}-")]
+        n = int(mine[0].stem.split("-of")[-1]) if mine else 0
+        if not mine or len(mine) != n:
+            raise WanexpError(f"{where} holds {len(mine)} of {n or '?'} calibration parts of {expert}; "
+                              "re-run stage=calibrate")
+    merged = CalibStats()
+    for p in parts:
+        merged.update(CalibStats.load(p))
+    return merged
+
+
+def calibrate(state) -> dict:
+    """The calibrate stage (module docstring)."""
+    cfg = state.cfg
+    if cfg.quant.get("load"):
+        return {"skipped": f"quant.load={cfg.quant.load}: the artifact is reused, nothing to calibrate"}
+    needs = needs_of(cfg)
+    if not needs:
+        return {"skipped": f"quant={cfg.quant.name} needs no calibration statistics"}
+    samples = state.splits.calib
+    if not samples:
+        raise WanexpError(f"quant={cfg.quant.name} needs calibration data but the calibration split is empty "
+                          "(set data.calib.num_samples, data.calib.ids or data.calib.prompts_file)")
+    transient = transient_hessians(cfg)
+    if transient and cfg.expert.policy == "shared":
+        raise WanexpError("expert.policy=shared pools both experts' Hessians, which transient Hessians never hold "
+                          "at once: set quant.store_hessians=true (costs their size on disk) or expert=per_expert")
+    pipe = state.bf16_pipe()
+    contexts = state.contexts(pipe)
+    key = calib_key(state, pipe, needs)
+    where = stats_dir(state, key)
+    if where.parent != state.run_dir:  # the cache: say what the statistics are of, next to them
+        write_json(where / "key.json", key)
+    trace = key["analysis"]
+    split = ExpertSplit(pipe, where / "boundary", lambda p, s, cb: _denoise(state, p, s, cb))
+    entries, reused, passes, seconds = 0, 0, 0, {}
+    import time
+    for expert, model in experts(pipe).items():
+        parts = calib_parts(state, model)
+        for k, layers in enumerate(parts):
+            path = part_path(where, expert, k, len(parts))
+            done = path.is_file() and (not transient or quant_part_done(state, expert, k, len(parts)))
+            if done:  # finished by an earlier attempt, or by another run with the same key
+                reused += 1
+                continue
+            start = time.perf_counter()
+            stats = CalibStats()
+            collector = ActivationCollector(
+                expert, model, layers, contexts[expert], needs, stats,
+                max_tokens=int(cfg.quant.get("calib_tokens", 256)), seed=int(cfg.seed),
+                trace_layers=trace.get("layers", ()), trace_percentile=trace.get("percentile", 99.9),
+                trace_tokens=trace.get("tokens", 16384),
+                hessian_stride=int(calib_setting(cfg, "hessian_token_stride", 1)),
+                share_inputs=bool(calib_setting(cfg, "share_inputs", True)))
+            hooks = install_timestep_hooks(pipe, lambda e, t: contexts[e].set_timestep(t))
+            try:
+                for sample in state.progress(samples, f"calibrate {expert} {k + 1}/{len(parts)}"):
+                    split.run(expert, sample, on_step=collector.check,
+                              steps=int(cfg.model.generation.num_inference_steps))
+            finally:
+                for h in hooks + collector.handles:
+                    h.remove()
+            collector.check()
+            if transient:  # the Hessians live only now: build this pass's GPTQ layers from them
+                from wanexp.stages.quantize import build_quant_part
+                build_quant_part(state, pipe, expert, layers, stats, k, len(parts))
+                stats.drop("hessian")
+            stats.save(path)
+            entries += len(stats.data)
+            passes += 1
+            seconds[f"{expert}/{k}"] = round(time.perf_counter() - start, 3)
+            del stats, collector
+    return {"samples": [s.id for s in samples], "needs": needs, "parts": passes + reused, "entries": entries,
+            "parts_reused": reused, "stats_dir": str(where), "traced": trace.get("layers", []),
+            "hessians": key.get("hessians"), "pass_seconds": seconds}
+
+
+def quant_part_done(state, expert: str, k: int, n: int) -> bool:
+    from wanexp.stages.quantize import quant_part_path
+    return quant_part_path(state.run_dir, expert, k, n).is_file()
+
+
+@torch.no_grad()
+def _denoise(state, pipe, sample, callback=None) -> None:
+    """One BF16 trajectory of a calibration sample at the generation setting (latents only)."""
+    gen = state.cfg.model.generation
+    image = sample.load_image().resize((int(gen.width), int(gen.height)))
+    extra = {"guidance_scale_2": float(gen.guidance_scale_2)} if gen.get("guidance_scale_2") is not None else {}
+    # the same prompt handling as generation (wanexp.generate.generate_one): calibration sees what inference sees
+    pipe(image=image, prompt=sample.prompt, negative_prompt=gen.get("negative_prompt") or None,
+         height=int(gen.height), width=int(gen.width),
+         num_frames=int(gen.num_frames), num_inference_steps=int(gen.num_inference_steps),
+         guidance_scale=float(gen.guidance_scale), output_type="latent", callback_on_step_end=callback,
+         max_sequence_length=int(gen.get("max_sequence_length") or 512),
+         generator=torch.Generator().manual_seed(sample_seed(int(state.cfg.seed), sample.id)), **extra)

@@ -1,0 +1,218 @@
+"""quantize: replace the targeted linears of each expert by the method's QuantLinears and save the
+artifact (``artifact/quantized.safetensors`` + ``choices.json``).
+
+Layers are built on the run's device (the GPU even when the pipeline is offloaded to the CPU) and
+placed where the layer was (``wanexp.quant.api``). Statistics reach each layer's build lazily, one
+layer at a time, so a full Hessian exists only for the layer being built. With transient Hessians
+(``wanexp.stages.calibrate``) the calibrate stage has already built every layer into
+``artifact/parts/``; this stage assembles them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from wanexp.calib.collect import ALL_BINS
+from wanexp.errors import WanexpError
+from wanexp.io import read_json, write_json
+from wanexp.models import boundary_timestep, experts, held_bytes, install_timestep_hooks, pipeline_bytes
+from wanexp.quant.api import attach_context, linear_on, quantize_, replace_module
+from wanexp.quant.artifact import load_artifact, read_header, save_artifact, save_layers
+from wanexp.quant.methods import LayerStats, MethodConfig, method_config
+from wanexp.quant.targets import select_targets
+
+ARTIFACT = Path("artifact") / "quantized.safetensors"
+PARTS = Path("artifact") / "parts"
+
+
+def artifact_path(state) -> Path:
+    """This run's artifact, or the one named by ``quant.load`` (reused without recalibrating)."""
+    load = state.cfg.quant.get("load")
+    return Path(str(load)).expanduser() if load else state.run_dir / ARTIFACT
+
+
+def artifact_expect(cfg) -> dict:
+    return {"method": cfg.quant.name, "format": {"name": cfg.format.name,
+                                                 "opts": OmegaConf.to_container(cfg.format.weight, resolve=True)}}
+
+
+def quant_part_path(run_dir: Path, expert: str, k: int, n: int) -> Path:
+    return Path(run_dir) / PARTS / f"{expert}-part{k:03d}-of{n:03d}.safetensors"
+
+
+def keep_lists(cfg, expert: str) -> tuple[list[int], list[str]]:
+    """Blocks and module patterns kept in BF16 for one expert: the expert policy's common lists, the
+    expert's own (``expert.high_noise.keep_blocks``…), and the method's (``quant.keep_modules``)."""
+    own = cfg.expert.get(expert) or {}
+    blocks = list(cfg.expert.get("keep_blocks") or []) + list(own.get("keep_blocks") or [])
+    modules = (list(cfg.expert.get("keep_modules") or []) + list(own.get("keep_modules") or [])
+               + list(cfg.quant.get("keep_modules") or []))
+    return sorted(set(int(b) for b in blocks)), modules
+
+
+class LayerStatsView(Mapping):
+    """``layer → LayerStats`` for the experts in ``pool`` (one expert, or both for the shared policy),
+    made when a layer asks for it: the full Hessian of one layer at a time."""
+
+    def __init__(self, stats, pool: list[str], layers: list[str]):
+        self.stats, self.pool, self.layers = stats, list(pool), list(layers)
+
+    def __getitem__(self, layer: str) -> LayerStats:
+        if layer not in self.layers:
+            raise KeyError(layer)
+        ls = LayerStats()
+        for expert in self.pool:
+            h = self.stats.get(expert, layer, ALL_BINS).get("hessian")
+            if h is not None:
+                ls.hessian = h if ls.hessian is None else ls.hessian + h.to(ls.hessian.device)
+            for b in self.stats.bins_of(expert, layer):
+                d = self.stats.get(expert, layer, b)
+                if "absmax" in d:
+                    ls.absmax = d["absmax"] if ls.absmax is None else torch.maximum(ls.absmax, d["absmax"])
+                if "tokens" in d:
+                    ls.tokens[b] = d["tokens"] if b not in ls.tokens else torch.cat([ls.tokens[b], d["tokens"]])
+        return ls
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
+def layer_stats(stats, pool: list[str], layers: list[str]) -> Mapping[str, LayerStats]:
+    """Per-layer statistics for the experts in ``pool`` (see :class:`LayerStatsView`)."""
+    return LayerStatsView(stats, pool, layers)
+
+
+def _method(state, pipe) -> MethodConfig:
+    cfg = state.cfg
+    num_bins = state.contexts(pipe)["high_noise"].bins.num_bins
+    return method_config(OmegaConf.to_container(cfg.quant, resolve=True),
+                         OmegaConf.to_container(cfg.format, resolve=True), num_bins)
+
+
+def _header(state, pipe, method: MethodConfig) -> dict:
+    cfg = state.cfg
+    return {"method": cfg.quant.name, "format": method.weight_format, "act_format": method.act_format,
+            "expert_policy": cfg.expert.policy, "fingerprint": state.fingerprint, "boundary": boundary_timestep(pipe),
+            "bins": {k: c.bins.to_json() for k, c in state.contexts(pipe).items()},
+            "quant": OmegaConf.to_container(cfg.quant, resolve=True)}
+
+
+def build_quant_part(state, pipe, expert: str, layers: list[str], stats, k: int, n: int) -> Path:
+    """Build one calibration pass's QuantLinears of ``expert`` now (its Hessians are transient) and
+    write them to ``artifact/parts/``; the model keeps its BF16 layers (later passes calibrate on
+    BF16 activations)."""
+    cfg = state.cfg
+    model = experts(pipe)[expert]
+    keep_blocks, keep_modules = keep_lists(cfg, expert)
+    wanted = set(layers)
+    targets = [t for t in select_targets(model, keep_blocks, keep_modules) if t in wanted]
+    method = _method(state, pipe)
+    method.stats = layer_stats(stats, [expert], targets)
+    built = {}
+    for name in state.progress(targets, f"quantize {expert} {k + 1}/{n}"):
+        layer = method.build(name, linear_on(model.get_submodule(name), state.device))
+        built[name] = layer.to("cpu")
+    path = quant_part_path(state.run_dir, expert, k, n)
+    save_layers(path, {expert: built}, dict(_header(state, pipe, method), part=[expert, k, n]))
+    write_json(path.with_suffix(".choices.json"), method.report)
+    return path
+
+
+def _size_info(pipe, prefix: str = "") -> dict:
+    """Model size as the papers count it: the two experts (what quantization shrinks), and the whole
+    pipeline (text encoder and VAE too)."""
+    return {f"{prefix}model_bytes": held_bytes(*experts(pipe).values()), f"{prefix}pipeline_bytes": pipeline_bytes(pipe)}
+
+
+def quantize(state) -> dict:
+    """The quantize stage (module docstring)."""
+    cfg = state.cfg
+    if cfg.quant.name == "bf16":
+        pipe = state.bf16_pipe()
+        return {"skipped": "quant=bf16 keeps every layer in BF16", **_size_info(pipe), **_size_info(pipe, "bf16_")}
+    if cfg.quant.get("load"):
+        bf16 = _size_info(state.bf16_pipe(), "bf16_")
+        pipe, hooks = quantized_pipe(state)
+        for h in hooks:
+            h.remove()
+        return {"loaded": str(artifact_path(state)), **_size_info(pipe), **bf16}
+    pipe = state.bf16_pipe()
+    bf16 = _size_info(pipe, "bf16_")
+    parts = sorted((state.run_dir / PARTS).glob("*-part*-of*.safetensors"))
+    from wanexp.stages.calibrate import transient_hessians
+    if transient_hessians(cfg):
+        swapped, chosen, method = _assemble_parts(state, pipe, parts)
+    else:
+        swapped, chosen, method = _quantize_now(state, pipe)
+    state._pipe_quantized = True
+    save_artifact(state.run_dir / ARTIFACT, experts(pipe), _header(state, pipe, method))
+    write_json(state.run_dir / "artifact" / "choices.json", chosen)
+    return {"layers": swapped, **_size_info(pipe), **bf16}
+
+
+def _quantize_now(state, pipe):
+    from wanexp.stages.calibrate import load_calib_stats
+    cfg = state.cfg
+    contexts = state.contexts(pipe)
+    method = _method(state, pipe)
+    stats = load_calib_stats(state.run_dir) if MethodConfig.needs(cfg.quant) else None
+    swapped, chosen = {}, {}
+    for name, model in experts(pipe).items():
+        keep_blocks, keep_modules = keep_lists(cfg, name)
+        targets = select_targets(model, keep_blocks, keep_modules)
+        pool = list(experts(pipe)) if cfg.expert.policy == "shared" else [name]
+        method.stats = layer_stats(stats, pool, targets) if stats is not None else {}
+        method.report = {}
+        # built on the run's device (the GPU even when the pipeline is offloaded), kept where the layer was
+        swapped[name] = len(quantize_(model, method, state.progress(targets, f"quantize {name}"), contexts[name],
+                                      compute_device=state.device))
+        chosen[name] = method.report
+        method.stats = {}
+    return swapped, chosen, method
+
+
+def _assemble_parts(state, pipe, parts: list[Path]):
+    """The layers the calibrate stage built from transient Hessians, swapped into the pipeline."""
+    from safetensors.torch import load_file
+    from wanexp.quant.linear import QuantLinear
+    if not parts:
+        raise WanexpError(f"{state.run_dir / PARTS} holds no quantized parts (run stage=calibrate first: with "
+                          "transient Hessians it builds the GPTQ layers)")
+    contexts = state.contexts(pipe)
+    swapped, chosen = {e: 0 for e in experts(pipe)}, {e: {} for e in experts(pipe)}
+    for path in parts:
+        header = read_header(path)
+        expert = header["part"][0]
+        model = experts(pipe)[expert]
+        tensors = load_file(str(path))
+        for name, desc in header["layers"][expert].items():
+            layer = QuantLinear.from_description(desc, {k.rpartition("/")[2]: v for k, v in tensors.items()
+                                                        if k.startswith(f"{expert}/{name}/")})
+            layer.context = contexts[expert]
+            replace_module(model, name, layer)
+            swapped[expert] += 1
+        chosen[expert].update(read_json(path.with_suffix(".choices.json")))
+    return swapped, chosen, _method(state, pipe)
+
+
+def quantized_pipe(state):
+    """The pipeline with the run's artifact applied (reusing the in-memory one when it is already quantized)."""
+    if state._pipe is not None and state._pipe_quantized:
+        pipe = state._pipe
+    else:
+        fingerprint = state.fingerprint
+        pipe = state.bf16_pipe()
+        load_artifact(artifact_path(state), experts(pipe), fingerprint, expect=artifact_expect(state.cfg))
+        state._pipe_quantized = True
+    contexts = state.contexts(pipe)
+    for name, model in experts(pipe).items():
+        attach_context(model, contexts[name])
+    hooks = install_timestep_hooks(pipe, lambda expert, t: contexts[expert].set_timestep(t))
+    return pipe, hooks
