@@ -187,6 +187,10 @@ def run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None] = print
     def save(partial: dict) -> None:  # after each measurement, so a cut-off command keeps what it measured
         (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str))
 
+    calib = dict(cfg.get("calib") or {})
+    if calib.get("enabled"):  # the calibration bench: the runner's own stages (wanexp.bench.calib)
+        from wanexp.bench.calib import run_calib_bench
+        return run_calib_bench(dict(calib, name=stem), out_dir, log)
     pm = dict(cfg.get("pipeline_memory") or {})
     if pm.get("enabled"):
         from wanexp.bench.pipeline import run_pipeline_memory

@@ -23,6 +23,7 @@ over both experts for the ``shared`` policy).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -65,6 +66,7 @@ class MethodConfig:
     alpha: float | Sequence[float] = 0.5           # one value, or a grid searched per layer
     percentile: float = 99.9
     rank: int = 0
+    lowrank_solver: str = "svd"                    # "svd" (exact, float64) | "randomized" (wanexp.quant.lowrank)
     residual: str = "rtn"                          # "rtn" | "gptq"
     gptq: dict = field(default_factory=dict)       # block_size, damp, act_order, static_groups
     clip_search: bool = False
@@ -92,6 +94,7 @@ class MethodConfig:
 
     # -- the layer --------------------------------------------------------------------------
     def build(self, name: str, linear: nn.Linear) -> QuantLinear:
+        start = time.perf_counter()
         w = linear.weight.detach().float()
         stats = self.stats.get(name, LayerStats()).to(w.device)  # the statistics come to the weight
         chosen: dict[str, Any] = {}
@@ -107,6 +110,9 @@ class MethodConfig:
         self._clip_table(layer, w, stats)
         chosen["clip"] = [round(r, 4) for r in layer.clip_table.tolist()]
         chosen.update(self.sensitivity(layer, w, stats))
+        if w.is_cuda:
+            torch.cuda.synchronize(w.device)
+        chosen["seconds"] = round(time.perf_counter() - start, 4)  # what building this layer cost
         self.report[name] = chosen
         return layer
 
@@ -143,7 +149,7 @@ class MethodConfig:
         return out
 
     def _lowrank(self, ws: torch.Tensor):
-        l1, l2, _ = split_lowrank(ws, self.rank)
+        l1, l2, _ = split_lowrank(ws, self.rank, self.lowrank_solver)
         if l1 is None:
             return None, None, ws
         # the branch is stored in 16 bits: quantize the residual of what will actually be stored
@@ -271,6 +277,7 @@ def method_config(quant_cfg: Mapping[str, Any], fmt_cfg: Mapping[str, Any], num_
         name=quant_cfg["name"], weight_format=wfmt, act_format=afmt, smoothing=quant_cfg.get("smoothing"),
         alpha=alpha if isinstance(alpha, (int, float)) else list(alpha), percentile=float(quant_cfg.get("percentile", 99.9)),
         rank=int(quant_cfg.get("rank", 0) or 0), residual=str(quant_cfg.get("residual", "rtn")),
+        lowrank_solver=str(quant_cfg.get("lowrank_solver") or "svd"),
         gptq=dict(quant_cfg.get("gptq") or {}), clip_search=bool(quant_cfg.get("clip_search", False)),
         clip_candidates=[float(c) for c in quant_cfg.get("clip_candidates", (1.0,))], num_bins=num_bins,
         compute_dtype=compute_dtype)

@@ -148,6 +148,8 @@ def calibrate(state) -> dict:
     trace = key["analysis"]
     split = ExpertSplit(pipe, where / "boundary", lambda p, s, cb: _denoise(state, p, s, cb))
     entries, reused, passes, seconds = 0, 0, 0, {}
+    # per pass and sample: [start, end of each denoising step, end] in seconds from the pass start
+    step_times: dict[str, list[list[float]]] = {}
     import time
     for expert, model in experts(pipe).items():
         parts = calib_parts(state, model)
@@ -167,10 +169,16 @@ def calibrate(state) -> dict:
                 hessian_stride=int(calib_setting(cfg, "hessian_token_stride", 1)),
                 share_inputs=bool(calib_setting(cfg, "share_inputs", True)))
             hooks = install_timestep_hooks(pipe, lambda e, t: contexts[e].set_timestep(t))
+            marks = step_times.setdefault(f"{expert}/{k}", [])
+
+            def on_step():  # one host sync a step (the NaN check), which also makes the marks true
+                collector.check()
+                marks[-1].append(round(time.perf_counter() - start, 4))
             try:
                 for sample in state.progress(samples, f"calibrate {expert} {k + 1}/{len(parts)}"):
-                    split.run(expert, sample, on_step=collector.check,
-                              steps=int(cfg.model.generation.num_inference_steps))
+                    marks.append([round(time.perf_counter() - start, 4)])
+                    split.run(expert, sample, on_step=on_step, steps=int(cfg.model.generation.num_inference_steps))
+                    marks[-1].append(round(time.perf_counter() - start, 4))
             finally:
                 for h in hooks + collector.handles:
                     h.remove()
@@ -186,7 +194,7 @@ def calibrate(state) -> dict:
             del stats, collector
     return {"samples": [s.id for s in samples], "needs": needs, "parts": passes + reused, "entries": entries,
             "parts_reused": reused, "stats_dir": str(where), "traced": trace.get("layers", []),
-            "hessians": key.get("hessians"), "pass_seconds": seconds}
+            "hessians": key.get("hessians"), "pass_seconds": seconds, "step_times": step_times}
 
 
 def quant_part_done(state, expert: str, k: int, n: int) -> bool:

@@ -90,10 +90,12 @@ def layer_stats(stats, pool: list[str], layers: list[str]) -> Mapping[str, Layer
 
 
 def _method(state, pipe) -> MethodConfig:
+    from wanexp.stages.calibrate import calib_setting
     cfg = state.cfg
     num_bins = state.contexts(pipe)["high_noise"].bins.num_bins
-    return method_config(OmegaConf.to_container(cfg.quant, resolve=True),
-                         OmegaConf.to_container(cfg.format, resolve=True), num_bins)
+    quant = dict(OmegaConf.to_container(cfg.quant, resolve=True),
+                 lowrank_solver=calib_setting(cfg, "lowrank_solver", "svd"))
+    return method_config(quant, OmegaConf.to_container(cfg.format, resolve=True), num_bins)
 
 
 def _header(state, pipe, method: MethodConfig) -> dict:
