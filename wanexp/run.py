@@ -628,6 +628,7 @@ def evaluate(state: Run) -> dict:
 def report(state: Run) -> dict:
     """One results row (CSV + parquet), the per-sample table, W&B, and the printed summary."""
     from wanexp.generate import done_records
+    from wanexp.report.html import record_versions, write_run_report
     from wanexp.report.results import write_row
     from wanexp.report.wandb_log import log_run, sweep_group
 
@@ -651,8 +652,10 @@ def report(state: Run) -> dict:
     wandb_where = log_run(logger, run_dir, OmegaConf.to_container(cfg, resolve=True),
                           {k: v for k, v in row.items() if k != "run_dir"},
                           {"per_sample": per_sample, "results": pd.DataFrame([row])}, videos=videos, artifact=artifact)
+    record_versions(run_dir)
+    html = write_run_report(run_dir, OmegaConf.to_container(cfg.report, resolve=True))
     summary = dict(row, videos=gen["quant_dir"], reference_videos=gen["reference_dir"],
-                   results=str(run_dir / "results.csv"), wandb=wandb_where)
+                   results=str(run_dir / "results.csv"), wandb=wandb_where, report=str(html))
     write_json(run_dir / "summary.json", summary)
     write_text(run_dir / "summary.txt", format_summary(summary) + "\n")
     return {"row": row}
@@ -755,6 +758,7 @@ def format_summary(s: dict) -> str:
         f"  videos:  {s['videos']}",
         f"  table:   {s['results']}",
         f"  wandb:   {s['wandb'] or 'off'}",
+        *([f"  report:  {s['report']}"] if s.get("report") else []),
     ])
 
 
@@ -766,8 +770,12 @@ def _gb(n: int | None) -> float | None:
 # analyze (opt-in)
 # ---------------------------------------------------------------------------------------------
 def analyze(state: Run) -> dict:
-    """The seed paper's diagnostic figures of this run from what it recorded (``analysis/*.png|pdf|json``),
-    logged to W&B as images unless ``logger=none``; a figure whose data the run lacks is skipped with the reason."""
+    """The seed paper's diagnostic figures and the qualitative grids of this run from what it recorded
+    (``analysis/*.png|pdf|json``), logged to W&B as images unless ``logger=none``; report.html redrawn
+    with them. A figure whose data the run lacks is skipped, one printed line each saying why; a run
+    with the data of no figure fails, naming what is missing and the stage to run first."""
+    from wanexp.analysis import NothingToAnalyze
+    from wanexp.report.html import write_run_report
     from wanexp.report.plots import analyze_run
     from wanexp.report.wandb_log import sweep_group
     cfg = state.cfg
@@ -775,8 +783,17 @@ def analyze(state: Run) -> dict:
     if not logger.get("group"):
         logger["group"] = sweep_group(state.run_dir)
     analysis = cfg.get("analysis")
-    return analyze_run(state.run_dir, OmegaConf.to_container(analysis, resolve=True) if analysis is not None else {},
-                       logger=logger, config=OmegaConf.to_container(cfg, resolve=True))
+    analysis = OmegaConf.to_container(analysis, resolve=True) if analysis is not None else {}
+    try:
+        info = analyze_run(state.run_dir, analysis, logger=logger, config=OmegaConf.to_container(cfg, resolve=True))
+    except NothingToAnalyze as err:
+        first = next((s for s in STAGES if s in err.stages), None)
+        raise WanexpError(f"{err}; run stage={first} first (stage=all runs every stage)" if first else str(err)) from None
+    for name, why in info["skipped"].items():
+        print(f"wanexp: analyze: skipped {name}: {why}")
+    info["report"] = str(write_run_report(state.run_dir, OmegaConf.to_container(cfg.report, resolve=True)))
+    print(f"wanexp: analyze: {len(info['figures'])} figures in {state.run_dir / 'analysis'}; report: {info['report']}")
+    return info
 
 
 _STAGE_FUNCS = {"calibrate": calibrate, "quantize": quantize, "generate": generate, "evaluate": evaluate,
