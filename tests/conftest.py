@@ -46,15 +46,13 @@ def cli(cache_dir, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # report.html in a real browser: Debian's chromium, headless, driven through selenium + chromedriver
 # ---------------------------------------------------------------------------------------------
-CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
-CHROMEDRIVER = "/usr/bin/chromedriver"
-
-
 @pytest.fixture(scope="session")
 def browser(tmp_path_factory):
     """A headless Chromium (no network: background services off, a fresh profile); skipped without one."""
-    binary = next((b for b in CHROMIUM if Path(b).is_file()), None)
-    if binary is None or not Path(CHROMEDRIVER).is_file():
+    import shutil
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if binary is None or driver_path is None:
         pytest.skip("headless Chromium is not installed (apt-get install -y chromium chromium-driver)")
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e .[test])")
     from selenium.webdriver.chrome.service import Service
@@ -64,7 +62,7 @@ def browser(tmp_path_factory):
                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,1000",
                 f"--user-data-dir={tmp_path_factory.mktemp('chromium_profile')}"):
         options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
     driver.set_page_load_timeout(60)
     yield driver
     driver.quit()

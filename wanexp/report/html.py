@@ -54,9 +54,7 @@ def fmt(value: Any) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        if value.is_integer() and abs(value) < 1e6:
-            return str(int(value))
-        return f"{value:.4f}" if 0.01 <= abs(value) < 1e5 else f"{value:.4g}"
+        return f"{value:.4f}" if value == 0 or 0.01 <= abs(value) < 1e5 else f"{value:.4g}"
     return str(value)
 
 

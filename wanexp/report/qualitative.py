@@ -39,40 +39,47 @@ def _column_title(fraction: float, index: int) -> str:
 
 
 def draw_grid(grid: A.Grid, title: str | None = None, cell: float = 1.5):
-    """Rows: BF16, then each method; left block: the frames, right block: |frame − BF16| (mean over
-    R, G, B) on one shared scale, with its colour bar. The BF16 row's difference cells stay empty."""
+    """Rows: BF16, then each method; left block: the frames, right block: |frame − BF16| (mean of R, G,
+    B) on one shared scale, with its colour bar. The BF16 row's difference cells stay empty. The layout
+    is fixed in inches (no layout engine: a grid of 9 × 10 images would spend seconds in one)."""
     from matplotlib.figure import Figure
     rows, cols = grid.frames.shape[:2]
     h, w = grid.frames.shape[2:4]
     cell_h = cell * h / w
-    fig = Figure(figsize=(cell * 2 * cols + 1.6, cell_h * rows + 1.2), layout="constrained")
-    axes = np.atleast_2d(fig.subplots(rows, 2 * cols, squeeze=False))
+    labels = ["\n".join(textwrap.wrap(label, 22)) or label for label in grid.labels]
+    heading = "\n".join(textwrap.wrap(grid.prompt, 110) or [grid.sample]) + f"\n{grid.sample} ({grid.category})"
+    longest = max(len(line) for label in labels for line in label.splitlines())
+    left, right, gap = 0.3 + 0.065 * longest, 1.1, 0.06                     # inches; 8 pt text
+    top, bottom = 0.45 + 0.17 * (heading.count("\n") + 1), 0.1
+    width, height = left + 2 * cols * (cell + gap) + gap + right, top + rows * (cell_h + gap + 0.18) + bottom
+    fig = Figure(figsize=(width, height))
+    axes = fig.subplots(rows, 2 * cols, squeeze=False, gridspec_kw={
+        "left": left / width, "right": 1 - right / width, "top": 1 - top / height, "bottom": bottom / height,
+        "wspace": gap / cell, "hspace": (gap + 0.18) / cell_h})
     image = None
     for r in range(rows):
         for c in range(cols):
-            ax = axes[r, c]
+            ax, dax = axes[r, c], axes[r, cols + c]
             ax.imshow(grid.frames[r, c], interpolation="nearest")
             if r == 0:
                 ax.set_title(_column_title(grid.fractions[c], grid.index[c]), fontsize=8)
-            dax = axes[r, cols + c]
-            if r == 0:
                 dax.set_title("|Δ| " + _column_title(grid.fractions[c], grid.index[c]), fontsize=8)
                 dax.text(0.5, 0.5, "reference", ha="center", va="center", fontsize=8, color="0.5",
                          transform=dax.transAxes)
             else:
                 image = dax.imshow(grid.diff[r - 1, c], cmap="inferno", vmin=0.0, vmax=grid.vmax,
                                    interpolation="nearest")
-        axes[r, 0].set_ylabel(grid.labels[r], fontsize=8, rotation=0, ha="right", va="center")
+        axes[r, 0].set_ylabel(labels[r], fontsize=8, rotation=0, ha="right", va="center")
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
         for side in ax.spines.values():
             side.set_visible(False)
     if image is not None:
-        fig.colorbar(image, ax=list(axes[1:, cols:].flat), label="|Δ| vs BF16 (grey levels)",
-                     shrink=0.9, fraction=0.04)
-    prompt = "\n".join(textwrap.wrap(grid.prompt, 110)) or grid.sample
-    fig.suptitle(title or f"{prompt}\n{grid.sample} ({grid.category})", fontsize=9)
+        low, high = axes[-1, -1].get_position(), axes[min(1, rows - 1), -1].get_position()
+        bar = fig.add_axes((high.x1 + 0.15 / width, low.y0, 0.12 / width, high.y1 - low.y0))
+        fig.colorbar(image, cax=bar, label="|Δ| vs BF16 (grey levels)")
+    fig.suptitle(title or heading, fontsize=9, y=1 - 0.1 / height, va="top")
     return fig
 
 
