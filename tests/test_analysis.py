@@ -4,6 +4,7 @@ record for them, the drawing, stage=analyze, and notebooks/analysis.ipynb execut
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -312,6 +313,20 @@ def test_stage_analyze_on_an_empty_directory_fails_naming_what_is_missing(cli, t
     assert "wanexp: analyze" not in proc.stdout
     assert not (empty / "stages").exists() and not (empty / "analysis").exists()  # not marked done, nothing drawn
     assert json.loads((empty / "error.json").read_text())["stage"] == "analyze"
+
+
+def test_qualitative_settings_are_checked_at_setup():
+    from hydra import compose, initialize_config_dir
+    from wanexp.run import validate
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        default = compose("config")
+        assert A.qualitative_settings(default.analysis) == {"samples": "worst_best", "count": 1,
+                                                            "fractions": [0.0, 0.25, 0.5, 0.75, 1.0]}
+        validate(compose("config", overrides=["analysis.qualitative.samples=[singleobj_1,humanobj_1]"]))
+        for override, message in (("samples=median", "'median' is not one of worst_best, per_category"),
+                                  ("fractions=[0,1.5]", "each must lie in [0, 1]"), ("count=0", "at least 1")):
+            with pytest.raises(WanexpError, match=re.escape(message)):
+                validate(compose("config", overrides=[f"analysis.qualitative.{override}"]))
 
 
 def test_analyze_is_an_opt_in_stage():

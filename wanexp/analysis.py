@@ -549,6 +549,24 @@ def sample_errors(run_dirs: Iterable[Path]) -> pd.DataFrame:
 SELECTIONS = ("worst_best", "per_category")
 
 
+def qualitative_settings(analysis_cfg: Mapping[str, Any] | None) -> dict:
+    """``analysis.qualitative`` checked, with its defaults: samples (worst_best | per_category | [ids]),
+    count (≥ 1), fractions (each in [0, 1]). Called at setup, so a typo fails before any video is made."""
+    q = dict((analysis_cfg or {}).get("qualitative") or {})
+    samples = q.get("samples", "worst_best")
+    if not (samples in SELECTIONS or (isinstance(samples, (list, tuple)) and samples)):
+        raise WanexpError(f"analysis.qualitative.samples={samples!r} is not one of {', '.join(SELECTIONS)} "
+                          "or a list of sample ids")
+    fractions = [float(f) for f in q.get("fractions") or FRACTIONS]
+    if not all(0.0 <= f <= 1.0 for f in fractions):
+        raise WanexpError(f"analysis.qualitative.fractions={fractions}: each must lie in [0, 1] (0 = first frame)")
+    count = int(q.get("count", 1))
+    if count < 1:
+        raise WanexpError(f"analysis.qualitative.count={count}: draw at least 1 worst and 1 best video")
+    return {"samples": list(samples) if isinstance(samples, (list, tuple)) else samples, "count": count,
+            "fractions": fractions}
+
+
 def pick_samples(records: Mapping[str, dict], select: Any = "worst_best", count: int = 1,
                  errors: pd.DataFrame | None = None) -> list[tuple[str, str]]:
     """The samples to draw, each with why it was picked: ``select`` is a list of ids, ``worst_best``

@@ -179,6 +179,8 @@ def validate(cfg: DictConfig) -> None:
                               f"{MOTION_MIN_SIDE - 15} pixels a side, but model.generation makes "
                               f"{cfg.model.generation.width}×{cfg.model.generation.height}; drop the dimension "
                               "(evaluate.vbench.dimensions=[…]) or generate larger videos")
+    from wanexp.analysis import qualitative_settings
+    qualitative_settings(OmegaConf.to_container(cfg.analysis, resolve=True) if "analysis" in cfg else {})
     if cfg.quant.name not in METHODS:
         raise WanexpError(f"quant={cfg.quant.name} is not implemented; available: {', '.join(METHODS)}")
     if cfg.format.name not in FORMAT_NAMES:

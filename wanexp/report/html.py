@@ -193,7 +193,7 @@ class Figure:
     caption: str
 
 
-def _figures(analysis_dir: Path, assets: Assets, prefix: str) -> tuple[list[Figure], list[Figure], dict]:
+def _figures(analysis_dir: Path, assets: Assets) -> tuple[list[Figure], list[Figure], dict]:
     """(qualitative grids, diagnostic figures, skipped name → reason) from ``analysis/index.json``."""
     index_file = analysis_dir / "index.json"
     if not index_file.is_file():
@@ -207,7 +207,7 @@ def _figures(analysis_dir: Path, assets: Assets, prefix: str) -> tuple[list[Figu
             continue
         data_file = analysis_dir / f"{name}.json"
         data = read_json(data_file) if data_file.is_file() else {}
-        src = assets.add(png, f"{prefix}figures/{name}.png")
+        src = assets.add(png, f"figures/{name}.png")
         if name.startswith("qualitative_"):
             grids.append(Figure(name, src, f"{data.get('sample', '')} ({data.get('category', '')}), "
                                            f"{data.get('picked', '')}: “{data.get('prompt', '')}”"))
@@ -252,10 +252,12 @@ def _metric_line(rec: Mapping[str, Any] | None) -> list[tuple[str, str]]:
 
 
 def _samples(reference: A.Videos, variants: Sequence[tuple[A.Videos, dict]], first: Sequence[str], limit: int,
-             assets: Assets, prefix: str) -> list[Sample]:
+             assets: Assets, prefix: str, only: Iterable[str] | None = None) -> list[Sample]:
     """The videos to play: the samples of ``first`` (the qualitative picks), then evaluation order, up to
-    ``limit``; BF16 beside each variant (videos, per-video metrics by id)."""
-    common = [i for i in reference.records if all(i in v.records for v, _ in variants)]
+    ``limit``; BF16 beside each variant (videos, per-video metrics by id). ``only``: the ids the runs
+    evaluated (the shared reference directory may hold other runs' samples too)."""
+    only = set(only) if only is not None else None
+    common = [i for i in reference.records if all(i in v.records for v, _ in variants) and (only is None or i in only)]
     order = [i for i in dict.fromkeys([*first, *common]) if i in common][:max(0, limit)]
     out = []
     for sid in order:
@@ -363,7 +365,7 @@ def write_run_report(run_dir: str | Path, report_cfg: Mapping[str, Any] | None =
     if per_category:
         df = pd.DataFrame([{"category": c, **v} for c, v in per_category.items()])
         tables.append(frame_table(df, "per_category", "Per category (fidelity to BF16)"))
-    grids, figures, skipped = _figures(run_dir / "analysis", assets, "")
+    grids, figures, skipped = _figures(run_dir / "analysis", assets)
     if not (run_dir / "analysis" / "index.json").is_file():
         notes.append("No figures yet: stage=analyze draws the diagnostic figures and the qualitative grids "
                      f"(python -m wanexp <the run's overrides> hydra.run.dir={run_dir} stage=analyze).")
@@ -371,10 +373,9 @@ def write_run_report(run_dir: str | Path, report_cfg: Mapping[str, Any] | None =
     try:
         reference, method = A.run_videos(run_dir)
         metrics = _per_video(run_dir)
-        variants = [(method, metrics)] if method is not None else []
-        if method is None:  # quant=bf16: its videos are the reference
-            reference = A.Videos("BF16", reference.root, reference.records, run_dir)
-        samples = _samples(reference, variants, _picked(run_dir / "analysis"), opts["videos"], assets, "")
+        variants = [(method, metrics)] if method is not None else []  # quant=bf16: its videos are the reference
+        samples = _samples(reference, variants, _picked(run_dir / "analysis"), opts["videos"], assets, "",
+                           only=metrics or None)
         if metrics:
             per_video = frame_table(pd.DataFrame(list(metrics.values())), "per_video", "Per-video metrics")
     except A.NotRecorded as err:
@@ -430,7 +431,7 @@ def write_sweep_report(out_dir: str | Path, dirs: Sequence[str | Path], report_c
     for path in sorted(out_dir.glob("paper_*.csv")):
         tables.append(paper_wide(pd.read_csv(path), path.stem.removeprefix("paper_")))
     tables.append(listing)
-    grids, figures, skipped = _figures(out_dir / "analysis", assets, "")
+    grids, figures, skipped = _figures(out_dir / "analysis", assets)
     samples = []
     finished = [r for r in runs if (r / "results.csv").is_file() and not (r / "error.json").is_file()]
     groups: dict[str, tuple[A.Videos, list]] = {}
@@ -568,6 +569,8 @@ def sweep_outputs(out_dir: str | Path, dirs: Sequence[str | Path], config: Any =
     from wanexp.report.plots import analyze_sweep
     section = _sections(config)
     info = analyze_sweep(dirs, out_dir, section["analysis"])
+    for name, why in info["skipped"].items():
+        print(f"wanexp: sweep figures: skipped {name}: {why}")
     path = write_sweep_report(out_dir, dirs, section["report"])
     images = {f"analysis/{name.replace('.', '_')}": Path(p["png"]) for name, p in info["figures"].items()}
     return {"report": path, **info, "images": images}

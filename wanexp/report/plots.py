@@ -361,8 +361,8 @@ def _sweep_grid_builders(runs: Sequence[Path], cfg: Mapping[str, Any]) -> dict[s
         suffix = f"_set{k + 1}" if len(groups) > 1 else ""
         try:
             found = grid_builders(reference, variants, cfg, A.sample_errors(dirs))
-        except A.NotRecorded as err:
-            found = {"qualitative": _failing(err)}
+        except WanexpError as err:  # e.g. ids no video of the sweep has: the tables stay, the grid is skipped
+            found = {"qualitative": _failing(err if isinstance(err, A.NotRecorded) else A.NotRecorded(str(err)))}
         builders.update({name + suffix: build for name, build in found.items()})
     return builders
 

@@ -16,18 +16,8 @@ import numpy as np
 import pandas as pd
 
 from wanexp import analysis as A
-from wanexp.errors import WanexpError
 
 _FRACTION_NAME = {0.0: "first", 0.25: "1/4", 0.5: "1/2", 0.75: "3/4", 1.0: "last"}
-
-
-def qualitative_config(analysis_cfg: Mapping[str, Any] | None) -> dict:
-    """``analysis.qualitative`` with its defaults: samples (worst_best | per_category | [ids]), count, fractions."""
-    q = dict((analysis_cfg or {}).get("qualitative") or {})
-    fractions = [float(f) for f in q.get("fractions") or A.FRACTIONS]
-    if not all(0.0 <= f <= 1.0 for f in fractions):
-        raise WanexpError(f"analysis.qualitative.fractions={fractions}: each must lie in [0, 1]")
-    return {"samples": q.get("samples", "worst_best"), "count": int(q.get("count", 1)), "fractions": fractions}
 
 
 def figure_name(sample: str) -> str:
@@ -87,7 +77,7 @@ def grid_builders(reference: A.Videos, variants: Sequence[A.Videos], cfg: Mappin
                   errors: pd.DataFrame | None = None) -> dict[str, Callable[[], tuple[Any, dict]]]:
     """``qualitative_<sample>`` → a function returning (figure, its data); the samples as
     ``analysis.qualitative`` chooses them. Raises :class:`A.NotRecorded` when they cannot be chosen."""
-    q = qualitative_config(cfg)
+    q = A.qualitative_settings(cfg)
     variants = A.distinct_labels(list(variants))
     if not variants:
         raise A.NotRecorded("quant=bf16's videos are the BF16 reference: no quantized video to compare",
