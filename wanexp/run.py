@@ -628,7 +628,7 @@ def evaluate(state: Run) -> dict:
 # report
 # ---------------------------------------------------------------------------------------------
 def report(state: Run) -> dict:
-    """One results row (CSV + parquet), the per-sample table, W&B, and the printed summary."""
+    """One results row (CSV + parquet), the per-sample table, W&B, report.html and the printed summary."""
     from wanexp.generate import done_records
     from wanexp.report.html import record_versions, write_run_report
     from wanexp.report.results import write_row

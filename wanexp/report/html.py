@@ -481,7 +481,7 @@ _TEMPLATE = r"""<!DOCTYPE html>
   .players { display: flex; flex-wrap: wrap; gap: 12px; }
   .player { flex: 0 1 320px; }
   .player video { width: 100%; min-width: 160px; image-rendering: pixelated; background: #000; }
-  .player .label { font-weight: 600; }
+  .player .label { font-weight: 600; overflow-wrap: anywhere; }
   .metrics { font-size: 12px; color: #333; font-variant-numeric: tabular-nums; }
   pre { background: #f7f7f9; padding: .8em; overflow-x: auto; font-size: 12px; }
   ul.skipped li { color: #555; }
@@ -542,7 +542,7 @@ _TEMPLATE = r"""<!DOCTYPE html>
 {% if per_video %}<h2 id="per-video">{{ per_video.title }}</h2>{{ render_table(per_video) }}{% endif %}
 
 <h2 id="config">Config</h2>
-<p>{{ "What identifies the run (wanexp_config.json; logging, paths, evaluation and analysis settings may change between launches)" if kind == "run" else "The sweep's config (multirun.yaml, Hydra's own keys left out)" }}:</p>
+<p>{{ "What identifies the run (wanexp_config.json; logging, paths, evaluation and analysis settings may change between launches)" if kind == "run" else "The sweep's base config (multirun.yaml, before each run's sweep overrides, listed at the top; Hydra's own keys left out)" }}:</p>
 <pre>{{ config }}</pre>
 {% if launch_config %}<details><summary>The last launch's full config (.hydra/config.yaml)</summary><pre>{{ launch_config }}</pre></details>{% endif %}
 
