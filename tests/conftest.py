@@ -41,3 +41,85 @@ def cli(cache_dir, tmp_path):
         return subprocess.run([sys.executable, "-m", "wanexp", *args, "progress=false"], cwd=tmp_path,
                               env=full_env, capture_output=True, text=True, timeout=timeout)
     return run
+
+
+# ---------------------------------------------------------------------------------------------
+# report.html in a real browser: Debian's chromium, headless, driven through selenium + chromedriver
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def browser(tmp_path_factory):
+    """A headless Chromium (no network: background services off, a fresh profile); skipped without one."""
+    import shutil
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if binary is None or driver_path is None:
+        pytest.skip("headless Chromium is not installed (apt-get install -y chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e .[test])")
+    from selenium.webdriver.chrome.service import Service
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,1000",
+                f"--user-data-dir={tmp_path_factory.mktemp('chromium_profile')}"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+# Waits (up to 20 s) until every image finished loading and every video can show a frame, then reports
+# what each element loaded, every table cell with its data attributes, and any network request made.
+_PAGE_STATE = """
+const done = arguments[arguments.length - 1];
+const start = Date.now();
+function state() {
+  return {
+    images: [...document.images].map(i => ({src: i.getAttribute("src"), complete: i.complete, width: i.naturalWidth})),
+    videos: [...document.querySelectorAll("video")].map(v => ({src: v.getAttribute("src"), ready: v.readyState,
+                                                                 width: v.videoWidth, error: v.error && v.error.code})),
+    cells: [...document.querySelectorAll("table[data-table] td")].map(td => ({
+      table: td.closest("table").dataset.table, col: td.dataset.col || null, value: td.dataset.value || null,
+      text: td.textContent.trim(), row: td.parentElement.rowIndex})),
+    remote: performance.getEntriesByType("resource").map(e => e.name).filter(n => !n.startsWith("file:")),
+  };
+}
+(function poll() {
+  const s = state();
+  const loaded = s.images.every(i => i.complete) && s.videos.every(v => v.ready >= 2 || v.error);
+  if (loaded || Date.now() - start > 20000) done(s); else setTimeout(poll, 100);
+})();
+"""
+
+
+@pytest.fixture(scope="session")
+def render_report(browser):
+    """``render(path, screenshot)``: open a report.html from the filesystem, wait for its media, save a
+    full-page screenshot to ``screenshot``; returns the page state (images, videos, table cells)."""
+    def render(path: Path, screenshot: Path) -> dict:
+        import base64
+        browser.get(Path(path).resolve().as_uri())
+        browser.set_script_timeout(30)
+        page = browser.execute_async_script(_PAGE_STATE)
+        shot = browser.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        screenshot.write_bytes(base64.b64decode(shot["data"]))
+        return page
+    return render
+
+
+@pytest.fixture
+def keep_artifact(capsys):
+    """``keep(path)``: copy a test artifact (a screenshot) to $WANEXP_TEST_ARTIFACTS (default:
+    test-artifacts/ in the repository) and print where, past pytest's output capture."""
+    import shutil
+
+    def keep(path: Path) -> Path:
+        dest_dir = Path(os.environ.get("WANEXP_TEST_ARTIFACTS") or REPO / "test-artifacts")
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        dest = dest_dir / Path(path).name
+        shutil.copyfile(path, dest)
+        with capsys.disabled():
+            print(f"\n[artifact] {dest} (kept from {path})")
+        return dest
+    return keep

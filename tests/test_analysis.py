@@ -4,6 +4,7 @@ record for them, the drawing, stage=analyze, and notebooks/analysis.ipynb execut
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -264,17 +265,68 @@ def test_figures_are_written_as_png_and_pdf_at_a14b_shape(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{n}.{e}" for n in figs for e in ("png", "pdf"))
 
 
-def test_analyze_says_what_a_run_without_the_data_lacks(tmp_path):
+def test_analyze_with_nothing_to_draw_writes_nothing_and_says_what_is_missing(tmp_path):
     from wanexp.io import write_json
     from wanexp.report.plots import analyze_run
     run = tmp_path / "run"
     write_json(run / "wanexp_config.json", {"quant": {"name": "rtn"}, "format": {"name": "mxfp4"}})
     write_json(run / "stages" / "calibrate.json", {"skipped": "quant=rtn needs no calibration statistics"})
-    info = analyze_run(run, {}, logger={"name": "none"})
-    assert info["figures"] == {} and info["wandb"] is None
-    assert "skips calibration" in info["skipped"]["activation_trace"]
-    assert "stage=quantize" in info["skipped"]["clip_distribution"] and "results" in info["skipped"]["quality_memory"]
-    assert json.loads((run / "analysis" / "index.json").read_text())["skipped"] == info["skipped"]
+    with pytest.raises(A.NothingToAnalyze) as caught:
+        analyze_run(run, {}, logger={"name": "none"})
+    err = caught.value
+    assert str(err) == (f"nothing to analyze in {run}: no calibration trace, no quantized artifact, no results row, "
+                        "no videos")
+    assert err.stages == ["quantize", "report", "generate"]  # calibration was skipped: running it records nothing
+    trace = str(err.reasons["activation_trace"])
+    assert "calibration was skipped: quant=rtn needs no calibration statistics" in trace and "tsclip" not in trace
+    assert "stage=quantize" in str(err.reasons["clip_distribution"])
+    assert "stage=generate" in str(err.reasons["qualitative"])
+    assert not (run / "analysis").exists()  # no index, no figures: nothing pretends the stage did something
+
+
+def test_skip_reasons_are_true_of_the_run(tmp_path):
+    from wanexp.io import write_json
+    run = tmp_path / "run"
+    write_json(run / "wanexp_config.json", {"quant": {"name": "tsclip"}, "format": {"name": "mxfp4"}})
+    with pytest.raises(A.NotRecorded) as caught:  # a method that calibrates, before calibration ran
+        A.activation_trace(run)
+    assert "calibration has not run" in str(caught.value) and "quant=tsclip" in str(caught.value)
+    assert "skipped" not in str(caught.value) and caught.value.stage == "calibrate"
+    write_json(run / "stages" / "calibrate.json",
+               {"skipped": "quant.load=/a/quantized.safetensors: the artifact is reused, nothing to calibrate"})
+    with pytest.raises(A.NotRecorded) as caught:  # the same method reusing an artifact
+        A.activation_trace(run)
+    assert "skipped for quant=tsclip (quant.load=/a/quantized.safetensors" in str(caught.value)
+    assert caught.value.stage is None  # re-running calibration would not record it
+    write_json(run / "wanexp_config.json", {"quant": {"name": "bf16"}, "format": {"name": "mxfp4"}})
+    with pytest.raises(A.NotRecorded, match="quant=bf16 quantizes nothing"):
+        A.clip_distribution(run)
+
+
+def test_stage_analyze_on_an_empty_directory_fails_naming_what_is_missing(cli, tmp_path):
+    empty = tmp_path / "empty"
+    proc = cli("quant=tsclip", "stage=analyze", "logger=none", f"hydra.run.dir={empty}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"wanexp: error: nothing to analyze in {empty}: no calibration trace, no quantized artifact, no results row, "
+        "no videos; run stage=calibrate first (stage=all runs every stage)")
+    assert "wanexp: analyze" not in proc.stdout
+    assert not (empty / "stages").exists() and not (empty / "analysis").exists()  # not marked done, nothing drawn
+    assert json.loads((empty / "error.json").read_text())["stage"] == "analyze"
+
+
+def test_qualitative_settings_are_checked_at_setup():
+    from hydra import compose, initialize_config_dir
+    from wanexp.run import validate
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        default = compose("config")
+        assert A.qualitative_settings(default.analysis) == {"samples": "worst_best", "count": 1,
+                                                            "fractions": [0.0, 0.25, 0.5, 0.75, 1.0]}
+        validate(compose("config", overrides=["analysis.qualitative.samples=[singleobj_1,humanobj_1]"]))
+        for override, message in (("samples=median", "'median' is not one of worst_best, per_category"),
+                                  ("fractions=[0,1.5]", "each must lie in [0, 1]"), ("count=0", "at least 1")):
+            with pytest.raises(WanexpError, match=re.escape(message)):
+                validate(compose("config", overrides=[f"analysis.qualitative.{override}"]))
 
 
 def test_analyze_is_an_opt_in_stage():
@@ -355,24 +407,138 @@ def test_the_figures_data_are_the_runs(notebook):
             assert {b for b, v in enumerate(c["cos_err_bins"]) if v is not None} == visited[e]
     pd.testing.assert_frame_equal(A.sensitivity_ranking(A.sensitivity_table(run)), A.sensitivity_ranking(sens))
     # quality vs memory: the run and its BF16 twin
-    qm = A.quality_memory([run])
+    from wanexp.report.results import read_rows
+    qm = A.quality_memory(read_rows([run]))
     assert len(qm) == 2 and qm["twin"].tolist() == [False, True] and qm.attrs["y"] == "latent_rel_err"
     # what stage=analyze (analysis.auto=true) wrote
     index = json.loads((run / "analysis" / "index.json").read_text())
-    assert index["skipped"] == {} and len(index["figures"]) == 5
+    assert index["skipped"] == {} and len(index["figures"]) == 7  # five diagnostic figures, two grids
     for files in index["figures"].values():
         assert all(Path(files[k]).stat().st_size > 0 for k in ("png", "pdf", "json"))
 
 
-@pytest.mark.slow
-def test_stage_analyze_on_an_existing_run_logs_the_figures_to_wandb(notebook, cli):
+@pytest.fixture(scope="module")
+def analyzed(notebook, cache_dir):
+    """``stage=analyze`` (W&B offline) on the notebook's finished TS-clip run, as a user re-runs it."""
+    import subprocess
+    import sys
     run = notebook["run"]
     before = (run / "stages" / "quantize.json").stat().st_mtime_ns
-    proc = cli("quant=tsclip", "format=mxfp4_ceil", "+experiment=smoke", "stage=analyze", "logger=wandb",
-               f"hydra.run.dir={run}", env={"OMP_NUM_THREADS": "1"})
+    env = dict(os.environ, WANEXP_CACHE=str(cache_dir), OMP_NUM_THREADS="1",
+               WANEXP_OUTPUT_ROOT=str(run.parent / "outputs"))
+    env.pop("WANDB_MODE", None)
+    proc = subprocess.run([sys.executable, "-m", "wanexp", "quant=tsclip", "format=mxfp4_ceil", "+experiment=smoke",
+                           "stage=analyze", "logger=wandb", "progress=false", f"hydra.run.dir={run}"],
+                          cwd=run.parent, env=env, capture_output=True, text=True, timeout=600)
+    return {"run": run, "proc": proc, "quantize_mtime": before}
+
+
+@pytest.mark.slow
+def test_stage_analyze_on_an_existing_run_logs_the_figures_to_wandb(analyzed):
+    run, proc = analyzed["run"], analyzed["proc"]
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (run / "stages" / "quantize.json").stat().st_mtime_ns == before  # nothing else re-ran
+    assert (run / "stages" / "quantize.json").stat().st_mtime_ns == analyzed["quantize_mtime"]  # nothing else re-ran
     info = json.loads((run / "stages" / "analyze.json").read_text())
     assert info["skipped"] == {} and info["wandb"]
+    sensitivity = ["clip_distribution", "quality_memory", "sensitivity", "sensitivity_ranking"]
+    grids = sorted(n for n in info["figures"] if n.startswith("qualitative_"))
+    assert sorted(info["figures"]) == sorted(["activation_trace_blocks.2.ffn.net.2", *sensitivity, *grids])
+    assert len(grids) == 2  # the worst and the best of the two videos
     images = list(Path(info["wandb"]).rglob("media/images/analysis/*.png"))
-    assert len(images) == 5
+    assert len(images) == 7
+    # a full TS-clip run: nothing skipped, one line saying what was drawn, the summary ends with the report
+    lines = proc.stdout.strip().splitlines()
+    assert not [l for l in lines if "skipped" in l]
+    assert f"wanexp: analyze: 7 figures in {run / 'analysis'}; report: {run / 'report.html'}" in lines
+    assert lines[-1] == f"  report:  {run / 'report.html'}"
+
+
+@pytest.mark.slow
+def test_the_grid_shows_the_written_mp4s_and_a_planted_difference(analyzed, tmp_path):
+    from wanexp.generate import read_mp4, write_mp4
+    from wanexp.report.qualitative import draw_grid
+    run = analyzed["run"]
+    reference, method = A.run_videos(run)
+    errors = A.sample_errors([run])
+    sid = errors.sort_values("latent_rel_err").iloc[-1]["id"]
+    index = json.loads((run / "analysis" / "index.json").read_text())
+    drawn = json.loads((run / "analysis" / f"qualitative_{sid}.json").read_text())
+    assert drawn["picked"].startswith("worst latent error") and drawn["labels"] == ["BF16", method.label]
+    assert f"qualitative_{sid}" in index["figures"]
+    # a variant equal to BF16 but for a square planted in the middle frame
+    ref_frames = read_mp4(reference.path(sid))
+    mid = A.frame_indices(len(ref_frames))[2]
+    planted = ref_frames.copy()
+    square = (slice(16, 32), slice(24, 40))
+    planted[(mid, *square)] = np.where(planted[(mid, *square)] > 127, 0, 255)
+    write_mp4(tmp_path / "videos" / f"{sid}.mp4", planted, fps=16)
+    variant = A.Videos("planted", tmp_path, {sid: {"video": f"videos/{sid}.mp4"}})
+    grid = A.qualitative_grid(reference, [method, variant], sid)
+    assert grid.index == [0, 1, 2, 3, 4] and grid.num_frames == len(ref_frames) == 5
+    # every pixel of the grid is a pixel of the written mp4s
+    assert np.array_equal(grid.frames[0], ref_frames[grid.index])
+    assert np.array_equal(grid.frames[1], read_mp4(method.path(sid))[grid.index])
+    np.testing.assert_allclose(grid.diff[0], np.abs(grid.frames[1].astype(int) - grid.frames[0]).mean(-1), rtol=1e-6)
+    diff = grid.diff[1]  # the planted variant's |Δ| maps
+    inside = np.zeros(diff.shape[1:], bool)
+    inside[square] = True
+    assert diff[2][inside].mean() > 100 and diff[2][~inside].mean() < 5  # the square, and only the square
+    assert np.unravel_index(diff.argmax(), diff.shape)[0] == 2 and inside[np.unravel_index(diff[2].argmax(), inside.shape)]
+    assert max(diff[c].mean() for c in (0, 1, 3, 4)) < 5  # re-encoding alone moves a few grey levels
+    # the figure draws those maps, every one on the grid's one colour scale
+    fig = draw_grid(grid)
+    maps = [im for ax in fig.axes for im in ax.get_images() if im.get_cmap().name == "inferno"]
+    assert len(maps) == 2 * 5 and {im.get_clim() for im in maps} == {(0.0, grid.vmax)}
+    assert grid.vmax == pytest.approx(diff.max())
+    assert any(np.array_equal(np.asarray(im.get_array()), diff[2]) for im in maps)
+
+
+def test_samples_are_chosen_by_the_config_key():
+    records = {f"s{k}": {"category": c, "prompt": f"p{k}"} for k, c in enumerate("aabbc")}
+    errors = pd.DataFrame({"id": ["s0", "s1", "s2", "s3", "s4", "s0"], "latent_rel_err": [0.1, 0.5, 0.2, 0.05, 0.3, 0.3],
+                           "category": list("aabbca")})  # s0 measured by two methods: mean 0.2
+    assert A.pick_samples(records, ["s3", "s1", "s3"]) == [("s3", "chosen"), ("s1", "chosen")]
+    assert A.pick_samples(records, "per_category") == [("s0", "category a"), ("s2", "category b"), ("s4", "category c")]
+    picks = A.pick_samples(records, "worst_best", 1, errors)
+    assert picks == [("s1", "worst latent error (0.5)"), ("s3", "best latent error (0.05)")]
+    assert [p for p, _ in A.pick_samples(records, "worst_best", 2, errors)] == ["s1", "s4", "s3", "s0"]  # s0/s2 tie
+    with pytest.raises(WanexpError, match="names s9, which have no video here"):
+        A.pick_samples(records, ["s9"])
+    with pytest.raises(WanexpError, match="'median' is not one of worst_best, per_category"):
+        A.pick_samples(records, "median")
+    with pytest.raises(A.NotRecorded, match="stage=evaluate"):
+        A.pick_samples(records, "worst_best", 1, errors.iloc[0:0])
+    assert A.frame_indices(61) == [0, 15, 30, 45, 60] and A.frame_indices(5) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_report_html_loads_in_chromium_and_holds_the_runs_numbers(analyzed, render_report, keep_artifact, tmp_path):
+    from wanexp.report.html import fmt
+    run = analyzed["run"]
+    assert analyzed["proc"].returncode == 0, analyzed["proc"].stderr[-3000:]
+    html = run / "report.html"
+    page = render_report(html, tmp_path / "report_run.png")
+    figures = json.loads((run / "analysis" / "index.json").read_text())["figures"]
+    assert len(page["images"]) == len(figures) == 7
+    assert all(i["complete"] and i["width"] > 0 for i in page["images"]), page["images"]
+    per_sample = pd.read_csv(run / "eval" / "per_sample.csv")
+    assert len(page["videos"]) == 2 * len(per_sample)  # BF16 beside TS-clip for each video
+    assert all(v["ready"] >= 2 and v["width"] == 64 and v["error"] is None for v in page["videos"]), page["videos"]
+    assert page["remote"] == []  # nothing but local files
+    assert all((run / v["src"]).is_file() for v in page["videos"])
+    cells = {(c["table"], c["col"], c["row"]): c for c in page["cells"]}
+    row = pd.read_csv(run / "results.csv").iloc[0]
+    for metric in ("psnr", "ssim", "latent_rel_err", "model_size_gb", "sec_per_video", "fps"):
+        held = [c for c in page["cells"] if c["table"] == "results" and c["col"] == metric]
+        assert len(held) == 1 and float(held[0]["value"]) == row[metric], metric
+        assert held[0]["text"] == fmt(float(row[metric]))
+    delta = [c for c in page["cells"] if c["col"] == "Δmodel_size_gb"][0]
+    assert float(delta["value"]) == pytest.approx(row["model_size_gb"] - row["model_size_gb_bf16"])
+    for k, rec in enumerate(per_sample.to_dict("records"), start=1):
+        assert float(cells[("per_video", "psnr", k)]["value"]) == rec["psnr"]
+        assert cells[("per_video", "id", k)]["text"] == rec["id"]
+    shot = keep_artifact(tmp_path / "report_run.png")
+    from PIL import Image
+    with Image.open(shot) as im:
+        pixels = np.asarray(im.convert("RGB"))
+    assert pixels.shape[0] > 2000 and pixels.std() > 10  # the whole page, not a blank one

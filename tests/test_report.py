@@ -56,6 +56,14 @@ def test_cli_writes_three_formats_and_errors_cleanly(tmp_path, capsys):
     assert len(pd.read_csv(tmp_path / "ablation.csv")) == 2
     assert "| rtn" in (tmp_path / "ablation.md").read_text()
     assert "\\toprule" in (tmp_path / "ablation.tex").read_text()
+    # report.html beside the tables: the ablation table's numbers, and why there is no grid (no videos)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"report: {tmp_path / 'report.html'}"
+    html = (tmp_path / "report.html").read_text()
+    assert 'data-col="psnr" data-value="30.0"' in html and 'data-col="Δpsnr" data-value="-70.0"' in html
+    assert "has no generated videos (run stage=generate first)" in html
+    assert (tmp_path / "analysis" / "quality_memory.png").is_file()
+    assert main([str(tmp_path / "run0")]) == 0  # a run directory keeps its own report.html
+    assert "report: not written" in capsys.readouterr().out and not (tmp_path / "run0" / "report.html").exists()
     (tmp_path / "empty").mkdir()
     assert main([str(tmp_path / "empty")]) == 2
     assert "no results.csv" in capsys.readouterr().err
@@ -132,3 +140,20 @@ def test_wandb_offline_run_holds_group_flat_config_videos_and_artifact(tmp_path,
     assert b"multirun/2026-11-23/10-00-00" in log and b"quant.bins" in log  # grouped; config flattened
     assert b"quantized-" in log  # the artifact was logged
     assert len(list(Path(where).rglob("media/videos/*.mp4"))) == 1
+
+
+def test_report_html_shows_confidence_intervals_where_the_rows_have_them():
+    from wanexp.report.html import frame_table, results_table
+    row = _row("rtn", "mxfp4", 0.02, 38.0, psnr_ci_low=37.5, psnr_ci_high=38.5, model_size_gb_bf16=4.0)
+    table = results_table(row)
+    assert table.columns == ["metric", "value", "BF16 (twin)", "Δ vs BF16", "95% CI"]
+    lines = {r[0].text: r for r in table.rows}
+    assert [c.text for c in lines["psnr"]] == ["psnr", "38.0000", "–", "–", "[37.5000, 38.5000]"]
+    assert float(lines["model_size_gb"][3].value) == -3.0 and lines["model_size_gb"][4].text == "–"
+    assert "psnr_ci_low" not in lines  # the bounds are the interval, not metrics of their own
+    wide = frame_table(pd.DataFrame([row, _row("bf16", "bf16", 0.0, 100.0)]), "ablation", "")
+    assert "psnr [95% CI]" in wide.columns and not any("_ci_" in c for c in wide.columns)
+    col = wide.columns.index("psnr [95% CI]")
+    assert wide.rows[0][col].text == "38.0000 [37.5000, 38.5000]" and float(wide.rows[0][col].value) == 38.0
+    assert wide.rows[1][col].text == "100.0000"  # a row without an interval shows the value alone
+    assert [c.text for c in results_table(_row("rtn", "mxfp4", 0.02, 38.0)).rows[0]] == ["psnr", "38.0000", "–", "–"]

@@ -60,6 +60,10 @@ def test_default_run_end_to_end(default_run):
     assert len(per_sample) == 6 and per_sample["category"].nunique() == 6
     assert (per_sample["num_ref_images"] == 1).all()  # the tiny fixture: one reference image a sample
     assert row["num_calib_samples"] == 0 and not row["calib_overlaps_eval"] and pd.isna(row["calib_samples"])  # RTN
+    # the printed summary ends with the run's report.html, which plays every video beside its BF16 twin
+    assert out.strip().splitlines()[-1] == f"  report:  {run_dir / 'report.html'}"
+    html = (run_dir / "report.html").read_text()
+    assert html.count("<video ") == 12 and len(list((run_dir / "report_assets" / "videos").rglob("*.mp4"))) == 12
 
 
 def test_resuming_a_finished_run_does_no_work(default_run):
@@ -100,15 +104,43 @@ def test_other_config_in_same_dir_is_refused(default_run):
     assert "different configuration" in proc.stderr and "format" in proc.stderr
 
 
+def test_analyze_a_run_without_calibration(default_run):
+    """quant=rtn calibrates nothing: stage=analyze draws every other figure and says, in one line, why the
+    activation trace is missing."""
+    import subprocess
+    run_dir = default_run["dir"]
+    proc = subprocess.run(default_run["cmd"] + ["stage=analyze", "logger=none"], cwd=default_run["root"],
+                          env=default_run["env"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    errors = pd.read_csv(run_dir / "eval" / "per_sample.csv").sort_values("latent_rel_err")
+    worst, best = errors["id"].iloc[-1], errors["id"].iloc[0]
+    drawn = ["clip_distribution", "sensitivity", "sensitivity_ranking", "quality_memory", f"qualitative_{worst}",
+             f"qualitative_{best}"]
+    index = json.loads((run_dir / "analysis" / "index.json").read_text())
+    assert sorted(index["figures"]) == sorted(drawn) and list(index["skipped"]) == ["activation_trace"]
+    assert all((run_dir / "analysis" / f"{n}.{ext}").stat().st_size > 0 for n in drawn for ext in ("png", "pdf", "json"))
+    skipped = [l for l in proc.stdout.splitlines() if l.startswith("wanexp: analyze: skipped")]
+    assert skipped == ["wanexp: analyze: skipped activation_trace: calibration was skipped: quant=rtn needs no "
+                       "calibration statistics, so no BF16 trajectory was traced (the per-step traces are recorded "
+                       "while calibrating a method that needs statistics: smoothing, GPTQ or clip search)"]
+    assert f"wanexp: analyze: 6 figures in {run_dir / 'analysis'}; report: {run_dir / 'report.html'}" in proc.stdout
+    assert (run_dir / "stages" / "analyze.json").is_file()
+    html = (run_dir / "report.html").read_text()
+    assert html.count("<img ") == 6 and "quant=rtn needs no calibration statistics" in html
+
+
 LADDER = ("bf16", "rtn", "svdquant_rtn", "svdquant_gptq", "tsclip", "tsclip_keep_sensitive", "hif4_tailaware")
 
 
-def test_method_ladder_multirun_and_artifact_reload(cli, tmp_path):
-    """Every method end to end in one multirun (sharing one set of BF16 videos); then a TS-clip
-    artifact reloaded with quant.load reproduces its videos bit for bit without calibrating."""
+def test_method_ladder_multirun_and_artifact_reload(cli, tmp_path, request):
+    """Every method end to end in one multirun (sharing one set of BF16 videos), its qualitative grid and
+    report.html (in Chromium); then a TS-clip artifact reloaded with quant.load reproduces its videos bit
+    for bit without calibrating."""
     proc = cli("-m", "quant=" + ",".join(LADDER), "+experiment=smoke", "data.eval.num_samples=1",
                "++quant.calib_blocks_per_pass=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = next((tmp_path / "outputs" / "multirun").glob("*/*"))
+    _check_sweep_outputs(sweep, proc)
     runs = {pd.read_csv(p).iloc[0]["method"]: p.parent for p in (tmp_path / "outputs" / "multirun").rglob("results.csv")}
     assert sorted(runs) == sorted(LADDER)
     rows = {m: pd.read_csv(d / "results.csv").iloc[0] for m, d in runs.items()}
@@ -149,6 +181,9 @@ def test_method_ladder_multirun_and_artifact_reload(cli, tmp_path):
     proc = cli("quant=rtn", "+experiment=smoke", f"quant.load={ts / 'artifact' / 'quantized.safetensors'}",
                f"hydra.run.dir={tmp_path / 'mismatch'}")
     assert proc.returncode == 2 and "method='tsclip'" in proc.stderr and "Traceback" not in proc.stderr
+    # last, as it is skipped without Chromium: the sweep's report.html in a browser
+    _render_sweep_report(sweep, request.getfixturevalue("render_report"), request.getfixturevalue("keep_artifact"),
+                         tmp_path)
 
 
 def test_help_cfg_and_named_sweeps(cli):
@@ -228,3 +263,34 @@ def test_a_failing_sweep_point_is_reported_and_the_others_kept(cli, tmp_path):
     assert failed["format"] == "hif4" and failed["stage"] == "setup" and "2" in failed["error"]
     err = json.loads((Path(failed["run_dir"]) / "error.json").read_text())
     assert err["type"] == "WanexpError" and "traceback" not in err
+
+
+def _check_sweep_outputs(sweep, proc):
+    """The sweep's end: one qualitative grid (BF16 and the six quantized methods) and report.html."""
+    assert proc.stdout.strip().splitlines()[-1] == f"wanexp: report: {sweep / 'report.html'}"
+    index = json.loads((sweep / "analysis" / "index.json").read_text())
+    grids = [n for n in index["figures"] if n.startswith("qualitative_")]
+    assert len(grids) == 1 and index["skipped"] == {}  # one video: it is both the worst and the best
+    grid = json.loads((sweep / "analysis" / f"{grids[0]}.json").read_text())
+    assert grid["labels"][0] == "BF16" and sorted(l.split()[0] for l in grid["labels"][1:]) == sorted(LADDER[1:])
+    assert all(0 < grid["mean_abs_diff"][l][2] < grid["vmax"] for l in grid["labels"][1:])
+    assert (sweep / "report.html").is_file()
+
+
+def _render_sweep_report(sweep, render_report, keep_artifact, tmp_path):
+    """report.html's images and videos load in Chromium; its ablation table holds ablation.csv's numbers."""
+    from wanexp.generate import read_mp4
+    page = render_report(sweep / "report.html", tmp_path / "report_sweep.png")
+    assert len(page["images"]) == 2 and all(i["complete"] and i["width"] > 0 for i in page["images"])  # grid, scatter
+    assert len(page["videos"]) == len(LADDER)  # BF16 and the six methods side by side
+    assert all(v["ready"] >= 2 and v["error"] is None for v in page["videos"]) and page["remote"] == []
+    assert read_mp4(sweep / page["videos"][0]["src"]).shape == (5, 64, 64, 3)
+    table = pd.read_csv(sweep / "ablation.csv")
+    cells = {(c["col"], c["row"]): c for c in page["cells"] if c["table"] == "ablation"}
+    for k, rec in enumerate(table.to_dict("records"), start=1):
+        assert cells[("method", k)]["text"] == rec["method"]
+        for col in ("latent_rel_err", "Δmodel_size_gb", "psnr"):
+            assert float(cells[(col, k)]["value"]) == pytest.approx(rec[col], rel=1e-12), (rec["method"], col)
+    links = [c for c in page["cells"] if c["table"] == "runs" and c["text"] == "report.html"]
+    assert len(links) == len(LADDER)  # each run's own report, linked
+    keep_artifact(tmp_path / "report_sweep.png")

@@ -10,6 +10,7 @@ returns pandas DataFrames / numpy arrays that tests can check.
 | clip-ratio distribution (paper Fig. 3)    | :func:`clip_distribution` | quantize: ``clip`` per layer in choices.json |
 | sensitivity map (paper Fig. 4)             | :func:`sensitivity_table`, :func:`sensitivity_ranking`, :func:`keep_policy` | quantize: ``cos_err`` / ``w_cos_err`` per layer |
 | quality vs memory                          | :func:`quality_memory` | report: results rows |
+| qualitative comparison (frames side by side) | :func:`run_videos`, :func:`pick_samples`, :func:`qualitative_grid` | generate: the mp4s; evaluate: latent errors |
 """
 
 from __future__ import annotations
@@ -35,7 +36,29 @@ _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
 class NotRecorded(WanexpError):
-    """What a figure needs was not recorded by this run (the message says why and what would)."""
+    """What a figure needs was not recorded by this run (the message says why and what would).
+
+    ``missing``: a short noun phrase for what is absent (``"no quantized artifact"``); ``stage``: the
+    stage that records it, when running that stage would (None when no stage of this run would)."""
+
+    def __init__(self, message: str, missing: str | None = None, stage: str | None = None):
+        super().__init__(message)
+        self.missing, self.stage = missing or message, stage
+
+
+class NothingToAnalyze(NotRecorded):
+    """No figure at all can be drawn: ``reasons`` maps each figure to its :class:`NotRecorded`."""
+
+    def __init__(self, run_dir: Path, reasons: Mapping[str, NotRecorded]):
+        self.reasons = dict(reasons)
+        missing = list(dict.fromkeys(r.missing for r in self.reasons.values()))
+        super().__init__(f"nothing to analyze in {run_dir}: {', '.join(missing)}", ", ".join(missing),
+                         next((r.stage for r in self.reasons.values() if r.stage), None))
+
+    @property
+    def stages(self) -> list[str]:
+        """The stages that would record what is missing (each once)."""
+        return list(dict.fromkeys(r.stage for r in self.reasons.values() if r.stage))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,18 +123,28 @@ def artifact_header(run_dir: Path) -> dict:
     from wanexp.quant.artifact import read_header
     path = artifact_file(run_dir)
     if not path.is_file():
-        raise NotRecorded(f"{run_dir} has no quantized artifact ({path}); run stage=quantize first")
+        if _method(run_dir) == "bf16":
+            raise NotRecorded("quant=bf16 quantizes nothing: the run has no quantized artifact", "no quantized artifact")
+        raise NotRecorded(f"{run_dir} has no quantized artifact ({path}); run stage=quantize first",
+                          "no quantized artifact", "quantize")
     return read_header(path)
+
+
+def _method(run_dir: Path) -> str:
+    return str((run_config(run_dir).get("quant") or {}).get("name", "?"))
 
 
 def choices(run_dir: Path) -> dict:
     path = Path(run_dir) / "artifact" / "choices.json"
     if not path.is_file():
         cfg = run_config(run_dir)
-        why = ("quant=bf16 quantizes nothing" if (cfg.get("quant") or {}).get("name") == "bf16" else
-               "quant.load reused an artifact (its choices stay with the run that made it)"
-               if (cfg.get("quant") or {}).get("load") else "run stage=quantize first")
-        raise NotRecorded(f"{run_dir} has no artifact/choices.json: {why}")
+        if (cfg.get("quant") or {}).get("name") == "bf16":
+            raise NotRecorded("quant=bf16 quantizes nothing: the run has no per-layer choices", "no quantized artifact")
+        if (cfg.get("quant") or {}).get("load"):
+            raise NotRecorded(f"{run_dir} has no artifact/choices.json: quant.load reused an artifact (its choices "
+                              "stay with the run that made it)", "no per-layer choices")
+        raise NotRecorded(f"{run_dir} has no artifact/choices.json: run stage=quantize first",
+                          "no quantized artifact", "quantize")
     return _read_json(path)
 
 
@@ -157,19 +190,32 @@ def _load_traces(run_dir: Path) -> dict:
     from wanexp.calib.collect import load_traces
     where = stats_dir(run_dir)
     if where is None:
-        cfg = run_config(run_dir)
-        name = (cfg.get("quant") or {}).get("name", "?")
-        raise NotRecorded(f"no BF16 calibration trajectory recorded: quant={name} skips calibration "
-                          "(per-step traces are recorded during the calibration of methods that calibrate, "
-                          "e.g. quant=tsclip)")
+        raise _no_calibration(Path(run_dir))
     parts = sorted(where.glob("stats-*part*-of*.safetensors"))
     if not parts:
-        raise NotRecorded(f"no calibration statistics in {where}")
+        raise NotRecorded(f"calibration of quant={_method(run_dir)} ran but its statistics are gone from {where} "
+                          "(re-run stage=calibrate)", "no calibration statistics", "calibrate")
     traces = load_traces(parts)
     if not traces:
-        raise NotRecorded(f"the calibration statistics in {where} hold no per-step trace "
-                          "(analysis.layers was empty when they were recorded)")
+        raise NotRecorded(f"calibration of quant={_method(run_dir)} ran, but its statistics in {where} hold no "
+                          "per-step trace (analysis.layers was empty when they were recorded)", "no calibration trace")
     return traces
+
+
+def _no_calibration(run_dir: Path) -> NotRecorded:
+    """Why a run has no BF16 calibration trajectory: calibration has not run yet, or it was skipped."""
+    method = _method(run_dir)
+    marker = run_dir / "stages" / "calibrate.json"
+    if not marker.is_file():
+        return NotRecorded(f"calibration has not run in {run_dir} (quant={method}): the per-step traces are "
+                           "recorded while calibrating; run stage=calibrate first", "no calibration trace", "calibrate")
+    why = str(_read_json(marker).get("skipped", ""))
+    if "quant.load" in why:
+        return NotRecorded(f"calibration was skipped for quant={method} ({why}): the per-step traces are with "
+                           "the run that calibrated that artifact", "no calibration trace")
+    return NotRecorded(f"calibration was skipped: {why or f'quant={method} calibrates nothing'}, so no BF16 "
+                       "trajectory was traced (the per-step traces are recorded while calibrating a method that "
+                       "needs statistics: smoothing, GPTQ or clip search)", "no calibration trace")
 
 
 def activation_trace(run_dir: Path, layer: str | None = None) -> Trace:
@@ -409,20 +455,16 @@ def run_label(row: Mapping[str, Any]) -> str:
     return " ".join(parts)
 
 
-def quality_memory(rows_or_dirs, x: str = "auto", y: str = "auto", bf16_twins: bool = True) -> pd.DataFrame:
-    """One point per finished run (quality against size or memory), the Pareto front marked.
+def quality_memory(rows: pd.DataFrame, x: str = "auto", y: str = "auto", bf16_twins: bool = True) -> pd.DataFrame:
+    """One point per finished run's results row (quality against size or memory), the Pareto front marked
+    (``wanexp.report.results.gather`` reads the rows of run or sweep directories).
 
     ``x``: ``peak_memory_gb`` when every run measured it (CUDA), else ``model_size_gb``; ``y``:
     ``vbench_avg`` when computed, else ``latent_rel_err`` (lower is better), else ``psnr``. Each run's
     BF16 twin (measured in the same run) is added as a point when no bf16 run is among them.
     Columns: label, method, x, y, pareto, twin, run_dir; ``attrs``: x, y, lower_is_better."""
-    if isinstance(rows_or_dirs, pd.DataFrame):
-        rows = rows_or_dirs
-    else:
-        from wanexp.report.results import gather
-        rows, _ = gather([rows_or_dirs] if isinstance(rows_or_dirs, (str, Path)) else rows_or_dirs)
     if rows.empty:
-        raise NotRecorded("no finished run (results.csv) to plot")
+        raise NotRecorded("no finished run (results.csv) to plot: run stage=report first", "no results row", "report")
     if x in (None, "auto"):
         x = "peak_memory_gb" if "peak_memory_gb" in rows and rows["peak_memory_gb"].notna().all() else "model_size_gb"
     x = _pick(rows, x, ("model_size_gb",), "a size/memory column")
@@ -448,3 +490,195 @@ def quality_memory(rows_or_dirs, x: str = "auto", y: str = "auto", bf16_twins: b
     df["pareto"] = pareto_mask(df["x"], df["y"], lower)
     df.attrs.update(x=x, y=y, lower_is_better=lower)
     return df
+
+
+# ---------------------------------------------------------------------------------------------
+# qualitative comparison: frames of the written videos side by side (seed paper Fig. 5)
+# ---------------------------------------------------------------------------------------------
+FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)  # first, 1/4, 1/2, 3/4, last frame
+
+
+@dataclass
+class Videos:
+    """One variant's videos (BF16 reference or a method): a label, where they are, manifest records by id."""
+
+    label: str
+    root: Path
+    records: dict[str, dict]
+    run_dir: Path | None = None
+
+    def path(self, sample: str) -> Path:
+        return self.root / self.records[sample]["video"]
+
+
+def method_label(run_dir: Path) -> str:
+    """``tsclip mxfp4(scale_rule=ceil)``: the run's results row label, else its config's method and format."""
+    results = Path(run_dir) / "results.csv"
+    if results.is_file():
+        return run_label(pd.read_csv(results).iloc[0].to_dict())
+    cfg = run_config(run_dir)
+    return f"{(cfg.get('quant') or {}).get('name', '?')} {(cfg.get('format') or {}).get('name', '')}".strip()
+
+
+def run_videos(run_dir: Path) -> tuple[Videos, Videos | None]:
+    """(the BF16 reference videos, this method's videos; None for quant=bf16, whose videos are the
+    reference) of a run, from ``generate.json`` and the manifests."""
+    from wanexp.generate import done_records
+    run_dir = Path(run_dir)
+    gen_file = run_dir / "generate.json"
+    if not gen_file.is_file():
+        raise NotRecorded(f"{run_dir} has no generated videos (run stage=generate first)", "no videos", "generate")
+    gen = _read_json(gen_file)
+    ref_root, quant_root = Path(gen["reference_dir"]), Path(gen["quant_dir"])
+    reference = Videos("BF16", ref_root, done_records(ref_root), run_dir)
+    if not reference.records:
+        raise NotRecorded(f"the BF16 reference videos of {run_dir} are gone from {ref_root} (re-run stage=generate)",
+                          "no videos", "generate")
+    if quant_root == ref_root:
+        return reference, None
+    return reference, Videos(method_label(run_dir), quant_root, done_records(quant_root), run_dir)
+
+
+def sample_errors(run_dirs: Iterable[Path]) -> pd.DataFrame:
+    """Per (run, video): id, category, psnr, ssim, latent_rel_err from ``eval/fidelity.jsonl``."""
+    from wanexp.io import read_jsonl
+    rows = [dict(r, run_dir=str(d)) for d in map(Path, run_dirs) for r in read_jsonl(d / "eval" / "fidelity.jsonl")]
+    return pd.DataFrame(rows, columns=["id", "category", "psnr", "ssim", "latent_rel_err", "run_dir"])
+
+
+SELECTIONS = ("worst_best", "per_category")
+
+
+def qualitative_settings(analysis_cfg: Mapping[str, Any] | None) -> dict:
+    """``analysis.qualitative`` checked, with its defaults: samples (worst_best | per_category | [ids]),
+    count (≥ 1), fractions (each in [0, 1]). Called at setup, so a typo fails before any video is made."""
+    q = dict((analysis_cfg or {}).get("qualitative") or {})
+    samples = q.get("samples", "worst_best")
+    if not (samples in SELECTIONS or (isinstance(samples, (list, tuple)) and samples)):
+        raise WanexpError(f"analysis.qualitative.samples={samples!r} is not one of {', '.join(SELECTIONS)} "
+                          "or a list of sample ids")
+    fractions = [float(f) for f in q.get("fractions") or FRACTIONS]
+    if not all(0.0 <= f <= 1.0 for f in fractions):
+        raise WanexpError(f"analysis.qualitative.fractions={fractions}: each must lie in [0, 1] (0 = first frame)")
+    count = int(q.get("count", 1))
+    if count < 1:
+        raise WanexpError(f"analysis.qualitative.count={count}: draw at least 1 worst and 1 best video")
+    return {"samples": list(samples) if isinstance(samples, (list, tuple)) else samples, "count": count,
+            "fractions": fractions}
+
+
+def pick_samples(records: Mapping[str, dict], select: Any = "worst_best", count: int = 1,
+                 errors: pd.DataFrame | None = None) -> list[tuple[str, str]]:
+    """The samples to draw, each with why it was picked: ``select`` is a list of ids, ``worst_best``
+    (the ``count`` videos with the largest and the ``count`` with the smallest latent error, averaged
+    over the methods compared) or ``per_category`` (the first video of each category, in evaluation
+    order). ``records``: the reference manifest records (id → record), in evaluation order."""
+    if isinstance(select, (list, tuple)):
+        ids = [str(i) for i in select]
+        unknown = [i for i in ids if i not in records]
+        if unknown:
+            raise WanexpError(f"analysis.qualitative.samples names {', '.join(unknown)}, which have no video here "
+                              f"(videos: {', '.join(list(records)[:8])}{' …' if len(records) > 8 else ''})")
+        return [(i, "chosen") for i in dict.fromkeys(ids)]
+    if select == "per_category":
+        first: dict[str, str] = {}
+        for sid, rec in records.items():
+            first.setdefault(str(rec.get("category")), sid)
+        return [(sid, f"category {cat}") for cat, sid in first.items()]
+    if select != "worst_best":
+        raise WanexpError(f"analysis.qualitative.samples={select!r} is not one of {', '.join(SELECTIONS)} "
+                          "or a list of sample ids")
+    if errors is None or errors.empty or errors["latent_rel_err"].isna().all():
+        raise NotRecorded("the worst and best videos are chosen by latent error, and no video was scored yet "
+                          "(run stage=evaluate first, or set analysis.qualitative.samples to ids or per_category)",
+                          "no latent errors", "evaluate")
+    mean = errors[errors["id"].isin(list(records))].groupby("id")["latent_rel_err"].mean()
+    mean = mean.reindex([i for i in records if i in mean.index])  # ties keep the evaluation order
+    n = max(1, int(count))
+    worst = mean.sort_values(ascending=False, kind="stable").iloc[:n]
+    best = mean.sort_values(ascending=True, kind="stable").iloc[:n]
+    picks = [(sid, f"worst latent error ({v:.4g})") for sid, v in worst.items()]
+    return picks + [(sid, f"best latent error ({v:.4g})") for sid, v in best.items() if sid not in worst.index]
+
+
+def frame_indices(num_frames: int, fractions: Sequence[float] = FRACTIONS) -> list[int]:
+    """The frame at each fraction of the video (0 = first, 1 = last), rounded to the nearest frame."""
+    return [int(round(float(f) * (num_frames - 1))) for f in fractions]
+
+
+@dataclass
+class Grid:
+    """One sample's frames, BF16 first, and each variant's per-pixel difference to BF16.
+
+    ``frames``: uint8 [rows, columns, H, W, 3], read from the mp4s; ``diff``: float32 [rows - 1,
+    columns, H, W], the mean over R, G, B of |frame − BF16 frame| in grey levels (0–255)."""
+
+    sample: str
+    prompt: str
+    category: str
+    labels: list[str]
+    index: list[int]
+    num_frames: int
+    frames: np.ndarray
+    diff: np.ndarray
+    fractions: tuple[float, ...] = FRACTIONS
+
+    @property
+    def vmax(self) -> float:
+        """The top of the one colour scale every difference map of the grid shares (at least 1 grey level)."""
+        return float(max(1.0, self.diff.max())) if self.diff.size else 1.0
+
+    def summary(self) -> dict:
+        """JSON-able: which frames, and per variant and column the mean and max difference."""
+        return {"sample": self.sample, "prompt": self.prompt, "category": self.category, "labels": self.labels,
+                "frame_index": self.index, "num_frames": self.num_frames, "fractions": list(self.fractions),
+                "vmax": self.vmax,
+                "mean_abs_diff": {lab: self.diff[r].mean(axis=(1, 2)).round(4).tolist()
+                                  for r, lab in enumerate(self.labels[1:])},
+                "max_abs_diff": {lab: self.diff[r].max(axis=(1, 2)).round(4).tolist()
+                                 for r, lab in enumerate(self.labels[1:])}}
+
+
+def qualitative_grid(reference: Videos, variants: Sequence[Videos], sample: str,
+                     fractions: Sequence[float] = FRACTIONS) -> Grid:
+    """The frames at ``fractions`` of ``sample``'s video in the reference and each variant (decoded
+    from the written mp4s: what was scored is what is shown) and their differences to the reference."""
+    from wanexp.generate import read_mp4
+    if not variants:
+        raise NotRecorded("no quantized videos to set beside BF16 (quant=bf16's videos are the reference)",
+                          "no quantized videos")
+    missing = [v.label for v in variants if sample not in v.records]
+    if sample not in reference.records or missing:
+        raise NotRecorded(f"no video of {sample} for {', '.join(missing) or 'BF16'} (re-run stage=generate)",
+                          "no videos", "generate")
+    ref = read_mp4(reference.path(sample))
+    index = frame_indices(len(ref), fractions)
+    frames = [ref[index]]
+    for v in variants:
+        video = read_mp4(v.path(sample))
+        if video.shape != ref.shape:
+            raise WanexpError(f"{v.label}'s video of {sample} is {video.shape}, the BF16 one {ref.shape}: "
+                              "were they generated with the same settings?")
+        frames.append(video[index])
+    stack = np.stack(frames)
+    diff = np.abs(stack[1:].astype(np.int16) - stack[:1].astype(np.int16)).mean(axis=-1).astype(np.float32)
+    rec = reference.records[sample]
+    return Grid(sample=sample, prompt=str(rec.get("prompt", "")), category=str(rec.get("category", "")),
+                labels=[reference.label] + [v.label for v in variants], index=index, num_frames=len(ref),
+                frames=stack, diff=diff, fractions=tuple(float(f) for f in fractions))
+
+
+def distinct_labels(videos: Sequence[Videos]) -> list[Videos]:
+    """The same videos, labels made unique where runs share one (the run's overrides, else its directory)."""
+    counts: dict[str, int] = {}
+    for v in videos:
+        counts[v.label] = counts.get(v.label, 0) + 1
+    out = []
+    for v in videos:
+        label = v.label
+        if counts[label] > 1 and v.run_dir is not None:
+            results = Path(v.run_dir) / "results.csv"
+            over = pd.read_csv(results).iloc[0].get("overrides") if results.is_file() else None
+            label = str(over) if isinstance(over, str) and over else Path(v.run_dir).name
+        out.append(Videos(label, v.root, v.records, v.run_dir))
+    return out

@@ -62,12 +62,16 @@ class SweepReport(Callback):
         print(f"wanexp: ablation table of {len(table)} runs: {out['paths']['md']}")
         if paper in out["paper_md"]:
             print(out["paper_md"][paper] + f"wanexp: paper table: {out['paths'][f'paper_{paper}_md']}")
+        from wanexp.report.html import sweep_outputs
+        pictures = sweep_outputs(sweep_dir, [sweep_dir], config)  # the qualitative grids and report.html
         logger = OmegaConf.to_container(config.logger, resolve=True) if "logger" in config else {"name": "none"}
         if logger.get("name") != "none":
             from wanexp.report.wandb_log import log_run, sweep_group
             group = logger.get("group") or sweep_group(sweep_dir)
             log_run(dict(logger, group=group, job_type="ablation", run_name=f"ablation-{sweep_dir.name}"), sweep_dir,
-                    {"sweep_dir": str(sweep_dir)}, {"runs": len(table), "failed": len(failures)}, out["tables"])
+                    {"sweep_dir": str(sweep_dir)}, {"runs": len(table), "failed": len(failures)}, out["tables"],
+                    images=pictures["images"])
+        print(f"wanexp: report: {pictures['report']}")
         if not failures.empty:
             print(f"wanexp: {len(failures)} of {len(table) + len(failures)} sweep runs failed "
                   f"(listed in {out['paths']['failed']}); re-run the same command to resume them", file=sys.stderr)

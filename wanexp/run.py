@@ -184,6 +184,8 @@ def validate(cfg: DictConfig) -> None:
                               f"{MOTION_MIN_SIDE - 15} pixels a side, but model.generation makes "
                               f"{cfg.model.generation.width}×{cfg.model.generation.height}; drop the dimension "
                               "(evaluate.vbench.dimensions=[…]) or generate larger videos")
+    from wanexp.analysis import qualitative_settings
+    qualitative_settings(OmegaConf.to_container(cfg.analysis, resolve=True) if "analysis" in cfg else {})
     if cfg.quant.name not in METHODS:
         raise WanexpError(f"quant={cfg.quant.name} is not implemented; available: {', '.join(METHODS)}")
     if cfg.format.name not in FORMAT_NAMES:
@@ -378,8 +380,9 @@ def evaluate(state: Run) -> dict:
 # report
 # ---------------------------------------------------------------------------------------------
 def report(state: Run) -> dict:
-    """One results row (CSV + parquet), the per-sample table, W&B, and the printed summary."""
+    """One results row (CSV + parquet), the per-sample table, W&B, report.html and the printed summary."""
     from wanexp.generate import done_records
+    from wanexp.report.html import record_versions, write_run_report
     from wanexp.report.results import write_row
     from wanexp.report.wandb_log import log_run, sweep_group
 
@@ -404,8 +407,10 @@ def report(state: Run) -> dict:
     wandb_where = log_run(logger, run_dir, OmegaConf.to_container(cfg, resolve=True),
                           {k: v for k, v in row.items() if k != "run_dir"},
                           {"per_sample": per_sample, "results": pd.DataFrame([row])}, videos=videos, artifact=artifact)
+    record_versions(run_dir)
+    html = write_run_report(run_dir, OmegaConf.to_container(cfg.report, resolve=True))
     summary = dict(row, videos=gen["quant_dir"], reference_videos=gen["reference_dir"],
-                   results=str(run_dir / "results.csv"), wandb=wandb_where)
+                   results=str(run_dir / "results.csv"), wandb=wandb_where, report=str(html))
     write_json(run_dir / "summary.json", summary)
     write_text(run_dir / "summary.txt", format_summary(summary) + "\n")
     return {"row": row}
@@ -511,6 +516,7 @@ def format_summary(s: dict) -> str:
         f"  videos:  {s['videos']}",
         f"  table:   {s['results']}",
         f"  wandb:   {s['wandb'] or 'off'}",
+        *([f"  report:  {s['report']}"] if s.get("report") else []),
     ])
 
 
@@ -522,8 +528,12 @@ def _gb(n: int | None) -> float | None:
 # analyze (opt-in)
 # ---------------------------------------------------------------------------------------------
 def analyze(state: Run) -> dict:
-    """The seed paper's diagnostic figures of this run from what it recorded (``analysis/*.png|pdf|json``),
-    logged to W&B as images unless ``logger=none``; a figure whose data the run lacks is skipped with the reason."""
+    """The seed paper's diagnostic figures and the qualitative grids of this run from what it recorded
+    (``analysis/*.png|pdf|json``), logged to W&B as images unless ``logger=none``; report.html redrawn
+    with them. A figure whose data the run lacks is skipped, one printed line each saying why; a run
+    with the data of no figure fails, naming what is missing and the stage to run first."""
+    from wanexp.analysis import NothingToAnalyze
+    from wanexp.report.html import write_run_report
     from wanexp.report.plots import analyze_run
     from wanexp.report.wandb_log import sweep_group
     cfg = state.cfg
@@ -531,8 +541,17 @@ def analyze(state: Run) -> dict:
     if not logger.get("group"):
         logger["group"] = sweep_group(state.run_dir)
     analysis = cfg.get("analysis")
-    return analyze_run(state.run_dir, OmegaConf.to_container(analysis, resolve=True) if analysis is not None else {},
-                       logger=logger, config=OmegaConf.to_container(cfg, resolve=True))
+    analysis = OmegaConf.to_container(analysis, resolve=True) if analysis is not None else {}
+    try:
+        info = analyze_run(state.run_dir, analysis, logger=logger, config=OmegaConf.to_container(cfg, resolve=True))
+    except NothingToAnalyze as err:
+        first = next((s for s in STAGES if s in err.stages), None)
+        raise WanexpError(f"{err}; run stage={first} first (stage=all runs every stage)" if first else str(err)) from None
+    for name, why in info["skipped"].items():
+        print(f"wanexp: analyze: skipped {name}: {why}")
+    info["report"] = str(write_run_report(state.run_dir, OmegaConf.to_container(cfg.report, resolve=True)))
+    print(f"wanexp: analyze: {len(info['figures'])} figures in {state.run_dir / 'analysis'}; report: {info['report']}")
+    return info
 
 
 _STAGE_FUNCS = {"calibrate": calibrate, "quantize": quantize, "generate": generate, "evaluate": evaluate,

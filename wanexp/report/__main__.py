@@ -1,7 +1,8 @@
 """``python -m wanexp.report DIR [DIR ...]``: gather the results rows of many runs (run dirs or
 multirun roots) into one ablation table (CSV, Markdown, LaTeX; deltas against BF16). Runs that
 failed or have not finished are listed with their stage and error; the others are kept.
-``--paper table1|table2|hif4`` also renders a paper's table beside the paper's own figures."""
+``--paper table1|table2|hif4`` also renders a paper's table beside the paper's own figures. The
+qualitative grids of the runs (``analysis/``) and ``report.html`` are written beside the tables."""
 
 from __future__ import annotations
 
@@ -28,11 +29,20 @@ def main(argv: list[str] | None = None) -> int:
     except WanexpError as err:
         print(f"wanexp.report: error: {err}", file=sys.stderr)
         return 2
+    from wanexp.report.html import sweep_outputs
+    from wanexp.report.results import is_run
     print(summary["text"])
+    pictures = {"images": {}}
+    if is_run(out):  # its own analysis/ and report.html are the run's: not overwritten by the comparison's
+        print(f"report: not written ({out} is a run directory with its own report.html; pass --out DIR)")
+    else:
+        pictures = sweep_outputs(out, args.dirs)
+        print(f"report: {pictures['report']}")
     if args.wandb_project:
         from wanexp.report.wandb_log import log_run
         log_run({"name": "wandb", "project": args.wandb_project, "job_type": "report"}, out,
-                {"dirs": [str(d) for d in args.dirs]}, {"runs": len(summary["table"])}, summary["tables"])
+                {"dirs": [str(d) for d in args.dirs]}, {"runs": len(summary["table"])}, summary["tables"],
+                images=pictures["images"])
     return 0
 
 

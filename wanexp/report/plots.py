@@ -10,6 +10,9 @@ draw them and return a ``matplotlib.figure.Figure``. :func:`save_figure` writes 
     fig 4  sensitivity               cosine error per module type × block, one map per expert
            sensitivity_ranking       module types by mean error (what a keep policy should keep)
            quality_memory            quality vs model size / peak memory, Pareto front marked
+    fig 5  qualitative_<sample>      BF16 and each method's frames side by side, |Δ| maps (report.qualitative)
+
+:func:`analyze_sweep` draws quality vs memory and the qualitative grids of every run of a sweep.
 """
 
 from __future__ import annotations
@@ -301,10 +304,66 @@ def figure_builders(run_dir: Path, cfg: Mapping[str, Any] | None = None,
     builders["sensitivity"] = sens_fig
     builders["sensitivity_ranking"] = rank_fig
 
-    def qm_fig():
-        df = A.quality_memory(list(compare or [run_dir]), x=cfg.get("x", "auto"), y=cfg.get("y", "auto"))
+    builders["quality_memory"] = _quality_memory_builder(list(compare or [run_dir]), cfg)
+    builders.update(_run_grid_builders(run_dir, cfg))
+    return builders
+
+
+def _quality_memory_builder(dirs: Sequence[Path], cfg: Mapping[str, Any]) -> Callable[[], tuple[Any, dict]]:
+    def build():
+        from wanexp.report.results import gather
+        try:
+            rows, _ = gather(dirs)
+        except WanexpError:  # no run directory at all under dirs
+            rows = pd.DataFrame()
+        df = A.quality_memory(rows, x=cfg.get("x", "auto"), y=cfg.get("y", "auto"))
         return draw_quality_memory(df), {**df.attrs, "rows": _records(df)}
-    builders["quality_memory"] = qm_fig
+    return build
+
+
+def _failing(err: A.NotRecorded) -> Callable[[], tuple[Any, dict]]:
+    def build():
+        raise err
+    return build
+
+
+def _run_grid_builders(run_dir: Path, cfg: Mapping[str, Any]) -> dict[str, Callable[[], tuple[Any, dict]]]:
+    """The qualitative grids of one run (BF16 and the run's method), or one entry saying why there are none."""
+    from wanexp.report.qualitative import grid_builders
+    try:
+        reference, method = A.run_videos(run_dir)
+        return grid_builders(reference, [method] if method else [], cfg, A.sample_errors([run_dir]))
+    except A.NotRecorded as err:
+        return {"qualitative": _failing(err)}
+
+
+def _sweep_grid_builders(runs: Sequence[Path], cfg: Mapping[str, Any]) -> dict[str, Callable[[], tuple[Any, dict]]]:
+    """The qualitative grids of a sweep: BF16 and every method of the runs sharing one set of reference
+    videos (one set of grids per set of references, suffixed ``_set<k>`` when the runs have several)."""
+    from wanexp.report.qualitative import grid_builders
+    groups: dict[str, tuple[A.Videos, list, list]] = {}
+    reasons = []
+    for run in runs:
+        try:
+            reference, method = A.run_videos(run)
+        except A.NotRecorded as err:
+            reasons.append(err)
+            continue
+        group = groups.setdefault(str(reference.root), (reference, [], []))
+        if method is not None:  # a bf16 run's videos are the reference: neither a row nor a latent error
+            group[1].append(method)
+            group[2].append(run)
+    if not groups:
+        return {"qualitative": _failing(reasons[0] if reasons else A.NotRecorded(
+            "no finished run with videos in the sweep", "no videos", "generate"))}
+    builders = {}
+    for k, (reference, variants, dirs) in enumerate(groups.values()):
+        suffix = f"_set{k + 1}" if len(groups) > 1 else ""
+        try:
+            found = grid_builders(reference, variants, cfg, A.sample_errors(dirs))
+        except WanexpError as err:  # e.g. ids no video of the sweep has: the tables stay, the grid is skipped
+            found = {"qualitative": _failing(err if isinstance(err, A.NotRecorded) else A.NotRecorded(str(err)))}
+        builders.update({name + suffix: build for name, build in found.items()})
     return builders
 
 
@@ -316,12 +375,44 @@ def sweep_root(run_dir: Path) -> Path | None:
     return None
 
 
+def write_figures(builders: Mapping[str, Callable[[], tuple[Any, dict]]], out: Path,
+                  dpi: int = 150) -> tuple[dict, dict, dict]:
+    """Draw each figure into ``out`` (``<name>.png|pdf|json``); returns (name → its paths, name → the
+    :class:`A.NotRecorded` of each skipped figure, name → the data of each drawn one)."""
+    figures, skipped, drawn = {}, {}, {}
+    for name, build in builders.items():
+        try:
+            fig, data = build()
+        except A.NotRecorded as err:
+            skipped[name] = err
+            continue
+        paths = save_figure(fig, out / name, dpi=dpi)
+        write_json(out / f"{name}.json", data)
+        figures[name] = {**{k: str(v) for k, v in paths.items()}, "json": str(out / f"{name}.json")}
+        drawn[name] = data
+    return figures, skipped, drawn
+
+
+def analyze_sweep(dirs: Sequence[str | Path], out_dir: str | Path, cfg: Mapping[str, Any] | None = None) -> dict:
+    """The figures of a whole sweep into ``<out_dir>/analysis/``: quality vs memory over its runs and
+    the qualitative grids (BF16 and every method); ``index.json`` lists them and why any was skipped."""
+    from wanexp.report.results import run_dirs
+    cfg, out = dict(cfg or {}), Path(out_dir) / "analysis"
+    runs = [d for d in run_dirs(dirs) if (d / "results.csv").is_file() and not (d / "error.json").is_file()]
+    builders = {"quality_memory": _quality_memory_builder(list(dirs), cfg), **_sweep_grid_builders(runs, cfg)}
+    figures, skipped, _ = write_figures(builders, out, int(cfg.get("dpi", 150)))
+    info = {"figures": figures, "skipped": {k: str(v) for k, v in skipped.items()}, "runs": [str(r) for r in runs]}
+    write_json(out / "index.json", info)
+    return info
+
+
 def analyze_run(run_dir: str | Path, cfg: Mapping[str, Any] | None = None, logger: Mapping[str, Any] | None = None,
                 config: Mapping[str, Any] | None = None, compare: Sequence[Path] | None = None) -> dict:
     """Write every figure the run has the data for into ``<run>/analysis/`` (``<name>.png``, ``.pdf``,
     ``.json``; ``index.json`` lists them and why any was skipped) and log the PNGs to W&B (``logger``,
     skipped for ``logger=none`` or None). ``compare``: run dirs for the quality-vs-memory scatter
-    (default: the run's sweep directory, or the run alone)."""
+    (default: the run's sweep directory, or the run alone). Raises :class:`A.NothingToAnalyze`, writing
+    nothing, when the run has the data of no figure."""
     try:
         import matplotlib  # noqa: F401
     except ImportError as err:
@@ -332,20 +423,14 @@ def analyze_run(run_dir: str | Path, cfg: Mapping[str, Any] | None = None, logge
     if compare is None:
         root = sweep_root(run_dir)
         compare = [root] if root is not None else [run_dir]
-    figures, skipped, summary = {}, {}, {}
-    for name, build in figure_builders(run_dir, cfg, compare).items():
-        try:
-            fig, data = build()
-        except A.NotRecorded as err:
-            skipped[name] = str(err)
-            continue
-        paths = save_figure(fig, out / name, dpi=int(cfg.get("dpi", 150)))
-        write_json(out / f"{name}.json", data)
-        figures[name] = {**{k: str(v) for k, v in paths.items()}, "json": str(out / f"{name}.json")}
-        if name == "sensitivity":
-            summary["keep_policy"] = data["keep_policy"]
-            summary["most_sensitive_modules"] = [r["module"] for r in data["module_ranking"][:3]]
-    info = {"figures": figures, "skipped": skipped, **summary}
+    figures, skipped, drawn = write_figures(figure_builders(run_dir, cfg, compare), out, int(cfg.get("dpi", 150)))
+    if not figures:
+        raise A.NothingToAnalyze(run_dir, skipped)
+    summary = {}
+    if "sensitivity" in drawn:
+        summary["keep_policy"] = drawn["sensitivity"]["keep_policy"]
+        summary["most_sensitive_modules"] = [r["module"] for r in drawn["sensitivity"]["module_ranking"][:3]]
+    info = {"figures": figures, "skipped": {k: str(v) for k, v in skipped.items()}, **summary}
     wandb_where = None
     if logger and logger.get("name", "wandb") != "none" and figures:
         from wanexp.report.wandb_log import log_run

@@ -34,15 +34,16 @@ def run_dirs(dirs: Iterable[str | Path]) -> list[Path]:
         d = Path(d)
         if not d.exists():
             raise WanexpError(f"{d} does not exist")
-        if _is_run(d):
+        if is_run(d):
             found.append(d)
             continue
         marks = {p.parent for name in (CONFIG_FILE, RESULTS_CSV, ERROR_FILE) for p in d.rglob(name)}
-        found += sorted(m for m in marks if _is_run(m))
+        found += sorted(m for m in marks if is_run(m))
     return found
 
 
-def _is_run(d: Path) -> bool:
+def is_run(d: Path) -> bool:
+    """A run directory: it holds our config record, a results row or an error record."""
     return any((d / n).is_file() for n in (CONFIG_FILE, RESULTS_CSV, ERROR_FILE))
 
 
