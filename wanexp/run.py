@@ -134,7 +134,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             if cfg.stage == "all" and state.done(stage):
                 continue
             start = time.perf_counter()
-            info = _STAGE_FUNCS[stage](state) if world.main or stage in PER_RANK else None
+            info = _STAGE_FUNCS[stage](state) if world.main or stage in PER_RANK or stage in ALL_RANKS else None
             if stage in PER_RANK or stage in ("calibrate", "quantize"):
                 world.barrier()  # the next stage needs every rank's files (or rank 0's artifact)
             if stage in PER_RANK and world.main:
@@ -559,3 +559,6 @@ _STAGE_FUNCS = {"calibrate": calibrate, "quantize": quantize, "generate": genera
 # Stages every rank runs on its own share of the samples, with what rank 0 does once all shards
 # are in; the other stages run on rank 0 alone.
 PER_RANK = {"generate": generation_summary}
+# Stages every rank takes part in, rank 0 recording the result: calibration is data parallel
+# (each rank denoises its share of the calibration samples; wanexp.calib.reduce combines them).
+ALL_RANKS = ("calibrate",)

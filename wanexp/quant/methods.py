@@ -75,6 +75,7 @@ class MethodConfig:
     compute_dtype: torch.dtype = torch.bfloat16
     stats: dict[str, LayerStats] = field(default_factory=dict)        # layer name → statistics
     report: dict[str, dict] = field(default_factory=dict)             # layer name → what was chosen
+    seconds: dict[str, float] = field(default_factory=dict)           # layer name → seconds its build took
 
     # -- what calibration must record -----------------------------------------------------
     @staticmethod
@@ -112,7 +113,7 @@ class MethodConfig:
         chosen.update(self.sensitivity(layer, w, stats))
         if w.is_cuda:
             torch.cuda.synchronize(w.device)
-        chosen["seconds"] = round(time.perf_counter() - start, 4)  # what building this layer cost
+        self.seconds[name] = round(time.perf_counter() - start, 4)  # what building this layer cost
         self.report[name] = chosen
         return layer
 

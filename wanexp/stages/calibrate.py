@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 from pathlib import Path
 
 import torch
@@ -26,6 +28,7 @@ from omegaconf import OmegaConf
 
 from wanexp.analysis import trace_spec
 from wanexp.calib import ActivationCollector, CalibStats
+from wanexp.calib.reduce import reduce_stats
 from wanexp.calib.trajectory import ExpertSplit
 from wanexp.errors import WanexpError
 from wanexp.generate import sample_seed
@@ -108,7 +111,7 @@ def stats_dir(state, key: dict) -> Path:
 def load_calib_stats(run_dir: Path) -> CalibStats:
     marker = run_dir / "stages" / "calibrate.json"
     where = Path(read_json(marker).get("stats_dir", run_dir / CALIB_DIR)) if marker.is_file() else run_dir / CALIB_DIR
-    parts = sorted(where.glob("stats-*part*-of*.safetensors"))
+    parts = sorted(p for p in where.glob("stats-*part*-of*.safetensors") if ".rank" not in p.name)
     if not parts:
         raise WanexpError(f"no calibration statistics in {where} (run stage=calibrate first)")
     for expert in EXPERTS:
@@ -132,6 +135,7 @@ def calibrate(state) -> dict:
     if not needs:
         return {"skipped": f"quant={cfg.quant.name} needs no calibration statistics"}
     samples = state.splits.calib
+    world = state.world
     if not samples:
         raise WanexpError(f"quant={cfg.quant.name} needs calibration data but the calibration split is empty "
                           "(set data.calib.num_samples, data.calib.ids or data.calib.prompts_file)")
@@ -143,14 +147,15 @@ def calibrate(state) -> dict:
     contexts = state.contexts(pipe)
     key = calib_key(state, pipe, needs)
     where = stats_dir(state, key)
-    if where.parent != state.run_dir:  # the cache: say what the statistics are of, next to them
+    if where.parent != state.run_dir and world.main:  # the cache: say what the statistics are of, next to them
         write_json(where / "key.json", key)
+    # data parallel (WORLD_SIZE > 1): each rank denoises its share; the statistics are reduced to rank 0
+    mine = world.shard(samples)
     trace = key["analysis"]
     split = ExpertSplit(pipe, where / "boundary", lambda p, s, cb: _denoise(state, p, s, cb))
-    entries, reused, passes, seconds = 0, 0, 0, {}
+    entries, reused, passes, seconds, reused_ranks = 0, 0, 0, {}, 0
     # per pass and sample: [start, end of each denoising step, end] in seconds from the pass start
     step_times: dict[str, list[list[float]]] = {}
-    import time
     for expert, model in experts(pipe).items():
         parts = calib_parts(state, model)
         for k, layers in enumerate(parts):
@@ -160,6 +165,14 @@ def calibrate(state) -> dict:
                 reused += 1
                 continue
             start = time.perf_counter()
+            own = rank_part_path(path, world)
+            if own is not None and not transient and own.is_file():  # this rank's share survived a crash
+                stats = reduce_stats(CalibStats.load(own), world, int(cfg.quant.get("calib_tokens", 256)),
+                                     int(cfg.seed))
+                _finish_pass(state, pipe, expert, layers, stats, path, transient, k, len(parts))
+                reused_ranks += 1
+                passes += 1
+                continue
             stats = CalibStats()
             collector = ActivationCollector(
                 expert, model, layers, contexts[expert], needs, stats,
@@ -175,7 +188,7 @@ def calibrate(state) -> dict:
                 collector.check()
                 marks[-1].append(round(time.perf_counter() - start, 4))
             try:
-                for sample in state.progress(samples, f"calibrate {expert} {k + 1}/{len(parts)}"):
+                for sample in state.progress(mine, f"calibrate {expert} {k + 1}/{len(parts)}"):
                     marks.append([round(time.perf_counter() - start, 4)])
                     split.run(expert, sample, on_step=on_step, steps=int(cfg.model.generation.num_inference_steps))
                     marks[-1].append(round(time.perf_counter() - start, 4))
@@ -183,18 +196,55 @@ def calibrate(state) -> dict:
                 for h in hooks + collector.handles:
                     h.remove()
             collector.check()
-            if transient:  # the Hessians live only now: build this pass's GPTQ layers from them
-                from wanexp.stages.quantize import build_quant_part
-                build_quant_part(state, pipe, expert, layers, stats, k, len(parts))
-                stats.drop("hessian")
-            stats.save(path)
-            entries += len(stats.data)
+            if own is not None and not transient:  # kept until the pass is reduced: a crash redoes only the lost ranks
+                stats.save(own)
+                if os.environ.get("WANEXP_FAULT_DIE_AFTER_SHARE") == str(world.rank):
+                    _die_once_the_others_saved(path, world)
+            stats = reduce_stats(stats, world, int(cfg.quant.get("calib_tokens", 256)), int(cfg.seed))
+            entries += _finish_pass(state, pipe, expert, layers, stats, path, transient, k, len(parts))
             passes += 1
             seconds[f"{expert}/{k}"] = round(time.perf_counter() - start, 3)
             del stats, collector
     return {"samples": [s.id for s in samples], "needs": needs, "parts": passes + reused, "entries": entries,
             "parts_reused": reused, "stats_dir": str(where), "traced": trace.get("layers", []),
-            "hessians": key.get("hessians"), "pass_seconds": seconds, "step_times": step_times}
+            "hessians": key.get("hessians"), "pass_seconds": seconds, "step_times": step_times,
+            "ranks": world.size, "rank_shares_reused": reused_ranks}
+
+
+def _die_once_the_others_saved(path: Path, world) -> None:
+    """Fault injection for the tests (``WANEXP_FAULT_DIE_AFTER_SHARE=<rank>``): this rank is lost
+    after its share of the pass is on disk, and after every other rank's is too."""
+    deadline = time.time() + 120
+    others = [path.with_name(f"{path.stem}.rank{r}-of{world.size}.safetensors") for r in range(world.size)]
+    while not all(p.is_file() for p in others) and time.time() < deadline:
+        time.sleep(0.2)
+    os._exit(17)
+
+
+def rank_part_path(path: Path, world) -> Path | None:
+    """Where one rank keeps its share of a pass until the pass is reduced (None in one process)."""
+    if world.size == 1:
+        return None
+    return path.with_name(f"{path.stem}.rank{world.rank}-of{world.size}.safetensors")
+
+
+def _finish_pass(state, pipe, expert, layers, stats, path: Path, transient: bool, k: int, n: int) -> int:
+    """Rank 0 turns the reduced statistics of a pass into its part file (and, with transient
+    Hessians, its GPTQ layers); every rank then drops its own share. Returns the entries written."""
+    world = state.world
+    entries = 0
+    if world.main:
+        if transient:  # the Hessians live only now: build this pass's GPTQ layers from them
+            from wanexp.stages.quantize import build_quant_part
+            build_quant_part(state, pipe, expert, layers, stats, k, n)
+            stats.drop("hessian")
+        stats.save(path)
+        entries = len(stats.data)
+    world.barrier()
+    own = rank_part_path(path, world)
+    if own is not None:
+        own.unlink(missing_ok=True)
+    return entries
 
 
 def quant_part_done(state, expert: str, k: int, n: int) -> bool:

@@ -27,6 +27,7 @@ from wanexp.quant.targets import select_targets
 
 ARTIFACT = Path("artifact") / "quantized.safetensors"
 PARTS = Path("artifact") / "parts"
+LAYER_SECONDS = Path("artifact") / "layer_seconds.json"  # expert → layer → seconds its build took
 
 
 def artifact_path(state) -> Path:
@@ -124,6 +125,7 @@ def build_quant_part(state, pipe, expert: str, layers: list[str], stats, k: int,
     path = quant_part_path(state.run_dir, expert, k, n)
     save_layers(path, {expert: built}, dict(_header(state, pipe, method), part=[expert, k, n]))
     write_json(path.with_suffix(".choices.json"), method.report)
+    write_json(path.with_suffix(".seconds.json"), method.seconds)
     return path
 
 
@@ -150,12 +152,13 @@ def quantize(state) -> dict:
     parts = sorted((state.run_dir / PARTS).glob("*-part*-of*.safetensors"))
     from wanexp.stages.calibrate import transient_hessians
     if transient_hessians(cfg):
-        swapped, chosen, method = _assemble_parts(state, pipe, parts)
+        swapped, chosen, seconds, method = _assemble_parts(state, pipe, parts)
     else:
-        swapped, chosen, method = _quantize_now(state, pipe)
+        swapped, chosen, seconds, method = _quantize_now(state, pipe)
     state._pipe_quantized = True
     save_artifact(state.run_dir / ARTIFACT, experts(pipe), _header(state, pipe, method))
     write_json(state.run_dir / "artifact" / "choices.json", chosen)
+    write_json(state.run_dir / LAYER_SECONDS, seconds)
     return {"layers": swapped, **_size_info(pipe), **bf16}
 
 
@@ -165,7 +168,7 @@ def _quantize_now(state, pipe):
     contexts = state.contexts(pipe)
     method = _method(state, pipe)
     stats = load_calib_stats(state.run_dir) if MethodConfig.needs(cfg.quant) else None
-    swapped, chosen = {}, {}
+    swapped, chosen, seconds = {}, {}, {}
     for name, model in experts(pipe).items():
         keep_blocks, keep_modules = keep_lists(cfg, name)
         targets = select_targets(model, keep_blocks, keep_modules)
@@ -175,9 +178,9 @@ def _quantize_now(state, pipe):
         # built on the run's device (the GPU even when the pipeline is offloaded), kept where the layer was
         swapped[name] = len(quantize_(model, method, state.progress(targets, f"quantize {name}"), contexts[name],
                                       compute_device=state.device))
-        chosen[name] = method.report
-        method.stats = {}
-    return swapped, chosen, method
+        chosen[name], seconds[name] = method.report, method.seconds
+        method.stats, method.seconds = {}, {}
+    return swapped, chosen, seconds, method
 
 
 def _assemble_parts(state, pipe, parts: list[Path]):
@@ -188,7 +191,8 @@ def _assemble_parts(state, pipe, parts: list[Path]):
         raise WanexpError(f"{state.run_dir / PARTS} holds no quantized parts (run stage=calibrate first: with "
                           "transient Hessians it builds the GPTQ layers)")
     contexts = state.contexts(pipe)
-    swapped, chosen = {e: 0 for e in experts(pipe)}, {e: {} for e in experts(pipe)}
+    swapped, chosen, seconds = ({e: 0 for e in experts(pipe)}, {e: {} for e in experts(pipe)},
+                                {e: {} for e in experts(pipe)})
     for path in parts:
         header = read_header(path)
         expert = header["part"][0]
@@ -201,7 +205,8 @@ def _assemble_parts(state, pipe, parts: list[Path]):
             replace_module(model, name, layer)
             swapped[expert] += 1
         chosen[expert].update(read_json(path.with_suffix(".choices.json")))
-    return swapped, chosen, _method(state, pipe)
+        seconds[expert].update(read_json(path.with_suffix(".seconds.json")))
+    return swapped, chosen, seconds, _method(state, pipe)
 
 
 def quantized_pipe(state):
