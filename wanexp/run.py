@@ -95,6 +95,12 @@ class Run:
         total = float(pipe.scheduler.config.num_train_timesteps)
         n_bins = int(self.cfg.quant.get("bins", 1))
         edges = self.cfg.quant.get("bin_edges")
+        if self.cfg.quant.get("bin_rule") == "step_fraction":  # the paper code's: by each expert's share of the steps
+            from wanexp.quant.context import step_fraction_bins
+            steps = _schedule(pipe, int(self.cfg.model.generation.num_inference_steps))
+            fractions = OmegaConf.to_container(self.cfg.quant.bin_fractions, resolve=True)
+            bins = step_fraction_bins(steps, boundary_timestep(pipe), fractions)
+            return {name: TimestepContext(bins=b) for name, b in bins.items()}
         if self.cfg.expert.policy == "shared":
             # one policy for both experts: bins over the whole trajectory, the same for both
             shared = (TimestepBins(tuple(sorted(float(e) for e in edges))) if edges
@@ -103,6 +109,30 @@ class Run:
         edges = OmegaConf.to_container(edges, resolve=True) if edges else None
         bins = expert_bins(boundary_timestep(pipe), total, n_bins, edges)
         return {name: TimestepContext(bins=b) for name, b in bins.items()}
+
+
+def _schedule(pipe, steps: int) -> list[float]:
+    """The timesteps the pipeline's scheduler visits in ``steps`` denoising steps (on a copy)."""
+    import copy
+    scheduler = copy.deepcopy(pipe.scheduler)
+    scheduler.set_timesteps(steps, device="cpu")
+    return [float(t) for t in scheduler.timesteps]
+
+
+def generation_cfg(cfg) -> dict:
+    """``model.generation``, plus ``freeze_condition_latent`` when the method turns it on (the paper
+    code's inference); it applies to the run's BF16 twin too, so both sides are generated alike."""
+    gen = OmegaConf.to_container(cfg.model.generation, resolve=True)
+    if cfg.quant.get("freeze_condition_latent"):
+        gen["freeze_condition_latent"] = True
+    return gen
+
+
+def calib_generation_cfg(cfg) -> dict:
+    """The generation setting of the calibration trajectories: ``model.generation`` with the method's
+    ``quant.calib_generation`` overrides (the paper code: 480×832, no CFG)."""
+    return {**OmegaConf.to_container(cfg.model.generation, resolve=True),
+            **OmegaConf.to_container(cfg.quant.get("calib_generation") or OmegaConf.create({}), resolve=True)}
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
@@ -181,6 +211,11 @@ def validate(cfg: DictConfig) -> None:
                               "(evaluate.vbench.dimensions=[…]) or generate larger videos")
     if cfg.quant.name not in METHODS:
         raise WanexpError(f"quant={cfg.quant.name} is not implemented; available: {', '.join(METHODS)}")
+    from wanexp.quant.methods import validate_quant_cfg
+    validate_quant_cfg(OmegaConf.to_container(cfg.quant, resolve=True), list(cfg.model.generation))
+    if cfg.quant.get("bin_rule") == "step_fraction" and cfg.expert.policy == "shared":
+        raise WanexpError("quant.bin_rule=step_fraction cuts each expert's own steps; expert=shared has one set "
+                          "of bins over the whole trajectory (use bin_rule=equal_width or quant.bin_edges)")
     if cfg.format.name not in FORMAT_NAMES:
         raise WanexpError(f"format.name={cfg.format.name} is unknown; available: {', '.join(FORMAT_NAMES)}")
     if cfg.expert.policy not in ("per_expert", "shared"):
@@ -275,8 +310,19 @@ def calib_key(state: Run, pipe, needs: list[str]) -> dict:
             "calib_tokens": int(cfg.quant.get("calib_tokens", 256)), "seed": int(cfg.seed),
             "bins": {k: c.bins.to_json() for k, c in state.contexts(pipe).items()},
             "blocks_per_pass": cfg.quant.get("calib_blocks_per_pass"), "samples": samples,
-            "generation": OmegaConf.to_container(cfg.model.generation, resolve=True),
-            "analysis": _trace_spec(state, pipe)}
+            "generation": calib_generation_cfg(cfg), "analysis": _trace_spec(state, pipe),
+            **_hessian_input_key(cfg)}
+
+
+def _hessian_input_key(cfg) -> dict:
+    """What the paper code's Hessian of Q_A(x / s) also depends on: the smoothing and the activation
+    format (absent for wanexp's own Hessian, so those statistics keep their address)."""
+    from wanexp.quant.methods import MethodConfig
+    if not MethodConfig.second_pass(cfg.quant):
+        return {}
+    q = OmegaConf.to_container(cfg.quant, resolve=True)
+    return {"hessian_input": {"kind": q["hessian_input"], "smoothing": q.get("smoothing"), "alpha": q.get("alpha"),
+                              "percentile": q.get("percentile"), "act": OmegaConf.to_container(cfg.format, resolve=True)}}
 
 
 def _trace_spec(state: Run, pipe) -> dict:
@@ -341,6 +387,8 @@ def calibrate(state: Run) -> dict:
     parts = {name: calib_parts(state, model) for name, model in experts(pipe).items()}
     n_parts = len(parts["high_noise"])
     entries, reused = 0, 0
+    second = MethodConfig.second_pass(state.cfg.quant)  # the Hessian of Q_A(x/s) needs s, i.e. this pass's maxima
+    first_needs = [n for n in needs if n != "hessian"] if second else needs
     for k in range(n_parts):
         path = part_path(where, k, n_parts)
         if path.is_file():  # finished by an earlier attempt, or by another run with the same key
@@ -348,7 +396,7 @@ def calibrate(state: Run) -> dict:
             continue
         stats = CalibStats()
         trace = key["analysis"]
-        collectors = [ActivationCollector(name, model, parts[name][k], contexts[name], needs, stats,
+        collectors = [ActivationCollector(name, model, parts[name][k], contexts[name], first_needs, stats,
                                           max_tokens=int(state.cfg.quant.get("calib_tokens", 256)),
                                           seed=int(state.cfg.seed), trace_layers=trace.get("layers", ()),
                                           trace_percentile=trace.get("percentile", 99.9),
@@ -361,21 +409,54 @@ def calibrate(state: Run) -> dict:
         finally:
             for h in hooks + [h for c in collectors for h in c.handles]:
                 h.remove()
+        if second:
+            _act_quant_hessian_pass(state, pipe, {name: parts[name][k] for name in parts}, contexts, stats)
         stats.save(path)
         entries += len(stats.data)
     return {"samples": [s.id for s in samples], "needs": needs, "parts": n_parts, "entries": entries,
             "parts_reused": reused, "stats_dir": str(where), "traced": key["analysis"].get("layers", [])}
 
 
+def _act_quant_hessian_pass(state: Run, pipe, layers: dict[str, list[str]], contexts: dict, stats) -> None:
+    """The paper code's GPTQ Hessian (``quant.hessian_input=smoothed_act_quant``): the calibration
+    trajectories again, accumulating Σ Q_A(x/s)ᵀ Q_A(x/s) with s from the maxima ``stats`` now holds
+    (pooled as the quantize stage will pool them), into ``stats``."""
+    from wanexp.calib import ActivationCollector, CalibStats
+    from wanexp.calib.collect import ALL_BINS
+    from wanexp.models import experts, install_timestep_hooks
+    from wanexp.quant.methods import method_config
+    cfg = state.cfg
+    method = method_config(OmegaConf.to_container(cfg.quant, resolve=True),
+                           OmegaConf.to_container(cfg.format, resolve=True), contexts["high_noise"].bins.num_bins)
+    models = experts(pipe)
+    hessians, collectors = CalibStats(), []
+    for name, model in models.items():
+        pool = list(models) if cfg.expert.policy == "shared" else [name]
+        ls = layer_stats(stats, pool, layers[name])
+        fns = {n: method.hessian_input_fn(model.get_submodule(n), ls[n]) for n in layers[name]}
+        collectors.append(ActivationCollector(name, model, layers[name], contexts[name], ["hessian"], hessians,
+                                              hessian_input=fns))
+    hooks = install_timestep_hooks(pipe, lambda expert, t: contexts[expert].set_timestep(t))
+    try:
+        for sample in state.progress(state.splits.calib, "calibrate: Hessian of Q_A(x/s)"):
+            _denoise(state, pipe, sample)
+    finally:
+        for h in hooks + [h for c in collectors for h in c.handles]:
+            h.remove()
+    for (expert, layer, bin_), d in hessians.data.items():
+        if bin_ == ALL_BINS and "hessian" in d:
+            stats.data.setdefault((expert, layer, ALL_BINS), {})["hessian"] = d["hessian"]
+
+
 @torch.no_grad()
 def _denoise(state: Run, pipe, sample) -> None:
-    """One BF16 trajectory of a calibration sample, at the generation setting, latents only."""
+    """One BF16 trajectory of a calibration sample, at the calibration setting, latents only."""
     from wanexp.generate import sample_seed
-    gen = state.cfg.model.generation
-    image = sample.load_image().resize((int(gen.width), int(gen.height)))
-    pipe(image=image, prompt=sample.prompt, height=int(gen.height), width=int(gen.width),
-         num_frames=int(gen.num_frames), num_inference_steps=int(gen.num_inference_steps),
-         guidance_scale=float(gen.guidance_scale), output_type="latent",
+    gen = calib_generation_cfg(state.cfg)
+    image = sample.load_image().resize((int(gen["width"]), int(gen["height"])))
+    pipe(image=image, prompt=sample.prompt, height=int(gen["height"]), width=int(gen["width"]),
+         num_frames=int(gen["num_frames"]), num_inference_steps=int(gen["num_inference_steps"]),
+         guidance_scale=float(gen["guidance_scale"]), output_type="latent",
          generator=torch.Generator().manual_seed(sample_seed(int(state.cfg.seed), sample.id)))
 
 
@@ -433,6 +514,8 @@ def quantize(state: Run) -> dict:
         chosen[name] = method.report
         method.stats = {}
     state._pipe_quantized = True
+    if method.clip_search and method.clip_search_data == "w4a4_generation":
+        _w4a4_clip_search(state, pipe, method, contexts, chosen)
     from wanexp.models import boundary_timestep
     header = {"method": cfg.quant.name, "format": method.weight_format, "act_format": method.act_format,
               "expert_policy": cfg.expert.policy, "fingerprint": fingerprint, "boundary": boundary_timestep(pipe),
@@ -441,6 +524,36 @@ def quantize(state: Run) -> dict:
     save_artifact(state.run_dir / ARTIFACT, experts(pipe), header)
     write_json(state.run_dir / "artifact" / "choices.json", chosen)
     return {"layers": swapped, **_size_info(pipe), **bf16}
+
+
+def _w4a4_clip_search(state: Run, pipe, method, contexts: dict, chosen: dict) -> None:
+    """The paper code's TS-clip search data (``quant.clip_search_data=w4a4_generation``): one W4A4
+    generation with CFG per sample of the first ``quant.search_samples`` calibration samples, at
+    ``model.generation`` with the ``quant.search_generation`` overrides, every layer quantized at clip 1;
+    the inputs of each searched layer score the candidates (:mod:`wanexp.quant.clip_search`), and the
+    picks fill the clip tables and ``chosen``. (The layers' sensitivity numbers stay those at clip 1.)"""
+    from wanexp.generate import generate_one, sample_seed
+    from wanexp.models import experts, install_timestep_hooks
+    from wanexp.quant.api import quant_layers
+    from wanexp.quant.clip_search import OutputErrorSearch
+    q = state.cfg.quant
+    samples = state.splits.calib[: int(q.get("search_samples", 1))]
+    if not samples:
+        raise WanexpError("quant.clip_search_data=w4a4_generation searches on calibration samples, but the "
+                          "calibration split is empty (set data.calib.num_samples)")
+    layers = {(e, n): layer for e, model in experts(pipe).items() for n, layer in quant_layers(model).items()
+              if method.searches(n) and layer.act_format is not None}
+    search = OutputErrorSearch(layers, method.clip_candidates, method.exp_shifts, int(q.get("search_rows", 4096)))
+    gen = {**generation_cfg(state.cfg), **OmegaConf.to_container(q.get("search_generation") or OmegaConf.create({}))}
+    hooks = install_timestep_hooks(pipe, lambda expert, t: contexts[expert].set_timestep(t)) + search.attach()
+    try:
+        for sample in state.progress(samples, "TS-clip search (W4A4 generation)"):
+            generate_one(pipe, sample, gen, sample_seed(int(state.cfg.seed), sample.id), decode=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    for (expert, name), picked in search.apply(contexts["high_noise"].bins.num_bins).items():
+        chosen[expert].setdefault(name, {}).update(picked)
 
 
 def keep_lists(cfg, expert: str) -> tuple[list[int], list[str]]:
@@ -507,7 +620,7 @@ def quantized_pipe(state: Run):
 # ---------------------------------------------------------------------------------------------
 def reference_dir(state: Run) -> Path:
     from wanexp.generate import generation_key
-    gen = OmegaConf.to_container(state.cfg.model.generation, resolve=True)
+    gen = generation_cfg(state.cfg)
     return Path(state.cfg.paths.reference_cache) / generation_key(state.fingerprint, gen, int(state.cfg.seed))
 
 
@@ -518,7 +631,7 @@ def generate(state: Run) -> None:
 
     cfg, world = state.cfg, state.world
     samples = world.shard(state.splits.eval)
-    gen = OmegaConf.to_container(cfg.model.generation, resolve=True)
+    gen = generation_cfg(cfg)
     ref_dir, quant_dir, shard = reference_dir(state), state.run_dir, manifest_name(world.rank, world.size)
 
     def make_reference():
@@ -665,10 +778,10 @@ def results_row(state: Run, evals: dict, gen: dict) -> dict:
     fid = evals["fidelity"]
     secs = gen.get("quant_sec_per_video")
     row = {
-        "method": cfg.quant.name, "format": format_label(cfg.format) if cfg.quant.name != "bf16" else "bf16",
+        "method": cfg.quant.name, "recipe": cfg.quant.get("recipe"),
+        "format": format_label(cfg.format) if cfg.quant.name != "bf16" else "bf16",
         "expert_policy": cfg.expert.policy, "bins": int(cfg.quant.get("bins", 1)),
-        "clip_candidates": (",".join(f"{float(c):g}" for c in cfg.quant.clip_candidates)
-                            if cfg.quant.get("clip_search") else None),
+        "clip_candidates": _candidates_label(cfg.quant) if cfg.quant.get("clip_search") else None,
         "rank": int(cfg.quant.get("rank", 0) or 0), "kept": kept_label(cfg),
         "seed": int(cfg.seed), "model": cfg.model.name, "data": cfg.data.name, "num_videos": fid.get("num_videos"),
         "psnr": fid.get("psnr"), "ssim": fid.get("ssim"), "latent_rel_err": fid.get("latent_rel_err"),
@@ -689,6 +802,13 @@ def results_row(state: Run, evals: dict, gen: dict) -> dict:
         "overrides": _overrides(run_dir), "run_dir": str(run_dir),
     })
     return row
+
+
+def _candidates_label(quant) -> str:
+    """``0.6,0.7,0.8,0.9,1``, with ``×2^-1,0,1`` when exponent shifts multiply the set (the paper code's 15)."""
+    label = ",".join(f"{float(c):g}" for c in quant.clip_candidates)
+    shifts = [int(k) for k in quant.get("exp_shifts") or [0]]
+    return label if shifts == [0] else f"{label} ×2^{','.join(map(str, shifts))}"
 
 
 def _fps(gen: dict, secs: float | None) -> float | None:

@@ -11,6 +11,8 @@ of steps except the optional bounded token sample:
 
 Which statistics are kept is the method's choice (``needs``); the timestep bin comes from the
 expert's TimestepContext, set by the runner's timestep hook before each expert forward.
+``hessian_input`` (layer → function of x) accumulates the Hessian of a transform of the input instead
+(the seed paper code's ``Q_A(x / s)``, recorded in a second pass once the smoothing s is known).
 
 For a few *traced* layers (``analysis.layers``; the seed paper's Fig. 1) the collector also keeps,
 per denoising step (distinct timestep) of the same BF16 trajectories, a per-channel max |x| over
@@ -24,7 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -138,12 +140,14 @@ class ActivationCollector:
 
     def __init__(self, expert: str, model: nn.Module, layers: Iterable[str], context: TimestepContext,
                  needs: Iterable[str], stats: CalibStats, max_tokens: int = 256, seed: int = 0,
-                 trace_layers: Iterable[str] = (), trace_percentile: float = 99.9, trace_tokens: int = 16384):
+                 trace_layers: Iterable[str] = (), trace_percentile: float = 99.9, trace_tokens: int = 16384,
+                 hessian_input: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None):
         unknown = set(needs) - set(STATS)
         if unknown:
             raise ValueError(f"unknown calibration statistics {sorted(unknown)}; known: {STATS}")
         self.expert, self.context, self.needs, self.stats = expert, context, set(needs), stats
         self.max_tokens = max_tokens
+        self.hessian_input = dict(hessian_input or {})
         self.generator = torch.Generator().manual_seed(seed)
         self.seen: dict[tuple[str, str, int], int] = {}
         layers = list(layers)
@@ -172,7 +176,8 @@ class ActivationCollector:
         if "sumsq" in self.needs:
             d["sumsq"] = d.get("sumsq", 0) + x.square().sum(dim=0).double().cpu()
         if "hessian" in self.needs:  # pooled over bins: GPTQ uses one Hessian, and [in, in] per bin would not fit at A14B size
-            pooled["hessian"] = pooled.get("hessian", 0) + (x.T @ x).cpu()
+            h = self.hessian_input[layer](x) if layer in self.hessian_input else x
+            pooled["hessian"] = pooled.get("hessian", 0) + (h.T @ h).cpu()
         if "tokens" in self.needs:
             self._reservoir(key, d, x)
         if layer in self.traces and self.context.timestep is not None:
