@@ -149,6 +149,28 @@ def test_fifteen_candidate_search_picks_the_brute_force_argmin():
     assert report["clip_candidate"] == [list(picks[0][:2]), list(picks[1][:2])]
 
 
+def test_calib_token_search_with_shifts_and_the_relative_metric():
+    # the same knobs on wanexp's own search data (each bin's calibration tokens): argmin per bin
+    from wanexp.quant.methods import LayerStats, MethodConfig
+    g = torch.Generator().manual_seed(5)
+    linear = nn.Linear(96, 32, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(32, 96, generator=g) * 0.1)
+    act = {"name": "mxfp4", "opts": {"scale_rule": "ceil", "ties": "toward_zero"}}
+    method = MethodConfig("tsclip", {"name": "mxfp4", "opts": {"ties": "toward_zero"}}, act, clip_search=True,
+                          exp_shifts=[-1, 0, 1], clip_metric="wq_output_rel", num_bins=2, compute_dtype=torch.float32)
+    tokens = {0: torch.randn(40, 96, generator=g) * 4, 1: torch.randn(40, 96, generator=g) ** 3}
+    method.stats = {"l": LayerStats(tokens=tokens)}
+    layer = method.build("l", linear)
+    wq = get_format("mxfp4", ties="toward_zero").quantize_dequantize(linear.weight.detach().float())
+    cands = candidates([0.6, 0.7, 0.8, 0.9, 1.0], [-1, 0, 1])
+    for b, x in tokens.items():
+        ref = x @ wq.T
+        err = torch.stack([(paper_qdq(x, *c) @ wq.T - ref).square().sum() for c in cands])
+        assert layer.clip_table[b].item() == pytest.approx(ratio(cands[int(torch.argmin(err))]))
+    assert method.report["l"]["clip"] == [round(float(r), 6) for r in layer.clip_table]
+
+
 def test_evenly_spaced_rows_follow_the_code_linspace():
     x = torch.arange(10 * 3, dtype=torch.float32).reshape(10, 3)
     assert evenly_spaced_rows(x, 4)[:, 0].tolist() == [0.0, 9.0, 18.0, 27.0]  # rows 0, 3, 6, 9
@@ -220,6 +242,8 @@ def test_hessian_of_the_smoothed_act_quantized_inputs():
     from wanexp.quant.smooth import smoothquant_scales
     g = torch.Generator().manual_seed(4)
     model = nn.Sequential(nn.Linear(64, 16))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(16, 64, generator=g) * 0.2)
     x = (torch.randn(2, 40, 64, generator=g) * torch.rand(64, generator=g) * 10).bfloat16()
     act = {"name": "mxfp4", "opts": {"scale_rule": "ceil", "ties": "toward_zero"}}
     method = MethodConfig("svdquant_gptq", {"name": "mxfp4", "opts": {}}, act, smoothing="max", alpha=0.5,
