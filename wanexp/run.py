@@ -418,34 +418,19 @@ def calibrate(state: Run) -> dict:
 
 
 def _act_quant_hessian_pass(state: Run, pipe, layers: dict[str, list[str]], contexts: dict, stats) -> None:
-    """The paper code's GPTQ Hessian (``quant.hessian_input=smoothed_act_quant``): the calibration
-    trajectories again, accumulating Σ Q_A(x/s)ᵀ Q_A(x/s) with s from the maxima ``stats`` now holds
-    (pooled as the quantize stage will pool them), into ``stats``."""
-    from wanexp.calib import ActivationCollector, CalibStats
-    from wanexp.calib.collect import ALL_BINS
-    from wanexp.models import experts, install_timestep_hooks
+    """The paper code's GPTQ Hessian (``quant.hessian_input=smoothed_act_quant``) into ``stats``: the
+    calibration trajectories again, with s from the maxima ``stats`` now holds, pooled as quantize pools them."""
+    from wanexp.calib.paper_code import act_quant_hessians
     from wanexp.quant.methods import method_config
     cfg = state.cfg
     method = method_config(OmegaConf.to_container(cfg.quant, resolve=True),
                            OmegaConf.to_container(cfg.format, resolve=True), contexts["high_noise"].bins.num_bins)
-    models = experts(pipe)
-    hessians, collectors = CalibStats(), []
-    for name, model in models.items():
-        pool = list(models) if cfg.expert.policy == "shared" else [name]
-        ls = layer_stats(stats, pool, layers[name])
-        fns = {n: method.hessian_input_fn(model.get_submodule(n), ls[n]) for n in layers[name]}
-        collectors.append(ActivationCollector(name, model, layers[name], contexts[name], ["hessian"], hessians,
-                                              hessian_input=fns))
-    hooks = install_timestep_hooks(pipe, lambda expert, t: contexts[expert].set_timestep(t))
-    try:
-        for sample in state.progress(state.splits.calib, "calibrate: Hessian of Q_A(x/s)"):
-            _denoise(state, pipe, sample)
-    finally:
-        for h in hooks + [h for c in collectors for h in c.handles]:
-            h.remove()
-    for (expert, layer, bin_), d in hessians.data.items():
-        if bin_ == ALL_BINS and "hessian" in d:
-            stats.data.setdefault((expert, layer, ALL_BINS), {})["hessian"] = d["hessian"]
+    pools = {e: list(contexts) if cfg.expert.policy == "shared" else [e] for e in contexts}
+    hessians = act_quant_hessians(pipe, layers, contexts, method, lambda e, names: layer_stats(stats, pools[e], names),
+                                  state.progress(state.splits.calib, "calibrate: Hessian of Q_A(x/s)"),
+                                  lambda sample: _denoise(state, pipe, sample))
+    for key, d in hessians.data.items():
+        stats.data.setdefault(key, {}).update(d)
 
 
 @torch.no_grad()
@@ -527,32 +512,21 @@ def quantize(state: Run) -> dict:
 
 
 def _w4a4_clip_search(state: Run, pipe, method, contexts: dict, chosen: dict) -> None:
-    """The paper code's TS-clip search data (``quant.clip_search_data=w4a4_generation``): one W4A4
-    generation with CFG per sample of the first ``quant.search_samples`` calibration samples, at
-    ``model.generation`` with the ``quant.search_generation`` overrides, every layer quantized at clip 1;
-    the inputs of each searched layer score the candidates (:mod:`wanexp.quant.clip_search`), and the
-    picks fill the clip tables and ``chosen``. (The layers' sensitivity numbers stay those at clip 1.)"""
-    from wanexp.generate import generate_one, sample_seed
-    from wanexp.models import experts, install_timestep_hooks
-    from wanexp.quant.api import quant_layers
-    from wanexp.quant.clip_search import OutputErrorSearch
+    """The paper code's TS-clip search data (``quant.clip_search_data=w4a4_generation``): one W4A4 CFG
+    generation per sample of the first ``quant.search_samples`` calibration samples, at ``model.generation``
+    with the ``quant.search_generation`` overrides (:mod:`wanexp.calib.paper_code`). The picks fill the clip
+    tables and ``chosen``; the layers' sensitivity numbers stay those measured at clip 1."""
+    from wanexp.calib.paper_code import w4a4_clip_search
+    from wanexp.generate import sample_seed
     q = state.cfg.quant
     samples = state.splits.calib[: int(q.get("search_samples", 1))]
     if not samples:
         raise WanexpError("quant.clip_search_data=w4a4_generation searches on calibration samples, but the "
                           "calibration split is empty (set data.calib.num_samples)")
-    layers = {(e, n): layer for e, model in experts(pipe).items() for n, layer in quant_layers(model).items()
-              if method.searches(n) and layer.act_format is not None}
-    search = OutputErrorSearch(layers, method.clip_candidates, method.exp_shifts, int(q.get("search_rows", 4096)))
     gen = {**generation_cfg(state.cfg), **OmegaConf.to_container(q.get("search_generation") or OmegaConf.create({}))}
-    hooks = install_timestep_hooks(pipe, lambda expert, t: contexts[expert].set_timestep(t)) + search.attach()
-    try:
-        for sample in state.progress(samples, "TS-clip search (W4A4 generation)"):
-            generate_one(pipe, sample, gen, sample_seed(int(state.cfg.seed), sample.id), decode=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    for (expert, name), picked in search.apply(contexts["high_noise"].bins.num_bins).items():
+    picks = w4a4_clip_search(pipe, method, contexts, state.progress(samples, "TS-clip search (W4A4 generation)"), gen,
+                             lambda sample: sample_seed(int(state.cfg.seed), sample.id), int(q.get("search_rows", 4096)))
+    for (expert, name), picked in picks.items():
         chosen[expert].setdefault(name, {}).update(picked)
 
 
