@@ -41,7 +41,7 @@ def test_step_fraction_bins_for_40_steps():
     ts = a14b_timesteps(40)
     high = [t for t in ts if t >= 900]  # the I2V boundary: 0.9 of 1000 training timesteps
     low = [t for t in ts if t < 900]
-    assert (len(high), len(low)) == (15, 25)
+    assert (len(high), len(low)) == (15, 25) and high[-1] >= 900 > low[0]  # the expert boundary, as the pipeline switches
     bins = step_fraction_bins(ts, 900.0, CUTS)
     # high-noise: i / 15 < 0.33 for i <= 4, < 0.66 for i <= 9: 5 + 5 + 5 steps
     assert [bins["high_noise"].bin_of(t) for t in high] == [0] * 5 + [1] * 5 + [2] * 5
