@@ -34,7 +34,8 @@ from wanexp.errors import WanexpError
 from wanexp.generate import sample_seed
 from wanexp.io import read_json, write_json
 from wanexp.models import EXPERTS, experts, install_timestep_hooks
-from wanexp.quant.methods import MethodConfig
+from wanexp.quant.methods import MethodConfig, method_config
+from wanexp.stages.common import calib_generation_cfg
 from wanexp.quant.targets import block_index, targeted_linears
 
 CALIB_DIR = Path("calib")
@@ -83,13 +84,23 @@ def calib_key(state, pipe, needs: list[str]) -> dict:
            "calib_tokens": int(cfg.quant.get("calib_tokens", 256)), "seed": int(cfg.seed),
            "bins": {k: c.bins.to_json() for k, c in state.contexts(pipe).items()},
            "blocks_per_pass": cfg.quant.get("calib_blocks_per_pass"), "samples": samples,
-           "generation": OmegaConf.to_container(cfg.model.generation, resolve=True),
-           "analysis": _trace_spec(state, pipe),
+           "generation": calib_generation_cfg(cfg), "analysis": _trace_spec(state, pipe),
+           **_hessian_input_key(cfg),
            "share_inputs": bool(calib_setting(cfg, "share_inputs", True))}
     if "hessian" in needs:
         key["hessian_token_stride"] = int(calib_setting(cfg, "hessian_token_stride", 1))
         key["hessians"] = "transient" if transient_hessians(cfg) else "stored"
     return key
+
+
+def _hessian_input_key(cfg) -> dict:
+    """What the paper code's Hessian of Q_A(x / s) also depends on: the smoothing and the activation
+    format (absent for wanexp's own Hessian, so those statistics keep their address)."""
+    if not MethodConfig.second_pass(cfg.quant):
+        return {}
+    q = OmegaConf.to_container(cfg.quant, resolve=True)
+    return {"hessian_input": {"kind": q["hessian_input"], "smoothing": q.get("smoothing"), "alpha": q.get("alpha"),
+                              "percentile": q.get("percentile"), "act": OmegaConf.to_container(cfg.format, resolve=True)}}
 
 
 def _trace_spec(state, pipe) -> dict:
@@ -152,6 +163,11 @@ def calibrate(state) -> dict:
     # data parallel (WORLD_SIZE > 1): each rank denoises its share; the statistics are reduced to rank 0
     mine = world.shard(samples)
     trace = key["analysis"]
+    # the paper code's Hessian of Q_A(x/s) needs s, i.e. the maxima of the pass it would be recorded in:
+    # a second pass of the same expert's steps records it (wanexp.calib.paper_code)
+    second = MethodConfig.second_pass(cfg.quant)
+    first_needs = [n for n in needs if n != "hessian"] if second else needs
+    steps = int(calib_generation_cfg(cfg)["num_inference_steps"])
     split = ExpertSplit(pipe, where / "boundary", lambda p, s, cb: _denoise(state, p, s, cb))
     entries, reused, passes, seconds, reused_ranks = 0, 0, 0, {}, 0
     # per pass and sample: [start, end of each denoising step, end] in seconds from the pass start
@@ -175,12 +191,12 @@ def calibrate(state) -> dict:
                 continue
             stats = CalibStats()
             collector = ActivationCollector(
-                expert, model, layers, contexts[expert], needs, stats,
+                expert, model, layers, contexts[expert], first_needs, stats,
                 max_tokens=int(cfg.quant.get("calib_tokens", 256)), seed=int(cfg.seed),
                 trace_layers=trace.get("layers", ()), trace_percentile=trace.get("percentile", 99.9),
                 trace_tokens=trace.get("tokens", 16384),
                 hessian_stride=int(calib_setting(cfg, "hessian_token_stride", 1)),
-                share_inputs=bool(calib_setting(cfg, "share_inputs", True)))
+                share_inputs=bool(calib_setting(cfg, "share_inputs", True)) and not second)
             hooks = install_timestep_hooks(pipe, lambda e, t: contexts[e].set_timestep(t))
             marks = step_times.setdefault(f"{expert}/{k}", [])
 
@@ -190,12 +206,14 @@ def calibrate(state) -> dict:
             try:
                 for sample in state.progress(mine, f"calibrate {expert} {k + 1}/{len(parts)}"):
                     marks.append([round(time.perf_counter() - start, 4)])
-                    split.run(expert, sample, on_step=on_step, steps=int(cfg.model.generation.num_inference_steps))
+                    split.run(expert, sample, on_step=on_step, steps=steps)
                     marks[-1].append(round(time.perf_counter() - start, 4))
             finally:
                 for h in hooks + collector.handles:
                     h.remove()
             collector.check()
+            if second:
+                _act_quant_hessian_pass(state, pipe, split, expert, layers, contexts, stats, mine, steps)
             if own is not None and not transient:  # kept until the pass is reduced: a crash redoes only the lost ranks
                 stats.save(own)
                 if os.environ.get("WANEXP_FAULT_DIE_AFTER_SHARE") == str(world.rank):
@@ -247,6 +265,24 @@ def _finish_pass(state, pipe, expert, layers, stats, path: Path, transient: bool
     return entries
 
 
+def _act_quant_hessian_pass(state, pipe, split, expert: str, layers: list[str], contexts: dict, stats,
+                            samples, steps: int) -> None:
+    """The paper code's GPTQ Hessian (``quant.hessian_input=smoothed_act_quant``) into ``stats``: this
+    expert's calibration steps again, with s from the maxima ``stats`` now holds."""
+    from wanexp.calib.paper_code import act_quant_hessians
+    from wanexp.stages.quantize import layer_stats
+    cfg = state.cfg
+    method = method_config(OmegaConf.to_container(cfg.quant, resolve=True),
+                           OmegaConf.to_container(cfg.format, resolve=True), contexts["high_noise"].bins.num_bins)
+    pools = {e: list(contexts) if cfg.expert.policy == "shared" else [e] for e in contexts}
+    wanted = {e: (layers if e == expert else []) for e in contexts}
+    hessians = act_quant_hessians(pipe, wanted, contexts, method, lambda e, names: layer_stats(stats, pools[e], names),
+                                  state.progress(samples, f"calibrate {expert}: Hessian of Q_A(x/s)"),
+                                  lambda sample: split.run(expert, sample, steps=steps))
+    for key, d in hessians.data.items():
+        stats.data.setdefault(key, {}).update(d)
+
+
 def quant_part_done(state, expert: str, k: int, n: int) -> bool:
     from wanexp.stages.quantize import quant_part_path
     return quant_part_path(state.run_dir, expert, k, n).is_file()
@@ -254,14 +290,14 @@ def quant_part_done(state, expert: str, k: int, n: int) -> bool:
 
 @torch.no_grad()
 def _denoise(state, pipe, sample, callback=None) -> None:
-    """One BF16 trajectory of a calibration sample at the generation setting (latents only)."""
-    gen = state.cfg.model.generation
-    image = sample.load_image().resize((int(gen.width), int(gen.height)))
-    extra = {"guidance_scale_2": float(gen.guidance_scale_2)} if gen.get("guidance_scale_2") is not None else {}
-    # the same prompt handling as generation (wanexp.generate.generate_one): calibration sees what inference sees
+    """One BF16 trajectory of a calibration sample at the calibration setting (latents only), with
+    generation's prompt handling (wanexp.generate.generate_one): calibration sees what inference sees."""
+    gen = calib_generation_cfg(state.cfg)
+    image = sample.load_image().resize((int(gen["width"]), int(gen["height"])))
+    extra = {"guidance_scale_2": float(gen["guidance_scale_2"])} if gen.get("guidance_scale_2") is not None else {}
     pipe(image=image, prompt=sample.prompt, negative_prompt=gen.get("negative_prompt") or None,
-         height=int(gen.height), width=int(gen.width),
-         num_frames=int(gen.num_frames), num_inference_steps=int(gen.num_inference_steps),
-         guidance_scale=float(gen.guidance_scale), output_type="latent", callback_on_step_end=callback,
+         height=int(gen["height"]), width=int(gen["width"]), num_frames=int(gen["num_frames"]),
+         num_inference_steps=int(gen["num_inference_steps"]), guidance_scale=float(gen["guidance_scale"]),
+         output_type="latent", callback_on_step_end=callback,
          max_sequence_length=int(gen.get("max_sequence_length") or 512),
          generator=torch.Generator().manual_seed(sample_seed(int(state.cfg.seed), sample.id)), **extra)

@@ -156,6 +156,8 @@ def quantize(state) -> dict:
     else:
         swapped, chosen, seconds, method = _quantize_now(state, pipe)
     state._pipe_quantized = True
+    if method.clip_search and method.clip_search_data == "w4a4_generation":
+        _w4a4_clip_search(state, pipe, method, state.contexts(pipe), chosen)
     save_artifact(state.run_dir / ARTIFACT, experts(pipe), _header(state, pipe, method))
     write_json(state.run_dir / "artifact" / "choices.json", chosen)
     write_json(state.run_dir / LAYER_SECONDS, seconds)
@@ -207,6 +209,28 @@ def _assemble_parts(state, pipe, parts: list[Path]):
         chosen[expert].update(read_json(path.with_suffix(".choices.json")))
         seconds[expert].update(read_json(path.with_suffix(".seconds.json")))
     return swapped, chosen, seconds, _method(state, pipe)
+
+
+def _w4a4_clip_search(state, pipe, method, contexts: dict, chosen: dict) -> None:
+    """The paper code's TS-clip search data (``quant.clip_search_data=w4a4_generation``): one W4A4 CFG
+    generation per sample of the first ``quant.search_samples`` calibration samples, at ``model.generation``
+    with the ``quant.search_generation`` overrides (:mod:`wanexp.calib.paper_code`). The picks fill the clip
+    tables and ``chosen``; the layers' sensitivity numbers stay those measured at clip 1."""
+    from wanexp.calib.paper_code import w4a4_clip_search
+    from wanexp.generate import sample_seed
+    from wanexp.stages.common import generation_cfg
+    q = state.cfg.quant
+    samples = state.splits.calib[: int(q.get("search_samples", 1))]
+    if not samples:
+        raise WanexpError("quant.clip_search_data=w4a4_generation searches on calibration samples, but the "
+                          "calibration split is empty (set data.calib.num_samples)")
+    gen = {**generation_cfg(state.cfg), **OmegaConf.to_container(q.get("search_generation") or OmegaConf.create({}))}
+    for model in experts(pipe).values():
+        attach_context(model, contexts[[e for e, m in experts(pipe).items() if m is model][0]])
+    picks = w4a4_clip_search(pipe, method, contexts, state.progress(samples, "TS-clip search (W4A4 generation)"), gen,
+                             lambda sample: sample_seed(int(state.cfg.seed), sample.id), int(q.get("search_rows", 4096)))
+    for (expert, name), picked in picks.items():
+        chosen[expert].setdefault(name, {}).update(picked)
 
 
 def quantized_pipe(state):
