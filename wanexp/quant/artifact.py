@@ -1,7 +1,9 @@
 """The quantized-model artifact: one safetensors file of every QuantLinear's buffers plus a JSON header.
 
 The header (also stored in the safetensors metadata) names the method, format, expert policy, bins
-and the base model's fingerprint. Loading never recalibrates, and refuses a different base model.
+and the base model's fingerprint, and holds a SHA-256 of every tensor (``wanexp.integrity``).
+Loading never recalibrates, refuses a different base model, and refuses a tensor whose bytes no
+longer match its checksum.
 """
 
 from __future__ import annotations
@@ -14,16 +16,15 @@ import torch
 from torch import nn
 
 from wanexp.errors import WanexpError
-from wanexp.io import atomic_path
 from wanexp.quant.api import quant_layers, set_submodule
 from wanexp.quant.linear import QuantLinear
 
 ARTIFACT_FILE = "quantized.safetensors"
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2  # 2: a SHA-256 per tensor in the header
 
 
 def save_artifact(path: str | Path, experts: dict[str, nn.Module], header: dict[str, Any]) -> Path:
-    from safetensors.torch import save_file
+    from wanexp.integrity import save_tensors
 
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
@@ -37,9 +38,14 @@ def save_artifact(path: str | Path, experts: dict[str, nn.Module], header: dict[
                     tensors[f"{expert}/{name}/{key}"] = buf.detach().contiguous().cpu()
     import wanexp
     full = dict(header, version=ARTIFACT_VERSION, wanexp_version=wanexp.__version__, layers=layers)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"wanexp": json.dumps(full, sort_keys=True)})
+    save_tensors(path, tensors, metadata={"wanexp": json.dumps(full, sort_keys=True)})
     return path
+
+
+def artifact_digest(path: str | Path) -> str:
+    """The artifact's data hash as recorded in its header (``load_artifact`` checks it against the bytes)."""
+    from wanexp.integrity import DIGESTS_KEY, file_digest, read_metadata
+    return file_digest(json.loads(read_metadata(path, "quantized artifact")[DIGESTS_KEY]))
 
 
 def read_header(path: str | Path) -> dict[str, Any]:
@@ -54,7 +60,8 @@ def read_header(path: str | Path) -> dict[str, Any]:
     except Exception as err:  # safetensors raises several types for truncated/corrupt files
         raise WanexpError(f"quantized artifact {path} is corrupt or not a wanexp artifact ({err})") from err
     if header.get("version") != ARTIFACT_VERSION:
-        raise WanexpError(f"artifact {path} has version {header.get('version')}, this wanexp reads {ARTIFACT_VERSION}")
+        raise WanexpError(f"artifact {path} has version {header.get('version')}, this wanexp reads {ARTIFACT_VERSION} "
+                          "(re-run the quantize stage)")
     return header
 
 
@@ -71,19 +78,19 @@ def check_header(path: str | Path, header: dict[str, Any], fingerprint: str | No
 
 def load_artifact(path: str | Path, experts: dict[str, nn.Module], fingerprint: str | None,
                   device: torch.device | str = "cpu", expect: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Swap the artifact's QuantLinears into ``experts`` (in place); returns the header.
+    """Swap the artifact's QuantLinears into ``experts`` (in place); returns the header, with the
+    file's data hash as ``sha256``.
 
-    The tensors are checked against the header's layer list before any module is replaced, so a
-    tampered file fails without leaving a half-quantized model behind.
+    The tensors are checked against their checksums and the header's layer list before any module
+    is replaced, so a tampered file fails without leaving a half-quantized model behind.
     """
-    from safetensors.torch import load_file
+    from wanexp.integrity import load_tensors
 
     header = read_header(path)
     check_header(path, header, fingerprint, expect)
-    try:
-        tensors = load_file(str(path), device=str(device))
-    except Exception as err:
-        raise WanexpError(f"quantized artifact {path} is corrupt ({err})") from err
+    tensors, _, digest = load_tensors(path, "quantized artifact", "re-run the quantize stage (or point quant.load "
+                                      "at an intact copy)")
+    tensors = {k: t.to(device) for k, t in tensors.items()}
     grouped: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():  # "<expert>/<layer>/<buffer>"
         expert, _, rest = key.partition("/")
@@ -107,4 +114,4 @@ def load_artifact(path: str | Path, experts: dict[str, nn.Module], fingerprint: 
             built.append((experts[expert], name, layer))
     for model, name, layer in built:
         set_submodule(model, name, layer)
-    return header
+    return dict(header, sha256=digest)
