@@ -15,8 +15,10 @@ def _lines(path: Path) -> list[dict]:
 
 
 def _mtimes(run_dir: Path) -> dict:
-    # Hydra rewrites its own .hydra/ record and W&B its offline log on every launch; every file of ours must stay.
-    return {str(p): p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and not {"wandb", ".hydra"} & set(p.parts)}
+    # Hydra rewrites its own .hydra/ record and W&B its offline log on every launch, and wanexp.log grows by
+    # each attempt's lines; every other file of ours must stay.
+    return {str(p): p.stat().st_mtime_ns for p in run_dir.rglob("*")
+            if p.is_file() and not {"wandb", ".hydra"} & set(p.parts) and p.name != "wanexp.log"}
 
 
 @pytest.fixture(scope="module")

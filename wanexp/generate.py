@@ -197,7 +197,12 @@ def timed_generation(pipe, sample: Sample, gen_cfg: Mapping[str, Any], seed: int
 def warm_up(pipe, sample: Sample, gen_cfg: Mapping[str, Any], seed: int, steps: int) -> None:
     """A short untimed generation (``steps`` denoising steps, same size): the first call of a
     pipeline in a process pays one-time costs (allocations, kernel selection) no later video pays."""
-    generate_one(pipe, sample, dict(gen_cfg, num_inference_steps=max(1, min(int(steps), int(gen_cfg["num_inference_steps"])))), seed)
+    from wanexp.errors import WanexpError
+    short = dict(gen_cfg, num_inference_steps=max(1, min(int(steps), int(gen_cfg["num_inference_steps"]))))
+    try:
+        generate_one(pipe, sample, short, seed)
+    except WanexpError as err:  # e.g. a NaN: say it happened in the short warm-up, not in a video
+        raise type(err)(f"{err} [during the {short['num_inference_steps']}-step warm-up generation]") from err
 
 
 def time_videos(pipe, samples: Iterable[Sample], gen_cfg: Mapping[str, Any], seed: int, warmup_steps: int) -> list[dict]:

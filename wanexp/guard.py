@@ -2,8 +2,9 @@
 
 Cost, by design: one ``isfinite`` check of each expert's output per forward (a host sync per
 denoising step and CFG pass, nothing per layer in the hot path). Only when an expert's output is
-not finite is that forward run once more with every module's output checked, to name the first
-module (in execution order) whose output is not finite. Calibration, the BF16 references and the
+not finite (or its forward fails, e.g. a quantizer refusing NaN inputs) is that forward run once
+more with every module's output checked, to name the first module (in execution order) whose
+output is not finite. Calibration, the BF16 references and the
 quantized videos all go through it. ``WANEXP_CHECK_FINITE=0`` turns the check off.
 
 Fault injection (to test this, or to see the message): ``WANEXP_INJECT_NAN=<expert>:<layer>[:inf]``
@@ -13,6 +14,7 @@ quantized, as a format overflow would; BF16 passes (calibration, references) are
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable, Mapping
 
@@ -47,9 +49,11 @@ def _kind(out) -> str:
     return "NaN" if any(bool(torch.isnan(t).any()) for t in ts) else "Inf"
 
 
-def first_nonfinite(model: nn.Module, args, kwargs) -> tuple[str, str] | None:
-    """Run ``model`` again on the same inputs; (name, NaN|Inf) of the first module whose output is
-    not finite, in the order modules finish (a layer finishes before the block that holds it)."""
+def first_nonfinite(model: nn.Module, forward, args, kwargs) -> tuple[str, str] | None:
+    """Run ``forward`` (the expert's own) again on the same inputs; (name, NaN|Inf) of the first module
+    whose output is not finite, in the order modules finish (a layer finishes before the block that
+    holds it). An error the non-finite values cause further on (a quantizer refusing them) ends the
+    re-run; the culprit is already known by then."""
     found: list[tuple[str, str]] = []
 
     def hook(name):
@@ -60,44 +64,77 @@ def first_nonfinite(model: nn.Module, args, kwargs) -> tuple[str, str] | None:
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
     try:
         with torch.no_grad():
-            model(*args, **kwargs)
+            forward(*args, **kwargs)
+    except Exception:
+        pass
     finally:
         for h in handles:
             h.remove()
     return found[0] if found else None
 
 
+class _Unguard:
+    """Undoes one expert's guard (the handle ``install_guard`` returns for it)."""
+
+    def __init__(self, model: nn.Module, forward):
+        self.model, self.forward = model, forward
+
+    def remove(self) -> None:
+        if self.forward is None:  # the class's forward again
+            self.model.__dict__.pop("forward", None)
+        else:
+            self.model.forward = self.forward
+
+
 def install_guard(experts: Mapping[str, nn.Module], step_of: Callable[[float], str] | None = None,
                   quantized: Callable[[nn.Module], bool] = lambda m: False) -> list:
-    """Check every forward of each expert (see the module docstring); returns the hook handles.
+    """Check every forward of each expert (see the module docstring); returns handles (``.remove()``).
     ``step_of(t)`` describes the denoising step of timestep ``t``; ``quantized(module)`` tells the
-    fault injection which layers run quantized."""
+    fault injection which layers run quantized. The expert's ``forward`` is wrapped (not hooked):
+    an error raised inside it because of non-finite values (a quantizer refusing NaN inputs) is
+    traced back to the layer that produced them too."""
     if os.environ.get(CHECK_ENV, "1") == "0":
         return []
     inject = _injection()
     handles = []
     for name, model in experts.items():
-        state = {"rerun": False}
-
-        def after(mod, args, kwargs, out, _name=name, _state=state):
-            if _state["rerun"] or _finite(out):
-                return
-            t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-            t = float(torch.as_tensor(t).flatten()[0]) if t is not None else float("nan")
-            _state["rerun"] = True
-            try:
-                culprit = first_nonfinite(mod, args, kwargs)
-            finally:
-                _state["rerun"] = False
-            where = f"layer {culprit[0]} of the {_name} expert produced {culprit[1]}" if culprit else \
-                f"the {_name} expert's output is {_kind(out)} (no single layer's output was)"
-            step = f" ({step_of(t)})" if step_of else ""
-            raise NonFiniteError(f"{where} at timestep {t:g}{step}; stopped there, finished work is kept "
-                                 "(a format overflow or a degenerate scale: try another format or method)")
-        handles.append(model.register_forward_hook(after, with_kwargs=True))
+        handles.append(_Unguard(model, model.__dict__.get("forward")))
+        model.forward = _guarded(name, model, model.forward, step_of)
         if inject and inject[0] == name:
             handles.append(model.register_forward_pre_hook(_injector(model, inject[1], inject[2], quantized)))
     return handles
+
+
+def _guarded(name: str, model: nn.Module, forward, step_of):
+    @functools.wraps(forward)
+    def guarded(*args, **kwargs):
+        try:
+            out = forward(*args, **kwargs)
+        except NonFiniteError:
+            raise
+        except Exception as err:
+            if isinstance(err, torch.OutOfMemoryError):
+                raise
+            culprit = first_nonfinite(model, forward, args, kwargs)
+            if culprit is None:
+                raise
+            raise NonFiniteError(_message(name, culprit, args, kwargs, step_of)) from err
+        if not _finite(out):  # the one host sync per expert forward
+            culprit = first_nonfinite(model, forward, args, kwargs) or ("", _kind(out))
+            raise NonFiniteError(_message(name, culprit, args, kwargs, step_of))
+        return out
+    return guarded
+
+
+def _message(expert: str, culprit: tuple[str, str], args, kwargs, step_of) -> str:
+    t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+    t = float(torch.as_tensor(t).flatten()[0]) if t is not None else float("nan")
+    layer, kind = culprit
+    where = (f"layer {layer} of the {expert} expert produced {kind}" if layer else
+             f"the {expert} expert's output is {kind} (no single layer's output was)")
+    step = f" ({step_of(t)})" if step_of else ""
+    return (f"{where} at timestep {t:g}{step}; stopped there, finished work is kept "
+            "(a format overflow or a degenerate scale: try another format or method)")
 
 
 def _injection() -> tuple[str, str, float] | None:

@@ -181,7 +181,9 @@ def _setup(state: Run, wanted: tuple[str, ...]) -> list[str]:
     finished = {s: read_json(state.marker(s)) for s in (*STAGES, *OPTIONAL_STAGES) if state.done(s)}
     _check_legacy_config(cfg, run_dir, finished)
     plan = resume_plan(finished, state.inputs, wanted, run_dir, explicit=cfg.stage != "all")
-    write_json(run_dir / "wanexp_config.json", config)
+    record = run_dir / "wanexp_config.json"
+    if not record.is_file() or read_json(record) != json.loads(json.dumps(config, default=str)):
+        write_json(record, config)  # the configuration of the latest attempt (reports read method and format)
     say(f"wanexp: run directory {run_dir}")
     for note in plan.notes:
         say(f"wanexp: {note}")
