@@ -122,7 +122,8 @@ def test_method_ladder_multirun_and_artifact_reload(cli, tmp_path):
     # the sweep ends with its ablation table, deltas against the BF16 run
     table = pd.read_csv(next((tmp_path / "outputs" / "multirun").rglob("ablation.csv")))
     assert list(table["method"]) == list(LADDER)
-    assert table.set_index("method").loc["rtn", "Δlatent_rel_err"] == pytest.approx(rows["rtn"]["latent_rel_err"])
+    assert table.set_index("method").loc["rtn", "latent_rel_err"] == pytest.approx(rows["rtn"]["latent_rel_err"])
+    assert "Δlatent_rel_err" not in table  # fidelity is already against the BF16 twin
     ts = runs["tsclip"]
     calib = json.loads((ts / "stages" / "calibrate.json").read_text())
     assert len(list(Path(calib["stats_dir"]).glob("stats-part*-of002.safetensors"))) == 2  # 4 blocks, 2 per pass
@@ -198,7 +199,7 @@ def test_paper_table1_sweep_renders_the_papers_layout(cli, tmp_path):
     t = table.set_index("method")
     for m in TABLE1[1:]:  # deltas against the BF16 row of the sweep
         assert t.loc[m, "Δmodel_size_gb"] == pytest.approx(t.loc[m, "model_size_gb"] - t.loc["bf16", "model_size_gb"])
-        assert t.loc[m, "Δmodel_size_gb"] < 0 and t.loc[m, "Δlatent_rel_err"] == pytest.approx(t.loc[m, "latent_rel_err"])
+        assert t.loc[m, "Δmodel_size_gb"] < 0
     assert t.loc["tsclip", "bins"] == 4 and t.loc["tsclip", "clip_candidates"] == "0.6,0.7,0.8,0.9,1"
     assert t.loc["tsclip_keep_sensitive", "kept"] == "modules=blocks.*.attn1.to_out.0+blocks.*.ffn.net.2"
     assert t.loc["svdquant_rtn", "rank"] == 4 and t.loc["rtn", "rank"] == 0
@@ -209,17 +210,3 @@ def test_paper_table1_sweep_renders_the_papers_layout(cli, tmp_path):
     err = long[long["metric"] == "latent rel. err"].set_index("method")["ours"]
     assert err.to_dict() == pytest.approx(t["latent_rel_err"].to_dict())
     assert "Ours† (+ self_attn.o, ffn.2 in BF16)" in proc.stdout
-
-
-def test_a_failing_sweep_point_is_reported_and_the_others_kept(cli, tmp_path):
-    # three kept blocks are allowed for MXFP4 (≤5) but not for HiFloat4 (≤2): one point fails at setup
-    proc = cli("-m", "format=mxfp4,hif4", "expert.keep_blocks=[0,1,2]", "+experiment=smoke", "data.eval.num_samples=1")
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "error in sweep job 1" in proc.stderr and "1 of 2 sweep runs failed" in proc.stderr
-    sweep = next((tmp_path / "outputs" / "multirun").glob("*/*"))
-    table = pd.read_csv(sweep / "ablation.csv")
-    assert list(table["format"]) == ["mxfp4"] and table["kept"].iloc[0] == "blocks=0,1,2"
-    failed = pd.read_csv(sweep / "ablation_failed.csv").iloc[0]
-    assert failed["format"] == "hif4" and failed["stage"] == "setup" and "2" in failed["error"]
-    err = json.loads((Path(failed["run_dir"]) / "error.json").read_text())
-    assert err["type"] == "WanexpError" and "traceback" not in err

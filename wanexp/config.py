@@ -16,10 +16,11 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from wanexp.errors import WanexpError
-from wanexp.io import flatten
+from wanexp.io import flatten, probe_writable
 
 _MISSING = object()
 
@@ -326,3 +327,40 @@ def resume_plan(finished: Mapping[str, dict], inputs: Mapping[str, dict], wanted
             redo.append(stage)
             notes.append(f"{stage}: redone, {what}")
     return ResumePlan(redo=redo, notes=notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Before the first stage
+# ---------------------------------------------------------------------------------------------
+def check_writable(cfg, run_dir: Path) -> None:
+    """Every directory this run writes, probed by writing (as root ``os.access`` says yes to ``/proc``):
+    the run directory, the shared caches, and the cache the tiny model is built into (unless built)."""
+    from omegaconf import OmegaConf
+    probe_writable(run_dir, "run directory", "set hydra.run.dir, paths.output_root or WANEXP_OUTPUT_ROOT")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for key, what in (("paths.reference_cache", "reference video cache"), ("paths.calib_cache", "calibration cache")):
+        where = OmegaConf.select(cfg, key)
+        if where:
+            probe_writable(Path(str(where)), what, f"set {key} (or paths.output_root) to a writable place")
+    if "tiny" in (cfg.model.name, cfg.data.name):  # a read-only cache that holds them already is fine
+        cache = Path(str(cfg.paths.cache_dir)).expanduser()
+        built = any(cache.glob("wan22-i2v-tiny-*/model_index.json")) and any(cache.glob("opens2v-eval-tiny-*/.complete"))
+        if not built:
+            probe_writable(cache, "cache directory (the tiny model is built there)", "set paths.cache_dir or WANEXP_CACHE")
+
+
+_LEGACY_FREE = ("stage", "logger", "progress", "device", "paths", "report", "analysis", "evaluate", "timing")
+
+
+def check_legacy_config(config: Mapping[str, Any], run_dir: Path, finished: Mapping[str, dict]) -> None:
+    """A run directory whose stage markers predate recorded inputs: the old whole-config rule."""
+    import json
+    path = run_dir / "wanexp_config.json"
+    if not path.is_file() or all("inputs" in m for m in finished.values()):
+        return
+    before = {k: v for k, v in json.loads(path.read_text()).items() if k not in _LEGACY_FREE}
+    now = {k: v for k, v in json.loads(json.dumps(config, default=str)).items() if k not in _LEGACY_FREE}
+    diff = changed_keys(flatten(before), flatten(now))
+    if diff:
+        raise WanexpError(f"{run_dir} holds a run with a different configuration ({', '.join(diff[:6])}"
+                          f"{' …' if len(diff) > 6 else ''} differ); use a new run directory")

@@ -18,10 +18,10 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from wanexp.config import check_writable
 from wanexp.console import say
 from wanexp.errors import ERROR_FILE, WanexpError, record_error
-from wanexp.io import (append_jsonl, atomic_path, probe_writable, read_json, read_jsonl, rebased, write_json,
-                       write_text)
+from wanexp.io import append_jsonl, atomic_path, read_json, read_jsonl, rebased, write_json, write_text
 
 STAGES = ("calibrate", "quantize", "generate", "evaluate", "report")
 OPTIONAL_STAGES = ("analyze",)  # stage=analyze; analysis.auto=true also runs it at the end of stage=all
@@ -136,7 +136,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         wanted += OPTIONAL_STAGES if cfg.stage == "all" and (cfg.get("analysis") or {}).get("auto") else ()
         todo = None
         if world.main:
-            _check_writable(cfg, run_dir)
+            check_writable(cfg, run_dir)
             todo = _setup(state, wanted)
             (run_dir / ERROR_FILE).unlink(missing_ok=True)  # this attempt replaces an earlier failed one
         todo = world.broadcast(todo)
@@ -173,13 +173,13 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 def _setup(state: Run, wanted: tuple[str, ...]) -> list[str]:
     """Read the samples, decide what a re-run here may do (wanexp.config.resume_plan: per stage,
     what its outputs depend on), record the configuration; returns the stages to run."""
-    from wanexp.config import resume_plan, sample_identity, stage_inputs
+    from wanexp.config import check_legacy_config, resume_plan, sample_identity, stage_inputs
     cfg, run_dir = state.cfg, state.run_dir
     config = OmegaConf.to_container(cfg, resolve=True)
     samples = {"calib": sample_identity(state.splits.calib), "eval": sample_identity(state.splits.eval)}
     state.inputs = stage_inputs(json.loads(json.dumps(config, default=str)), samples)
     finished = {s: read_json(state.marker(s)) for s in (*STAGES, *OPTIONAL_STAGES) if state.done(s)}
-    _check_legacy_config(cfg, run_dir, finished)
+    check_legacy_config(config, run_dir, finished)
     plan = resume_plan(finished, state.inputs, wanted, run_dir, explicit=cfg.stage != "all")
     record = run_dir / "wanexp_config.json"
     if not record.is_file() or read_json(record) != json.loads(json.dumps(config, default=str)):
@@ -256,39 +256,6 @@ def _device(name: str, local_rank: int = 0) -> torch.device:
     if device.type == "cuda" and device.index is None:  # one GPU per rank of a torchrun job
         device = torch.device("cuda", local_rank)
     return device
-
-
-def _check_writable(cfg: DictConfig, run_dir: Path) -> None:
-    """Every directory this run writes, probed by writing (as root ``os.access`` says yes to ``/proc``)."""
-    probe_writable(run_dir, "run directory", "set hydra.run.dir, paths.output_root or WANEXP_OUTPUT_ROOT")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for key, what in (("paths.reference_cache", "reference video cache"), ("paths.calib_cache", "calibration cache")):
-        where = OmegaConf.select(cfg, key)
-        if where:
-            probe_writable(Path(str(where)), what, f"set {key} (or paths.output_root) to a writable place")
-    if "tiny" in (cfg.model.name, cfg.data.name):  # built into the cache once; a read-only built cache is fine
-        cache = Path(str(cfg.paths.cache_dir)).expanduser()
-        built = any(cache.glob("wan22-i2v-tiny-*/model_index.json")) and any(cache.glob("opens2v-eval-tiny-*/.complete"))
-        if not built:
-            probe_writable(cache, "cache directory (the tiny model is built there)", "set paths.cache_dir or WANEXP_CACHE")
-
-
-_LEGACY_FREE = ("stage", "logger", "progress", "device", "paths", "report", "analysis", "evaluate", "timing")
-
-
-def _check_legacy_config(cfg: DictConfig, run_dir: Path, finished: dict) -> None:
-    """A run directory whose stage markers predate recorded inputs: the old whole-config rule."""
-    from wanexp.io import flatten
-    path = run_dir / "wanexp_config.json"
-    if not path.is_file() or all("inputs" in m for m in finished.values()):
-        return
-    current = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in _LEGACY_FREE}
-    before = {k: v for k, v in read_json(path).items() if k not in _LEGACY_FREE}
-    before, now = flatten(before), flatten(json.loads(json.dumps(current, default=str)))
-    diff = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-    if diff:
-        raise WanexpError(f"{run_dir} holds a run with a different configuration ({', '.join(diff[:6])}"
-                          f"{' …' if len(diff) > 6 else ''} differ); use a new run directory")
 
 
 # ---------------------------------------------------------------------------------------------
