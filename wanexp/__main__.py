@@ -56,11 +56,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    from wanexp.hydra_callbacks import register_resolvers
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # import-time notices would precede our output
-    register_resolvers()
-    _hydra_main()
+    _hydra_main()  # ${wanexp_sweep:} (the sweep directory) is registered by importing wanexp
 
 
 if __name__ == "__main__":

@@ -35,14 +35,21 @@ def sweep_name(argv: Sequence[str] | None = None) -> str:
             continue
         else:
             kept.append(a)
-    slug = re.sub(r"[^A-Za-z0-9._=,+\-\[\]]+", "_", " ".join(kept)).strip("_")[:80] or "default"
+    parts = [_slug(a) for a in kept]
+    slug = parts[0][:80] if parts else "default"
+    for part in parts[1:]:  # whole overrides while they fit; the hash tells the rest apart
+        if len(slug) + 2 + len(part) > 80:
+            break
+        slug += "__" + part
     return f"{slug}/{hashlib.sha256(repr(kept).encode()).hexdigest()[:8]}"
 
 
-def register_resolvers() -> None:
-    """``${wanexp_sweep:}`` in ``hydra.sweep.dir``; cached, so every job of the sweep sees the master's value."""
-    if not OmegaConf.has_resolver("wanexp_sweep"):
-        OmegaConf.register_new_resolver("wanexp_sweep", lambda: sweep_name(), use_cache=True)
+def _slug(arg: str) -> str:
+    """``expert.keep_blocks=[0,1,2]`` → ``expert.keep_blocks-0+1+2``: only characters a Hydra override
+    value takes unquoted, so a path inside the sweep (``quant.load=…/artifact/…``) needs no quoting."""
+    arg = re.sub(r"[\[\]{}()'\" ]", "", arg.lstrip("+~"))
+    arg = arg.replace("=", "-").replace(",", "+").replace("/", "-").replace(":", "-")
+    return re.sub(r"[^A-Za-z0-9._+\-]", "_", arg)
 
 
 class CheckOutputDir(Callback):

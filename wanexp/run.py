@@ -188,6 +188,9 @@ def _setup(state: Run, wanted: tuple[str, ...]) -> list[str]:
     for note in plan.notes:
         say(f"wanexp: {note}")
     todo = [s for s in wanted if cfg.stage != "all" or s not in finished or s in plan.redo]
+    if cfg.quant.get("load") and cfg.quant.name != "bf16" and {"quantize", "generate"} & set(todo):
+        from wanexp.quant.artifact import verify_artifact
+        verify_artifact(artifact_path(state), artifact_expect(cfg))  # a reused artifact: checked before any model loads
     if not todo:
         say(f"wanexp: nothing to do: every stage of {run_dir} is finished "
             "(stage=<name> runs one again; a new run directory starts over)")

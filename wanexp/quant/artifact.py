@@ -65,6 +65,18 @@ def read_header(path: str | Path) -> dict[str, Any]:
     return header
 
 
+_FIX = "re-run the quantize stage (or point quant.load at an intact copy)"
+
+
+def verify_artifact(path: str | Path, expect: dict[str, Any] | None = None) -> str:
+    """Check an artifact without a model: its header, the method and format asked for, and every
+    tensor against its checksum (a reused artifact is checked before anything loads); returns its
+    data hash. The base model is checked when it is loaded into one (``load_artifact``)."""
+    from wanexp.integrity import load_tensors
+    check_header(path, read_header(path), None, expect)
+    return load_tensors(path, "quantized artifact", _FIX)[2]
+
+
 def check_header(path: str | Path, header: dict[str, Any], fingerprint: str | None,
                  expect: dict[str, Any] | None = None) -> None:
     """Refuse an artifact made for another base model, or with another method/format than asked for."""
@@ -88,8 +100,7 @@ def load_artifact(path: str | Path, experts: dict[str, nn.Module], fingerprint: 
 
     header = read_header(path)
     check_header(path, header, fingerprint, expect)
-    tensors, _, digest = load_tensors(path, "quantized artifact", "re-run the quantize stage (or point quant.load "
-                                      "at an intact copy)")
+    tensors, _, digest = load_tensors(path, "quantized artifact", _FIX)
     tensors = {k: t.to(device) for k, t in tensors.items()}
     grouped: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():  # "<expert>/<layer>/<buffer>"
