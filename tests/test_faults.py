@@ -198,13 +198,14 @@ def test_written_files_follow_the_umask(sweep):
 
 
 def test_the_results_row_says_what_made_it(sweep):
-    import diffusers
+    from importlib.metadata import version
+
     import torch
 
     import wanexp
     row = pd.read_csv(sweep["point"] / "results.csv").iloc[0]
     assert row["wanexp_version"] == wanexp.__version__ and row["torch_version"] == torch.__version__
-    assert row["diffusers_version"] == diffusers.__version__ and row["device_name"].startswith("cpu")
+    assert row["diffusers_version"] == version("diffusers") and row["device_name"].startswith("cpu")
     cuda = None if pd.isna(row["cuda_version"]) else f"{row['cuda_version']}"
     assert cuda == torch.version.cuda and pd.Timestamp(row["date"]).year >= 2025
     repo = Path(wanexp.__file__).resolve().parents[1]
@@ -253,9 +254,10 @@ def test_a_bad_setting_is_one_line_before_anything_loads(tree, args, message):
 
 def test_an_unwritable_run_directory_is_one_line(tree):
     proc = wanexp(["hydra.run.dir=/proc/nope/run", "progress=false"], tree["cwd"], tree["cache"])
-    assert proc.returncode == 2 and lines(proc.stderr) == [
-        "wanexp: error: cannot write the output directory /proc/nope/run: /proc is not writable (No such file or "
-        "directory); set paths.output_root, WANEXP_OUTPUT_ROOT or hydra.run.dir"]
+    assert proc.returncode == 2 and len(lines(proc.stderr)) == 1  # as root, os.access would have said yes
+    assert re.fullmatch(r"wanexp: error: cannot write the output directory /proc/nope/run: /proc is not writable "
+                        r"\((No such file or directory|Permission denied)\); set paths\.output_root, WANEXP_OUTPUT_ROOT "
+                        r"or hydra\.run\.dir", lines(proc.stderr)[0]), proc.stderr
 
 
 def test_a_settings_change_no_finished_stage_depends_on_resumes(chain):
