@@ -1,1 +1,17 @@
 __version__ = "0.1.0"
+
+
+def _register_resolvers() -> None:
+    """``${wanexp_sweep:}`` (``hydra.sweep.dir``): registered on import, so that the worker processes
+    of a launcher (submitit), which resolve their job's directory themselves, know it too."""
+    from omegaconf import OmegaConf
+
+    def sweep(*_):
+        from wanexp.hydra_callbacks import sweep_name
+        return sweep_name()
+    if not OmegaConf.has_resolver("wanexp_sweep"):
+        # cached: every job of a sweep (pickled configs included) sees the value the launching process computed
+        OmegaConf.register_new_resolver("wanexp_sweep", sweep, use_cache=True)
+
+
+_register_resolvers()

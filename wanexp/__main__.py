@@ -18,27 +18,38 @@ _CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _hydra_main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
-    from wanexp.run import format_summary, run
+    from wanexp.config import check_settings
+    from wanexp.console import resume_command, say, shout
+    from wanexp.errors import record_error
 
     hydra_cfg = HydraConfig.get()
     run_dir = hydra_cfg.runtime.output_dir
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
     try:
+        try:
+            check_settings(cfg)  # the settings' ranges first: seconds, before torch is imported
+        except WanexpError as err:
+            record_error(run_dir, "setup", err)
+            raise
+        from wanexp.run import format_summary, run
         summary = run(cfg, run_dir)
     except WanexpError as err:
         if in_sweep:  # one failed point must not stop the sweep; run() left error.json for the report
-            print(f"wanexp: error in sweep job {hydra_cfg.job.num} ({run_dir}): {err}", file=sys.stderr)
+            shout(f"wanexp: error in sweep job {hydra_cfg.job.num} ({run_dir}): {err}")
             return None
-        print(f"wanexp: error: {err}", file=sys.stderr)
+        shout(f"wanexp: error: {err}")
         sys.exit(2)
+    except KeyboardInterrupt:  # finished stages and videos are on disk; say the one command that resumes
+        shout(f"wanexp: interrupted; resume with: {resume_command(None if in_sweep else run_dir)}")
+        sys.exit(130)
     except Exception as err:  # a bug or an environment failure (e.g. out of memory): traceback in error.json
         if in_sweep:
-            print(f"wanexp: job {hydra_cfg.job.num} failed ({run_dir}): {type(err).__name__}: {err} "
-                  f"(traceback in {os.path.join(run_dir, 'error.json')})", file=sys.stderr)
+            shout(f"wanexp: job {hydra_cfg.job.num} failed ({run_dir}): {type(err).__name__}: {err} "
+                  f"(traceback in {os.path.join(run_dir, 'error.json')})")
             return None
         raise
     if summary:
-        print(format_summary(summary))
+        say(format_summary(summary))
     # The return value is what Hydra's optimising sweepers (Optuna, Nevergrad) minimise: -PSNR.
     psnr = summary.get("psnr") if summary else None
     return None if psnr is None else -float(psnr)
@@ -47,7 +58,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # import-time notices would precede our output
-    _hydra_main()
+    _hydra_main()  # ${wanexp_sweep:} (the sweep directory) is registered by importing wanexp
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@ Every sample gets a seed derived from (run seed, sample id), so the BF16 referen
 variant of the same sample start from the same noise, in any order, on any number of processes.
 A video is written (atomically) before its manifest line; a crash loses at most the video in flight,
 and a re-run skips every sample whose manifest line and files exist.
+
+Timing: each record holds the seconds of its generation and the process that made it; a process
+warms each pipeline up (``warmup_steps``: a short untimed generation) before its first timed video,
+so a run's figures never include one-time costs and never come from another process's cache.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ from wanexp.data import Sample
 from wanexp.io import append_jsonl, atomic_path, read_jsonl
 
 MANIFEST = "manifest.jsonl"
+# This process, as recorded beside each video it times: a run's figures come only from its own videos.
+PROCESS = f"{socket.gethostname()}:{os.getpid()}:{int(time.time())}"
+# Bump when the files of a reference set change form, so older caches are not reused (2: latents checksummed).
+REFERENCE_FORMAT = 2
 
 
 def sample_seed(seed: int, sample_id: str) -> int:
@@ -47,7 +55,7 @@ def done_records(out_dir: Path) -> dict[str, dict]:
 
 def generation_key(fingerprint: str, gen_cfg: Mapping[str, Any], seed: int) -> str:
     """Content address of a set of videos: same model, same sampling settings, same seed → same videos."""
-    blob = repr((fingerprint, sorted((k, str(v)) for k, v in gen_cfg.items()), seed)).encode()
+    blob = repr((fingerprint, sorted((k, str(v)) for k, v in gen_cfg.items()), seed, REFERENCE_FORMAT)).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -158,20 +166,23 @@ def read_mp4(path: Path) -> np.ndarray:
 
 def generate_videos(pipe, samples: Iterable[Sample], out_dir: Path, gen_cfg: Mapping[str, Any], seed: int,
                     variant: str, progress: Callable[[Iterable], Iterable] = lambda it: it,
-                    manifest: str = MANIFEST, poll_s: float = 5.0, stale_s: float = 900.0) -> list[dict]:
+                    manifest: str = MANIFEST, poll_s: float = 5.0, stale_s: float = 900.0,
+                    warmup_steps: int = 0) -> list[dict]:
     """Generate every sample not yet in ``out_dir``'s manifests, appending to ``manifest``; returns all
-    records for ``samples``.
+    records for ``samples``. Before the first video it makes, a ``warmup_steps`` generation (untimed,
+    not kept) takes the one-time costs out of the timings.
 
     Several processes may fill one directory at once (the parallel jobs of a sweep share the BF16
     reference cache): each video is claimed first, a sample claimed by another live process is left
     to it and waited for, and a claim whose process died is taken over."""
-    from safetensors.torch import save_file
+    from wanexp.integrity import save_tensors
 
     out_dir = Path(out_dir)
     samples = list(samples)
     done = done_records(out_dir)
     pending = [s for s in samples if s.id not in done]
     on_cuda = pipe._execution_device.type == "cuda"
+    warm = warmup_steps <= 0
     while pending:
         waiting = []
         for sample in progress(pending):
@@ -183,21 +194,17 @@ def generate_videos(pipe, samples: Iterable[Sample], out_dir: Path, gen_cfg: Map
                 if sample.id in done_records(out_dir):  # finished by another process meanwhile
                     continue
                 s_seed = sample_seed(seed, sample.id)
-                if on_cuda:  # the peak of this video alone, weights held included
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                start = time.perf_counter()
-                latents, video = generate_one(pipe, sample, gen_cfg, s_seed, on_step=claim.touch)
-                seconds = time.perf_counter() - start
+                if not warm:
+                    warm_up(pipe, sample, gen_cfg, s_seed, warmup_steps)
+                    warm = True
+                latents, video, timing = timed_generation(pipe, sample, gen_cfg, s_seed, on_step=claim.touch)
                 lat_rel, vid_rel = Path("latents") / f"{sample.id}.safetensors", Path("videos") / f"{sample.id}.mp4"
-                with atomic_path(out_dir / lat_rel) as tmp:
-                    save_file({"latents": latents.contiguous()}, str(tmp))
+                digest = save_tensors(out_dir / lat_rel, {"latents": latents})  # checksummed: checked when read
                 write_mp4(out_dir / vid_rel, video, fps=int(gen_cfg.get("fps", 16)), crf=int(gen_cfg.get("crf", 12)))
                 record = {"id": sample.id, "category": sample.category, "prompt": sample.prompt, "variant": variant,
-                          "seed": s_seed, "video": str(vid_rel), "latents": str(lat_rel), "seconds": round(seconds, 3),
-                          "frames": int(video.shape[0]), "height": int(video.shape[1]), "width": int(video.shape[2])}
-                if on_cuda:
-                    record["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated())
+                          "seed": s_seed, "video": str(vid_rel), "latents": str(lat_rel), "latents_sha256": digest,
+                          "frames": int(video.shape[0]), "height": int(video.shape[1]), "width": int(video.shape[2]),
+                          **timing}
                 append_jsonl(out_dir / manifest, record)
             finally:
                 claim.unlink(missing_ok=True)
@@ -208,6 +215,44 @@ def generate_videos(pipe, samples: Iterable[Sample], out_dir: Path, gen_cfg: Map
     with contextlib.suppress(OSError):
         (out_dir / CLAIMS).rmdir()  # only when empty: no other process is at work here
     return [done[s.id] for s in samples]
+
+
+def timed_generation(pipe, sample: Sample, gen_cfg: Mapping[str, Any], seed: int,
+                     on_step: Callable[[], Any] | None = None) -> tuple[torch.Tensor, np.ndarray, dict]:
+    """``generate_one`` with its wall time, the process that measured it and, on CUDA, the peak
+    memory of this video alone (weights held included)."""
+    on_cuda = pipe._execution_device.type == "cuda"
+    if on_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    latents, video = generate_one(pipe, sample, gen_cfg, seed, on_step=on_step)
+    if on_cuda:
+        torch.cuda.synchronize()
+    timing = {"seconds": round(time.perf_counter() - start, 3), "process": PROCESS}
+    if on_cuda:
+        timing["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated())
+    return latents, video, timing
+
+
+def warm_up(pipe, sample: Sample, gen_cfg: Mapping[str, Any], seed: int, steps: int) -> None:
+    """A short untimed generation (``steps`` denoising steps, same size): the first call of a
+    pipeline in a process pays one-time costs (allocations, kernel selection) no later video pays."""
+    from wanexp.errors import WanexpError
+    short = dict(gen_cfg, num_inference_steps=max(1, min(int(steps), int(gen_cfg["num_inference_steps"]))))
+    try:
+        generate_one(pipe, sample, short, seed)
+    except WanexpError as err:  # e.g. a NaN: say it happened in the short warm-up, not in a video
+        raise type(err)(f"{err} [during the {short['num_inference_steps']}-step warm-up generation]") from err
+
+
+def time_videos(pipe, samples: Iterable[Sample], gen_cfg: Mapping[str, Any], seed: int, warmup_steps: int) -> list[dict]:
+    """Time the generation of ``samples`` in this process after a warm-up, keeping nothing but the
+    timings (the videos themselves are on disk already, made by another process)."""
+    samples = list(samples)
+    if samples and warmup_steps > 0:
+        warm_up(pipe, samples[0], gen_cfg, sample_seed(seed, samples[0].id), warmup_steps)
+    return [{"id": s.id, **timed_generation(pipe, s, gen_cfg, sample_seed(seed, s.id))[2]} for s in samples]
 
 
 CLAIMS = "claims"

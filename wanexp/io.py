@@ -1,7 +1,9 @@
 """Atomic file writes and small JSON helpers shared by every stage.
 
 Every file a stage produces is written to a temporary sibling and renamed into place, so a crash
-never leaves a half-written file that a resumed run would mistake for finished work.
+never leaves a half-written file that a resumed run would mistake for finished work. The file then
+gets the mode an ordinary ``open(path, "w")`` would give it (0666 less the umask): the temporary
+file's private 0600 must not leak onto results that colleagues on a shared filesystem read.
 """
 
 from __future__ import annotations
@@ -12,6 +14,25 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
+
+from wanexp.errors import WanexpError
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux: /proc/self/status)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but no thread writes here)
+    os.umask(mask)
+    return mask
+
+
+def _follow_umask(path: Path, directory: bool = False) -> None:
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
 
 
 @contextlib.contextmanager
@@ -24,10 +45,38 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        _follow_umask(tmp_path)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """A fresh directory under ``parent`` to build into and rename into place, with the mode of an
+    ordinary ``mkdir`` (``tempfile.mkdtemp`` alone gives 0700)."""
+    path = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    _follow_umask(path, directory=True)
+    return path
+
+
+def probe_writable(path: str | os.PathLike, what: str, hint: str = "") -> None:
+    """Refuse a directory this run cannot write, by really creating (and removing) a directory in
+    its deepest existing ancestor: ``os.access`` answers yes for root even on ``/proc``."""
+    path = Path(path).expanduser().absolute()
+    base = path
+    while not base.exists() and base.parent != base:
+        base = base.parent
+    why = None
+    if not base.is_dir():
+        why = f"{base} is a file, not a directory"
+    else:
+        try:
+            os.rmdir(tempfile.mkdtemp(dir=base, prefix=".wanexp-write-probe-"))
+        except OSError as err:
+            why = f"{base} is not writable ({err.strerror or type(err).__name__})"
+    if why:
+        raise WanexpError(f"cannot write the {what} {path}: {why}" + (f"; {hint}" if hint else ""))
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -67,6 +116,23 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+def rebased(path: str | os.PathLike, recorded_run_dir: str | os.PathLike | None, run_dir: str | os.PathLike) -> Path:
+    """A path a run recorded (absolute), read from where its run directory is now.
+
+    When the run directory has moved, a path inside it is rebased onto the new location, and a
+    path beside it (the output root's shared caches) is looked for at the same place relative to
+    the new location when it is gone from the recorded one (the whole output tree moved)."""
+    path, run_dir = Path(path), Path(run_dir).resolve()
+    if recorded_run_dir is None or Path(recorded_run_dir) == run_dir:
+        return path
+    old = Path(recorded_run_dir)
+    inside = path == old or old in path.parents
+    if not inside and path.exists():
+        return path
+    moved = Path(os.path.normpath(run_dir / os.path.relpath(path, old)))
+    return moved if inside or moved.exists() else path
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -18,11 +18,13 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from wanexp.errors import WanexpError
-from wanexp.io import append_jsonl, atomic_path, flatten, read_json, read_jsonl, write_json, write_text
+from wanexp.config import check_writable
+from wanexp.console import say
+from wanexp.errors import ERROR_FILE, WanexpError, record_error
+from wanexp.io import append_jsonl, atomic_path, read_json, read_jsonl, rebased, write_json, write_text
 from wanexp.stages.common import calib_generation_cfg, generation_cfg  # noqa: F401
 from wanexp.stages.calibrate import calibrate, load_calib_stats  # noqa: F401 (load_calib_stats: for callers)
-from wanexp.stages.quantize import (ARTIFACT, artifact_path, keep_lists, layer_stats, quantize,  # noqa: F401
+from wanexp.stages.quantize import (ARTIFACT, artifact_expect, artifact_path, keep_lists, layer_stats, quantize,  # noqa: F401
                                     quantized_pipe)
 
 STAGES = ("calibrate", "quantize", "generate", "evaluate", "report")
@@ -31,9 +33,8 @@ METHODS = ("bf16", "w4a16", "rtn", "svdquant_rtn", "svdquant_gptq", "tsclip", "t
            "hif4_conservative", "hif4_tailaware")
 # The challenge rule of both papers: at most this many whole blocks kept in high precision.
 MAX_KEEP_BLOCKS = {"mxfp4": 5, "hif4": 2}
-# Keys that may differ between the first run in a directory and a resumed one.
-# Evaluation settings may change too: the generated videos do not depend on them (stage=evaluate re-scores).
-_RESUME_FREE = ("stage", "logger", "progress", "device", "paths", "report", "analysis", "evaluate")
+# What each stage's outputs depend on, and so which settings may change when a run directory is
+# resumed, is stated in wanexp.config (OWNERS, REDOABLE); each stage marker records its inputs.
 
 
 class Run:
@@ -47,6 +48,9 @@ class Run:
         self._pipe = None
         self._pipe_quantized = False
         self._splits = None
+        self.inputs: dict[str, dict] = {}     # per stage, what its outputs depend on (wanexp.config)
+        self.extra_timings: dict[str, list] = {}  # generate: videos timed in this process beyond those it made
+        self.artifact_sha256: str | None = None   # the data hash of the artifact loaded into the pipeline
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def marker(self, stage: str) -> Path:
@@ -56,11 +60,19 @@ class Run:
         return self.marker(stage).is_file()
 
     def mark_done(self, stage: str, info: dict) -> None:
-        write_json(self.marker(stage), info)
+        write_json(self.marker(stage), dict(info, inputs=self.inputs.get(stage), run_dir=str(self.run_dir)))
 
     def progress(self, iterable, desc: str):
-        from tqdm.auto import tqdm
-        return tqdm(iterable, desc=desc, disable=not self.cfg.progress, leave=False, dynamic_ncols=True)
+        from wanexp.console import progress
+        return progress(iterable, desc, enabled=bool(self.cfg.progress))
+
+    def recorded(self, info: dict, key: str) -> Path:
+        """A path a stage recorded, read from where the run directory is now (it may have moved)."""
+        old = info.get("run_dir")
+        if old and Path(old) != self.run_dir and not getattr(self, "_told_moved", False):
+            say(f"wanexp: {self.run_dir} was recorded at {old}; paths inside it are read from here")
+            self._told_moved = True
+        return rebased(info[key], old, self.run_dir)
 
     # -- inputs --------------------------------------------------------------------------------
     @property
@@ -78,6 +90,7 @@ class Run:
             self._pipe = load_pipeline(OmegaConf.to_container(self.cfg.model, resolve=True),
                                        self.cfg.paths.cache_dir, self.device)
             self._pipe_quantized = False
+            _guard(self._pipe)
             fingerprint = model_fingerprint(self._pipe)
             model_file = self.run_dir / "model.json"
             if model_file.is_file() and read_json(model_file)["fingerprint"] != fingerprint:
@@ -128,26 +141,33 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
     Under torchrun (WORLD_SIZE > 1) every rank calls this: rank 0's run directory is used by all,
     rank 0 alone calibrates, quantizes, evaluates and reports, and every rank generates its share."""
+    from wanexp.console import snapshot, written
     from wanexp.distributed import drop_orphan_dir, world_from_env
     world = world_from_env()
-    own_dir, run_dir = Path(run_dir), Path(world.broadcast(str(run_dir)))
+    own_dir, run_dir = Path(run_dir).resolve(), Path(world.broadcast(str(Path(run_dir).resolve())))
     drop_orphan_dir(own_dir, run_dir)
     stage = "setup"
     try:
         validate(cfg)
-        from wanexp.data.check import check_run_data  # every sample of both splits read, before any model loads
-        check_run_data(OmegaConf.to_container(cfg.data, resolve=True), cfg.paths.cache_dir)
-        if world.main:
-            _check_writable(run_dir)
-            _check_same_config(cfg, run_dir)
-            (run_dir / ERROR_FILE).unlink(missing_ok=True)  # this attempt replaces an earlier failed one
-        world.barrier()
         state = Run(cfg, run_dir, world)
         wanted = STAGES if cfg.stage == "all" else (str(cfg.stage),)
         wanted += OPTIONAL_STAGES if cfg.stage == "all" and (cfg.get("analysis") or {}).get("auto") else ()
-        for stage in wanted:
-            if cfg.stage == "all" and state.done(stage):
+        todo = None
+        if world.main:
+            check_writable(cfg, run_dir)
+            todo = _setup(state, wanted)
+            (run_dir / ERROR_FILE).unlink(missing_ok=True)  # this attempt replaces an earlier failed one
+        todo = world.broadcast(todo)
+        state.inputs = world.broadcast(state.inputs)
+        for k, stage in enumerate(wanted, 1):
+            heading = f"[{k}/{len(wanted)}] {stage}"
+            if stage not in todo:
+                if world.main and todo:
+                    say(f"{heading}: finished earlier")
                 continue
+            if world.main:
+                say(heading)
+                before = snapshot(_written_dirs(state, stage))
             start = time.perf_counter()
             info = _STAGE_FUNCS[stage](state) if world.main or stage in PER_RANK or stage in ALL_RANKS else None
             if stage in PER_RANK or stage in ("calibrate", "quantize"):
@@ -157,37 +177,68 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             if info is not None and world.main:
                 info["seconds"] = round(time.perf_counter() - start, 3)
                 state.mark_done(stage, info)
+                outcome = f"skipped: {info['skipped']}" if "skipped" in info else \
+                    f"wrote {written(before, snapshot(_written_dirs(state, stage)), run_dir)}"
+                say(f"      {stage} done in {info['seconds']:.1f} s; {outcome}")
     except BaseException as err:
-        _record_error(run_dir, f"{stage} (rank {world.rank})" if world.size > 1 else stage, err)
+        record_error(run_dir, f"{stage} (rank {world.rank})" if world.size > 1 else stage, err)
         raise
     if not world.main:
         return {}
     return read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
 
 
-ERROR_FILE = "error.json"
+def _setup(state: Run, wanted: tuple[str, ...]) -> list[str]:
+    """Read the samples, decide what a re-run here may do (wanexp.config.resume_plan: per stage,
+    what its outputs depend on), record the configuration; returns the stages to run."""
+    from wanexp.config import check_legacy_config, resume_plan, sample_identity, stage_inputs
+    cfg, run_dir = state.cfg, state.run_dir
+    config = OmegaConf.to_container(cfg, resolve=True)
+    samples = {"calib": sample_identity(state.splits.calib), "eval": sample_identity(state.splits.eval)}
+    state.inputs = stage_inputs(json.loads(json.dumps(config, default=str)), samples)
+    finished = {s: read_json(state.marker(s)) for s in (*STAGES, *OPTIONAL_STAGES) if state.done(s)}
+    check_legacy_config(config, run_dir, finished)
+    plan = resume_plan(finished, state.inputs, wanted, run_dir, explicit=cfg.stage != "all")
+    record = run_dir / "wanexp_config.json"
+    if not record.is_file() or read_json(record) != json.loads(json.dumps(config, default=str)):
+        write_json(record, config)  # the configuration of the latest attempt (reports read method and format)
+    say(f"wanexp: run directory {run_dir}")
+    for note in plan.notes:
+        say(f"wanexp: {note}")
+    todo = [s for s in wanted if cfg.stage != "all" or s not in finished or s in plan.redo]
+    if cfg.quant.get("load") and cfg.quant.name != "bf16" and {"quantize", "generate"} & set(todo):
+        from wanexp.quant.artifact import verify_artifact
+        verify_artifact(artifact_path(state), artifact_expect(cfg))  # a reused artifact: checked before any model loads
+    if not todo:
+        say(f"wanexp: nothing to do: every stage of {run_dir} is finished "
+            "(stage=<name> runs one again; a new run directory starts over)")
+    return todo
 
 
-def _record_error(run_dir: Path, stage: str, err: BaseException) -> None:
-    """Leave ``error.json`` behind a failed stage, so a sweep's report can name the failure (what the
-    finished stages wrote stays; a re-run resumes from the failed stage)."""
-    import traceback
-    if isinstance(err, KeyboardInterrupt):
-        message = "interrupted"
-    else:
-        message = str(err) or type(err).__name__
-    info = {"stage": stage, "error": message, "type": type(err).__name__}
-    if not isinstance(err, (WanexpError, KeyboardInterrupt)):
-        info["traceback"] = traceback.format_exc()
-    try:
-        write_json(run_dir / ERROR_FILE, info)
-    except OSError:
-        pass  # an unwritable run dir already has its own error; don't mask it
+def _written_dirs(state: Run, stage: str) -> list[Path]:
+    """Where a stage writes: the run directory, and the shared cache it fills."""
+    cache = {"calibrate": state.cfg.paths.get("calib_cache"), "generate": state.cfg.paths.get("reference_cache")}.get(stage)
+    return [state.run_dir] + ([Path(str(cache)).expanduser().resolve()] if cache else [])
+
+
+def _guard(pipe) -> None:
+    """Stop at the first NaN/Inf a layer produces, naming layer, expert and timestep (wanexp.guard)."""
+    from wanexp.guard import install_guard
+    from wanexp.models import experts
+    from wanexp.quant.linear import QuantLinear
+
+    def step_of(t: float) -> str:
+        steps = [float(x) for x in getattr(pipe.scheduler, "timesteps", [])]
+        hit = [i for i, x in enumerate(steps) if abs(x - t) < 1e-3]
+        return f"denoising step {hit[0] + 1} of {len(steps)}" if hit else "outside the schedule"
+    install_guard(experts(pipe), step_of, quantized=lambda m: isinstance(m, QuantLinear))
 
 
 def validate(cfg: DictConfig) -> None:
     """Refuse bad values before any heavy work, with one message naming the key."""
+    from wanexp.config import check_format_options, check_settings
     from wanexp.formats import FORMAT_NAMES
+    check_settings(cfg)  # every numeric and choice setting in range (wanexp.config.SETTINGS)
     if cfg.stage not in (*STAGES, *OPTIONAL_STAGES, "all"):
         raise WanexpError(f"stage={cfg.stage} is not one of all, {', '.join(STAGES + OPTIONAL_STAGES)}")
     if "vbench" in (cfg.evaluate.get("metrics") or ()):
@@ -223,11 +274,7 @@ def validate(cfg: DictConfig) -> None:
         raise WanexpError(f"device={cfg.device} is not one of auto, cpu, cuda[:N]")
     if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
         raise WanexpError(f"device={cfg.device} but no CUDA device is available (use device=auto or cpu)")
-    gen = cfg.model.generation
-    if (int(gen.num_frames) - 1) % 4:
-        raise WanexpError(f"model.generation.num_frames={gen.num_frames}: Wan needs 4k+1 frames (e.g. 5, 61, 81)")
-    if int(gen.height) % 16 or int(gen.width) % 16:
-        raise WanexpError(f"model.generation height×width {gen.height}×{gen.width} must be multiples of 16")
+    check_format_options(cfg)
 
 
 def _device(name: str, local_rank: int = 0) -> torch.device:
@@ -239,53 +286,31 @@ def _device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def _check_writable(run_dir: Path) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_probe"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise WanexpError(f"cannot write to the run directory {run_dir}: {err.strerror} "
-                          "(set paths.output_root or hydra.run.dir to a writable place)") from err
-
-
-def _check_same_config(cfg: DictConfig, run_dir: Path) -> None:
-    """A run directory belongs to one configuration; resuming it with another would mix results."""
-    current = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in _RESUME_FREE}
-    path = run_dir / "wanexp_config.json"
-    if path.is_file():
-        before, now = flatten(read_json(path)), flatten(json.loads(json.dumps(current)))
-        diff = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-        if diff:
-            raise WanexpError(f"{run_dir} holds a run with a different configuration ({', '.join(diff[:6])}"
-                              f"{' …' if len(diff) > 6 else ''} differ); use a new run directory")
-    else:
-        write_json(path, current)
-
-
 # ---------------------------------------------------------------------------------------------
 # generate
 # ---------------------------------------------------------------------------------------------
 def reference_dir(state: Run) -> Path:
     from wanexp.generate import generation_key
     gen = generation_cfg(state.cfg)
-    return Path(state.cfg.paths.reference_cache) / generation_key(state.fingerprint, gen, int(state.cfg.seed))
+    return (Path(str(state.cfg.paths.reference_cache)).expanduser().resolve()
+            / generation_key(state.fingerprint, gen, int(state.cfg.seed)))
 
 
 def generate(state: Run) -> None:
     """This rank's share of the BF16 reference videos (shared through the reference cache) and of this
-    method's videos, same seeds; each rank appends to its own manifest shard."""
+    method's videos, same seeds; each rank appends to its own manifest shard. Rank 0 then times in
+    this process what the run reports but did not make here (``timing``)."""
     from wanexp.generate import generate_videos, manifest_name
 
     cfg, world = state.cfg, state.world
     samples = world.shard(state.splits.eval)
     gen = generation_cfg(cfg)
     ref_dir, quant_dir, shard = reference_dir(state), state.run_dir, manifest_name(world.rank, world.size)
+    warmup = _timing(cfg)["warmup_steps"]
 
     def make_reference():
         generate_videos(state.bf16_pipe(), samples, ref_dir, gen, int(cfg.seed), "bf16",
-                        lambda it: state.progress(it, "bf16 videos"), manifest=shard)
+                        lambda it: state.progress(it, "bf16 videos"), manifest=shard, warmup_steps=warmup)
 
     def make_quant():
         if cfg.quant.name == "bf16":
@@ -296,7 +321,8 @@ def generate(state: Run) -> None:
         before = path_calls(*experts(pipe).values())
         try:
             generate_videos(pipe, samples, quant_dir, gen, int(cfg.seed), cfg.quant.name,
-                            lambda it: state.progress(it, f"{cfg.quant.name} videos"), manifest=shard)
+                            lambda it: state.progress(it, f"{cfg.quant.name} videos"), manifest=shard,
+                            warmup_steps=warmup)
         finally:
             for h in hooks:
                 h.remove()
@@ -308,13 +334,50 @@ def generate(state: Run) -> None:
     order = (make_quant, make_reference) if state._pipe_quantized else (make_reference, make_quant)
     for step in order if samples else ():
         step()
+    if world.main:
+        _time_here(state, ref_dir, gen)
+
+
+def _timing(cfg) -> dict:
+    t = OmegaConf.to_container(cfg.timing, resolve=True) if cfg.get("timing") is not None else {}
+    return {"warmup_steps": int(t.get("warmup_steps", 2)), "videos": int(t.get("videos", 1)),
+            "bf16_twin": bool(t.get("bf16_twin", False))}
+
+
+def _timed_here(records: dict, ids: list[str]) -> list[dict]:
+    """Records of the videos this process generated (and so timed, after its warm-up)."""
+    from wanexp.generate import PROCESS
+    return [records[i] for i in ids if i in records and records[i].get("process") == PROCESS]
+
+
+def _time_here(state: Run, ref_dir: Path, gen: dict) -> None:
+    """Every speed and memory figure of the row is measured in this process: the run's own method
+    always, the BF16 twin with ``timing.bf16_twin``. A variant this process made no video of (the
+    references came from the cache, or the videos from an earlier attempt) is timed now on
+    ``timing.videos`` samples after a warm-up; only the timings are kept."""
+    from wanexp.generate import done_records, time_videos
+    cfg, timing = state.cfg, _timing(state.cfg)
+    ids = [s.id for s in state.splits.eval]
+    dirs = {"bf16": ref_dir, "quant": ref_dir if cfg.quant.name == "bf16" else state.run_dir}
+    wanted = ["quant"] + (["bf16"] if timing["bf16_twin"] and cfg.quant.name != "bf16" else [])
+    missing = [v for v in wanted if not _timed_here(done_records(dirs[v]), ids)]
+    missing.sort(key=lambda v: (v == "quant") != state._pipe_quantized)  # the pipeline in memory first
+    for variant in missing:
+        pipe, hooks = quantized_pipe(state) if variant == "quant" and cfg.quant.name != "bf16" else (state.bf16_pipe(), [])
+        try:
+            state.extra_timings[variant] = time_videos(pipe, state.splits.eval[: timing["videos"]], gen, int(cfg.seed),
+                                                       timing["warmup_steps"])
+        finally:
+            for h in hooks:
+                h.remove()
 
 
 LAYER_CALLS = "layer_calls.rank{rank}.json"
 
 
 def generation_summary(state: Run) -> dict:
-    """Once every rank's shard is in: check that no video is missing, and record timing and memory."""
+    """Once every rank's shard is in: check that no video is missing, and record timing and memory
+    (each figure with where it comes from)."""
     from wanexp.generate import done_records
 
     ref_dir = reference_dir(state)
@@ -325,15 +388,38 @@ def generation_summary(state: Run) -> dict:
     if missing:
         raise WanexpError(f"{len(missing)} of {len(ids)} videos were not generated ({', '.join(missing[:5])}"
                           f"{' …' if len(missing) > 5 else ''}): a rank stopped early; re-run to fill the gaps")
-    ref_recs, quant_recs = [refs[i] for i in ids], [quants[i] for i in ids]
-    info = {"reference_dir": str(ref_dir), "quant_dir": str(quant_dir), "frames": ref_recs[0]["frames"],
-            "bf16_sec_per_video": _mean_seconds(ref_recs), "bf16_peak_memory_bytes": _max_peak(ref_recs),
-            "quant_sec_per_video": _mean_seconds(quant_recs), "peak_memory_bytes": _max_peak(quant_recs)}
+    quant_secs, quant_peak, quant_src = _figures(state, "quant", quants, ids)
+    if state.cfg.quant.name == "bf16":
+        bf16_secs, bf16_peak, bf16_src = quant_secs, quant_peak, quant_src
+    else:
+        bf16_secs, bf16_peak, bf16_src = _figures(state, "bf16", refs, ids)
+    info = {"reference_dir": str(ref_dir), "quant_dir": str(quant_dir), "run_dir": str(state.run_dir),
+            "frames": refs[ids[0]]["frames"],
+            "bf16_sec_per_video": bf16_secs, "bf16_peak_memory_bytes": bf16_peak, "bf16_timing_source": bf16_src,
+            "quant_sec_per_video": quant_secs, "peak_memory_bytes": quant_peak, "timing_source": quant_src}
     calls = [read_json(p) for p in sorted(quant_dir.glob(LAYER_CALLS.format(rank="*")))] if quant_dir != ref_dir else []
     if calls:  # summed over ranks; only the videos made by the last attempt of each rank are counted
         info["quant_layer_calls"] = {k: sum(c.get(k, 0) for c in calls) for k in calls[0]}
     write_json(state.run_dir / "generate.json", info)
     return info
+
+
+def _figures(state: Run, variant: str, records: dict, ids: list[str]) -> tuple[float | None, int | None, str]:
+    """(seconds per video, peak memory, where they come from) for one variant, from this process only."""
+    from wanexp.generate import PROCESS
+    from wanexp.provenance import device_name
+    made = _timed_here(records, ids)
+    timed = made or state.extra_timings.get(variant, [])
+    if not timed:
+        return None, None, ("not measured in this run" + (
+            ": its BF16 references came from the cache (timing.bf16_twin=true times a BF16 twin in this run; "
+            "a quant=bf16 run times BF16 in its own run)" if variant == "bf16" else ""))
+    warmup = _timing(state.cfg)["warmup_steps"]
+    how = "generated" if made else "timed again (made by another process)"
+    source = (f"{len(timed)} video(s) {how} in this run, after a {warmup}-step warm-up, on "
+              f"{device_name(state.device)} ({PROCESS})" if warmup else
+              f"{len(timed)} video(s) {how} in this run, no warm-up, on {device_name(state.device)} ({PROCESS})")
+    return _mean_seconds(timed), _max_peak(timed), source
 
 
 def _mean_seconds(records: list[dict]) -> float | None:
@@ -363,7 +449,7 @@ def evaluate(state: Run) -> dict:
     if not gen_file.is_file():
         raise WanexpError(f"{state.run_dir} has no generated videos yet (run stage=generate first)")
     gen = read_json(gen_file)
-    ref_dir, quant_dir = Path(gen["reference_dir"]), Path(gen["quant_dir"])
+    ref_dir, quant_dir = state.recorded(gen, "reference_dir"), state.recorded(gen, "quant_dir")
     refs, quants = done_records(ref_dir), done_records(quant_dir)
     wanted = [s.id for s in state.splits.eval]
     missing = [i for i in wanted if i not in refs or i not in quants]
@@ -420,8 +506,9 @@ def report(state: Run) -> dict:
     logger = OmegaConf.to_container(cfg.logger, resolve=True)
     if not logger.get("group"):  # the runs of one sweep share a W&B group: the sweep directory
         logger["group"] = sweep_group(run_dir)
-    records = done_records(Path(gen["quant_dir"]))
-    videos = [(f"{r['id']} ({r['category']})", Path(gen["quant_dir"]) / r["video"])
+    quant_dir = state.recorded(gen, "quant_dir")
+    records = done_records(quant_dir)
+    videos = [(f"{r['id']} ({r['category']})", quant_dir / r["video"])
               for r in (records[s.id] for s in state.splits.eval[: int(logger.get("videos") or 0)])]
     artifact = artifact_path(state) if logger.get("log_artifact") and cfg.quant.name != "bf16" else None
     wandb_where = log_run(logger, run_dir, OmegaConf.to_container(cfg, resolve=True),
@@ -429,7 +516,7 @@ def report(state: Run) -> dict:
                           {"per_sample": per_sample, "results": pd.DataFrame([row])}, videos=videos, artifact=artifact)
     record_versions(run_dir)
     html = write_run_report(run_dir, OmegaConf.to_container(cfg.report, resolve=True))
-    summary = dict(row, videos=gen["quant_dir"], reference_videos=gen["reference_dir"],
+    summary = dict(row, videos=str(quant_dir), reference_videos=str(state.recorded(gen, "reference_dir")),
                    results=str(run_dir / "results.csv"), wandb=wandb_where, report=str(html))
     write_json(run_dir / "summary.json", summary)
     write_text(run_dir / "summary.txt", format_summary(summary) + "\n")
@@ -459,7 +546,8 @@ def results_row(state: Run, evals: dict, gen: dict) -> dict:
         "model_size_gb": _gb(quant_info.get("model_bytes")), "pipeline_size_gb": _gb(quant_info.get("pipeline_bytes")),
         "peak_memory_gb": _gb(gen.get("peak_memory_bytes")), "sec_per_video": secs, "fps": _fps(gen, secs),
     })
-    # The BF16 twin's figures, measured in this run, so any table can give deltas without a bf16 run.
+    # The BF16 twin's figures, measured in this run (timing: only when this process timed it, see
+    # generation_summary), so a table can give deltas without a bf16 run.
     bf16_secs = gen.get("bf16_sec_per_video")
     row.update({f"{k}_bf16": v for k, v in (evals.get("vbench_bf16") or {}).items() if isinstance(v, float)})
     row.update({
@@ -467,8 +555,13 @@ def results_row(state: Run, evals: dict, gen: dict) -> dict:
         "pipeline_size_gb_bf16": _gb(quant_info.get("bf16_pipeline_bytes")),
         "peak_memory_gb_bf16": _gb(gen.get("bf16_peak_memory_bytes")), "sec_per_video_bf16": bf16_secs,
         "fps_bf16": _fps(gen, bf16_secs),
+        # where the figures come from: sizes are counted from the tensors held, timings as stated
+        "timing_source": gen.get("timing_source"), "timing_source_bf16": gen.get("bf16_timing_source"),
+        "artifact_sha256": quant_info.get("artifact_sha256"),
         "overrides": _overrides(run_dir), "run_dir": str(run_dir),
     })
+    from wanexp.provenance import provenance
+    row.update(provenance(state.device))
     return row
 
 

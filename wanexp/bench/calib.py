@@ -86,13 +86,19 @@ def measure(fn: Callable[[], Any], dirs: tuple[Path, ...]) -> tuple[Any, dict]:
 
 
 def compose_run(overrides: list[str]):
-    """The run config of ``python -m wanexp OVERRIDES`` (inside the bench's own Hydra app too)."""
+    """The run config of ``python -m wanexp OVERRIDES`` (conf/), also from inside the bench's own Hydra
+    app (bench_conf/), whose global state is set aside and put back."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    if GlobalHydra.instance().is_initialized():  # python -m wanexp.bench: the same conf/ is loaded
-        return compose("config", overrides=overrides)
-    with initialize_config_dir(config_dir=str(REPO_CONF), version_base=None):
-        return compose("config", overrides=overrides)
+    held = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(REPO_CONF), version_base=None):
+            return compose("config", overrides=overrides)
+    finally:
+        if held is not None:
+            GlobalHydra.instance().clear()
+            GlobalHydra.instance().initialize(held)
 
 
 def one_setting(setting: dict, common: list[str], work: Path, log: Callable[[str], None], quantize: bool) -> dict:

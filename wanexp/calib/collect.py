@@ -40,7 +40,6 @@ import torch
 from torch import nn
 
 from wanexp.errors import WanexpError
-from wanexp.io import atomic_path
 from wanexp.quant.context import TimestepContext
 
 STATS = ("absmax", "sumsq", "hessian", "tokens")
@@ -154,7 +153,7 @@ class CalibStats:
 
     def save(self, path: str | Path) -> None:
         import json as _json
-        from safetensors.torch import save_file
+        from wanexp.integrity import save_tensors
         flat = {}
         for (e, l, b), d in self.data.items():
             for k, v in d.items():
@@ -164,22 +163,17 @@ class CalibStats:
             d = d.tensors() if isinstance(d, StepTrace) else d
             flat.update({f"{TRACE_PREFIX}|{e}|{l}|{k}": v.contiguous().cpu() for k, v in d.items()})
         aliases = _json.dumps([[e, l, rep] for (e, l), rep in sorted(self.aliases.items())])
-        with atomic_path(path) as tmp:
-            save_file(flat, str(tmp), metadata={"format": "wanexp-calib-v2", "aliases": aliases})
+        # a SHA-256 per tensor, checked at load
+        save_tensors(path, flat, metadata={"format": "wanexp-calib-v2", "aliases": aliases})
 
     @classmethod
     def load(cls, path: str | Path) -> "CalibStats":
-        from safetensors.torch import load_file
+        from wanexp.integrity import load_tensors
         if not Path(path).is_file():
             raise WanexpError(f"calibration statistics {path} do not exist (run the calibrate stage first)")
         import json as _json
-        from safetensors import safe_open
-        try:
-            flat = load_file(str(path))
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-        except Exception as err:
-            raise WanexpError(f"calibration statistics {path} are corrupt ({err}); delete the file and re-run calibrate") from err
+        flat, meta, _ = load_tensors(path, "calibration statistics part", "delete it and re-run stage=calibrate")
+        meta = meta or {}
         out = cls()
         panels: dict[tuple, dict[int, torch.Tensor]] = {}
         for key, v in flat.items():
@@ -205,14 +199,14 @@ class CalibStats:
 def load_traces(paths: Iterable[str | Path]) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
     """The per-step traces stored in calibration part files, reading only those tensors (the
     Hessians next to them can be many GB at A14B size)."""
-    from safetensors import safe_open
+    from wanexp.integrity import load_tensors
     out: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for path in paths:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                if key.startswith(TRACE_PREFIX + "|"):
-                    _, e, l, k = key.split("|")
-                    out.setdefault((e, l), {})[k] = f.get_tensor(key)
+        traces, _, _ = load_tensors(path, "calibration statistics part", "delete it and re-run stage=calibrate",
+                                    select=lambda key: key.startswith(TRACE_PREFIX + "|"))
+        for key, t in traces.items():
+            _, e, l, k = key.split("|")
+            out.setdefault((e, l), {})[k] = t
     return out
 
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from wanexp.io import make_temp_dir
 
 FIXTURE_VERSION = 1
 _SAMPLES = {
@@ -50,7 +51,7 @@ def ensure_tiny_dataset(cache_dir: str | Path) -> Path:
     if (root / ".complete").exists():
         return root
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".build-"))
+    tmp = make_temp_dir(cache_dir, ".build-")  # the mode of a plain mkdir, not mkdtemp's 0700
     try:
         seed = 0
         for json_name, prompts in _SAMPLES.items():

@@ -35,9 +35,16 @@ def video_psnr_ssim(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return psnr, float(ssim(x, y, data_range=1.0, kernel_size=k))
 
 
+def load_latents(path: Path) -> torch.Tensor:
+    """A video's final latents, checked against the checksum written beside them."""
+    from wanexp.integrity import load_tensors
+    tensors, _, _ = load_tensors(path, "latents", f"delete it and the video beside it ({Path(path).stem}.mp4), "
+                                 "then re-run stage=generate: that video alone is made again")
+    return tensors["latents"]
+
+
 def latent_rel_err(path_q: Path, path_ref: Path) -> float:
-    from safetensors.torch import load_file
-    zq, zr = load_file(str(path_q))["latents"].double(), load_file(str(path_ref))["latents"].double()
+    zq, zr = load_latents(path_q).double(), load_latents(path_ref).double()
     return float(torch.linalg.vector_norm(zq - zr) / torch.linalg.vector_norm(zr).clamp_min(1e-30))
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from wanexp.io import make_temp_dir
 
 # Everything that determines the tiny model's bytes. Changing any value changes the cache key.
 TINY_SPEC = {
@@ -126,7 +127,7 @@ def ensure_tiny_checkpoint(cache_dir: str | Path) -> Path:
     if (target / "model_index.json").exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".build-"))
+    tmp = make_temp_dir(cache_dir, ".build-")  # the mode of a plain mkdir, not mkdtemp's 0700
     try:
         build_tiny_pipeline().save_pretrained(tmp, safe_serialization=True)
         try:

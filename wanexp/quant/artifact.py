@@ -1,7 +1,9 @@
 """The quantized-model artifact: one safetensors file of every QuantLinear's buffers plus a JSON header.
 
 The header (also stored in the safetensors metadata) names the method, format, expert policy, bins
-and the base model's fingerprint. Loading never recalibrates, and refuses a different base model.
+and the base model's fingerprint, and holds a SHA-256 of every tensor (``wanexp.integrity``).
+Loading never recalibrates, refuses a different base model, and refuses a tensor whose bytes no
+longer match its checksum.
 """
 
 from __future__ import annotations
@@ -14,12 +16,11 @@ import torch
 from torch import nn
 
 from wanexp.errors import WanexpError
-from wanexp.io import atomic_path
 from wanexp.quant.api import module_device, quant_layers, replace_module
 from wanexp.quant.linear import QuantLinear
 
 ARTIFACT_FILE = "quantized.safetensors"
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2  # 2: a SHA-256 per tensor in the header
 
 
 def save_artifact(path: str | Path, experts: dict[str, nn.Module], header: dict[str, Any]) -> Path:
@@ -29,7 +30,7 @@ def save_artifact(path: str | Path, experts: dict[str, nn.Module], header: dict[
 
 def save_layers(path: str | Path, layers: dict[str, dict[str, QuantLinear]], header: dict[str, Any]) -> Path:
     """``{expert: {layer name: QuantLinear}}`` into one safetensors file with the JSON header."""
-    from safetensors.torch import save_file
+    from wanexp.integrity import save_tensors
 
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
@@ -43,9 +44,14 @@ def save_layers(path: str | Path, layers: dict[str, dict[str, QuantLinear]], hea
                     tensors[f"{expert}/{name}/{key}"] = buf.detach().contiguous().cpu()
     import wanexp
     full = dict(header, version=ARTIFACT_VERSION, wanexp_version=wanexp.__version__, layers=described)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"wanexp": json.dumps(full, sort_keys=True)})
+    save_tensors(path, tensors, metadata={"wanexp": json.dumps(full, sort_keys=True)})
     return path
+
+
+def artifact_digest(path: str | Path) -> str:
+    """The artifact's data hash as recorded in its header (``load_artifact`` checks it against the bytes)."""
+    from wanexp.integrity import DIGESTS_KEY, file_digest, read_metadata
+    return file_digest(json.loads(read_metadata(path, "quantized artifact")[DIGESTS_KEY]))
 
 
 def read_header(path: str | Path) -> dict[str, Any]:
@@ -60,8 +66,21 @@ def read_header(path: str | Path) -> dict[str, Any]:
     except Exception as err:  # safetensors raises several types for truncated/corrupt files
         raise WanexpError(f"quantized artifact {path} is corrupt or not a wanexp artifact ({err})") from err
     if header.get("version") != ARTIFACT_VERSION:
-        raise WanexpError(f"artifact {path} has version {header.get('version')}, this wanexp reads {ARTIFACT_VERSION}")
+        raise WanexpError(f"artifact {path} has version {header.get('version')}, this wanexp reads {ARTIFACT_VERSION} "
+                          "(re-run the quantize stage)")
     return header
+
+
+_FIX = "re-run the quantize stage (or point quant.load at an intact copy)"
+
+
+def verify_artifact(path: str | Path, expect: dict[str, Any] | None = None) -> str:
+    """Check an artifact without a model: its header, the method and format asked for, and every
+    tensor against its checksum (a reused artifact is checked before anything loads); returns its
+    data hash. The base model is checked when it is loaded into one (``load_artifact``)."""
+    from wanexp.integrity import load_tensors
+    check_header(path, read_header(path), None, expect)
+    return load_tensors(path, "quantized artifact", _FIX)[2]
 
 
 def check_header(path: str | Path, header: dict[str, Any], fingerprint: str | None,
@@ -77,24 +96,19 @@ def check_header(path: str | Path, header: dict[str, Any], fingerprint: str | No
 
 def load_artifact(path: str | Path, experts: dict[str, nn.Module], fingerprint: str | None,
                   expect: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Swap the artifact's QuantLinears into ``experts`` (in place); returns the header.
+    """Swap the artifact's QuantLinears into ``experts`` (in place); returns the header, with the
+    file's data hash as ``sha256``.
 
     Each layer lands on the device of the module it replaces (the placement rule of
     :func:`wanexp.quant.api.replace_module`): on the GPU for a pipeline held there, on the CPU for
-    an offloaded one. The tensors are checked against the header's layer list before any module is
-    replaced, so a tampered file fails without leaving a half-quantized model behind.
+    an offloaded one. The tensors are checked against their checksums and the header's layer list
+    before any module is replaced, so a tampered file fails without leaving a half-quantized model behind.
     """
-    from safetensors.torch import load_file
+    from wanexp.integrity import load_tensors
 
     header = read_header(path)
     check_header(path, header, fingerprint, expect)
-    try:
-        # read straight onto the experts' device when they share one (no host copy of the GPU's share)
-        homes = {module_device(m) for m in experts.values()}
-        read_to = homes.pop() if len(homes) == 1 else torch.device("cpu")
-        tensors = load_file(str(path), device=str(read_to) if read_to.type != "meta" else "cpu")
-    except Exception as err:
-        raise WanexpError(f"quantized artifact {path} is corrupt ({err})") from err
+    tensors, _, digest = load_tensors(path, "quantized artifact", _FIX)
     grouped: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():  # "<expert>/<layer>/<buffer>"
         expert, _, rest = key.partition("/")
@@ -118,4 +132,4 @@ def load_artifact(path: str | Path, experts: dict[str, nn.Module], fingerprint: 
             built.append((experts[expert], name, layer))
     for model, name, layer in built:
         replace_module(model, name, layer)
-    return header
+    return dict(header, sha256=digest)

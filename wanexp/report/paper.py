@@ -159,6 +159,8 @@ def _cell(c) -> str:
 def write_paper_table(long: pd.DataFrame, name: str, out_dir: Path) -> tuple[dict[str, Path], str]:
     """Write :func:`paper_table`'s ``long`` form as ``paper_<name>.md`` (the paper's layout), ``.csv``
     (exact) and ``.tex``; returns the paths and the Markdown."""
+    from wanexp.report.table import latex_table
+    spec = TABLES[name]
     md = render_markdown(long, name)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {k: out_dir / f"paper_{name}.{k}" for k in ("md", "csv", "tex")}
@@ -168,5 +170,5 @@ def write_paper_table(long: pd.DataFrame, name: str, out_dir: Path) -> tuple[dic
         tmp.write_text(md)
     wide = long.pivot_table(index="row", columns="metric", values=["ours", "paper"], aggfunc="first", sort=False)
     with atomic_path(paths["tex"]) as tmp:
-        tmp.write_text(wide.to_latex(float_format="%.4f", na_rep="--"))
+        tmp.write_text(latex_table(wide, caption=f"{spec.title}. Paper: {spec.source}.", index=True))
     return paths, md

@@ -1,9 +1,11 @@
 """The ablation table of many runs: rows gathered from run directories, deltas against BF16, written
 as CSV, Markdown and LaTeX (and logged to W&B as a table by the caller). Runs that failed are listed
-under the table, with the stage and the error, so one broken sweep point never hides the others."""
+under the table, with the stage and the error, so one broken sweep point never hides the others.
+Every row names its run directory; the LaTeX compiles with pdflatex and booktabs."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -16,8 +18,12 @@ VBENCH = ["vbench_avg", "imaging_quality", "aesthetic_quality", "subject_consist
           "overall_consistency"]
 METRICS = VBENCH + ["psnr", "ssim", "latent_rel_err", "model_size_gb", "pipeline_size_gb", "peak_memory_gb",
                     "sec_per_video", "fps"]
-# Fidelity is measured against the BF16 twin already: its delta needs a BF16 run among the rows.
-OWN_REFERENCE = {"psnr", "ssim", "latent_rel_err"}
+# Fidelity is each run's comparison with its own BF16 twin (same sample, same seed) already; the BF16
+# row's fidelity is BF16 against itself (PSNR capped at 100 dB, SSIM 1, error 0), so a delta to it
+# says nothing: these metrics get no Δ column.
+NO_DELTA = ("psnr", "ssim", "latent_rel_err")
+NO_DELTA_NOTE = ("PSNR, SSIM and latent rel. err are each run's fidelity to its own BF16 twin (same samples "
+                 "and seeds), so they carry no delta column.")
 # Runs are compared with the BF16 row of the same model, data and seed.
 CONTEXT = ["model", "data", "seed"]
 LADDER = ["bf16", "w4a16", "rtn", "svdquant_rtn", "svdquant_gptq", "tsclip", "tsclip_keep_sensitive",
@@ -25,8 +31,9 @@ LADDER = ["bf16", "w4a16", "rtn", "svdquant_rtn", "svdquant_gptq", "tsclip", "ts
 
 
 def ablation_table(rows: pd.DataFrame) -> pd.DataFrame:
-    """One row per run, key columns first, each metric followed by its delta to BF16: the BF16 run of
-    the same model, data and seed when the rows hold one, else the BF16 twin the run measured itself."""
+    """One row per run, key columns first, each metric followed by its delta to BF16 (none for the
+    fidelity metrics: ``NO_DELTA``): the BF16 run of the same model, data and seed when the rows hold
+    one, else the BF16 twin the run measured itself; the run directory last."""
     df = rows.copy().reset_index(drop=True)
     metrics = [m for m in METRICS if m in df and df[m].notna().any()]
     ref = pd.DataFrame(index=df.index, columns=metrics, dtype=float)
@@ -34,13 +41,16 @@ def ablation_table(rows: pd.DataFrame) -> pd.DataFrame:
     if not bf16.empty:
         ref = df[CONTEXT].merge(bf16, on=CONTEXT, how="left")[metrics].set_index(df.index)
     for m in metrics:
-        if f"{m}_bf16" in df and m not in OWN_REFERENCE:
+        if f"{m}_bf16" in df:
             ref[m] = ref[m].fillna(df[f"{m}_bf16"])
     keys = [c for c in KEYS if c in df and (c in KEYS[:2] or df[c].notna().any())]
     out = df[keys + [c for c in CONTEXT if c in df]].copy()
     for m in metrics:
         out[m] = df[m]
-        out[f"Δ{m}"] = df[m] - ref[m].astype(float)
+        if m not in NO_DELTA:
+            out[f"Δ{m}"] = df[m] - ref[m].astype(float)
+    if "run_dir" in df:
+        out["run_dir"] = df["run_dir"]
     out["_order"] = out["method"].map({m: i for i, m in enumerate(LADDER)}).fillna(len(LADDER))
     sort = ["_order"] + [k for k in keys if k != "method"]
     out = out.sort_values(sort, na_position="first", kind="stable").drop(columns="_order")
@@ -49,13 +59,16 @@ def ablation_table(rows: pd.DataFrame) -> pd.DataFrame:
 
 def write_tables(table: pd.DataFrame, out_dir: Path, stem: str = "ablation",
                  failures: pd.DataFrame | None = None) -> dict[str, Path]:
-    """CSV (exact), Markdown and LaTeX (4 decimals) side by side in ``out_dir``; failed runs in
-    ``<stem>_failed.csv`` and under the Markdown table."""
+    """CSV (exact, absolute run directories), Markdown and LaTeX (4 decimals, run directories relative
+    to ``out_dir`` when inside it) side by side in ``out_dir``; failed runs in ``<stem>_failed.csv``
+    and under the Markdown table."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out_dir / f"{stem}.csv", "md": out_dir / f"{stem}.md", "tex": out_dir / f"{stem}.tex"}
     with atomic_path(paths["csv"]) as tmp:
         table.to_csv(tmp, index=False)
-    md = to_markdown(table) + "\n" if not table.empty else "(no finished runs)\n"
+    shown = relative_runs(table, out_dir)
+    note = f"\n{NO_DELTA_NOTE}\n" if any(m in table for m in NO_DELTA) else ""
+    md = to_markdown(shown) + "\n" + note if not table.empty else "(no finished runs)\n"
     if failures is not None and not failures.empty:
         paths["failed"] = out_dir / f"{stem}_failed.csv"
         with atomic_path(paths["failed"]) as tmp:
@@ -64,8 +77,48 @@ def write_tables(table: pd.DataFrame, out_dir: Path, stem: str = "ablation",
     with atomic_path(paths["md"]) as tmp:
         tmp.write_text(md)
     with atomic_path(paths["tex"]) as tmp:
-        tmp.write_text(table.to_latex(index=False, float_format="%.4f", na_rep="--"))
+        tmp.write_text(latex_table(shown, caption=f"{stem} ({out_dir.name}). {note.strip()}".strip()))
     return paths
+
+
+def relative_runs(table: pd.DataFrame, out_dir: Path) -> pd.DataFrame:
+    """The table with ``run_dir`` relative to ``out_dir`` where the run lies inside it."""
+    if "run_dir" not in table:
+        return table
+    base = Path(out_dir).resolve()
+
+    def rel(p):
+        if not isinstance(p, str):
+            return p
+        path = Path(p).resolve()
+        return os.path.relpath(path, base) if base in path.parents else str(path)
+    return table.assign(run_dir=table["run_dir"].map(rel))
+
+
+# Math-mode forms where LaTeX's text forms need the TS1 fonts (not in every minimal TeX install).
+_LATEX = {"\\": r"$\backslash$", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+          "}": r"\}", "~": r"$\sim$", "^": r"\^{}", "<": r"$<$", ">": r"$>$", "|": r"$|$", "Δ": r"$\Delta$",
+          "–": "--", "—": "---", "×": r"$\times$", "†": r"$^\dagger$", "‡": r"$^\ddagger$", "±": r"$\pm$",
+          "≤": r"$\leq$", "≥": r"$\geq$", "·": r"$\cdot$", "ρ": r"$\rho$", "α": r"$\alpha$", "…": r"\ldots{}"}
+
+
+def latex_escape(text) -> str:
+    """Text as pdflatex typesets it literally: special characters escaped, the Unicode this project
+    writes (Δ, ×, †, –, Greek) as LaTeX, anything else non-ASCII as ``?``."""
+    out = []
+    for ch in str(text):
+        out.append(_LATEX.get(ch, ch if ord(ch) < 128 else "?"))
+    return "".join(out)
+
+
+def latex_table(df: pd.DataFrame, caption: str = "", index: bool = False) -> str:
+    """A booktabs table (``\\usepackage{booktabs}``) whose every label and text cell is escaped."""
+    def esc(v):
+        return latex_escape(v) if isinstance(v, str) else v
+    shown = df.rename(columns=esc, index=esc if index else None)
+    shown = shown.apply(lambda col: col.map(esc) if not pd.api.types.is_numeric_dtype(col) else col)
+    return shown.to_latex(index=index, float_format="%.4f", na_rep="--", escape=False,
+                          caption=latex_escape(caption) if caption else None)
 
 
 def to_markdown(table: pd.DataFrame) -> str:
@@ -83,7 +136,7 @@ def report_dirs(dirs, out_dir: Path, papers=()) -> dict:
     table = ablation_table(rows) if not rows.empty else rows
     paths = write_tables(table, out_dir, failures=failures)
     tables, paper_md = {"ablation": table}, {}
-    text = [to_markdown(table) if not table.empty else "(no finished runs)"]
+    text = [to_markdown(relative_runs(table, out_dir)) if not table.empty else "(no finished runs)"]
     for name in papers:
         if rows.empty:
             break

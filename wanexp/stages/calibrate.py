@@ -32,7 +32,7 @@ from wanexp.calib.reduce import reduce_stats
 from wanexp.calib.trajectory import ExpertSplit
 from wanexp.errors import WanexpError
 from wanexp.generate import sample_seed
-from wanexp.io import read_json, write_json
+from wanexp.io import read_json, rebased, write_json
 from wanexp.models import EXPERTS, experts, install_timestep_hooks
 from wanexp.quant.methods import MethodConfig, method_config
 from wanexp.stages.common import calib_generation_cfg
@@ -116,12 +116,14 @@ def stats_dir(state, key: dict) -> Path:
     if not cache:
         return state.run_dir / CALIB_DIR
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    return Path(str(cache)).expanduser() / digest
+    return Path(str(cache)).expanduser().resolve() / digest
 
 
 def load_calib_stats(run_dir: Path) -> CalibStats:
     marker = run_dir / "stages" / "calibrate.json"
-    where = Path(read_json(marker).get("stats_dir", run_dir / CALIB_DIR)) if marker.is_file() else run_dir / CALIB_DIR
+    info = read_json(marker) if marker.is_file() else {}
+    # a run directory that moved reads its statistics where they are now (wanexp.io.rebased)
+    where = rebased(info["stats_dir"], info.get("run_dir"), run_dir) if "stats_dir" in info else run_dir / CALIB_DIR
     parts = sorted(p for p in where.glob("stats-*part*-of*.safetensors") if ".rank" not in p.name)
     if not parts:
         raise WanexpError(f"no calibration statistics in {where} (run stage=calibrate first)")

@@ -21,7 +21,7 @@ from wanexp.errors import WanexpError
 from wanexp.io import read_json, write_json
 from wanexp.models import boundary_timestep, experts, held_bytes, install_timestep_hooks, pipeline_bytes
 from wanexp.quant.api import attach_context, linear_on, quantize_, replace_module
-from wanexp.quant.artifact import load_artifact, read_header, save_artifact, save_layers
+from wanexp.quant.artifact import artifact_digest, load_artifact, read_header, save_artifact, save_layers
 from wanexp.quant.methods import LayerStats, MethodConfig, method_config
 from wanexp.quant.targets import select_targets
 
@@ -33,7 +33,7 @@ LAYER_SECONDS = Path("artifact") / "layer_seconds.json"  # expert → layer → 
 def artifact_path(state) -> Path:
     """This run's artifact, or the one named by ``quant.load`` (reused without recalibrating)."""
     load = state.cfg.quant.get("load")
-    return Path(str(load)).expanduser() if load else state.run_dir / ARTIFACT
+    return Path(str(load)).expanduser().resolve() if load else state.run_dir / ARTIFACT
 
 
 def artifact_expect(cfg) -> dict:
@@ -146,7 +146,8 @@ def quantize(state) -> dict:
         pipe, hooks = quantized_pipe(state)
         for h in hooks:
             h.remove()
-        return {"loaded": str(artifact_path(state)), **_size_info(pipe), **bf16}
+        return {"loaded": str(artifact_path(state)), "artifact_sha256": state.artifact_sha256,
+                **_size_info(pipe), **bf16}
     pipe = state.bf16_pipe()
     bf16 = _size_info(pipe, "bf16_")
     parts = sorted((state.run_dir / PARTS).glob("*-part*-of*.safetensors"))
@@ -161,7 +162,7 @@ def quantize(state) -> dict:
     save_artifact(state.run_dir / ARTIFACT, experts(pipe), _header(state, pipe, method))
     write_json(state.run_dir / "artifact" / "choices.json", chosen)
     write_json(state.run_dir / LAYER_SECONDS, seconds)
-    return {"layers": swapped, **_size_info(pipe), **bf16}
+    return {"layers": swapped, "artifact_sha256": artifact_digest(state.run_dir / ARTIFACT), **_size_info(pipe), **bf16}
 
 
 def _quantize_now(state, pipe):
@@ -240,7 +241,9 @@ def quantized_pipe(state):
     else:
         fingerprint = state.fingerprint
         pipe = state.bf16_pipe()
-        load_artifact(artifact_path(state), experts(pipe), fingerprint, expect=artifact_expect(state.cfg))
+        header = load_artifact(artifact_path(state), experts(pipe), fingerprint,
+                               expect=artifact_expect(state.cfg))  # every tensor checked against its SHA-256
+        state.artifact_sha256 = header["sha256"]
         state._pipe_quantized = True
     contexts = state.contexts(pipe)
     for name, model in experts(pipe).items():
