@@ -258,7 +258,7 @@ def test_paper_table1_sweep_renders_the_papers_layout(cli, tmp_path):
     assert rows.loc["tsclip", "num_calib_samples"] == 1 and rows.loc["tsclip", "calib_source"] == "data"
     assert not rows.loc["tsclip", "calib_overlaps_eval"] and rows.loc["rtn", "num_calib_samples"] == 0
     # Ours: searched per bin on the W4A4 generation, cross-attention left at clip 1 in every bin
-    run = next(sweep.glob("*_tsclip_mxfp4"))
+    run = next(sweep.glob("*_tsclip_paper_code_mxfp4_paper_code"))
     chosen = json.loads((run / "artifact" / "choices.json").read_text())
     for expert, layers in chosen.items():
         for name, c in layers.items():

@@ -153,6 +153,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         wanted = STAGES if cfg.stage == "all" else (str(cfg.stage),)
         wanted += OPTIONAL_STAGES if cfg.stage == "all" and (cfg.get("analysis") or {}).get("auto") else ()
         todo = None
+        from wanexp.data.check import check_run_data  # every sample of both splits read, before any model loads
+        check_run_data(OmegaConf.to_container(cfg.data, resolve=True), cfg.paths.cache_dir)
         if world.main:
             check_writable(cfg, run_dir)
             todo = _setup(state, wanted)
@@ -177,7 +179,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             if info is not None and world.main:
                 info["seconds"] = round(time.perf_counter() - start, 3)
                 state.mark_done(stage, info)
-                outcome = f"skipped: {info['skipped']}" if "skipped" in info else \
+                # a stage that did nothing says why (analyze's per-figure skips are printed by analyze)
+                outcome = f"skipped: {info['skipped']}" if isinstance(info.get("skipped"), str) else \
                     f"wrote {written(before, snapshot(_written_dirs(state, stage)), run_dir)}"
                 say(f"      {stage} done in {info['seconds']:.1f} s; {outcome}")
     except BaseException as err:
