@@ -30,7 +30,7 @@ from wanexp.stages.quantize import (ARTIFACT, artifact_expect, artifact_path, ke
 STAGES = ("calibrate", "quantize", "generate", "evaluate", "report")
 OPTIONAL_STAGES = ("analyze",)  # stage=analyze; analysis.auto=true also runs it at the end of stage=all
 METHODS = ("bf16", "w4a16", "rtn", "svdquant_rtn", "svdquant_gptq", "tsclip", "tsclip_keep_sensitive",
-           "hif4_conservative", "hif4_tailaware")
+           "hif4_conservative", "hif4_tailaware", "smoothquant", "fp8_dynamic", "awq", "viditq")
 # The challenge rule of both papers: at most this many whole blocks kept in high precision.
 MAX_KEEP_BLOCKS = {"mxfp4": 5, "hif4": 2}
 # What each stage's outputs depend on, and so which settings may change when a run directory is
