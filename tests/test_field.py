@@ -180,11 +180,43 @@ def test_awq_picks_the_brute_force_argmin_of_its_grid_and_beats_rtn_on_outliers(
     torch.testing.assert_close(layer.smooth, scales[best], rtol=1e-5, atol=0)
     assert layer.act_format is None                                             # W4A16: activations 16-bit
     w = lin.weight.detach()
-    got = layer_error(layer, x, w)
-    assert got == pytest.approx(errors[best], rel=1e-3)
-    rtn = layer_error(_recipe("awq", stats, alpha="[0.0]").build("l", lin), x, w)  # α = 0: plain INT4 RTN
-    assert rtn == pytest.approx(errors[0], rel=1e-3)
-    assert grid[best] > 0 and got < 0.6 * rtn                                    # the outlier channels pay off
+    unclipped = layer_error(_recipe("awq", stats, weight_clip_search="false").build("l", lin), x, w)
+    assert unclipped == pytest.approx(errors[best], rel=1e-3)
+    rtn = layer_error(_recipe("awq", stats, alpha="[0.0]", weight_clip_search="false").build("l", lin), x, w)
+    assert rtn == pytest.approx(errors[0], rel=1e-3)                             # α = 0: plain INT4 RTN
+    assert grid[best] > 0 and unclipped < 0.4 * rtn                              # the outlier channels pay off
+    assert layer_error(layer, x, w) <= unclipped                                 # and the clipping on top
+
+
+def _int4_group_clipped(w: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
+    """INT4 in groups of 128 with a clip ratio per row and group, written out."""
+    g = w.reshape(w.shape[0], -1, 128)
+    scale = (rho.unsqueeze(-1) * g.abs().amax(-1, keepdim=True) / 7).to(torch.bfloat16).float()
+    return ((g / scale).round().clamp(-7, 7) * scale).reshape(w.shape)
+
+
+def test_awq_weight_clipping_picks_each_groups_argmin_and_spares_q_and_k():
+    lin, x = _planted(gain=25.0, d_out=32)
+    with torch.no_grad():
+        lin.weight[:, 3] *= 12.0          # a heavy weight in group 0 of every row: clipping it can pay off
+    stats = {n: LayerStats(absmax=x.abs().amax(0), tokens={0: x}) for n in ("l", "blocks.0.attn1.to_q")}
+    method = _recipe("awq", stats)
+    layer = method.build("l", lin)
+    s, ws = layer.smooth, lin.weight.detach() * layer.smooth
+    xs = (x / s).reshape(x.shape[0], -1, 128)
+    grid = method.weight_clip_ratios
+    assert grid == [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55]
+    errs = torch.stack([torch.einsum("tgk,ogk->otg", xs, (ws - _int4_group_clipped(ws, torch.full((32, 2), r)))
+                                     .reshape(32, -1, 128)).square().sum(1) for r in grid])  # [ratio, row, group]
+    picked = torch.tensor(grid)[errs.argmin(0)]
+    torch.testing.assert_close(layer.dequantized_weight(), _int4_group_clipped(ws, picked), rtol=0, atol=0)
+    report = method.report["l"]
+    assert report["weight_clipped"] == pytest.approx(float((picked < 1).float().mean()))
+    assert 0 < report["weight_clipped"] < 1                                # some groups clipped, not all
+    excluded = method.build("blocks.0.attn1.to_q", lin)                     # q and k are never clipped
+    assert "weight_clip_mean" not in method.report["blocks.0.attn1.to_q"]
+    torch.testing.assert_close(excluded.dequantized_weight(), _int4_group_clipped(ws, torch.ones(32, 2)),
+                               rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------

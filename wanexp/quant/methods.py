@@ -55,6 +55,7 @@ from torch import nn
 
 from wanexp.errors import WanexpError
 from wanexp.formats import NumberFormat, get_format
+from wanexp.quant.awq import AWQ_RATIOS
 from wanexp.quant.clip_search import candidates, ratio, relative_errors, searched
 from wanexp.quant.linear import QuantLinear
 from wanexp.quant.lowrank import split_lowrank
@@ -112,6 +113,9 @@ class MethodConfig:
     clip_search_data: str = "calib_tokens"         # "calib_tokens" | "w4a4_generation" (the run's W4A4 pass)
     clip_metric: str = "bf16_output"               # "bf16_output" | "wq_output_rel"
     clip_exclude: Sequence[str] = ()               # layers that keep ρ = 1 (module patterns)
+    weight_clip_search: bool = False               # AWQ's per-(row, group) weight clipping (wanexp.quant.awq)
+    weight_clip_ratios: Sequence[float] = AWQ_RATIOS
+    weight_clip_exclude: Sequence[str] = ()        # layers whose weights are not clipped (AWQ: q and k)
     hessian_input: str = "smoothed"                # "smoothed" | "smoothed_act_quant"
     num_bins: int = 1
     compute_dtype: torch.dtype = torch.bfloat16
@@ -128,6 +132,8 @@ class MethodConfig:
         if quant_cfg.get("residual") == "gptq":
             need.add("hessian")
         if quant_cfg.get("clip_search") and quant_cfg.get("clip_search_data", "calib_tokens") == "calib_tokens":
+            need.add("tokens")
+        if quant_cfg.get("weight_clip_search"):
             need.add("tokens")
         return sorted(need)
 
@@ -174,7 +180,7 @@ class MethodConfig:
             s, chosen["alpha"] = self._smoothing(w, stats)
         ws = w if s is None else apply_to_weight(w, s)  # [bins, out, in] with a per-bin table
         l1, l2, residual = self._lowrank(ws)
-        packed = self._quantize_residual(residual, stats, s, chosen)
+        packed = self._quantize_residual(residual, stats, s, chosen, name)
         layer = QuantLinear(linear.in_features, linear.out_features, weight=packed, bias=linear.bias,
                             act_format=self.act_format, smooth=s,
                             lowrank=None if l1 is None else (l1, l2), compute_dtype=self.compute_dtype)
@@ -277,8 +283,10 @@ class MethodConfig:
             alphas.append(alpha)
         return torch.stack(rows), alphas
 
-    def _quantize_residual(self, residual: torch.Tensor, stats: LayerStats, s, chosen: dict):
+    def _quantize_residual(self, residual: torch.Tensor, stats: LayerStats, s, chosen: dict, name: str = ""):
         fmt = self._wfmt()
+        if self.residual == "rtn" and self.weight_clip_search and searched([name], self.weight_clip_exclude):
+            return self._clipped_rtn(fmt, residual, stats, s, chosen)
         if self.residual == "rtn":
             return fmt.encode(residual)
         if self.residual != "gptq":
@@ -295,6 +303,18 @@ class MethodConfig:
         result = gptq(residual, h, fmt, **options)
         chosen["gptq_loss"] = float(result.loss)
         return result.packed
+
+    def _clipped_rtn(self, fmt: NumberFormat, residual: torch.Tensor, stats: LayerStats, s, chosen: dict):
+        """RTN with AWQ's weight-clipping search on the smoothed calibration tokens (:mod:`wanexp.quant.awq`)."""
+        from wanexp.quant.awq import clip_ratios, ratio_shape
+        tokens = stats.all_tokens()
+        if tokens is None:
+            raise ValueError("the weight-clipping search needs a calibration token sample")
+        xs = tokens.float() if s is None else tokens.float() / s.float()
+        ratios, _ = clip_ratios(residual, xs, fmt, self.weight_clip_ratios)
+        chosen["weight_clip_mean"] = round(float(ratios.mean()), 6)
+        chosen["weight_clipped"] = round(float((ratios < 1).float().mean()), 6)  # share of groups clipped
+        return fmt.encode(residual, clip_ratio=ratio_shape(fmt, ratios))
 
     def _rtn_output_error(self, tokens: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> float:
         """‖X Wᵀ − Ŷ(X)‖² for a candidate smoothing, with an RTN residual and no clipping."""
@@ -393,6 +413,9 @@ def method_config(quant_cfg: Mapping[str, Any], fmt_cfg: Mapping[str, Any], num_
         clip_search_data=str(quant_cfg.get("clip_search_data", "calib_tokens")),
         clip_metric=str(quant_cfg.get("clip_metric", "bf16_output")),
         clip_exclude=list(quant_cfg.get("clip_exclude") or ()),
+        weight_clip_search=bool(quant_cfg.get("weight_clip_search", False)),
+        weight_clip_ratios=[float(r) for r in quant_cfg.get("weight_clip_ratios") or AWQ_RATIOS],
+        weight_clip_exclude=list(quant_cfg.get("weight_clip_exclude") or ()),
         hessian_input=str(quant_cfg.get("hessian_input", "smoothed")), num_bins=num_bins,
         compute_dtype=compute_dtype)
 
@@ -425,6 +448,13 @@ def validate_quant_cfg(quant_cfg: Mapping[str, Any], generation_keys: Sequence[s
             raise WanexpError("quant.smoothing_per_bin=true keeps one weight per timestep bin: it takes "
                               f"quant.residual=rtn and quant.rank=0 (got residual={q.get('residual', 'rtn')}, "
                               f"rank={q.get('rank', 0)})")
+    if q.get("weight_clip_search"):
+        if q.get("residual", "rtn") != "rtn" or q.get("smoothing_per_bin"):
+            raise WanexpError("quant.weight_clip_search=true clips an RTN weight with one smoothing vector: set "
+                              "quant.residual=rtn and leave quant.smoothing_per_bin off")
+        ratios = list(q.get("weight_clip_ratios") or [1.0])
+        if not all(isinstance(r, (int, float)) and 0 < r <= 1 for r in ratios):
+            raise WanexpError(f"quant.weight_clip_ratios={ratios} must be ratios in (0, 1]")
     if q.get("bin_rule") == "step_fraction":
         cuts = q.get("bin_fractions") or {}
         for expert in ("high_noise", "low_noise"):
