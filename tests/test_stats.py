@@ -163,6 +163,9 @@ def test_the_paper_table_gives_the_gap_an_interval(sweep, tmp_path):
     md = render_markdown(paper_table(rows, "table1", Bootstrap()), "table1")
     assert f"{line['ours']:.4f} [{line['ours_ci_low']:.4g}, {line['ours_ci_high']:.4g}] / 0.799" in md
     assert "beyond our sampling noise" in md
+    from wanexp.report.html import paper_wide
+    html_cells = [c.text for r in paper_wide(paper_table(rows, "table1", Bootstrap()), "table1").rows for c in r]
+    assert any(t.startswith(f"{line['ours']:.4f} [") and t.endswith("*)") for t in html_cells)
 
 
 def test_the_tables_with_intervals_compile_and_render(sweep, tmp_path):
