@@ -181,3 +181,16 @@ def test_the_tables_with_intervals_compile_and_render(sweep, tmp_path):
     proc = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:]
+
+
+def test_per_sample_table_carries_the_twins_scores_for_pairing(tmp_path):
+    from wanexp.io import append_jsonl
+    from wanexp.run import FIDELITY_FILE, VBENCH_FILE, per_sample_table
+    for i, (q, b) in enumerate(((0.61, 0.70), (0.52, 0.55))):
+        append_jsonl(tmp_path / FIDELITY_FILE, {"id": f"s{i}", "category": "x", "psnr": 30.0 + i})
+        append_jsonl(tmp_path / VBENCH_FILE, {"id": f"s{i}", "category": "x", "imaging_quality": q, "vbench_avg": q})
+        append_jsonl(tmp_path / "twin.jsonl", {"id": f"s{1 - i}", "category": "x", "imaging_quality": b, "vbench_avg": b})
+    table = per_sample_table(tmp_path, tmp_path / "twin.jsonl").set_index("id")
+    assert table.loc["s0", "imaging_quality"] == 0.61 and table.loc["s0", "imaging_quality_bf16"] == 0.55  # by id
+    assert table.loc["s1", "vbench_avg_bf16"] == 0.70 and list(table["category"]) == ["x", "x"]
+    assert "imaging_quality_bf16" not in per_sample_table(tmp_path)

@@ -89,7 +89,8 @@ def add_intervals(table: pd.DataFrame, boot: Bootstrap) -> tuple[pd.DataFrame, p
             continue
         quantized = table.at[i, "method"] != "bf16"
         for m in (m for m in PER_SAMPLE if m in table and m in ps):
-            out.loc[i, f"{m}_ci_low"], out.loc[i, f"{m}_ci_high"] = interval(ps[m], boot)
+            if quantized or m not in NO_DELTA:  # BF16's fidelity is to itself (100 dB, 1, 0): no spread to show
+                out.loc[i, f"{m}_ci_low"], out.loc[i, f"{m}_ci_high"] = interval(ps[m], boot)
             ref = _reference_values(samples, bf16.get(i), ps, m)
             if f"Δ{m}" in table and quantized and ref is not None:
                 c = compare(paired_differences(ps[m], ref), boot)
@@ -102,7 +103,10 @@ def add_intervals(table: pd.DataFrame, boot: Bootstrap) -> tuple[pd.DataFrame, p
     order = [x for c in table.columns for x in (c, *(c + k for k in CI_SUFFIXES)) if x in out]
     for c in (c for c in out if c.endswith("_sig")):  # True / False, None where no interval was made
         out[c] = pd.Series([None if pd.isna(v) else bool(v) for v in out[c]], index=out.index, dtype=object)
-    return out[order], pd.DataFrame(stats, columns=stats_cols)
+    stats = pd.DataFrame(stats, columns=stats_cols)
+    for c in ("n", "n_needed"):  # counts: integers, empty where there is no estimate (no difference to detect)
+        stats[c] = pd.array([int(v) if pd.notna(v) and v < 2**53 else None for v in stats[c]], dtype="Int64")
+    return out[order], stats
 
 
 def _reference_rows(table: pd.DataFrame, mask: pd.Series, keep: str) -> dict:
@@ -163,7 +167,8 @@ def write_stats(stats: pd.DataFrame, out_dir: Path, boot: Bootstrap, stem: str =
             f"deviation of the per-sample differences. mde: the smallest true difference n samples detect at "
             f"{boot.power:.0%} power, two-sided {1 - boot.confidence:.0%} level ({z:.2f} · sd_diff / √n, normal "
             f"approximation). n_needed: the samples a difference of the observed size needs at that power "
-            f"(({z:.2f} · sd_diff / delta)², rounded up); for any other size δ, n = n_needed · (delta / δ)².\n\n")
+            f"(({z:.2f} · sd_diff / delta)², rounded up; empty: no difference to detect); for any other size δ, "
+            f"n = n_needed · (delta / δ)².\n\n")
     body = to_markdown(stats) if not stats.empty else "(no run has per-sample metrics: eval/per_sample.csv)"
     with atomic_path(paths["stats_md"]) as tmp:
         tmp.write_text(head + body + "\n")
