@@ -23,16 +23,19 @@ from wanexp.quant.methods import LayerStats, method_config
 from wanexp.quant.targets import select_targets
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-METHODS = ("w4a16", "rtn", "svdquant_rtn", "svdquant_gptq", "tsclip", "hif4_tailaware", "hif4_conservative")
+METHODS = ("w4a16", "rtn", "svdquant_rtn", "svdquant_gptq", "tsclip", "hif4_tailaware", "hif4_conservative",
+           "smoothquant", "fp8_dynamic", "awq", "viditq")
+# the field's recipes run in the format they imply (int8, fp8_e4m3, int4; viditq the default mxfp4)
+OWN_FORMAT = ("smoothquant", "fp8_dynamic", "awq", "viditq")
 FORMATS = ("mxfp4", "mxfp4_ceil", "nvfp4", "int4", "hif4")
 
 
-def _compose(group: str, name: str) -> dict:
-    """The ``group`` section of the run config Hydra composes with ``group=name``."""
+def _compose(group: str, name: str, section: str | None = None) -> dict:
+    """The ``section`` (default: ``group``) of the run config Hydra composes with ``group=name``."""
     from hydra import compose, initialize_config_dir
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         cfg = compose("config", overrides=[f"{group}={name}"])
-    return OmegaConf.to_container(cfg[group], resolve=True)
+    return OmegaConf.to_container(cfg[section or group], resolve=True)
 
 
 def _stats(model, layers, bins: int, seed: int = 0) -> dict[str, LayerStats]:
@@ -42,7 +45,8 @@ def _stats(model, layers, bins: int, seed: int = 0) -> dict[str, LayerStats]:
         k = model.get_submodule(name).in_features
         tokens = {b: (torch.randn(48, k, generator=g) * (1 + b)).to(torch.bfloat16) for b in range(bins)}
         x = torch.cat(list(tokens.values())).float()
-        out[name] = LayerStats(absmax=x.abs().amax(0), hessian=x.T @ x, tokens=tokens)
+        out[name] = LayerStats(absmax=x.abs().amax(0), hessian=x.T @ x, tokens=tokens,
+                               bin_absmax={b: t.float().abs().amax(0) for b, t in tokens.items()})
     return out
 
 
@@ -54,7 +58,8 @@ def expert(tiny_pipe):
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_builds_with_no_tensor_made_off_its_weights_device(expert, method):
     quant = _compose("quant", method)
-    fmt = _compose("format", "hif4" if method.startswith("hif4") else "mxfp4_ceil")
+    fmt = (_compose("quant", method, "format") if method in OWN_FORMAT else
+           _compose("format", "hif4" if method.startswith("hif4") else "mxfp4_ceil"))
     model = copy.deepcopy(expert)
     targets = [n for n in select_targets(model) if n.startswith("blocks.0.")]  # every layer kind, once
     bins = int(quant.get("bins", 1))

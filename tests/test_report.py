@@ -61,7 +61,8 @@ def test_cli_writes_three_formats_and_errors_cleanly(tmp_path, capsys):
     # report.html beside the tables: the ablation table's numbers, and why there is no grid (no videos)
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"report: {tmp_path / 'report.html'}"
     html = (tmp_path / "report.html").read_text()
-    assert 'data-col="psnr" data-value="30.0"' in html and 'data-col="Δpsnr"' not in html  # no delta of a delta
+    assert 'data-col="psnr" data-value="30.0"' in html and 'data-col="Δsec_per_video" data-value="0.0"' in html
+    assert 'data-col="Δpsnr"' not in html  # fidelity is already against BF16: no delta (issue 14)
     assert "has no generated videos (run stage=generate first)" in html
     assert (tmp_path / "analysis" / "quality_memory.png").is_file()
     assert main([str(tmp_path / "run0")]) == 0  # a run directory keeps its own report.html

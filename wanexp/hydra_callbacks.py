@@ -89,8 +89,11 @@ class SweepReport(Callback):
         def say(message: str, err: bool = False) -> None:
             print(message, file=sys.stderr if err else sys.stdout, flush=True)
             append_log(sweep_dir / "wanexp.log", message)
+        from wanexp.report.stats import Bootstrap
+        boot = Bootstrap.from_cfg(OmegaConf.to_container(config.report.bootstrap, resolve=True)
+                                  if OmegaConf.select(config, "report.bootstrap") is not None else None)
         try:
-            out = report_dirs([sweep_dir], sweep_dir, [paper] if paper else [])
+            out = report_dirs([sweep_dir], sweep_dir, [paper] if paper else [], boot)
         except WanexpError as err:  # e.g. nothing ran: nothing to tabulate, nothing lost
             say(f"wanexp: no ablation table for {sweep_dir}: {err}", err=True)
             sys.exit(1)
@@ -98,6 +101,8 @@ class SweepReport(Callback):
         if not table.empty:
             say(to_markdown(relative_runs(table, sweep_dir)))
         say(f"wanexp: ablation table of {len(table)} runs: {out['paths']['md']}")
+        if "stats_md" in out["paths"] and not out["tables"]["ablation_stats"].empty:
+            say(f"wanexp: paired comparisons with intervals and sample sizes: {out['paths']['stats_md']}")
         if paper in out["paper_md"]:
             say(out["paper_md"][paper] + f"wanexp: paper table: {out['paths'][f'paper_{paper}_md']}")
         from wanexp.report.html import sweep_outputs

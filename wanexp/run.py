@@ -30,7 +30,7 @@ from wanexp.stages.quantize import (ARTIFACT, artifact_expect, artifact_path, ke
 STAGES = ("calibrate", "quantize", "generate", "evaluate", "report")
 OPTIONAL_STAGES = ("analyze",)  # stage=analyze; analysis.auto=true also runs it at the end of stage=all
 METHODS = ("bf16", "w4a16", "rtn", "svdquant_rtn", "svdquant_gptq", "tsclip", "tsclip_keep_sensitive",
-           "hif4_conservative", "hif4_tailaware")
+           "hif4_conservative", "hif4_tailaware", "smoothquant", "fp8_dynamic", "awq", "viditq")
 # The challenge rule of both papers: at most this many whole blocks kept in high precision.
 MAX_KEEP_BLOCKS = {"mxfp4": 5, "hif4": 2}
 # What each stage's outputs depend on, and so which settings may change when a run directory is
@@ -443,6 +443,13 @@ FIDELITY_FILE = Path("eval") / "fidelity.jsonl"
 VBENCH_FILE = Path("eval") / "vbench.jsonl"        # evaluate=vbench: one line per video
 
 
+def twin_vbench_file(ref_dir: Path, vcfg: dict) -> Path:
+    """The BF16 twin's per-video VBench scores, kept beside the shared reference videos (one file per
+    set of VBench weights)."""
+    from wanexp.evaluate.vbench import weights_key
+    return Path(ref_dir) / f"vbench-{weights_key(vcfg['cache_dir'])}.jsonl"
+
+
 def evaluate(state: Run) -> dict:
     """Fidelity of every video of this method to its BF16 twin; per-video lines resume after a crash."""
     from wanexp.evaluate.fidelity import score_pair, summarize
@@ -468,7 +475,7 @@ def evaluate(state: Run) -> dict:
     summary = {"fidelity": summarize(scored[i] for i in wanted)}
     write_json(state.run_dir / "eval" / "summary.json", summary)  # kept if VBench below refuses
     if "vbench" in state.cfg.evaluate.get("metrics", ()):
-        from wanexp.evaluate.vbench import score_into, weights_key
+        from wanexp.evaluate.vbench import score_into
         vcfg = OmegaConf.to_container(state.cfg.evaluate.vbench, resolve=True)
         samples = {s.id: s for s in state.splits.eval}
         device = vcfg.get("device") or state.device
@@ -479,7 +486,7 @@ def evaluate(state: Run) -> dict:
         # The BF16 twin's scores, kept beside the shared reference videos (scored once per sweep), so
         # every run's row carries its own VBench deltas.
         summary["vbench_bf16"] = summary["vbench"] if quant_dir == ref_dir else score_into(
-            ref_dir / f"vbench-{weights_key(vcfg['cache_dir'])}.jsonl", {i: ref_dir / refs[i]["video"] for i in wanted},
+            twin_vbench_file(ref_dir, vcfg), {i: ref_dir / refs[i]["video"] for i in wanted},
             samples, vcfg, device, state.run_dir / "eval" / "vbench_bf16", lambda it: state.progress(it, "vbench bf16"))
         write_json(state.run_dir / "eval" / "summary.json", summary)
     return summary
@@ -501,11 +508,19 @@ def report(state: Run) -> dict:
     evals = read_json(run_dir / "eval" / "summary.json")
     gen = read_json(run_dir / "generate.json")
     row = results_row(state, evals, gen)
-    write_row(run_dir, row)
     from wanexp.data import sample_table
-    per_sample = per_sample_table(run_dir).merge(sample_table(state.splits.eval), on="id", how="left")
+    from wanexp.report.stats import Bootstrap, metric_intervals
+    twin = None
+    if "vbench" in cfg.evaluate.get("metrics", ()) and state.recorded(gen, "quant_dir") != state.recorded(gen, "reference_dir"):
+        twin = twin_vbench_file(state.recorded(gen, "reference_dir"), OmegaConf.to_container(cfg.evaluate.vbench, resolve=True))
+    per_sample = per_sample_table(run_dir, twin).merge(sample_table(state.splits.eval), on="id", how="left")
     with atomic_path(run_dir / "eval" / "per_sample.csv") as tmp:
         per_sample.to_csv(tmp, index=False)
+    # each per-video metric's interval over this run's samples (README "Intervals and sample sizes")
+    from wanexp.report.table import PER_SAMPLE
+    row.update(metric_intervals(per_sample, [m for m in PER_SAMPLE if m in row],
+                                Bootstrap.from_cfg(OmegaConf.to_container(cfg.report.get("bootstrap") or {}, resolve=True))))
+    write_row(run_dir, row)
     logger = OmegaConf.to_container(cfg.logger, resolve=True)
     if not logger.get("group"):  # the runs of one sweep share a W&B group: the sweep directory
         logger["group"] = sweep_group(run_dir)
@@ -580,13 +595,16 @@ def _fps(gen: dict, secs: float | None) -> float | None:
     return round(gen["frames"] / secs, 6) if secs and gen.get("frames") else None
 
 
-def per_sample_table(run_dir: Path) -> pd.DataFrame:
-    """One line per evaluated video: fidelity, and VBench's per-dimension scores when they were computed."""
+def per_sample_table(run_dir: Path, twin_vbench: Path | None = None) -> pd.DataFrame:
+    """One line per evaluated video: fidelity, VBench's per-dimension scores when they were computed, and
+    the BF16 twin's (``<dimension>_bf16``, from ``twin_vbench``) so deltas pair sample by sample."""
     table = pd.DataFrame(read_jsonl(run_dir / FIDELITY_FILE))
-    vbench = read_jsonl(run_dir / "eval" / "vbench.jsonl")
-    if vbench and not table.empty:
-        scores = pd.DataFrame(vbench).drop_duplicates("id", keep="last")
-        table = table.merge(scores[[c for c in scores if c not in table or c == "id"]], on="id", how="left")
+    for path, suffix in ((run_dir / "eval" / "vbench.jsonl", ""), (twin_vbench, "_bf16")):
+        rows = read_jsonl(path) if path is not None else []
+        if rows and not table.empty:
+            scores = pd.DataFrame(rows).drop_duplicates("id", keep="last").drop(columns=["category"], errors="ignore")
+            scores = scores.rename(columns={c: c + suffix for c in scores if c != "id"})
+            table = table.merge(scores[[c for c in scores if c not in table or c == "id"]], on="id", how="left")
     return table
 
 

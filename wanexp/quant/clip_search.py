@@ -60,8 +60,9 @@ def candidate_errors(layer: QuantLinear, x: torch.Tensor, ratios: Sequence[float
     (bf16 smoothed input, bf16 GEMMs; differences and sums in fp32/fp64)."""
     cd = layer.compute_dtype
     xs = x.to(cd)
-    if layer.smooth is not None:
-        xs = (xs.float() / layer.smooth).to(cd)
+    s = layer.smoothing()  # the current bin's, for a per-bin smoothing table
+    if s is not None:
+        xs = (xs.float() / s).to(cd)
     w = layer.dequantized_weight()
     main = F.linear(xs, w, layer.bias).float()
     full = main

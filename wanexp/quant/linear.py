@@ -5,6 +5,11 @@
 ``s`` is an optional per-input-channel smoothing vector (already folded into the weight as
 ``W · diag(s)``), ``L1 L2`` an optional 16-bit low-rank branch, ``W_q`` the packed low-bit residual
 weight and ``rho[bin]`` the activation clip ratio of the current timestep bin, read from a table.
+
+Timestep-aware balancing (ViDiT-Q style) makes the smoothing a table too: ``smooth`` is then
+``[bins, in]`` and ``W_q`` holds one quantized ``W · diag(s_bin)`` per bin (``[bins, out, in]``), so
+the layer runs ``Q_a(x / s_bin) · dequant(W_q[bin])ᵀ``, the bin read from the timestep context like
+the clip ratio. Such layers store their weight once per bin and take the reference path on GPU.
 :meth:`QuantLinear.reference_forward` is the plain-torch reference path (and the CPU path);
 :meth:`QuantLinear.forward` sends CUDA inputs of MXFP4 W4A4 layers to the fused Triton kernels of
 :mod:`wanexp.kernels` (same numerics up to the final bf16 rounding), unless ``fused`` is off for
@@ -13,7 +18,8 @@ the layer or globally (``wanexp.kernels.fused(False)``, ``WANEXP_FUSED=0``).
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -49,6 +55,7 @@ class QuantLinear(nn.Module):
         table = torch.ones(1, device=home) if clip_table is None else clip_table.detach().float().flatten().to(home)
         self.register_buffer("clip_table", table)
         self.context = context
+        self._pinned_bin: int | None = None  # at_bin(): a bin fixed for evaluation, whatever the context
         # forwards taken by each path (the fused GPU kernels or the torch reference), for the
         # runner's record of which path a run really used
         self.calls = {"fused": 0, "reference": 0}
@@ -60,19 +67,50 @@ class QuantLinear(nn.Module):
         tensors = {name[3:]: buf for name, buf in self.named_buffers(recurse=False) if name.startswith("wq_")}
         return PackedTensor.from_tensors(tensors, self.weight_meta)
 
+    @property
+    def smooth_bins(self) -> int:
+        """Bins of a per-bin smoothing table (0: one smoothing vector or none)."""
+        return 0 if self.smooth is None or self.smooth.dim() == 1 else int(self.smooth.shape[0])
+
     def dequantized_weight(self) -> torch.Tensor:
+        """The dense 16-bit weight the GEMM uses (with a per-bin smoothing table: the current bin's)."""
         packed = self.packed_weight()
         if packed is None:
             return self.weight
+        if self.smooth_bins:
+            packed = _lead_slice(packed, self._table_index(self.smooth_bins))
         return decode(packed).to(self.compute_dtype)
+
+    def smoothing(self) -> torch.Tensor | None:
+        """The smoothing divisor of the current bin (the vector itself when it is not per bin)."""
+        if not self.smooth_bins:
+            return self.smooth
+        return self.smooth[self._table_index(self.smooth_bins)]
 
     def set_clip_table(self, ratios) -> None:
         """Replace the per-bin clip ratios (a sequence or tensor), kept on this layer's device."""
         self.clip_table = torch.as_tensor(ratios, dtype=torch.float32, device=self.clip_table.device).flatten()
 
+    def current_bin(self) -> int:
+        """The timestep bin this call runs in: the pinned one (:meth:`at_bin`), else the context's, else 0."""
+        if self._pinned_bin is not None:
+            return self._pinned_bin
+        return 0 if self.context is None else int(self.context.bin)
+
+    def _table_index(self, entries: int) -> int:
+        return min(self.current_bin(), entries - 1)
+
+    @contextlib.contextmanager
+    def at_bin(self, bin_: int) -> Iterator["QuantLinear"]:
+        """Run as in timestep bin ``bin_`` (clip ratio and smoothing), e.g. to measure a bin's error."""
+        before, self._pinned_bin = self._pinned_bin, int(bin_)
+        try:
+            yield self
+        finally:
+            self._pinned_bin = before
+
     def clip_ratio(self) -> torch.Tensor:
-        bin_ = 0 if self.context is None else self.context.bin
-        return self.clip_table[min(bin_, self.clip_table.numel() - 1)]
+        return self.clip_table[self._table_index(self.clip_table.numel())]
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,8 +126,9 @@ class QuantLinear(nn.Module):
         """The plain-torch reference path: dequantize, fake-quantize, bf16 GEMMs."""
         out_dtype = x.dtype
         x = x.to(self.compute_dtype)
-        if self.smooth is not None:
-            x = (x.float() / self.smooth).to(self.compute_dtype)
+        s = self.smoothing()
+        if s is not None:
+            x = (x.float() / s).to(self.compute_dtype)
         xq = x if self.act_format is None else self.act_format.quantize_dequantize(x, clip_ratio=float(self.clip_ratio()))
         y = torch.nn.functional.linear(xq, self.dequantized_weight(), self.bias)
         if self.lowrank_up is not None:  # the 16-bit branch sees the smoothed, unquantized input
@@ -105,7 +144,7 @@ class QuantLinear(nn.Module):
         return {"in_features": self.in_features, "out_features": self.out_features,
                 "weight_meta": self.weight_meta, "act_format": self.act_format_spec,
                 "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
-                "has_bias": self.bias is not None, "has_smooth": self.smooth is not None,
+                "has_bias": self.bias is not None, "has_smooth": self.smooth is not None, "smooth_bins": self.smooth_bins,
                 "lowrank_rank": 0 if self.lowrank_up is None else int(self.lowrank_up.shape[1])}
 
     @classmethod
@@ -126,4 +165,13 @@ class QuantLinear(nn.Module):
         a = self.act_format_spec["name"] if self.act_format_spec else "bf16"
         rank = 0 if self.lowrank_up is None else self.lowrank_up.shape[1]
         return (f"in={self.in_features}, out={self.out_features}, W={w}, A={a}, rank={rank}, "
-                f"smooth={self.smooth is not None}, bins={self.clip_table.numel()}")
+                f"smooth={self.smooth is not None}{f' (per bin: {self.smooth_bins})' if self.smooth_bins else ''}, "
+                f"bins={self.clip_table.numel()}")
+
+
+def _lead_slice(packed: PackedTensor, index: int) -> PackedTensor:
+    """Entry ``index`` of a packed tensor stacked along its first dim (``[bins, out, in]``): every
+    format keeps the leading dims first in each of its storage tensors; 0-dim ones (NVFP4's
+    per-tensor scale) are shared by all entries."""
+    data = {k: (v if v.dim() == 0 else v[index]) for k, v in packed.data.items()}
+    return PackedTensor(packed.format, packed.options, tuple(packed.shape[1:]), packed.dtype, data)

@@ -17,6 +17,16 @@ papers are compositions of four steps:
 | tsclip            | max, α searched      | r    | GPTQ     | searched per bin      |
 | hif4_tailaware    | percentile p, α fixed| 0    | RTN      | 1.0                   |
 
+The field's recipes (``conf/quant/{smoothquant,fp8_dynamic,awq,viditq}.yaml``, README "The field's
+recipes") are points of the same table, with their own formats:
+
+| method            | smoothing                        | rank | residual | activations            |
+|-------------------|----------------------------------|------|----------|------------------------|
+| smoothquant       | max, α = 0.5                     | 0    | RTN      | INT8 per token         |
+| fp8_dynamic       | –                                | 0    | RTN      | FP8 E4M3 per token     |
+| awq               | mean abs, s = aᵅ, α searched     | 0    | RTN      | – (16-bit)             |
+| viditq            | max per timestep bin, α = 0.5    | 0    | RTN      | the format's (MXFP4)   |
+
 The seed paper's public code makes other choices at several of these steps; each is a knob here
 (``conf/quant/*_paper_code.yaml`` set them all, README "The seed paper code's recipe"):
 
@@ -45,11 +55,12 @@ from torch import nn
 
 from wanexp.errors import WanexpError
 from wanexp.formats import NumberFormat, get_format
+from wanexp.quant.awq import AWQ_RATIOS
 from wanexp.quant.clip_search import candidates, ratio, relative_errors, searched
 from wanexp.quant.linear import QuantLinear
 from wanexp.quant.lowrank import split_lowrank
-from wanexp.quant.smooth import (apply_to_weight, channel_percentile, smooth_hessian, smoothquant_scales,
-                                 tail_aware_scales)
+from wanexp.quant.smooth import (apply_to_weight, awq_scales, channel_mean_abs, channel_percentile, smooth_hessian,
+                                 smoothquant_scales, tail_aware_scales)
 
 
 @dataclass
@@ -59,15 +70,26 @@ class LayerStats:
     absmax: torch.Tensor | None = None                       # [in], max over every bin
     hessian: torch.Tensor | None = None                      # [in, in], Σ xᵀx over every bin
     tokens: dict[int, torch.Tensor] = field(default_factory=dict)  # bin → [n, in] sample
+    bin_absmax: dict[int, torch.Tensor] = field(default_factory=dict)  # bin → [in], max within the bin
 
     def all_tokens(self) -> torch.Tensor | None:
         return torch.cat([self.tokens[b] for b in sorted(self.tokens)]) if self.tokens else None
+
+    def visited(self, bin_: int) -> bool:
+        """Whether calibration saw this bin (a token sample or maxima of it)."""
+        return bin_ in self.bin_absmax or (self.tokens.get(bin_) is not None and self.tokens[bin_].shape[0] > 0)
+
+    def of_bin(self, bin_: int) -> "LayerStats":
+        """The statistics of one timestep bin alone (its maxima as ``absmax``, its token sample)."""
+        tokens = {bin_: self.tokens[bin_]} if bin_ in self.tokens else {}
+        return LayerStats(absmax=self.bin_absmax.get(bin_), tokens=tokens)
 
     def to(self, device: torch.device) -> "LayerStats":
         """These statistics on ``device`` (where the layer they describe is built)."""
         move = (lambda t: None if t is None else t.to(device))
         return LayerStats(absmax=move(self.absmax), hessian=move(self.hessian),
-                          tokens={b: move(t) for b, t in self.tokens.items()})
+                          tokens={b: move(t) for b, t in self.tokens.items()},
+                          bin_absmax={b: move(t) for b, t in self.bin_absmax.items()})
 
 
 @dataclass
@@ -77,7 +99,8 @@ class MethodConfig:
     name: str
     weight_format: dict
     act_format: dict | None
-    smoothing: str | None = None                   # None | "max" | "percentile"
+    smoothing: str | None = None                   # None | "max" | "percentile" | "awq" (mean |x|, s = a^α)
+    smoothing_per_bin: bool = False                # one smoothing vector (and weight) per timestep bin (ViDiT-Q)
     alpha: float | Sequence[float] = 0.5           # one value, or a grid searched per layer
     percentile: float = 99.9
     rank: int = 0
@@ -90,6 +113,9 @@ class MethodConfig:
     clip_search_data: str = "calib_tokens"         # "calib_tokens" | "w4a4_generation" (the run's W4A4 pass)
     clip_metric: str = "bf16_output"               # "bf16_output" | "wq_output_rel"
     clip_exclude: Sequence[str] = ()               # layers that keep ρ = 1 (module patterns)
+    weight_clip_search: bool = False               # AWQ's per-(row, group) weight clipping (wanexp.quant.awq)
+    weight_clip_ratios: Sequence[float] = AWQ_RATIOS
+    weight_clip_exclude: Sequence[str] = ()        # layers whose weights are not clipped (AWQ: q and k)
     hessian_input: str = "smoothed"                # "smoothed" | "smoothed_act_quant"
     num_bins: int = 1
     compute_dtype: torch.dtype = torch.bfloat16
@@ -106,6 +132,8 @@ class MethodConfig:
         if quant_cfg.get("residual") == "gptq":
             need.add("hessian")
         if quant_cfg.get("clip_search") and quant_cfg.get("clip_search_data", "calib_tokens") == "calib_tokens":
+            need.add("tokens")
+        if quant_cfg.get("weight_clip_search"):
             need.add("tokens")
         return sorted(need)
 
@@ -146,11 +174,13 @@ class MethodConfig:
         stats = self.stats.get(name, LayerStats()).to(w.device)  # the statistics come to the weight
         chosen: dict[str, Any] = {}
         s = None
-        if self.smoothing:
+        if self.smoothing and self.smoothing_per_bin:
+            s, chosen["alpha"] = self._smoothing_per_bin(w, stats)
+        elif self.smoothing:
             s, chosen["alpha"] = self._smoothing(w, stats)
-        ws = w if s is None else apply_to_weight(w, s)
+        ws = w if s is None else apply_to_weight(w, s)  # [bins, out, in] with a per-bin table
         l1, l2, residual = self._lowrank(ws)
-        packed = self._quantize_residual(residual, stats, s, chosen)
+        packed = self._quantize_residual(residual, stats, s, chosen, name)
         layer = QuantLinear(linear.in_features, linear.out_features, weight=packed, bias=linear.bias,
                             act_format=self.act_format, smooth=s,
                             lowrank=None if l1 is None else (l1, l2), compute_dtype=self.compute_dtype)
@@ -171,24 +201,25 @@ class MethodConfig:
         With a calibration token sample: ``cos_err`` = 1 − the mean over tokens of cos(x Wᵀ, Ŷ(x)),
         ``rel_err`` = ‖x Wᵀ − Ŷ‖² / ‖x Wᵀ‖², and ``cos_err_bins`` per timestep bin, each bin's tokens
         run with that bin's clip ratio (as at inference)."""
-        out: dict[str, Any] = {"w_cos_err": _cos_err(effective_weight(layer).reshape(1, -1), w.reshape(1, -1))}
+        weight_bins = range(max(1, layer.smooth_bins))  # a per-bin table: the mean over its bins' weights
+        errs = []
+        for b in weight_bins:
+            with layer.at_bin(b):
+                errs.append(_cos_err(effective_weight(layer).reshape(1, -1), w.reshape(1, -1)))
+        out: dict[str, Any] = {"w_cos_err": sum(errs) / len(errs)}
         if not stats.tokens:
             return out
-        table = layer.clip_table.clone()
         refs, outs, per_bin = [], [], [None] * self.num_bins
-        try:
-            for b in sorted(stats.tokens):
-                tokens = stats.tokens[b]
-                if tokens is None or tokens.shape[0] == 0:
-                    continue
-                layer.set_clip_table(torch.full_like(table, float(table[min(b, table.numel() - 1)])))
+        for b in sorted(stats.tokens):
+            tokens = stats.tokens[b]
+            if tokens is None or tokens.shape[0] == 0:
+                continue
+            with layer.at_bin(max(b, 0)):  # each bin's tokens at that bin's clip ratio (and smoothing)
                 ref, got = _outputs(layer, tokens, w)
-                if 0 <= b < self.num_bins:
-                    per_bin[b] = _cos_err(got, ref)
-                refs.append(ref)
-                outs.append(got)
-        finally:
-            layer.clip_table = table
+            if 0 <= b < self.num_bins:
+                per_bin[b] = _cos_err(got, ref)
+            refs.append(ref)
+            outs.append(got)
         if refs:
             ref, got = torch.cat(refs), torch.cat(outs)
             out.update(cos_err=_cos_err(got, ref), cos_err_bins=per_bin,
@@ -213,8 +244,13 @@ class MethodConfig:
             if stats.absmax is None:
                 raise ValueError("max smoothing needs per-channel activation maxima from calibration")
             a, scales = stats.absmax, smoothquant_scales
+        elif self.smoothing == "awq":
+            tokens = stats.all_tokens()
+            if tokens is None:
+                raise ValueError("AWQ scaling needs a calibration token sample (its mean |x| per channel)")
+            a, scales = channel_mean_abs(tokens), awq_scales
         else:
-            raise ValueError(f"unknown smoothing {self.smoothing!r} (max | percentile)")
+            raise ValueError(f"unknown smoothing {self.smoothing!r} (max | percentile | awq)")
         grid = [float(self.alpha)] if isinstance(self.alpha, (int, float)) else [float(v) for v in self.alpha]
         if len(grid) == 1:
             return scales(a, w, grid[0]), grid[0]
@@ -227,8 +263,30 @@ class MethodConfig:
         best = min(errors, key=errors.get)
         return scales(a, w, best), best
 
-    def _quantize_residual(self, residual: torch.Tensor, stats: LayerStats, s, chosen: dict):
+    def _smoothing_per_bin(self, w: torch.Tensor, stats: LayerStats) -> tuple[torch.Tensor, list[float]]:
+        """ViDiT-Q-style timestep-aware balancing: bin b's smoothing vector from bin b's statistics alone
+        (its maxima, or its tokens for the percentile and AWQ statistics; α searched on its tokens when
+        a grid is given), as a ``[bins, in]`` table. A bin calibration never visited gets the smoothing
+        of all bins pooled."""
+        if self.residual != "rtn" or self.rank:
+            raise ValueError("per-bin smoothing stores one weight per bin: it takes an RTN residual and rank 0")
+        rows, alphas, pooled = [], [], None
+        for b in range(self.num_bins):
+            if stats.visited(b):
+                if self.smoothing == "max" and b not in stats.bin_absmax:
+                    raise ValueError(f"per-bin max smoothing needs the activation maxima of bin {b} from calibration")
+                s_b, alpha = self._smoothing(w, stats.of_bin(b))
+            else:
+                pooled = pooled or self._smoothing(w, stats)
+                s_b, alpha = pooled
+            rows.append(s_b)
+            alphas.append(alpha)
+        return torch.stack(rows), alphas
+
+    def _quantize_residual(self, residual: torch.Tensor, stats: LayerStats, s, chosen: dict, name: str = ""):
         fmt = self._wfmt()
+        if self.residual == "rtn" and self.weight_clip_search and searched([name], self.weight_clip_exclude):
+            return self._clipped_rtn(fmt, residual, stats, s, chosen)
         if self.residual == "rtn":
             return fmt.encode(residual)
         if self.residual != "gptq":
@@ -245,6 +303,18 @@ class MethodConfig:
         result = gptq(residual, h, fmt, **options)
         chosen["gptq_loss"] = float(result.loss)
         return result.packed
+
+    def _clipped_rtn(self, fmt: NumberFormat, residual: torch.Tensor, stats: LayerStats, s, chosen: dict):
+        """RTN with AWQ's weight-clipping search on the smoothed calibration tokens (:mod:`wanexp.quant.awq`)."""
+        from wanexp.quant.awq import clip_ratios, ratio_shape
+        tokens = stats.all_tokens()
+        if tokens is None:
+            raise ValueError("the weight-clipping search needs a calibration token sample")
+        xs = tokens.float() if s is None else tokens.float() / s.float()
+        ratios, _ = clip_ratios(residual, xs, fmt, self.weight_clip_ratios)
+        chosen["weight_clip_mean"] = round(float(ratios.mean()), 6)
+        chosen["weight_clipped"] = round(float((ratios < 1).float().mean()), 6)  # share of groups clipped
+        return fmt.encode(residual, clip_ratio=ratio_shape(fmt, ratios))
 
     def _rtn_output_error(self, tokens: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> float:
         """‖X Wᵀ − Ŷ(X)‖² for a candidate smoothing, with an RTN residual and no clipping."""
@@ -270,13 +340,14 @@ class MethodConfig:
             tokens = stats.tokens.get(b)
             if tokens is None or tokens.shape[0] == 0:
                 continue  # a bin calibration never visited keeps ρ = 1 (no clipping)
-            if self.clip_metric == "wq_output_rel":
-                errors = relative_errors(layer, tokens, ratios).tolist()
-            else:
-                errors = []
-                for rho in ratios:
-                    layer.set_clip_table([float(rho)] * self.num_bins)
-                    errors.append(layer_error(layer, tokens, w))
+            with layer.at_bin(b):  # the bin's own smoothing, where the layer has one per bin
+                if self.clip_metric == "wq_output_rel":
+                    errors = relative_errors(layer, tokens, ratios).tolist()
+                else:
+                    errors = []
+                    for rho in ratios:
+                        layer.set_clip_table([float(rho)] * self.num_bins)
+                        errors.append(layer_error(layer, tokens, w))
             table[b] = float(ratios[min(range(len(errors)), key=errors.__getitem__)])
         layer.set_clip_table(table)
         return torch.tensor(table, device="cpu")
@@ -314,12 +385,13 @@ def _cos_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @torch.no_grad()
 def effective_weight(layer: QuantLinear) -> torch.Tensor:
     """The dense weight the layer applies to unsmoothed inputs (activation quantization aside):
-    ``(dequant(W_q) + L1 L2) · diag(s)⁻¹``."""
+    ``(dequant(W_q) + L1 L2) · diag(s)⁻¹`` (in the layer's current bin, for per-bin smoothing)."""
     wq = layer.dequantized_weight().float()
     if layer.lowrank_up is not None:
         wq = wq + layer.lowrank_up.float() @ layer.lowrank_down.float()
-    if layer.smooth is not None:
-        wq = wq / layer.smooth.float()
+    s = layer.smoothing()
+    if s is not None:
+        wq = wq / s.float()
     return wq
 
 
@@ -331,6 +403,7 @@ def method_config(quant_cfg: Mapping[str, Any], fmt_cfg: Mapping[str, Any], num_
     alpha = quant_cfg.get("alpha", 0.5)
     return MethodConfig(
         name=quant_cfg["name"], weight_format=wfmt, act_format=afmt, smoothing=quant_cfg.get("smoothing"),
+        smoothing_per_bin=bool(quant_cfg.get("smoothing_per_bin", False)),
         alpha=alpha if isinstance(alpha, (int, float)) else list(alpha), percentile=float(quant_cfg.get("percentile", 99.9)),
         rank=int(quant_cfg.get("rank", 0) or 0), residual=str(quant_cfg.get("residual", "rtn")),
         lowrank_solver=str(quant_cfg.get("lowrank_solver") or "svd"),
@@ -340,6 +413,9 @@ def method_config(quant_cfg: Mapping[str, Any], fmt_cfg: Mapping[str, Any], num_
         clip_search_data=str(quant_cfg.get("clip_search_data", "calib_tokens")),
         clip_metric=str(quant_cfg.get("clip_metric", "bf16_output")),
         clip_exclude=list(quant_cfg.get("clip_exclude") or ()),
+        weight_clip_search=bool(quant_cfg.get("weight_clip_search", False)),
+        weight_clip_ratios=[float(r) for r in quant_cfg.get("weight_clip_ratios") or AWQ_RATIOS],
+        weight_clip_exclude=list(quant_cfg.get("weight_clip_exclude") or ()),
         hessian_input=str(quant_cfg.get("hessian_input", "smoothed")), num_bins=num_bins,
         compute_dtype=compute_dtype)
 
@@ -364,6 +440,21 @@ def validate_quant_cfg(quant_cfg: Mapping[str, Any], generation_keys: Sequence[s
             not (q.get("smoothing") and q.get("activations")):
         raise WanexpError("quant.hessian_input=smoothed_act_quant needs smoothing and quantized activations "
                           "(it is the Hessian of Q_A(x / s))")
+    if q.get("smoothing_per_bin"):
+        if not q.get("smoothing"):
+            raise WanexpError("quant.smoothing_per_bin=true needs a smoothing statistic (quant.smoothing=max, "
+                              "percentile or awq)")
+        if q.get("residual", "rtn") != "rtn" or int(q.get("rank", 0) or 0):
+            raise WanexpError("quant.smoothing_per_bin=true keeps one weight per timestep bin: it takes "
+                              f"quant.residual=rtn and quant.rank=0 (got residual={q.get('residual', 'rtn')}, "
+                              f"rank={q.get('rank', 0)})")
+    if q.get("weight_clip_search"):
+        if q.get("residual", "rtn") != "rtn" or q.get("smoothing_per_bin"):
+            raise WanexpError("quant.weight_clip_search=true clips an RTN weight with one smoothing vector: set "
+                              "quant.residual=rtn and leave quant.smoothing_per_bin off")
+        ratios = list(q.get("weight_clip_ratios") or [1.0])
+        if not all(isinstance(r, (int, float)) and 0 < r <= 1 for r in ratios):
+            raise WanexpError(f"quant.weight_clip_ratios={ratios} must be ratios in (0, 1]")
     if q.get("bin_rule") == "step_fraction":
         cuts = q.get("bin_fractions") or {}
         for expert in ("high_noise", "low_noise"):

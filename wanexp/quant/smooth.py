@@ -30,13 +30,29 @@ def tail_aware_scales(act_stat: torch.Tensor, weight: torch.Tensor, alpha: float
     return (1.0 / m).clamp_min(eps)
 
 
+def awq_scales(act_stat: torch.Tensor, weight: torch.Tensor, alpha: float, floor: float = 1e-4) -> torch.Tensor:
+    """AWQ (Lin et al. 2024, eq. 5): ``s = a^α`` with ``a`` the mean |x| per input channel, α found by a
+    grid search (the caller's), then normalised so that ``max(s) · min(s) = 1`` as the authors' code
+    does (scaling s by a constant changes nothing but the quantization grid's offset; normalising keeps
+    the weights in range). α = 0 gives s = 1: plain RTN is on every grid. ``weight`` is unused (the
+    scale is activation-aware only); it is taken so every statistic-to-scale rule has one signature."""
+    s = act_stat.float().clamp_min(0).pow(alpha).clamp_min(floor)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def channel_mean_abs(tokens: torch.Tensor) -> torch.Tensor:
+    """Mean |x| per channel over a token sample ``[n, in]`` (AWQ's activation statistic)."""
+    return tokens.float().abs().mean(dim=0)
+
+
 def channel_percentile(tokens: torch.Tensor, p: float) -> torch.Tensor:
     """The p-th percentile (0–100) of |x| per channel over a token sample ``[n, in]``."""
     return torch.quantile(tokens.float().abs(), p / 100.0, dim=0)
 
 
 def apply_to_weight(weight: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    return weight.float() * s.float()[None, :]
+    """``W · diag(s)``; with a per-bin table ``s [bins, in]`` one scaled weight per bin, ``[bins, out, in]``."""
+    return weight.float() * s.float().unsqueeze(-2)
 
 
 def smooth_hessian(hessian: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

@@ -142,9 +142,14 @@ def paper_wide(long: pd.DataFrame, name: str) -> Table:
         line = [Cell(str(label))]
         for m in metrics:
             ours, paper, gap = (_plain(by.loc[m, k]) for k in ("ours", "paper", "gap"))
+            low, high, sig = (_plain(by.loc[m, k]) if k in by else None
+                              for k in ("ours_ci_low", "ours_ci_high", "gap_significant"))
             text = "n/a" if _missing(ours) else fmt(float(ours))
+            if not _missing(ours) and not _missing(low) and not _missing(high):  # bootstrap interval over samples
+                text += f" [{fmt(float(low))}, {fmt(float(high))}]"
             if not _missing(paper):
-                text += f" / {float(paper):g}" + ("" if _missing(gap) else f" ({float(gap):+.4g})")
+                mark = "*" if not _missing(sig) and str(sig) == "True" else ""
+                text += f" / {float(paper):g}" + ("" if _missing(gap) else f" ({float(gap):+.4g}{mark})")
             line.append(Cell(text, m, None if _missing(ours) else repr(float(ours)), numeric=True))
         line.append(Cell(str(int(sub["runs"].iloc[0])), "runs"))
         table.rows.append(line)

@@ -5,6 +5,11 @@ our metrics is which of theirs), with the paper's figure per cell (../shared/spe
 reads ``ours / paper (gap)``; a metric the run did not compute (VBench without ``evaluate=vbench``,
 peak GPU memory on a CPU) shows ``n/a``. Our extra columns (fidelity against BF16) have no paper
 figure. Runs of the same method (several seeds) are averaged.
+
+Where the runs kept per-sample metrics, ``ours`` gets a bootstrap interval over samples
+(:mod:`wanexp.report.stats`; a method's runs averaged sample by sample first) and so does the gap,
+``ours − paper`` (the paper's figure is a constant: the interval is our sampling noise only);
+``gap_significant`` marks a gap whose interval excludes 0, ``*`` in the Markdown.
 """
 
 from __future__ import annotations
@@ -107,8 +112,10 @@ TABLES: dict[str, PaperTable] = {
 VBENCH5 = ["imaging_quality", "aesthetic_quality", "overall_consistency", "subject_consistency", "motion_smoothness"]
 
 
-def paper_table(rows: pd.DataFrame, name: str) -> pd.DataFrame:
-    """Long form: one line per (paper row, metric) with ours, the paper's figure and the gap."""
+def paper_table(rows: pd.DataFrame, name: str, boot=None) -> pd.DataFrame:
+    """Long form: one line per (paper row, metric) with ours, the paper's figure and the gap; with
+    ``boot`` (a :class:`wanexp.report.stats.Bootstrap`) their intervals over samples where the runs have
+    per-sample metrics."""
     if name not in TABLES:
         raise WanexpError(f"unknown paper table {name!r}; known: {', '.join(TABLES)}")
     spec = TABLES[name]
@@ -123,10 +130,36 @@ def paper_table(rows: pd.DataFrame, name: str) -> pd.DataFrame:
             if metric in runs and runs[metric].notna().any():
                 ours = float(runs[metric].mean()) * spec.scale.get(metric, 1.0)
             paper = prow.paper.get(metric)
-            out.append({"row": prow.label, "method": prow.method, **prow.fixed, "metric": header, "ours": ours,
-                        "paper": paper, "gap": None if ours is None or paper is None else ours - paper,
-                        "runs": len(runs), "formats": ",".join(sorted(set(map(str, runs.get("format", []))))) or None})
+            line = {"row": prow.label, "method": prow.method, **prow.fixed, "metric": header, "ours": ours,
+                    "paper": paper, "gap": None if ours is None or paper is None else ours - paper,
+                    "runs": len(runs), "formats": ",".join(sorted(set(map(str, runs.get("format", []))))) or None}
+            if boot is not None and ours is not None:
+                line.update(_intervals(runs, metric, paper, spec.scale.get(metric, 1.0), boot))
+            out.append(line)
     return pd.DataFrame(out)
+
+
+def _intervals(runs: pd.DataFrame, metric: str, paper: float | None, scale: float, boot) -> dict:
+    """``ours_ci_low/_high`` (and the gap's, when the paper has a figure) from the runs' per-sample values."""
+    from wanexp.report.stats import interval, read_per_sample
+    per_run = []
+    for run_dir in runs.get("run_dir", []):
+        ps = read_per_sample(run_dir)
+        if ps is None:
+            continue
+        if metric == "vbench5_avg" and all(c in ps for c in VBENCH5):
+            per_run.append(ps[VBENCH5].mean(axis=1, skipna=False))
+        elif metric in ps:
+            per_run.append(ps[metric].astype(float))
+    if not per_run:
+        return {}
+    values = pd.concat(per_run).groupby(level=0).mean()  # a method's runs, sample by sample
+    low, high = (v * scale for v in interval(values, boot))
+    out = {"ours_ci_low": low, "ours_ci_high": high}
+    if paper is not None:
+        out.update(gap_ci_low=low - paper, gap_ci_high=high - paper,
+                   gap_significant=bool(low - paper > 0 or high - paper < 0))
+    return out
 
 
 def render_markdown(long: pd.DataFrame, name: str) -> str:
@@ -134,7 +167,10 @@ def render_markdown(long: pd.DataFrame, name: str) -> str:
     spec = TABLES[name]
     headers = [h for _, h in spec.columns + spec.extra]
     fixed = list(spec.rows[0].fixed)
-    lines = [f"### {spec.title}", "", f"Paper: {spec.source}. Cell: ours / paper (gap). {spec.note}", "",
+    ci = "ours_ci_low" in long and long["ours_ci_low"].notna().any()
+    how = (" ours [bootstrap interval over samples] / paper (gap; * beyond our sampling noise: the gap's interval "
+           "excludes 0)" if ci else "")
+    lines = [f"### {spec.title}", "", f"Paper: {spec.source}. Cell: ours / paper (gap).{how} {spec.note}", "",
              "| " + " | ".join(["method", *fixed, *headers, "runs"]) + " |",
              "|" + "---|" * (2 + len(fixed) + len(headers))]
     for prow in spec.rows:
@@ -151,9 +187,14 @@ def render_markdown(long: pd.DataFrame, name: str) -> str:
 def _cell(c) -> str:
     ours, paper, gap = c["ours"], c["paper"], c["gap"]
     num = "n/a" if pd.isna(ours) else f"{ours:.4g}" if abs(ours) >= 100 else f"{ours:.4f}"
+    low, high = c.get("ours_ci_low"), c.get("ours_ci_high")
+    if not pd.isna(ours) and low is not None and not pd.isna(low) and not pd.isna(high):
+        num += f" [{low:.4g}, {high:.4g}]"
     if pd.isna(paper):
         return num
-    return f"{num} / {paper:g}" + ("" if pd.isna(gap) else f" ({gap:+.4g})")
+    sig = c.get("gap_significant")
+    mark = "*" if sig is not None and not pd.isna(sig) and bool(sig) else ""
+    return f"{num} / {paper:g}" + ("" if pd.isna(gap) else f" ({gap:+.4g}{mark})")
 
 
 def write_paper_table(long: pd.DataFrame, name: str, out_dir: Path) -> tuple[dict[str, Path], str]:

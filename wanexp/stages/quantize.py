@@ -74,6 +74,8 @@ class LayerStatsView(Mapping):
                 d = self.stats.get(expert, layer, b)
                 if "absmax" in d:
                     ls.absmax = d["absmax"] if ls.absmax is None else torch.maximum(ls.absmax, d["absmax"])
+                    seen = ls.bin_absmax.get(b)  # per bin too (timestep-aware balancing)
+                    ls.bin_absmax[b] = d["absmax"] if seen is None else torch.maximum(seen, d["absmax"])
                 if "tokens" in d:
                     ls.tokens[b] = d["tokens"] if b not in ls.tokens else torch.cat([ls.tokens[b], d["tokens"]])
         return ls
