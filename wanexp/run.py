@@ -93,19 +93,12 @@ class Run:
         return read_json(model_file)["fingerprint"]
 
     def contexts(self, pipe) -> dict:
-        from wanexp.models import boundary_timestep
-        from wanexp.quant.context import TimestepBins, TimestepContext, expert_bins
-        total = float(pipe.scheduler.config.num_train_timesteps)
-        n_bins = int(self.cfg.quant.get("bins", 1))
+        """Each expert's timestep bins, following the generation's step schedule (README "LoRAs and short schedules")."""
+        from wanexp.calib.trajectory import timestep_contexts
         edges = self.cfg.quant.get("bin_edges")
-        if self.cfg.expert.policy == "shared":
-            # one policy for both experts: bins over the whole trajectory, the same for both
-            shared = (TimestepBins(tuple(sorted(float(e) for e in edges))) if edges
-                      else TimestepBins.equal_width(0.0, total, n_bins))
-            return {name: TimestepContext(bins=shared) for name in ("high_noise", "low_noise")}
         edges = OmegaConf.to_container(edges, resolve=True) if edges else None
-        bins = expert_bins(boundary_timestep(pipe), total, n_bins, edges)
-        return {name: TimestepContext(bins=b) for name, b in bins.items()}
+        return timestep_contexts(pipe, int(self.cfg.quant.get("bins", 1)), edges, str(self.cfg.expert.policy),
+                                 int(self.cfg.model.generation.num_inference_steps))
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
@@ -203,6 +196,8 @@ def validate(cfg: DictConfig) -> None:
         raise WanexpError(f"device={cfg.device} is not one of auto, cpu, cuda[:N]")
     if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
         raise WanexpError(f"device={cfg.device} but no CUDA device is available (use device=auto or cpu)")
+    from wanexp.models.lora import check_specs
+    check_specs(OmegaConf.to_container(cfg.model.lora, resolve=True) if cfg.model.get("lora") else None)
     gen = cfg.model.generation
     if (int(gen.num_frames) - 1) % 4:
         raise WanexpError(f"model.generation.num_frames={gen.num_frames}: Wan needs 4k+1 frames (e.g. 5, 61, 81)")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -56,10 +57,10 @@ def transient_hessians(cfg) -> bool:
     return "hessian" in needs_of(cfg) and not bool(calib_setting(cfg, "store_hessians", True))
 
 
-def calib_parts(state, model) -> list[list[str]]:
+def calib_parts(cfg, model) -> list[list[str]]:
     """One expert's targeted layers cut into passes of ``quant.calib_blocks_per_pass`` blocks (null: one)."""
     layers = targeted_linears(model)
-    per = state.cfg.quant.get("calib_blocks_per_pass")
+    per = cfg.quant.get("calib_blocks_per_pass")
     if not per:
         return [layers]
     blocks = sorted({block_index(n) for n in layers})
@@ -123,6 +124,41 @@ def load_calib_stats(run_dir: Path) -> CalibStats:
     return merged
 
 
+def collector_settings(cfg, trace: dict) -> dict:
+    """The ActivationCollector's settings from the config (and the traced layers, resolved)."""
+    return dict(max_tokens=int(cfg.quant.get("calib_tokens", 256)), seed=int(cfg.seed),
+                trace_layers=trace.get("layers", ()), trace_percentile=trace.get("percentile", 99.9),
+                trace_tokens=trace.get("tokens", 16384),
+                hessian_stride=int(calib_setting(cfg, "hessian_token_stride", 1)),
+                share_inputs=bool(calib_setting(cfg, "share_inputs", True)))
+
+
+def collect_pass(pipe, expert: str, layers: list[str], contexts: dict, needs: list[str], samples, split: ExpertSplit,
+                 steps: int, settings: dict, progress=iter, marks: list | None = None) -> CalibStats:
+    """One calibration pass: collectors on ``layers`` of ``expert`` while every sample runs that
+    expert's steps (``split``). ``marks`` gets, per sample, [start, end of each step, end] in seconds
+    from the pass start."""
+    start = time.perf_counter()
+    stats = CalibStats()
+    collector = ActivationCollector(expert, experts(pipe)[expert], layers, contexts[expert], needs, stats, **settings)
+    hooks = install_timestep_hooks(pipe, lambda e, t: contexts[e].set_timestep(t))
+    marks = [] if marks is None else marks
+
+    def on_step():  # one host sync a step (the NaN check), which also makes the marks true
+        collector.check()
+        marks[-1].append(round(time.perf_counter() - start, 4))
+    try:
+        for sample in progress(samples):
+            marks.append([round(time.perf_counter() - start, 4)])
+            split.run(expert, sample, on_step=on_step, steps=int(steps))
+            marks[-1].append(round(time.perf_counter() - start, 4))
+    finally:
+        for h in hooks + collector.handles:
+            h.remove()
+    collector.check()
+    return stats
+
+
 def calibrate(state) -> dict:
     """The calibrate stage (module docstring)."""
     cfg = state.cfg
@@ -137,8 +173,7 @@ def calibrate(state) -> dict:
                           "(set data.calib.num_samples, data.calib.ids or data.calib.prompts_file)")
     transient = transient_hessians(cfg)
     if transient and cfg.expert.policy == "shared":
-        raise WanexpError("expert.policy=shared pools both experts' Hessians, which transient Hessians never hold "
-                          "at once: set quant.store_hessians=true (costs their size on disk) or expert=per_expert")
+        raise WanexpError(SHARED_TRANSIENT)
     pipe = state.bf16_pipe()
     contexts = state.contexts(pipe)
     key = calib_key(state, pipe, needs)
@@ -146,13 +181,14 @@ def calibrate(state) -> dict:
     if where.parent != state.run_dir:  # the cache: say what the statistics are of, next to them
         write_json(where / "key.json", key)
     trace = key["analysis"]
-    split = ExpertSplit(pipe, where / "boundary", lambda p, s, cb: _denoise(state, p, s, cb))
+    gen, seed = OmegaConf.to_container(cfg.model.generation, resolve=True), int(cfg.seed)
+    split = ExpertSplit(pipe, where / "boundary", lambda p, s, cb: denoise(p, s, gen, seed, cb))
+    settings = collector_settings(cfg, trace)
     entries, reused, passes, seconds = 0, 0, 0, {}
     # per pass and sample: [start, end of each denoising step, end] in seconds from the pass start
     step_times: dict[str, list[list[float]]] = {}
-    import time
     for expert, model in experts(pipe).items():
-        parts = calib_parts(state, model)
+        parts = calib_parts(cfg, model)
         for k, layers in enumerate(parts):
             path = part_path(where, expert, k, len(parts))
             done = path.is_file() and (not transient or quant_part_done(state, expert, k, len(parts)))
@@ -160,29 +196,10 @@ def calibrate(state) -> dict:
                 reused += 1
                 continue
             start = time.perf_counter()
-            stats = CalibStats()
-            collector = ActivationCollector(
-                expert, model, layers, contexts[expert], needs, stats,
-                max_tokens=int(cfg.quant.get("calib_tokens", 256)), seed=int(cfg.seed),
-                trace_layers=trace.get("layers", ()), trace_percentile=trace.get("percentile", 99.9),
-                trace_tokens=trace.get("tokens", 16384),
-                hessian_stride=int(calib_setting(cfg, "hessian_token_stride", 1)),
-                share_inputs=bool(calib_setting(cfg, "share_inputs", True)))
-            hooks = install_timestep_hooks(pipe, lambda e, t: contexts[e].set_timestep(t))
-            marks = step_times.setdefault(f"{expert}/{k}", [])
-
-            def on_step():  # one host sync a step (the NaN check), which also makes the marks true
-                collector.check()
-                marks[-1].append(round(time.perf_counter() - start, 4))
-            try:
-                for sample in state.progress(samples, f"calibrate {expert} {k + 1}/{len(parts)}"):
-                    marks.append([round(time.perf_counter() - start, 4)])
-                    split.run(expert, sample, on_step=on_step, steps=int(cfg.model.generation.num_inference_steps))
-                    marks[-1].append(round(time.perf_counter() - start, 4))
-            finally:
-                for h in hooks + collector.handles:
-                    h.remove()
-            collector.check()
+            stats = collect_pass(pipe, expert, layers, contexts, needs, samples, split,
+                                 int(gen["num_inference_steps"]), settings,
+                                 lambda it: state.progress(it, f"calibrate {expert} {k + 1}/{len(parts)}"),
+                                 step_times.setdefault(f"{expert}/{k}", []))
             if transient:  # the Hessians live only now: build this pass's GPTQ layers from them
                 from wanexp.stages.quantize import build_quant_part
                 build_quant_part(state, pipe, expert, layers, stats, k, len(parts))
@@ -191,10 +208,14 @@ def calibrate(state) -> dict:
             entries += len(stats.data)
             passes += 1
             seconds[f"{expert}/{k}"] = round(time.perf_counter() - start, 3)
-            del stats, collector
+            del stats
     return {"samples": [s.id for s in samples], "needs": needs, "parts": passes + reused, "entries": entries,
             "parts_reused": reused, "stats_dir": str(where), "traced": trace.get("layers", []),
             "hessians": key.get("hessians"), "pass_seconds": seconds, "step_times": step_times}
+
+
+SHARED_TRANSIENT = ("expert.policy=shared pools both experts' Hessians, which transient Hessians never hold at once: "
+                    "set quant.store_hessians=true (costs their size on disk) or expert=per_expert")
 
 
 def quant_part_done(state, expert: str, k: int, n: int) -> bool:
@@ -203,15 +224,14 @@ def quant_part_done(state, expert: str, k: int, n: int) -> bool:
 
 
 @torch.no_grad()
-def _denoise(state, pipe, sample, callback=None) -> None:
-    """One BF16 trajectory of a calibration sample at the generation setting (latents only)."""
-    gen = state.cfg.model.generation
-    image = sample.load_image().resize((int(gen.width), int(gen.height)))
-    extra = {"guidance_scale_2": float(gen.guidance_scale_2)} if gen.get("guidance_scale_2") is not None else {}
+def denoise(pipe, sample, gen: dict, seed: int, callback=None) -> None:
+    """One BF16 trajectory of a calibration sample at the generation setting ``gen`` (latents only)."""
+    image = sample.load_image().resize((int(gen["width"]), int(gen["height"])))
+    extra = {"guidance_scale_2": float(gen["guidance_scale_2"])} if gen.get("guidance_scale_2") is not None else {}
     # the same prompt handling as generation (wanexp.generate.generate_one): calibration sees what inference sees
     pipe(image=image, prompt=sample.prompt, negative_prompt=gen.get("negative_prompt") or None,
-         height=int(gen.height), width=int(gen.width),
-         num_frames=int(gen.num_frames), num_inference_steps=int(gen.num_inference_steps),
-         guidance_scale=float(gen.guidance_scale), output_type="latent", callback_on_step_end=callback,
+         height=int(gen["height"]), width=int(gen["width"]),
+         num_frames=int(gen["num_frames"]), num_inference_steps=int(gen["num_inference_steps"]),
+         guidance_scale=float(gen["guidance_scale"]), output_type="latent", callback_on_step_end=callback,
          max_sequence_length=int(gen.get("max_sequence_length") or 512),
-         generator=torch.Generator().manual_seed(sample_seed(int(state.cfg.seed), sample.id)), **extra)
+         generator=torch.Generator().manual_seed(sample_seed(int(seed), sample.id)), **extra)
