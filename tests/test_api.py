@@ -158,6 +158,13 @@ def test_a_mismatched_base_model_or_recipe_is_refused(snippet):
         wanexp.recipe("rtn", overrides=["quant.binz=3"])
     with pytest.raises(WanexpError, match="does not exist"):
         wanexp.load_quantized(other, work / "missing.safetensors")
+    with pytest.raises(WanexpError, match="gives the low_noise expert no denoising step"):  # 1 step: t=999 only
+        wanexp.calibrate_and_quantize(other, "tsclip", ["a cat"], IMAGE, **dict(SETTING, num_inference_steps=1))
+    with pytest.raises(WanexpError, match="calibration needs a non-empty list of non-empty prompts"):
+        wanexp.calibrate_and_quantize(other, "tsclip", [], IMAGE, **SETTING)
+    with pytest.raises(WanexpError, match="unknown generation settings"):
+        wanexp.calibrate_and_quantize(other, "rtn", steps=4)
+    assert not quant_layers(other.transformer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,6 +226,16 @@ def test_lora_merge_is_w_plus_scale_ba_in_both_layouts(tiny_pipe, tmp_path):
         mine, base = experts(pipe)[expert].state_dict(), experts(tiny_pipe)[expert].state_dict()
         assert all(torch.equal(mine[k], base[k]) for k in base if k.rpartition(".")[0] not in touched)
     assert model_fingerprint(pipe) != model_fingerprint(tiny_pipe)
+    # the fingerprint holds the LoRA itself, not only the weight rows it samples: B's first row zero
+    # leaves every sampled row (row 0 of each matrix) as it was, and the fingerprint still moves
+    a, b = high[HIGH_LAYERS[0]]
+    hidden = _write_peft(tmp_path / "row0.safetensors", {HIGH_LAYERS[0]: (a, torch.cat([torch.zeros_like(b[:1]), b[1:]]))},
+                         "transformer.")
+    quiet = copy.deepcopy(tiny_pipe)
+    merge_loras(quiet, [str(hidden)])
+    assert not torch.equal(quiet.transformer.get_submodule(HIGH_LAYERS[0]).weight,
+                           tiny_pipe.transformer.get_submodule(HIGH_LAYERS[0]).weight)
+    assert model_fingerprint(quiet) != model_fingerprint(tiny_pipe)
     # The same PEFT file retargeted: {expert: both} puts an unprefixed file into both experts.
     bare = _write_peft(tmp_path / "bare.safetensors", {"blocks.1.attn1.to_out.0": low["blocks.1.attn1.to_out.0"]},
                        "base_model.model.")

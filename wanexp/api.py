@@ -184,7 +184,7 @@ def _generation(cfg, generation: dict) -> None:
         cfg.model.generation[key] = value
 
 
-def calibrate_and_quantize(pipe, recipe: Recipe | str, prompts: Sequence[str], images: Any = None,
+def calibrate_and_quantize(pipe, recipe: Recipe | str, prompts: Sequence[str] | None = None, images: Any = None,
                            out: str | os.PathLike | None = None, *, lora: Iterable[Any] | None = None, seed: int = 42,
                            progress: bool = False, **generation) -> Quantized:
     """Calibrate ``pipe`` on ``prompts`` (with ``images``: one per prompt, one for all, or None for a
@@ -194,30 +194,28 @@ def calibrate_and_quantize(pipe, recipe: Recipe | str, prompts: Sequence[str], i
     calibration denoises at, as the runner's ``model.generation``: use the one you will generate with
     (the timestep bins follow its step schedule). ``lora``: ``[path@scale, …]`` merged into the BF16
     experts first (``wanexp.models.lora``). Bad input fails before any calibration."""
-    from wanexp.calib.trajectory import timestep_contexts
     from wanexp.models.lora import check_specs, merge_loras
     from wanexp.quant.artifact import save_artifact
-    from wanexp.stages.calibrate import SHARED_TRANSIENT, needs_of, transient_hessians
+    from wanexp.run import validate
+    from wanexp.stages.calibrate import (SHARED_TRANSIENT, check_schedule, contexts_of, needs_of,
+                                         transient_hessians)
     from wanexp.stages.quantize import artifact_header, method_for, quantize_experts
-    from omegaconf import OmegaConf
 
     recipe = _recipe(recipe) if isinstance(recipe, str) else recipe
-    base_fingerprint(pipe)  # a pipeline wanexp already quantized is refused here
-    if any(getattr(m, _STATE, None) for m in experts_of(pipe).values()):
-        raise WanexpError("this pipeline is already quantized; calibrate a BF16 pipeline")
+    _require_bf16(pipe)
     cfg = recipe.config(model_group(pipe))
     _generation(cfg, generation)
     cfg.seed = int(seed)
-    from wanexp.run import validate
     validate(cfg)
     if transient_hessians(cfg) and cfg.expert.policy == "shared":
         raise WanexpError(SHARED_TRANSIENT)
     samples = _samples(prompts, images) if needs_of(cfg) else []
+    if samples:
+        check_schedule(pipe, int(cfg.model.generation.num_inference_steps))
+    out = _writable(out)
     merge_loras(pipe, check_specs(lora))
     fingerprint = base_fingerprint(pipe)
-    edges = OmegaConf.to_container(cfg.quant.bin_edges, resolve=True) if cfg.quant.get("bin_edges") else None
-    contexts = timestep_contexts(pipe, int(cfg.quant.get("bins", 1)), edges, str(cfg.expert.policy),
-                                 int(cfg.model.generation.num_inference_steps))
+    contexts = contexts_of(cfg, pipe)
     method = method_for(cfg, contexts["high_noise"].bins.num_bins)
     device = pipe._execution_device  # the GPU also when the pipeline is offloaded to the CPU
     bar = _progress(progress)
@@ -229,13 +227,29 @@ def calibrate_and_quantize(pipe, recipe: Recipe | str, prompts: Sequence[str], i
             swapped, chosen = quantize_experts(cfg, pipe, method, calib.stats() if samples else None, contexts, device,
                                                lambda it, name: bar(it, f"quantize {name}"))
     _activate(pipe, contexts, fingerprint)
-    from wanexp.models.lora import lora_records
-    header = dict(artifact_header(cfg, fingerprint, pipe, contexts, method),
-                  lora=[r for m in experts_of(pipe).values() for r in lora_records(m)])
-    path = None
-    if out is not None:
-        path = save_artifact(Path(out).expanduser(), experts_of(pipe), header)
+    header = artifact_header(cfg, fingerprint, pipe, contexts, method)
+    path = save_artifact(out, experts_of(pipe), header) if out is not None else None
     return Quantized(path, header, swapped, chosen)
+
+
+def _require_bf16(pipe) -> None:
+    base_fingerprint(pipe)  # refuses layers quantized by something else
+    if any(getattr(m, _STATE, None) for m in experts_of(pipe).values()):
+        raise WanexpError("this pipeline is already quantized; calibrate a BF16 pipeline")
+
+
+def _writable(out) -> Path | None:
+    """``out`` as a path whose folder can be written, checked before any work."""
+    if out is None:
+        return None
+    out = Path(out).expanduser()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise WanexpError(f"cannot write the artifact {out}: {err.strerror}") from None
+    if not os.access(out.parent, os.W_OK):
+        raise WanexpError(f"cannot write the artifact {out}: {out.parent} is not writable")
+    return out
 
 
 class _Calibration:

@@ -94,11 +94,8 @@ class Run:
 
     def contexts(self, pipe) -> dict:
         """Each expert's timestep bins, following the generation's step schedule (README "LoRAs and short schedules")."""
-        from wanexp.calib.trajectory import timestep_contexts
-        edges = self.cfg.quant.get("bin_edges")
-        edges = OmegaConf.to_container(edges, resolve=True) if edges else None
-        return timestep_contexts(pipe, int(self.cfg.quant.get("bins", 1)), edges, str(self.cfg.expert.policy),
-                                 int(self.cfg.model.generation.num_inference_steps))
+        from wanexp.stages.calibrate import contexts_of
+        return contexts_of(self.cfg, pipe)
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:

@@ -48,6 +48,24 @@ def calib_setting(cfg, key: str, default):
     return value
 
 
+def contexts_of(cfg, pipe) -> dict:
+    """Each expert's TimestepContext for ``cfg``'s bins, following its generation's step schedule."""
+    from wanexp.calib.trajectory import timestep_contexts
+    edges = cfg.quant.get("bin_edges")
+    edges = OmegaConf.to_container(edges, resolve=True) if edges else None
+    return timestep_contexts(pipe, int(cfg.quant.get("bins", 1)), edges, str(cfg.expert.policy),
+                             int(cfg.model.generation.num_inference_steps))
+
+
+def check_schedule(pipe, steps: int) -> None:
+    """Both experts must run at least one step of the schedule, or one of them has nothing to calibrate on."""
+    from wanexp.calib.trajectory import expert_steps
+    idle = [e for e, ts in expert_steps(pipe, steps).items() if not ts]
+    if idle:
+        raise WanexpError(f"model.generation.num_inference_steps={steps} gives the {idle[0]} expert no denoising step "
+                          "to calibrate on; use more steps")
+
+
 def needs_of(cfg) -> list[str]:
     return MethodConfig.needs(cfg.quant) if cfg.quant.name != "bf16" else []
 
@@ -175,6 +193,7 @@ def calibrate(state) -> dict:
     if transient and cfg.expert.policy == "shared":
         raise WanexpError(SHARED_TRANSIENT)
     pipe = state.bf16_pipe()
+    check_schedule(pipe, int(cfg.model.generation.num_inference_steps))
     contexts = state.contexts(pipe)
     key = calib_key(state, pipe, needs)
     where = stats_dir(state, key)

@@ -102,11 +102,14 @@ def _method(state, pipe) -> MethodConfig:
 
 
 def artifact_header(cfg, fingerprint: str, pipe, contexts: dict, method: MethodConfig) -> dict:
-    """The artifact's JSON header: what was quantized how, for which base model, with which bins."""
+    """The artifact's JSON header: what was quantized how, for which base model (and the LoRAs merged
+    into it), with which bins."""
+    from wanexp.models.lora import lora_records
     return {"method": cfg.quant.name, "format": method.weight_format, "act_format": method.act_format,
             "expert_policy": cfg.expert.policy, "fingerprint": fingerprint, "boundary": boundary_timestep(pipe),
             "bins": {k: c.bins.to_json() for k, c in contexts.items()},
-            "quant": OmegaConf.to_container(cfg.quant, resolve=True)}
+            "quant": OmegaConf.to_container(cfg.quant, resolve=True),
+            "lora": [r for m in experts(pipe).values() for r in lora_records(m)]}
 
 
 def _header(state, pipe, method: MethodConfig) -> dict:
