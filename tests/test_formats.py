@@ -236,7 +236,7 @@ def scale_of(name: str, packed: PackedTensor) -> torch.Tensor:
         s = (t["scales"].float() * t["tensor_scale"]).double()  # the fp32 product is the scale
     elif name == "hif4":
         code = t["scales"].long()
-        s = (1 + (code & 3) / 4) * torch.exp2((code >> 2).double() - 51)
+        s = (1 + (code & 3) / 4) * torch.exp2((code >> 2).double() - 48)
     else:
         s = t["scales"].double()
     block = get_format(name, **packed.options).block_size
@@ -329,7 +329,7 @@ def test_sign_symmetry(name, opts, x):
 def test_power_of_two_scale_invariance(name, opts, x, k):
     # every format here is invariant while its scales stay in range: MXFP4 by construction, the
     # others because their scale arithmetic (amax/7, /448, /6, bf16 roundings) commutes with 2**k.
-    # HiF4 only while M1 stays inside its clip range [2**-48, 49152], and no format while the
+    # HiF4 only while its scale S0 stays inside the clip range [2**-48, 49152], and no format while the
     # input or a scale is subnormal (2**k x then loses bits): hence the bounds on x and k.
     fmt = get_format(name, **opts)
     if opts.get("scale_dtype") == "float16":  # fp16 scales lose bits below fp16's normal range

@@ -42,11 +42,12 @@ def nearest(grid: list[float], a: float, tie_key) -> float:
 E2M1_GRID = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 
 
-def ref_e2m1(a: float) -> float:
-    """|value| -> E2M1 magnitude: nearest, ties to the even mantissa (even index), saturate at 6."""
+def ref_e2m1(a: float, ties: str = "even") -> float:
+    """|value| -> E2M1 magnitude: nearest, ties to the even mantissa (even index) or, ``toward_zero``,
+    to the smaller one (lower index); saturate at 6."""
     if a >= 6.0:
         return 6.0
-    return nearest(E2M1_GRID, a, lambda i: i % 2)
+    return nearest(E2M1_GRID, a, (lambda i: i % 2) if ties == "even" else (lambda i: i))
 
 
 def _e4m3_table() -> list[float]:
@@ -85,7 +86,9 @@ def blocks_of(row: list[float], size: int) -> list[list[float]]:
 # ----------------------------------------------------------------------------- references
 
 
-def ref_mxfp4(row: list[float], rule: str = "floor", rho: float = 1.0) -> list[float]:
+def ref_mxfp4(row: list[float], rule: str = "floor", rho: float = 1.0, ties: str = "even",
+              shift: int = 0) -> list[float]:
+    """``shift``: the seed paper code's exponent offset, added to the shared exponent after the rule."""
     out = []
     for blk in blocks_of(row, 32):
         amax = f32(max(abs(v) for v in blk) * float(np.float32(rho)))
@@ -98,13 +101,14 @@ def ref_mxfp4(row: list[float], rule: str = "floor", rho: float = 1.0) -> list[f
                 e = E - 4
                 while 6.0 * 2.0**e < amax:
                     e += 1
+            e += shift
         e = max(-127, min(127, e))
         X = 2.0**e
-        out += [f32(math.copysign(ref_e2m1(abs(v) / X), v) * X) for v in blk]
+        out += [f32(math.copysign(ref_e2m1(abs(v) / X, ties), v) * X) for v in blk]
     return out[: len(row)]
 
 
-def ref_nvfp4(rows: list[list[float]], rho: float = 1.0) -> list[list[float]]:
+def ref_nvfp4(rows: list[list[float]], rho: float = 1.0, ties: str = "even") -> list[list[float]]:
     one = np.float32
     amax_t = one(max(abs(v) for r in rows for v in r))
     s_t = amax_t / one(6 * 448)
@@ -118,7 +122,7 @@ def ref_nvfp4(rows: list[list[float]], rho: float = 1.0) -> list[list[float]]:
             d = one(s8) * s_t
             for v in blk:
                 q = math.copysign(0.0, v) if d == 0 else \
-                    math.copysign(ref_e2m1(float(one(abs(v)) / d)), v)
+                    math.copysign(ref_e2m1(float(one(abs(v)) / d), ties), v)
                 y.append(f32(q * float(d)))
         out.append(y[: len(row)])
     return out
@@ -155,8 +159,9 @@ def ref_hif4(row: list[float], rho: float = 1.0) -> list[float]:
     seventh = ref_bf16(float(one(1) / one(7)))
     out = []
     for blk in blocks_of(row, 64):
-        M1 = min(max(f32(max(abs(v) for v in blk) * float(one(rho))), 2.0**-48), 49152.0)
-        S0 = ref_bf16(float(one(ref_bf16(M1)) * one(seventh)))
+        M1 = f32(max(abs(v) for v in blk) * float(one(rho)))  # wanexp's clip ratio scales M1 (fp32)
+        # the product in fp32, M1 itself not rounded to bf16, and the scale S0 clipped (FORMATS.md 2026-12-01)
+        S0 = min(max(ref_bf16(float(one(M1) * one(seventh))), 2.0**-48), 49152.0)
         S = round_sig(round_sig(S0, 7), 2)
         r = one(ref_bf16(float(one(1) / one(S))))
         for j in range(8):
@@ -174,10 +179,11 @@ def ref_hif4(row: list[float], rho: float = 1.0) -> list[float]:
 
 def reference(name: str, opts: dict, x: torch.Tensor, rho: float = 1.0) -> torch.Tensor:
     rows = x.float().reshape(-1, x.shape[-1]).tolist()
+    ties = opts.get("ties", "even")
     if name == "mxfp4":
-        out = [ref_mxfp4(r, opts.get("scale_rule", "floor"), rho) for r in rows]
+        out = [ref_mxfp4(r, opts.get("scale_rule", "floor"), rho, ties) for r in rows]
     elif name == "nvfp4":
-        out = ref_nvfp4(rows, rho)
+        out = ref_nvfp4(rows, rho, ties)
     elif name in ("int4", "int8"):
         bits = int(name[3:])
         group = opts.get("group_size", 128 if bits == 4 else -1)
@@ -203,7 +209,10 @@ def assert_bits_equal(y: torch.Tensor, ref: torch.Tensor, x: torch.Tensor) -> No
 CONFIGS = [
     ("mxfp4", {}),
     ("mxfp4", {"scale_rule": "ceil"}),
+    ("mxfp4", {"ties": "toward_zero"}),  # the seed paper code's rounding (weights: floor rule) ...
+    ("mxfp4", {"scale_rule": "ceil", "ties": "toward_zero"}),  # ... and its activations
     ("nvfp4", {}),
+    ("nvfp4", {"ties": "toward_zero"}),
     ("int4", {}),
     ("int4", {"group_size": 16}),
     ("int4", {"group_size": -1}),
@@ -222,6 +231,8 @@ def test_reference_helpers_against_known_values():
         [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, 6.0]
     assert len(E4M3) == 127 and E4M3[-1] == 448.0 and E4M3[1] == 2.0**-9 and E4M3[8] == 2.0**-6
     assert ref_e4m3(17.0) == 16.0 and ref_e4m3(19.0) == 20.0 and ref_e4m3(460.0) == 448.0
+    assert [ref_e2m1(a, "toward_zero") for a in (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 0.8, 1.8, 3.6)] == \
+        [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 1.0, 2.0, 4.0]
     assert ref_bf16(1 / 7) == 0.142578125 and ref_bf16(1.00390625) == 1.0 and ref_bf16(1.01171875) == 1.015625
 
 
@@ -319,6 +330,39 @@ def test_e2m1_ties_from_the_spec():
     assert torch.signbit(y[8])  # -0.25 rounds to -0
 
 
+def test_e2m1_ties_toward_zero_of_the_paper_code():
+    # X = 1 again; only the midpoints whose even neighbour is the larger one move: 0.75, 1.75, 3.5
+    x = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0, -0.75, -1.75, -3.5, 0.76] + [0.0] * 20)
+    y = get_format("mxfp4", ties="toward_zero").quantize_dequantize(x)
+    assert y[:12].tolist() == [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.5, -1.5, -3.0, 1.0]
+    assert get_format("mxfp4", ties="toward_zero").options == {"scale_rule": "floor", "ties": "toward_zero"}
+    assert get_format("mxfp4").options == {"scale_rule": "floor"}  # the default stays out: old packs decode
+
+
+def test_exponent_shift_is_a_power_of_two_clip_ratio():
+    # ceil rule, amax 7: e = 1 (6 * 2 >= 7). Shift -1 (clip ratio 0.5): X = 1, 7 saturates to 6 and 3.5 ties
+    # down to 3. Shift +1 (ratio 2): X = 4, 7 / 4 = 1.75 ties down to 1.5 -> 6, 3.5 / 4 = 0.875 -> 1 -> 4.
+    # 0.6 with shift +1 (ratio 1.2): the paper code takes ceil(log2(0.6 * 7 / 6)) + 1 = 0 + 1: X = 2, and
+    # both 7 / 2 and 3.5 / 2 = 1.75 are ties, down to 3 (-> 6) and 1.5 (-> 3).
+    fmt = get_format("mxfp4", scale_rule="ceil", ties="toward_zero")
+    x = torch.zeros(32)
+    x[:3] = torch.tensor([7.0, 3.5, -1.0])
+    cases = {0.5: ([6.0, 3.0, -1.0], 127), 2.0: ([6.0, 4.0, -0.0], 129), 1.2: ([6.0, 3.0, -1.0], 128)}
+    for ratio, (values, code) in cases.items():
+        assert fmt.quantize_dequantize(x, clip_ratio=ratio)[:3].tolist() == values
+        assert fmt.encode(x, clip_ratio=ratio).tensors()["scales"].item() == code
+
+
+@pytest.mark.parametrize("rule", ["floor", "ceil"])
+def test_shifted_exponents_match_the_reference_for_all_fifteen_candidates(rule):
+    fmt = get_format("mxfp4", scale_rule=rule, ties="toward_zero")
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(3)) * torch.tensor([1e-3, 1.0, 40.0])[:, None]
+    for clip in (0.6, 0.7, 0.8, 0.9, 1.0):
+        for shift in (-1, 0, 1):
+            ref = torch.tensor([ref_mxfp4(r, rule, clip, "toward_zero", shift) for r in x.tolist()])
+            assert_bits_equal(fmt.quantize_dequantize(x, clip_ratio=clip * 2.0**shift), ref, x)
+
+
 def test_mxfp4_worked_scale():
     # floor rule: amax 7 -> e = floor(log2 7) - 2 = 0, and 7 saturates to 6;
     # amax 0.3 -> e = -2 - 2 = -4 (X = 1/16): 0.3 * 16 = 4.8 -> 4, 0.04 * 16 = 0.64 -> 0.5
@@ -341,7 +385,7 @@ def test_hif4_worked_example_ramp():
     x = torch.arange(64, dtype=torch.float32) / 8 - 4
     y = get_format("hif4").quantize_dequantize(x)
     assert y[:12].tolist() == [-3.75] * 5 + [-3.125] * 5 + [-2.5] * 2
-    assert get_format("hif4").encode(x).tensors()["scales"].item() == (-1 + 51) << 2 | 1  # S = 0.625
+    assert get_format("hif4").encode(x).tensors()["scales"].item() == (-1 + 48) << 2 | 1  # S = 0.625
 
 
 def test_hif4_worked_example_sparse():
@@ -374,11 +418,42 @@ def test_nvfp4_worked_example():
     assert get_format("nvfp4").decode(p)[1, :3].tolist() == [60.0, 20.0, -15.0]
 
 
-def test_hif4_rounds_m1_to_bf16_before_the_product():
-    # bf16(1.19921875) = 1.203125 (a tie, to even), so S0 = bf16(1.203125 * bf16(1/7)) = 0.171875,
-    # which rounds to S = 0.1875; without the bf16(M1) step S0 = 0.1708984375 and S = 0.15625.
+def test_hif4_does_not_round_m1_to_bf16_before_the_product():
+    # S0 = bf16(1.19921875 * 0.142578125 = 0.17098236...) = 0.1708984375 -> E6M2 1.25 * 2**-3 = 0.15625;
+    # r = bf16(6.4) = 6.40625, x r = 7.68 -> L2 = L3 = 2, m = 1.92 -> 2 saturates to 1.75: y = 7 S.
+    # (Rounding M1 to bf16 first, 1.203125, would give S0 = 0.171875 and S = 0.1875, y = 1.125.)
     x = torch.zeros(64)
     x[0] = 1.19921875
     fmt = get_format("hif4")
-    assert fmt.encode(x).tensors()["scales"].item() == (-3 + 51) << 2 | 2  # S = 1.5 * 2**-3
-    assert fmt.quantize_dequantize(x)[0].item() == 1.125  # (1.0937 with S = 0.15625)
+    assert fmt.encode(x).tensors()["scales"].item() == (-3 + 48) << 2 | 1  # S = 1.25 * 2**-3
+    assert fmt.quantize_dequantize(x)[0].item() == 1.09375
+
+
+def test_hif4_clips_the_scale_at_the_top():
+    # M1 = 4e5: S0 = bf16(57031.25) = 57088 is clipped to 49152 = 1.5 * 2**15 (the block max is not
+    # clipped: clipping M1 to 49152 first gave S = 7168 and y0 = 7 S = 50176). r = bf16(1/49152) =
+    # 171/128 * 2**-16; x0 r = 8.15: L2 = L3 = 2, m saturates at 1.75, y0 = 7 * 49152 = 344064.
+    # x9 = 3e5 (sub-group 1): x r = 6.12, L2 = L3 = 2, m = floor(6.12 + .5) / 4 = 1.5: y = 6 S.
+    # x16 = 5e4 (sub-group 2): x r = 1.02, L2 = L3 = 1, m = floor(4.08 + .5) / 4 = 1: y = S.
+    x = torch.zeros(64)
+    x[0], x[9], x[16] = 4e5, -3e5, 5e4
+    fmt = get_format("hif4")
+    assert fmt.encode(x).tensors()["scales"].item() == (15 + 48) << 2 | 2  # the largest code: 1.5 * 2**15
+    y = fmt.quantize_dequantize(x)
+    assert (y[0].item(), y[9].item(), y[16].item()) == (344064.0, -294912.0, 49152.0)
+    assert_bits_equal(y, reference("hif4", {}, x), x)
+
+
+def test_hif4_clips_the_scale_at_the_bottom():
+    # M1 = 2**-47: S0 = bf16(2**-47 / 7.01...) = 1.140625 * 2**-50 is raised to 2**-48 (inside the old M1
+    # range, this block used to get S = 1.25 * 2**-50 and y0 = 0.9375 * 2**-47). r = 2**48: x0 r = 2 gives
+    # L2 = 1, L3 = 2, m = 1, y0 = 2 S = 2**-47 exactly; x8 r = 0.5 (sub-group 1): m = 0.5, y8 = 2**-49.
+    x = torch.zeros(64)
+    x[0], x[8] = 2.0**-47, -(2.0**-49)
+    fmt = get_format("hif4")
+    assert fmt.encode(x).tensors()["scales"].item() == 0  # exponent -48, the smallest code
+    y = fmt.quantize_dequantize(x)
+    assert (y[0].item(), y[8].item()) == (2.0**-47, -(2.0**-49))
+    # a block far below the range keeps S = 2**-48, so its elements flush to zero (with their sign)
+    z = fmt.quantize_dequantize(x * 2.0**-40)
+    assert (z == 0).all() and torch.signbit(z[8])

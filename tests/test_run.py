@@ -221,23 +221,28 @@ def test_unwritable_output_dir(cli, tmp_path):
 
 
 TABLE1 = ["bf16", "rtn", "svdquant_rtn", "svdquant_gptq", "tsclip", "tsclip_keep_sensitive"]
+# the paper code's calibration and search run at 480x832 on the A14B; 64x64 here keeps the test short
+SMALL = ("++quant.calib_generation.height=64", "++quant.calib_generation.width=64",
+         "++quant.search_generation.height=64", "++quant.search_generation.width=64")
 
 
 def test_paper_table1_sweep_renders_the_papers_layout(cli, tmp_path):
+    # the default: every row with the seed paper code's recipe (recipe=wanexp: wanexp's own, test_paper_code)
     proc = cli("+experiment=paper_table1", "logger=none", "data.calib.num_samples=1", "data.eval.num_samples=1",
-               "model.generation.num_inference_steps=4")
+               "model.generation.num_inference_steps=4", *SMALL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep = next((tmp_path / "outputs" / "multirun").glob("*/*"))
     table = pd.read_csv(sweep / "ablation.csv")
     assert list(table["method"]) == TABLE1  # the six rows, in the paper's order
-    assert set(table["format"]) == {"bf16", "mxfp4(scale_rule=ceil)"}
+    assert set(table["format"]) == {"bf16", "mxfp4(act_scale_rule=ceil,scale_rule=floor,ties=toward_zero)"}
+    assert set(table["recipe"]) == {"paper_code"}
     t = table.set_index("method")
     for m in TABLE1[1:]:  # deltas against the BF16 row of the sweep
         assert t.loc[m, "Δmodel_size_gb"] == pytest.approx(t.loc[m, "model_size_gb"] - t.loc["bf16", "model_size_gb"])
         assert t.loc[m, "Δmodel_size_gb"] < 0 and t.loc[m, "Δlatent_rel_err"] == pytest.approx(t.loc[m, "latent_rel_err"])
-    assert t.loc["tsclip", "bins"] == 4 and t.loc["tsclip", "clip_candidates"] == "0.6,0.7,0.8,0.9,1"
+    assert t.loc["tsclip", "bins"] == 3 and t.loc["tsclip", "clip_candidates"] == "0.6,0.7,0.8,0.9,1 ×2^-1,0,1"
     assert t.loc["tsclip_keep_sensitive", "kept"] == "modules=blocks.*.attn1.to_out.0+blocks.*.ffn.net.2"
-    assert t.loc["svdquant_rtn", "rank"] == 4 and t.loc["rtn", "rank"] == 0
+    assert t.loc["svdquant_rtn", "rank"] == 16 and t.loc["rtn", "rank"] == 0
     md = (sweep / "paper_table1.md").read_text()
     assert md.count("\n| ") == 7  # header + six paper rows
     assert "| BF16 baseline | BF16 | BF16 | – | n/a / 0.806 |" in md  # VBench not run: n/a beside the paper
@@ -249,6 +254,19 @@ def test_paper_table1_sweep_renders_the_papers_layout(cli, tmp_path):
     rows = pd.concat([pd.read_csv(p) for p in sweep.glob("*/results.csv")]).set_index("method")
     assert rows.loc["tsclip", "num_calib_samples"] == 1 and rows.loc["tsclip", "calib_source"] == "data"
     assert not rows.loc["tsclip", "calib_overlaps_eval"] and rows.loc["rtn", "num_calib_samples"] == 0
+    # Ours: searched per bin on the W4A4 generation, cross-attention left at clip 1 in every bin
+    run = next(sweep.glob("*_tsclip_mxfp4"))
+    chosen = json.loads((run / "artifact" / "choices.json").read_text())
+    for expert, layers in chosen.items():
+        for name, c in layers.items():
+            if ".attn2." in name:
+                assert c["clip"] == [1.0, 1.0, 1.0] and "search_err" not in c, name
+            else:
+                assert len(c["clip"]) == 3 and c["search_err"][0] is not None, name
+    # every video, the BF16 twins' too, is generated with freeze_condition_latent: the BF16 row's videos are
+    # the twins the quantized rows are compared with
+    refs = {json.loads((d / "generate.json").read_text())["reference_dir"] for d in sweep.glob("[0-9]_*")}
+    assert len(refs) == 1 and json.loads((run / "wanexp_config.json").read_text())["quant"]["freeze_condition_latent"]
 
 
 def test_a_failing_sweep_point_is_reported_and_the_others_kept(cli, tmp_path):

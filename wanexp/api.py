@@ -199,7 +199,8 @@ def calibrate_and_quantize(pipe, recipe: Recipe | str, prompts: Sequence[str] | 
     from wanexp.run import validate
     from wanexp.stages.calibrate import (SHARED_TRANSIENT, check_schedule, contexts_of, needs_of,
                                          transient_hessians)
-    from wanexp.stages.quantize import artifact_header, method_for, quantize_experts
+    from wanexp.stages.common import calib_generation_cfg
+    from wanexp.stages.quantize import artifact_header, method_for, quantize_experts, w4a4_search
 
     recipe = _recipe(recipe) if isinstance(recipe, str) else recipe
     _require_bf16(pipe)
@@ -211,7 +212,7 @@ def calibrate_and_quantize(pipe, recipe: Recipe | str, prompts: Sequence[str] | 
         raise WanexpError(SHARED_TRANSIENT)
     samples = _samples(prompts, images) if needs_of(cfg) else []
     if samples:
-        check_schedule(pipe, int(cfg.model.generation.num_inference_steps))
+        check_schedule(pipe, int(calib_generation_cfg(cfg)["num_inference_steps"]))
     out = _writable(out)
     merge_loras(pipe, check_specs(lora))
     fingerprint = base_fingerprint(pipe)
@@ -224,8 +225,10 @@ def calibrate_and_quantize(pipe, recipe: Recipe | str, prompts: Sequence[str] | 
         if samples and transient_hessians(cfg):
             swapped, chosen = calib.quantize_transient(method, device)
         else:
-            swapped, chosen = quantize_experts(cfg, pipe, method, calib.stats() if samples else None, contexts, device,
-                                               lambda it, name: bar(it, f"quantize {name}"))
+            swapped, chosen, _ = quantize_experts(cfg, pipe, method, calib.stats() if samples else None, contexts,
+                                                  device, lambda it, name: bar(it, f"quantize {name}"))
+    if method.clip_search and method.clip_search_data == "w4a4_generation":  # the paper code's search data
+        w4a4_search(cfg, pipe, method, contexts, chosen, samples, lambda it: bar(it, "TS-clip search"))
     _activate(pipe, contexts, fingerprint)
     header = artifact_header(cfg, fingerprint, pipe, contexts, method)
     path = save_artifact(out, experts_of(pipe), header) if out is not None else None
@@ -257,11 +260,11 @@ class _Calibration:
     expert in the passes of ``calib_parts``, through the stage's ``collect_pass``; statistics in memory."""
 
     def __init__(self, cfg, pipe, samples, contexts: dict, boundary_dir: Path, bar):
-        from omegaconf import OmegaConf
         from wanexp.calib.trajectory import ExpertSplit
         from wanexp.stages.calibrate import denoise
+        from wanexp.stages.common import calib_generation_cfg
         self.cfg, self.pipe, self.samples, self.contexts, self.bar = cfg, pipe, samples, contexts, bar
-        self.gen, seed = OmegaConf.to_container(cfg.model.generation, resolve=True), int(cfg.seed)
+        self.gen, seed = calib_generation_cfg(cfg), int(cfg.seed)
         self.split = ExpertSplit(pipe, boundary_dir, lambda p, s, cb: denoise(p, s, self.gen, seed, cb))
 
     def passes(self):
@@ -271,10 +274,16 @@ class _Calibration:
                 yield expert, layers
 
     def collect(self, expert: str, layers: list[str]):
-        from wanexp.stages.calibrate import collect_pass, collector_settings, needs_of
-        return collect_pass(self.pipe, expert, layers, self.contexts, needs_of(self.cfg), self.samples, self.split,
-                            int(self.gen["num_inference_steps"]), collector_settings(self.cfg, {}),
-                            lambda it: self.bar(it, f"calibrate {expert}"))
+        from wanexp.quant.methods import MethodConfig
+        from wanexp.stages.calibrate import act_quant_hessian_pass, collect_pass, collector_settings, first_pass_needs
+        steps = int(self.gen["num_inference_steps"])
+        stats = collect_pass(self.pipe, expert, layers, self.contexts, first_pass_needs(self.cfg), self.samples,
+                             self.split, steps, collector_settings(self.cfg, {}),
+                             lambda it: self.bar(it, f"calibrate {expert}"))
+        if MethodConfig.second_pass(self.cfg.quant):  # the paper code's Hessian of Q_A(x/s)
+            act_quant_hessian_pass(self.cfg, self.pipe, self.split, expert, layers, self.contexts, stats, self.samples,
+                                   steps, lambda it: self.bar(it, f"calibrate {expert}: Hessian of Q_A(x/s)"))
+        return stats
 
     def stats(self):
         """Every pass of both experts, merged."""

@@ -1,10 +1,10 @@
 """One run over several processes (``torchrun``, or ``srun`` with torchrun's variables set).
 
-The ranks agree on one run directory and meet at barriers; everything else passes through files:
-rank 0 calibrates and quantizes, every rank generates its own share of the evaluation samples
-(its own manifest shard), and rank 0 evaluates and reports once every shard is in. Only barriers
-and one broadcast cross the process group (gloo: CPU sockets, whatever device the models use), so
-no collective ever carries model data.
+The ranks agree on one run directory and meet at barriers. Calibration is data parallel: every
+rank denoises its share of the calibration samples and the statistics are reduced to rank 0
+through the process group (``wanexp.calib.reduce``: gloo for CPU tensors, NCCL for CUDA tensors);
+rank 0 quantizes, every rank generates its own share of the evaluation samples (its own manifest
+shard), and rank 0 evaluates and reports once every shard is in. Model weights never cross it.
 """
 
 from __future__ import annotations
@@ -65,7 +65,12 @@ def world_from_env(timeout_s: float = 24 * 3600) -> World:
     import torch.distributed as dist
     if not dist.is_initialized():
         import atexit
-        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
+        import torch
+        # objects and CPU tensors over gloo; CUDA tensors (the calibration statistics on the GPU) over NCCL
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():  # NCCL collectives and barriers use this rank's own GPU
+            torch.cuda.set_device(int(env.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=int(env.get("LOCAL_RANK", "0")))
 

@@ -53,9 +53,11 @@ def generation_key(fingerprint: str, gen_cfg: Mapping[str, Any], seed: int) -> s
 
 @torch.no_grad()
 def generate_one(pipe, sample: Sample, gen_cfg: Mapping[str, Any], seed: int,
-                 on_step: Callable[[], Any] | None = None) -> tuple[torch.Tensor, np.ndarray]:
-    """Denoise one sample; returns (latents [1, C, F, H, W] float32 on CPU, video uint8 [F, H, W, 3]).
-    ``on_step`` is called after every denoising step (a heartbeat)."""
+                 on_step: Callable[[], Any] | None = None, decode: bool = True) -> tuple[torch.Tensor, np.ndarray | None]:
+    """Denoise one sample; returns (latents [1, C, F, H, W] float32 on CPU, video uint8 [F, H, W, 3],
+    None with ``decode=False``). ``on_step`` is called after every denoising step (a heartbeat).
+    ``gen_cfg["freeze_condition_latent"]``: after the last step, the first latent frame is reset to
+    the conditioning image's latent (the seed paper code's inference, on by default there)."""
     device = pipe._execution_device
     image = sample.load_image().resize((int(gen_cfg["width"]), int(gen_cfg["height"])))
     kwargs = dict(image=image, prompt=sample.prompt, negative_prompt=gen_cfg.get("negative_prompt") or None,
@@ -67,14 +69,53 @@ def generate_one(pipe, sample: Sample, gen_cfg: Mapping[str, Any], seed: int,
         kwargs["guidance_scale_2"] = float(gen_cfg["guidance_scale_2"])
     if gen_cfg.get("max_sequence_length"):
         kwargs["max_sequence_length"] = int(gen_cfg["max_sequence_length"])
-    if on_step is not None:
-        def step_end(_pipe, _i, _t, tensors):
-            on_step()
+    freeze = bool(gen_cfg.get("freeze_condition_latent"))
+    with _captured_condition(pipe) if freeze else contextlib.nullcontext({}) as captured:
+        def step_end(_pipe, i, _t, tensors):
+            if on_step is not None:
+                on_step()
+            if freeze and i == _pipe.num_timesteps - 1 and "condition" in captured:
+                tensors["latents"] = freeze_first_frame(tensors["latents"], captured["condition"])
             return tensors
-        kwargs["callback_on_step_end"] = step_end
-    latents = pipe(**kwargs).frames
-    video = decode_latents(pipe, latents.to(device))
+        if on_step is not None or freeze:
+            kwargs["callback_on_step_end"] = step_end
+        latents = pipe(**kwargs).frames
+    video = decode_latents(pipe, latents.to(device)) if decode else None
     return latents.float().cpu(), video
+
+
+def freeze_first_frame(latents: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+    """``latents`` with latent frame 0 replaced by the conditioning image's latent, the last ``C``
+    channels of the pipeline's ``condition`` (the mask channels come first)."""
+    out = latents.clone()
+    out[:, :, 0] = condition[:, -latents.shape[1]:, 0].to(out.dtype)
+    return out
+
+
+@contextlib.contextmanager
+def _captured_condition(pipe):
+    """Record the ``condition`` that the I2V pipeline's ``prepare_latents`` returns (mask + VAE latent
+    of the image; diffusers passes it to no callback). Pipelines whose ``prepare_latents`` also returns
+    a first-frame mask (``expand_timesteps``) already put the image latent back after the loop: nothing
+    is recorded for them."""
+    captured: dict[str, torch.Tensor] = {}
+    own = pipe.__dict__.get("prepare_latents")
+    original = pipe.prepare_latents
+
+    def prepare_latents(*args, **kwargs):
+        out = original(*args, **kwargs)
+        if isinstance(out, tuple) and len(out) == 2:
+            captured["condition"] = out[1]
+        return out
+
+    pipe.prepare_latents = prepare_latents
+    try:
+        yield captured
+    finally:
+        if own is None:
+            del pipe.prepare_latents
+        else:
+            pipe.prepare_latents = own
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from wanexp.errors import WanexpError
 from wanexp.io import append_jsonl, atomic_path, flatten, read_json, read_jsonl, write_json, write_text
+from wanexp.stages.common import calib_generation_cfg, generation_cfg  # noqa: F401
 from wanexp.stages.calibrate import calibrate, load_calib_stats  # noqa: F401 (load_calib_stats: for callers)
 from wanexp.stages.quantize import (ARTIFACT, artifact_path, keep_lists, layer_stats, quantize,  # noqa: F401
                                     quantized_pipe)
@@ -124,7 +125,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             if cfg.stage == "all" and state.done(stage):
                 continue
             start = time.perf_counter()
-            info = _STAGE_FUNCS[stage](state) if world.main or stage in PER_RANK else None
+            info = _STAGE_FUNCS[stage](state) if world.main or stage in PER_RANK or stage in ALL_RANKS else None
             if stage in PER_RANK or stage in ("calibrate", "quantize"):
                 world.barrier()  # the next stage needs every rank's files (or rank 0's artifact)
             if stage in PER_RANK and world.main:
@@ -178,6 +179,11 @@ def validate(cfg: DictConfig) -> None:
     qualitative_settings(OmegaConf.to_container(cfg.analysis, resolve=True) if "analysis" in cfg else {})
     if cfg.quant.name not in METHODS:
         raise WanexpError(f"quant={cfg.quant.name} is not implemented; available: {', '.join(METHODS)}")
+    from wanexp.quant.methods import validate_quant_cfg
+    validate_quant_cfg(OmegaConf.to_container(cfg.quant, resolve=True), list(cfg.model.generation))
+    if cfg.quant.get("bin_rule") == "step_fraction" and cfg.expert.policy == "shared":
+        raise WanexpError("quant.bin_rule=step_fraction cuts each expert's own steps; expert=shared has one set "
+                          "of bins over the whole trajectory (use bin_rule=equal_width or quant.bin_edges)")
     if cfg.format.name not in FORMAT_NAMES:
         raise WanexpError(f"format.name={cfg.format.name} is unknown; available: {', '.join(FORMAT_NAMES)}")
     if cfg.expert.policy not in ("per_expert", "shared"):
@@ -241,7 +247,7 @@ def _check_same_config(cfg: DictConfig, run_dir: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 def reference_dir(state: Run) -> Path:
     from wanexp.generate import generation_key
-    gen = OmegaConf.to_container(state.cfg.model.generation, resolve=True)
+    gen = generation_cfg(state.cfg)
     return Path(state.cfg.paths.reference_cache) / generation_key(state.fingerprint, gen, int(state.cfg.seed))
 
 
@@ -252,7 +258,7 @@ def generate(state: Run) -> None:
 
     cfg, world = state.cfg, state.world
     samples = world.shard(state.splits.eval)
-    gen = OmegaConf.to_container(cfg.model.generation, resolve=True)
+    gen = generation_cfg(cfg)
     ref_dir, quant_dir, shard = reference_dir(state), state.run_dir, manifest_name(world.rank, world.size)
 
     def make_reference():
@@ -415,10 +421,10 @@ def results_row(state: Run, evals: dict, gen: dict) -> dict:
     fid = evals["fidelity"]
     secs = gen.get("quant_sec_per_video")
     row = {
-        "method": cfg.quant.name, "format": format_label(cfg.format) if cfg.quant.name != "bf16" else "bf16",
+        "method": cfg.quant.name, "recipe": cfg.quant.get("recipe"),
+        "format": format_label(cfg.format) if cfg.quant.name != "bf16" else "bf16",
         "expert_policy": cfg.expert.policy, "bins": int(cfg.quant.get("bins", 1)),
-        "clip_candidates": (",".join(f"{float(c):g}" for c in cfg.quant.clip_candidates)
-                            if cfg.quant.get("clip_search") else None),
+        "clip_candidates": _candidates_label(cfg.quant) if cfg.quant.get("clip_search") else None,
         "rank": int(cfg.quant.get("rank", 0) or 0), "kept": kept_label(cfg),
         "seed": int(cfg.seed), "model": cfg.model.name, "data": cfg.data.name, "num_videos": fid.get("num_videos"),
         "psnr": fid.get("psnr"), "ssim": fid.get("ssim"), "latent_rel_err": fid.get("latent_rel_err"),
@@ -442,6 +448,13 @@ def results_row(state: Run, evals: dict, gen: dict) -> dict:
         "overrides": _overrides(run_dir), "run_dir": str(run_dir),
     })
     return row
+
+
+def _candidates_label(quant) -> str:
+    """``0.6,0.7,0.8,0.9,1``, with ``×2^-1,0,1`` when exponent shifts multiply the set (the paper code's 15)."""
+    label = ",".join(f"{float(c):g}" for c in quant.clip_candidates)
+    shifts = [int(k) for k in quant.get("exp_shifts") or [0]]
+    return label if shifts == [0] else f"{label} ×2^{','.join(map(str, shifts))}"
 
 
 def _fps(gen: dict, secs: float | None) -> float | None:
@@ -551,3 +564,6 @@ _STAGE_FUNCS = {"calibrate": calibrate, "quantize": quantize, "generate": genera
 # Stages every rank runs on its own share of the samples, with what rank 0 does once all shards
 # are in; the other stages run on rank 0 alone.
 PER_RANK = {"generate": generation_summary}
+# Stages every rank takes part in, rank 0 recording the result: calibration is data parallel
+# (each rank denoises its share of the calibration samples; wanexp.calib.reduce combines them).
+ALL_RANKS = ("calibrate",)

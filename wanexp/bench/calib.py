@@ -140,8 +140,7 @@ def one_setting(setting: dict, common: list[str], work: Path, log: Callable[[str
         f"host peak {out['calibrate']['host_peak_bytes'] / GB:.1f} GB, wrote {out['calibrate']['bytes_written'] / GB:.2f} GB")
     if quantize:
         _, out["quantize"] = measure(lambda: quantize_stage(state), (root,))
-        choices = json.loads((run_dir / "artifact" / "choices.json").read_text())
-        out["layer_seconds"] = {e: {n: c.get("seconds") for n, c in layers.items()} for e, layers in choices.items()}
+        out["layer_seconds"] = json.loads((run_dir / "artifact" / "layer_seconds.json").read_text())
         log(f"{name}: quantize {out['quantize']['seconds']:.1f} s, GPU peak {out['quantize']['gpu_peak_bytes'] / GB:.1f} GB")
     del state
     import gc

@@ -11,6 +11,8 @@ of steps except the optional bounded token sample:
 
 Which statistics are kept is the method's choice (``needs``); the timestep bin comes from the
 expert's TimestepContext, set by the runner's timestep hook before each expert forward.
+``hessian_input`` (layer → function of x) accumulates the Hessian of a transform of the input instead
+(the seed paper code's ``Q_A(x / s)``, recorded in a second pass once the smoothing s is known).
 
 Everything accumulates on the device the activations are on (the GPU at A14B size: no per-call
 copy to the host) and goes to the CPU only when saved. Layers that read the same input tensor
@@ -32,7 +34,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -262,7 +264,8 @@ class ActivationCollector:
     def __init__(self, expert: str, model: nn.Module, layers: Iterable[str], context: TimestepContext,
                  needs: Iterable[str], stats: CalibStats, max_tokens: int = 256, seed: int = 0,
                  trace_layers: Iterable[str] = (), trace_percentile: float = 99.9, trace_tokens: int = 16384,
-                 hessian_stride: int = 1, share_inputs: bool = True, gram_tile: int = 512):
+                 hessian_stride: int = 1, share_inputs: bool = True, gram_tile: int = 512,
+                 hessian_input: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None):
         unknown = set(needs) - set(STATS)
         if unknown:
             raise ValueError(f"unknown calibration statistics {sorted(unknown)}; known: {STATS}")
@@ -270,6 +273,10 @@ class ActivationCollector:
             raise ValueError(f"hessian_stride must be >= 1, got {hessian_stride}")
         self.expert, self.context, self.needs, self.stats = expert, context, set(needs), stats
         self.max_tokens, self.seed, self.hessian_stride, self.gram_tile = max_tokens, seed, int(hessian_stride), gram_tile
+        # per-layer transform of the input before its Hessian (the paper code's Q_A(x / s)): each layer
+        # has its own, so layers then keep records of their own
+        self.hessian_input = dict(hessian_input or {})
+        share_inputs = share_inputs and not self.hessian_input
         self.generators: dict[torch.device, torch.Generator] = {}
         self.seen: dict[tuple[str, str, int], int] = {}
         self.calls: dict[str, int] = {}
@@ -342,11 +349,12 @@ class ActivationCollector:
         if "sumsq" in self.needs:
             d["sumsq"] = d.get("sumsq", 0) + x.float().square().sum(dim=0).double()
         if "hessian" in self.needs:  # pooled over bins: GPTQ uses one Hessian, and [in, in] per bin would not fit at A14B size
+            h = self.hessian_input[layer](x) if layer in self.hessian_input else x
             gram = pooled.get("hessian")
             if gram is None:
-                gram = pooled["hessian"] = PackedGram(x.shape[1], x.device, self.gram_tile)
+                gram = pooled["hessian"] = PackedGram(h.shape[1], h.device, self.gram_tile)
             calls = self.calls[layer] = self.calls.get(layer, -1) + 1
-            gram.add(x[calls % self.hessian_stride::self.hessian_stride] if self.hessian_stride > 1 else x)
+            gram.add(h[calls % self.hessian_stride::self.hessian_stride] if self.hessian_stride > 1 else h)
         if "tokens" in self.needs:
             self._reservoir(key, d, x)
         if layer in self.traces and self.context.timestep is not None:

@@ -28,12 +28,17 @@ from wanexp.models.experts import boundary_timestep, experts
 from wanexp.quant.context import TimestepBins, TimestepContext, expert_bins, schedule_bins
 
 
-def expert_steps(pipe, num_inference_steps: int, device=None) -> dict[str, list[float]]:
-    """The denoising timesteps each expert runs (the pipeline's own schedule and comparison)."""
+def schedule(pipe, num_inference_steps: int) -> list[float]:
+    """The timesteps the pipeline's scheduler visits in ``num_inference_steps`` steps (on a copy)."""
     sched = copy.deepcopy(pipe.scheduler)
     sched.set_timesteps(int(num_inference_steps), device="cpu")
+    return [float(t) for t in sched.timesteps]
+
+
+def expert_steps(pipe, num_inference_steps: int, device=None) -> dict[str, list[float]]:
+    """The denoising timesteps each expert runs (the pipeline's own schedule and comparison)."""
     boundary = boundary_timestep(pipe)
-    ts = [float(t) for t in sched.timesteps]
+    ts = schedule(pipe, num_inference_steps)
     return {"high_noise": [t for t in ts if t >= boundary], "low_noise": [t for t in ts if t < boundary]}
 
 

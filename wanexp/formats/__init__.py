@@ -43,7 +43,7 @@ _META_KEY = "wanexp.formats"
 
 
 def get_format(name: str, **options: Any) -> NumberFormat:
-    """A format by name with its options (e.g. ``group_size``, ``scale_rule``, ``scale_dtype``)."""
+    """A format by name with its options (e.g. ``group_size``, ``scale_rule``, ``scale_dtype``, ``ties``)."""
     if name not in _FACTORIES:
         raise ValueError(f"unknown number format {name!r}; expected one of {list(FORMAT_NAMES)}")
     try:

@@ -29,6 +29,13 @@ import torch.nn.functional as F
 
 # Bumped if the layout of PackedTensor.tensors() ever changes; decode refuses other versions.
 PACK_VERSION = 1
+# Formats whose own layout changed since: hif4 2 = the E6M2 group scale's exponent bias became 48 when
+# FORMATS.md (2026-12-01) moved the clip from M1 to S0 (S in [2**-48, 49152]).
+PACK_VERSIONS = {"hif4": 2}
+
+
+def pack_version(fmt: str) -> int:
+    return PACK_VERSIONS.get(fmt, PACK_VERSION)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
            "float64": torch.float64}
@@ -174,13 +181,13 @@ class PackedTensor:
 
     def meta(self) -> dict[str, Any]:
         return {"format": self.format, "options": dict(self.options), "shape": list(self.shape),
-                "dtype": dtype_name(self.dtype), "version": PACK_VERSION}
+                "dtype": dtype_name(self.dtype), "version": pack_version(self.format)}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "PackedTensor":
-        if meta.get("version") != PACK_VERSION:
-            raise ValueError(f"packed tensor layout version {meta.get('version')!r} is not "
-                             f"{PACK_VERSION}; it was written by another wanexp")
+        if meta.get("version") != pack_version(meta.get("format")):
+            raise ValueError(f"packed {meta.get('format')} tensor layout version {meta.get('version')!r} is not "
+                             f"{pack_version(meta.get('format'))}; it was written by another wanexp")
         return cls(format=meta["format"], options=dict(meta["options"]), shape=tuple(meta["shape"]),
                    dtype=dtype_from_name(meta["dtype"]), data=dict(tensors))
 

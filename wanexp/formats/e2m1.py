@@ -2,6 +2,12 @@
 
 Magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6; code = sign << 3 | index into that list (OCP MX v1.0 and
 NVIDIA use this encoding, so code 0b1000 is -0).
+
+Rounding (``ties`` option of the E2M1 formats): ``"even"`` (default, OCP) sends a value halfway
+between two grid points to the one whose mantissa bit is 0; ``"toward_zero"`` sends it to the
+smaller magnitude (0.75 -> 0.5, 1.75 -> 1.5, 3.5 -> 3), as the seed paper's public code does (its
+encoder buckets |x| against the midpoints with the midpoint itself in the lower bucket). The two
+differ only on the three midpoints whose even neighbour is the larger one: 0.75, 1.75 and 3.5.
 """
 
 from __future__ import annotations
@@ -12,10 +18,12 @@ from .base import NumberFormat, pack_nibbles, unpack_nibbles
 
 E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 E2M1_MAX = 6.0
+TIES = ("even", "toward_zero")
 
 
-def round_e2m1(x: torch.Tensor) -> torch.Tensor:
-    """Round to the signed E2M1 grid: nearest, ties to even mantissa, saturating at +-6.
+def round_e2m1(x: torch.Tensor, ties: str = "even") -> torch.Tensor:
+    """Round to the signed E2M1 grid: nearest, ties to even mantissa (or ``ties="toward_zero"``:
+    to the smaller magnitude), saturating at +-6.
 
     The grid spacing is 0.5 below 2, 1 in [2, 4) and 2 from 4 on, so rounding x/spacing to an
     integer with torch.round (ties to even) is exactly E2M1's ties-to-even rule: an even multiple
@@ -26,7 +34,13 @@ def round_e2m1(x: torch.Tensor) -> torch.Tensor:
     a = x.abs()
     step = torch.where(a < 2, 0.5, torch.where(a < 4, 1.0, 2.0))
     # in place on our own temporary: each full-size allocation costs as much as the arithmetic
-    return a.div_(step).round_().mul_(step).clamp_(max=E2M1_MAX).copysign_(x)
+    a = a.div_(step)
+    if ties == "even":
+        a = a.round_()
+    else:  # ceil(v - 1/2) rounds halves down. v - 1/2 is exact for 1/2 <= v < 2**23 (both are multiples
+        # of v's ulp); below 1/2 it lies in [-1/2, 0) and ceils to -0; above 2**23 saturation decides
+        a = a.sub_(0.5).ceil_()
+    return a.mul_(step).clamp_(max=E2M1_MAX).copysign_(x)
 
 
 def e2m1_codes(q: torch.Tensor) -> torch.Tensor:
@@ -44,9 +58,20 @@ def e2m1_values(codes: torch.Tensor) -> torch.Tensor:
 
 
 class E2M1Format(NumberFormat):
-    """Shared packing for the formats whose elements are E2M1 codes, two a byte."""
+    """Shared rounding and packing for the formats whose elements are E2M1 codes, two a byte."""
 
     element_bits = 4
+
+    def __init__(self, ties: str = "even", **options) -> None:
+        if ties not in TIES:
+            raise ValueError(f"{self.name}: ties must be one of {TIES}, got {ties!r}")
+        # the default is left out of the options so packed tensors written before the option existed
+        # still decode with the same options
+        super().__init__(**options, **({} if ties == "even" else {"ties": ties}))
+        self.ties = ties
+
+    def _round(self, v: torch.Tensor) -> torch.Tensor:
+        return round_e2m1(v, self.ties)
 
     def grid_values(self) -> torch.Tensor:
         return torch.tensor(E2M1_GRID)

@@ -2,8 +2,8 @@
 
 A group of 64 elements is 8 sub-groups of 8, each 2 micro-groups of 4, viewed as (8, 2, 4):
 
-    M1 = clip(rho * max|x| of the 64, 2**-48, 49152)
-    S0 = bf16(bf16(M1) * bf16(1/7))
+    M1 = rho * max|x| of the 64                              (fp32; rho = 1 unless clip_ratio is given)
+    S0 = clip(bf16(M1 * bf16(1/7)), 2**-48, 49152)          (the product in fp32, M1 not rounded first)
     S  = S0 rounded to 8 significant bits, then to 2 fractional mantissa bits (ties to even)
     r  = bf16(1 / S)
     L2 = 2 if M2 * r >= 4 else 1          per sub-group (M2 its max |x|)
@@ -11,15 +11,22 @@ A group of 64 elements is 8 sub-groups of 8, each 2 micro-groups of 4, viewed as
     m  = min(floor(4 * |x| * r / (L2 * L3) + 0.5) / 4, 1.75)     (fp32, in that order)
     y  = sign(x) * m * L2 * L3 * S
 
-The bf16 roundings are part of the format. ``clip_ratio`` scales M1 only (the group scale); L2/L3
-still look at the unclipped sub-group maxima. The sign is x's sign bit: a small negative x gives -0
+This is what the HiF4 challenge library's GPU kernel computes on bf16 tensors (and its python
+reference on fp32 ones), as FORMATS.md states it since 2026-12-01: it is the group scale S0 that is
+clipped, not the block max, so a group whose max lies above 7 * 49152 saturates at 7 * 49152 and one
+below 7 * 2**-48 gets S = 2**-48. The bf16 roundings are part of the format.
+
+``clip_ratio``: the challenge library has none for HiF4 (it ignores a clip ratio). wanexp multiplies
+M1 by it, in fp32, before the product (so clip_ratio = 1, the default, is exactly the library); only
+the group scale moves: L2/L3 still look at the unclipped sub-group maxima, against the smaller r. The sign is x's sign bit: a small negative x gives -0
 (as in the worked example) and so does -0.0 itself. (The challenge library multiplies by
 torch.sign(x), which turns -0.0 into +0; the values are equal, but keeping the bit lets
 ``encode(quantize_dequantize(x))`` reproduce its input bit for bit, which GPTQ's storage relies on.)
 
 Storage per 64 elements (4.5 bits/element): ``codes`` uint8, two 4-bit (sign, m * 4) codes a byte;
-``scales`` uint8 E6M2: (e + 51) << 2 | 2-bit mantissa, the exponent bias chosen so that the clip
-range above, S in [1.25 * 2**-51, 1.75 * 2**12], uses exactly the 64 exponents; ``l2`` uint8, bit j
+``scales`` uint8 E6M2: (e + 48) << 2 | 2-bit mantissa, the exponent bias chosen so that the clip
+range above, S in [2**-48, 1.5 * 2**15], uses exactly the 64 exponents (layout version 2; the
+version-1 layout of the earlier M1 clip had bias 51); ``l2`` uint8, bit j
 = L2 of sub-group j is 2; ``l3`` uint8 x 2, bit (2j + k) = L3 of micro-group k of sub-group j is 2.
 """
 
@@ -30,10 +37,10 @@ import torch
 from .base import (NumberFormat, block_amax, floor_log2, pack_bits, pack_nibbles, pow2, scaled, unpack_bits,
                    unpack_nibbles)
 
-M1_MIN, M1_MAX = 2.0**-48, 49152.0
+S_MIN, S_MAX = 2.0**-48, 49152.0  # the clip range of the group scale S0
 BF16_ONE_SEVENTH = 0.142578125  # bf16(1/7): 146/1024
 M_MAX = 1.75
-E6M2_BIAS = 51
+E6M2_BIAS = 48
 
 
 def bf16(x: torch.Tensor) -> torch.Tensor:
@@ -68,8 +75,8 @@ class HiF4(NumberFormat):
         M3 = block_amax(v)  # (*lead, nb, 8, 2, 1)
         M2 = M3.amax(-2, keepdim=True)  # (*lead, nb, 8, 1, 1)
         group_max = M2.amax(-3, keepdim=True)  # (*lead, nb, 1, 1, 1)
-        M1 = scaled(group_max, rho).clamp(M1_MIN, M1_MAX)
-        S = bf16(bf16(M1) * BF16_ONE_SEVENTH)
+        M1 = scaled(group_max, rho)
+        S = bf16(M1 * BF16_ONE_SEVENTH).clamp_(S_MIN, S_MAX)  # fp32 product (a representable scalar)
         S = round_significant(S, 7)  # a no-op on a bf16 value; kept because the spec has it
         S = round_significant(S, 2)  # to E6M2
         r = bf16(torch.ones_like(S) / S)  # a true division on every device (see base.div)

@@ -8,6 +8,12 @@ Scale rules (``scale_rule`` option):
   6 * 2**e >= rho * amax, which never saturates at rho = 1.
 
 An all-zero block gets e = 0 (E8M0 code 127); e is clamped to E8M0's [-127, 127].
+``ties``: E2M1 rounding of the elements, ``"even"`` (default) or ``"toward_zero"`` (the seed paper's
+code; see :mod:`.e2m1`).
+
+Exponent shift = clip ratio times a power of two: the seed paper's code tries shifting the shared
+exponent by k (``e + k``); since floor/ceil(log2(2**k * rho * amax)) = k + floor/ceil(log2(rho * amax))
+and scaling by 2**k is exact in fp32, that is exactly ``clip_ratio = rho * 2**k`` here.
 Storage: ``codes`` uint8 (two E2M1 codes a byte), ``scales`` uint8 E8M0 (e + 127).
 """
 
@@ -16,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from .base import block_amax, floor_log2, pow2, scaled
-from .e2m1 import E2M1Format, round_e2m1
+from .e2m1 import E2M1Format
 
 E8M0_BIAS = 127
 
@@ -26,10 +32,10 @@ class MXFP4(E2M1Format):
     block_size = 32
     scale_bits = 8
 
-    def __init__(self, scale_rule: str = "floor") -> None:
+    def __init__(self, scale_rule: str = "floor", ties: str = "even") -> None:
         if scale_rule not in ("floor", "ceil"):
             raise ValueError(f"mxfp4: scale_rule must be 'floor' or 'ceil', got {scale_rule!r}")
-        super().__init__(scale_rule=scale_rule)
+        super().__init__(ties, scale_rule=scale_rule)
         self.scale_rule = scale_rule
 
     def _scales(self, v, rho):
@@ -46,7 +52,7 @@ class MXFP4(E2M1Format):
         return {"X": pow2(e), "amax": block_max}
 
     def _quantize(self, v, s):
-        return round_e2m1(v / s["X"])  # dividing by a power of two is exact
+        return self._round(v / s["X"])  # dividing by a power of two is exact
 
     def _dequantize(self, q, s):
         return q * s["X"]

@@ -14,6 +14,8 @@ tensor, e.g. ``W.abs().amax()`` of the layer's weight before GPTQ) to ``block_st
 ``quantize_dequantize`` and ``encode`` alike to fix it for the whole layer; activations can pass
 a calibrated value the same way (block scales above 448 * s_tensor then saturate at 448).
 
+``ties``: E2M1 rounding, ``"even"`` (default) or ``"toward_zero"`` (see :mod:`.e2m1`).
+
 Storage: ``codes`` uint8 (two E2M1 codes a byte), ``scales`` torch.float8_e4m3fn per block,
 ``tensor_scale`` fp32 0-dim.
 """
@@ -23,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from .base import block_amax, div, safe_divisor, scaled
-from .e2m1 import E2M1_MAX, E2M1Format, round_e2m1
+from .e2m1 import E2M1_MAX, E2M1Format
 
 E4M3_MAX = 448.0
 
@@ -33,8 +35,8 @@ class NVFP4(E2M1Format):
     block_size = 16
     scale_bits = 8
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, ties: str = "even") -> None:
+        super().__init__(ties)
 
     def _scales(self, v, rho, tensor_amax=None):
         block_max = block_amax(v)
@@ -50,7 +52,7 @@ class NVFP4(E2M1Format):
         return {"d": s_e4m3 * s_t, "s_e4m3": s_e4m3, "s_tensor": s_t, "amax": block_max}
 
     def _quantize(self, v, s):
-        return round_e2m1(v / safe_divisor(s["d"]))
+        return self._round(v / safe_divisor(s["d"]))
 
     def _dequantize(self, q, s):
         return q * s["d"]

@@ -3,7 +3,8 @@
 :class:`wanexp.quant.linear.QuantLinear` calls :func:`fused_forward` when :func:`can_fuse` says
 yes: the input is on CUDA, Triton imports, weights and activations are both MXFP4, the compute
 dtype is bf16, ``in_features`` is a multiple of 128 and the fused path is enabled. Anything else
-(CPU, other formats, W4A16, odd shapes) runs the reference forward, unchanged.
+(CPU, other formats, W4A16, odd shapes, activations rounded with ``ties="toward_zero"``, which the
+kernel's RNE does not do) runs the reference forward, unchanged.
 
 Switches, so one process can time both paths:
 
@@ -88,7 +89,8 @@ def supports_layer(layer) -> bool:
     return (meta is not None and meta["format"] == "mxfp4" and act is not None and act.get("name") == "mxfp4"
             and layer.compute_dtype == torch.bfloat16 and layer.in_features % 128 == 0
             and list(meta["shape"]) == [layer.out_features, layer.in_features]
-            and getattr(layer.act_format, "scale_rule", None) in ("floor", "ceil"))
+            and getattr(layer.act_format, "scale_rule", None) in ("floor", "ceil")
+            and getattr(layer.act_format, "ties", "even") == "even")  # ties toward zero: reference path
 
 
 def can_fuse(layer, x: torch.Tensor) -> bool:

@@ -8,7 +8,7 @@ clip ratio from its table. No globals: two experts, two contexts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 
 
@@ -75,6 +75,40 @@ def expert_bins(boundary: float, num_train_timesteps: float, num_bins: int | Seq
         return {k: TimestepBins(tuple(sorted(float(e) for e in v))) for k, v in edges.items()}
     ranges = {"high_noise": (boundary, num_train_timesteps, int(per[0])), "low_noise": (0.0, boundary, int(per[1]))}
     return {k: schedule_bins((steps or {}).get(k, ()), lo, hi, n) for k, (lo, hi, n) in ranges.items()}
+
+
+def step_fraction_bins(timesteps: Sequence[float], boundary: float,
+                       fractions: Mapping[str, Sequence[float]]) -> dict[str, TimestepBins]:
+    """The seed paper code's bins: within each expert's own steps of the schedule (high-noise:
+    t >= boundary, as the pipeline switches), step i of n is in bin k = the number of cut fractions
+    f with i / n >= f (the code's ``r < f`` tests in order), e.g. cuts (0.33, 0.66) at 0.33 and 0.66
+    of the expert's steps. Returned as timestep edges (midway between the neighbouring steps of two
+    bins) so inference looks the bin up from the timestep alone; an empty bin gets an edge at its
+    neighbour's last step, so no step falls into it."""
+    split = {"high_noise": [float(t) for t in timesteps if float(t) >= boundary],
+             "low_noise": [float(t) for t in timesteps if float(t) < boundary]}
+    return {expert: _fraction_edges(sorted(ts, reverse=True), [float(f) for f in fractions[expert]])
+            for expert, ts in split.items()}
+
+
+def step_bin(i: int, n: int, cuts: Sequence[float]) -> int:
+    """Bin of step ``i`` of an expert's ``n`` steps under the cut fractions (``i / n < cut`` is below it)."""
+    return sum(1 for c in cuts if i / n >= c)
+
+
+def _fraction_edges(ts: list[float], cuts: list[float]) -> TimestepBins:
+    if sorted(cuts) != cuts or not all(0 < c < 1 for c in cuts):
+        raise ValueError(f"bin cut fractions must be ascending, inside (0, 1): got {cuts}")
+    bins = [step_bin(i, len(ts), cuts) for i in range(len(ts))]
+    edges = []
+    for k in range(1, len(cuts) + 1):  # between bins < k (larger t) and bins >= k
+        above = [t for t, b in zip(ts, bins) if b < k]
+        below = [t for t, b in zip(ts, bins) if b >= k]
+        if above and below:
+            edges.append((min(above) + max(below)) / 2)
+        else:  # no step on one side (or none at all): the edge just below the larger-t steps
+            edges.append(min(above) if above else (max(below) + 1 if below else 0.0))
+    return TimestepBins(tuple(sorted(edges)))
 
 
 @dataclass

@@ -17,6 +17,19 @@ papers are compositions of four steps:
 | tsclip            | max, α searched      | r    | GPTQ     | searched per bin      |
 | hif4_tailaware    | percentile p, α fixed| 0    | RTN      | 1.0                   |
 
+The seed paper's public code makes other choices at several of these steps; each is a knob here
+(``conf/quant/*_paper_code.yaml`` set them all, README "The seed paper code's recipe"):
+
+| knob               | wanexp (default)                           | the paper code                                   |
+|--------------------|--------------------------------------------|--------------------------------------------------|
+| ``alpha``, ``rank`` | α searched in a grid, r = the model's      | α = 0.5, r = 16                                  |
+| ``hessian_input``  | ``smoothed``: diag(1/s) XᵀX diag(1/s)       | ``smoothed_act_quant``: Σ Q_A(x/s)ᵀ Q_A(x/s), clip 1 (a second calibration pass) |
+| ``gptq.static_groups`` | false: scales as GPTQ reaches a block  | true: from the original residual                 |
+| ``exp_shifts``     | [0]                                        | [-1, 0, 1]: 15 candidates with the 5 clip ratios |
+| ``clip_search_data`` | ``calib_tokens``: the BF16 calibration token sample of each bin | ``w4a4_generation``: the inputs of one W4A4 CFG generation (:mod:`wanexp.quant.clip_search`) |
+| ``clip_metric``    | ``bf16_output``: ‖x Wᵀ − Ŷ(x; ρ)‖²          | ``wq_output_rel``: relative to the weight-quantized layer |
+| ``clip_exclude``   | []                                         | [blocks.*.attn2]: cross-attention keeps ρ = 1     |
+
 Everything here is plain torch on tensors; the runner feeds the statistics per expert (or pooled
 over both experts for the ``shared`` policy).
 """
@@ -30,7 +43,9 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from wanexp.errors import WanexpError
 from wanexp.formats import NumberFormat, get_format
+from wanexp.quant.clip_search import candidates, ratio, relative_errors, searched
 from wanexp.quant.linear import QuantLinear
 from wanexp.quant.lowrank import split_lowrank
 from wanexp.quant.smooth import (apply_to_weight, channel_percentile, smooth_hessian, smoothquant_scales,
@@ -71,10 +86,16 @@ class MethodConfig:
     gptq: dict = field(default_factory=dict)       # block_size, damp, act_order, static_groups
     clip_search: bool = False
     clip_candidates: Sequence[float] = (0.6, 0.7, 0.8, 0.9, 1.0)
+    exp_shifts: Sequence[int] = (0,)               # shared-exponent shifts tried with every clip ratio
+    clip_search_data: str = "calib_tokens"         # "calib_tokens" | "w4a4_generation" (the run's W4A4 pass)
+    clip_metric: str = "bf16_output"               # "bf16_output" | "wq_output_rel"
+    clip_exclude: Sequence[str] = ()               # layers that keep ρ = 1 (module patterns)
+    hessian_input: str = "smoothed"                # "smoothed" | "smoothed_act_quant"
     num_bins: int = 1
     compute_dtype: torch.dtype = torch.bfloat16
     stats: dict[str, LayerStats] = field(default_factory=dict)        # layer name → statistics
     report: dict[str, dict] = field(default_factory=dict)             # layer name → what was chosen
+    seconds: dict[str, float] = field(default_factory=dict)           # layer name → seconds its build took
 
     # -- what calibration must record -----------------------------------------------------
     @staticmethod
@@ -84,9 +105,35 @@ class MethodConfig:
             need |= {"absmax", "tokens"}
         if quant_cfg.get("residual") == "gptq":
             need.add("hessian")
-        if quant_cfg.get("clip_search"):
+        if quant_cfg.get("clip_search") and quant_cfg.get("clip_search_data", "calib_tokens") == "calib_tokens":
             need.add("tokens")
         return sorted(need)
+
+    @staticmethod
+    def second_pass(quant_cfg: Mapping[str, Any]) -> bool:
+        """Whether the Hessian is of the smoothed, activation-quantized inputs, which needs the smoothing
+        vector, i.e. a first calibration pass's maxima (the paper code's GPTQ input)."""
+        return quant_cfg.get("residual") == "gptq" and quant_cfg.get("hessian_input", "smoothed") == "smoothed_act_quant"
+
+    @torch.no_grad()
+    def hessian_input_fn(self, linear: nn.Linear, stats: LayerStats):
+        """``x ↦ Q_A(x / s; ρ = 1)`` for the second calibration pass: what the residual GEMM of this layer
+        will see at clip 1, smoothed and rounded as :meth:`QuantLinear.reference_forward` does."""
+        s, _ = self._smoothing(linear.weight.detach().float(), stats)
+        fmt = get_format(self.act_format["name"], **self.act_format.get("opts", {}))
+        s = s.to(linear.weight.device)
+
+        def transform(x: torch.Tensor) -> torch.Tensor:
+            xs = (x.to(self.compute_dtype).float() / s).to(self.compute_dtype)
+            return fmt.quantize_dequantize(xs, check_finite=False).float()
+        return transform
+
+    def search_candidates(self) -> list[tuple[float, int]]:
+        return candidates(self.clip_candidates, self.exp_shifts)
+
+    def searches(self, name: str) -> bool:
+        """Whether TS-clip searches this layer (``clip_exclude`` aside, every quantized one)."""
+        return self.clip_search and bool(searched([name], self.clip_exclude))
 
     # -- formats --------------------------------------------------------------------------
     def _wfmt(self) -> NumberFormat:
@@ -107,12 +154,12 @@ class MethodConfig:
         layer = QuantLinear(linear.in_features, linear.out_features, weight=packed, bias=linear.bias,
                             act_format=self.act_format, smooth=s,
                             lowrank=None if l1 is None else (l1, l2), compute_dtype=self.compute_dtype)
-        self._clip_table(layer, w, stats)
-        chosen["clip"] = [round(r, 4) for r in layer.clip_table.tolist()]
+        self._clip_table(name, layer, w, stats)
+        chosen["clip"] = [round(r, 6) for r in layer.clip_table.tolist()]
         chosen.update(self.sensitivity(layer, w, stats))
         if w.is_cuda:
             torch.cuda.synchronize(w.device)
-        chosen["seconds"] = round(time.perf_counter() - start, 4)  # what building this layer cost
+        self.seconds[name] = round(time.perf_counter() - start, 4)  # what building this layer cost
         self.report[name] = chosen
         return layer
 
@@ -189,7 +236,8 @@ class MethodConfig:
         if stats.hessian is None:
             raise ValueError("GPTQ needs the Hessian of the layer inputs from calibration")
         from wanexp.quant.gptq import gptq
-        h = stats.hessian if s is None else smooth_hessian(stats.hessian, s)
+        # smoothed_act_quant: calibration already recorded Σ Q_A(x/s)ᵀ Q_A(x/s), the smoothed space
+        h = stats.hessian if s is None or self.hessian_input == "smoothed_act_quant" else smooth_hessian(stats.hessian, s)
         options = dict(self.gptq)
         # a GPTQ block wider than the layer is just the layer (rounded up to whole format blocks)
         fb = max(1, int(fmt.block_size or 1))
@@ -208,22 +256,30 @@ class MethodConfig:
                             clip_table=torch.ones(1, device=w.device))
         return layer_error(layer, tokens, w)
 
-    def _clip_table(self, layer: QuantLinear, w: torch.Tensor, stats: LayerStats) -> list[float]:
-        """TS-clip (paper A, step 4): per bin, the candidate ρ with the least output error on that bin's tokens."""
+    def _clip_table(self, name: str, layer: QuantLinear, w: torch.Tensor, stats: LayerStats) -> torch.Tensor:
+        """TS-clip (paper A, step 4): per bin, the candidate ρ · 2**k with the least output error on that
+        bin's calibration tokens. With ``clip_search_data=w4a4_generation`` the table stays 1 here: the
+        run fills it from its W4A4 pass once every layer is quantized (:mod:`wanexp.quant.clip_search`)."""
         table = [1.0] * self.num_bins
-        if not self.clip_search or layer.act_format is None:
-            return table
+        if self.clip_search and layer.act_format is not None:
+            layer.set_clip_table(table)  # one entry per bin, also where ρ stays 1
+        if not self.searches(name) or layer.act_format is None or self.clip_search_data != "calib_tokens":
+            return torch.tensor(table, device="cpu")
+        ratios = [ratio(c) for c in self.search_candidates()]
         for b in range(self.num_bins):
             tokens = stats.tokens.get(b)
             if tokens is None or tokens.shape[0] == 0:
                 continue  # a bin calibration never visited keeps ρ = 1 (no clipping)
-            errors = []
-            for rho in self.clip_candidates:
-                layer.set_clip_table([float(rho)] * self.num_bins)
-                errors.append(layer_error(layer, tokens, w))
-            table[b] = float(self.clip_candidates[min(range(len(errors)), key=errors.__getitem__)])
+            if self.clip_metric == "wq_output_rel":
+                errors = relative_errors(layer, tokens, ratios).tolist()
+            else:
+                errors = []
+                for rho in ratios:
+                    layer.set_clip_table([float(rho)] * self.num_bins)
+                    errors.append(layer_error(layer, tokens, w))
+            table[b] = float(ratios[min(range(len(errors)), key=errors.__getitem__)])
         layer.set_clip_table(table)
-        return table
+        return torch.tensor(table, device="cpu")
 
 
 @torch.no_grad()
@@ -279,5 +335,48 @@ def method_config(quant_cfg: Mapping[str, Any], fmt_cfg: Mapping[str, Any], num_
         rank=int(quant_cfg.get("rank", 0) or 0), residual=str(quant_cfg.get("residual", "rtn")),
         lowrank_solver=str(quant_cfg.get("lowrank_solver") or "svd"),
         gptq=dict(quant_cfg.get("gptq") or {}), clip_search=bool(quant_cfg.get("clip_search", False)),
-        clip_candidates=[float(c) for c in quant_cfg.get("clip_candidates", (1.0,))], num_bins=num_bins,
+        clip_candidates=[float(c) for c in quant_cfg.get("clip_candidates", (1.0,))],
+        exp_shifts=[int(k) for k in quant_cfg.get("exp_shifts") or (0,)],
+        clip_search_data=str(quant_cfg.get("clip_search_data", "calib_tokens")),
+        clip_metric=str(quant_cfg.get("clip_metric", "bf16_output")),
+        clip_exclude=list(quant_cfg.get("clip_exclude") or ()),
+        hessian_input=str(quant_cfg.get("hessian_input", "smoothed")), num_bins=num_bins,
         compute_dtype=compute_dtype)
+
+
+CHOICES = {"clip_search_data": ("calib_tokens", "w4a4_generation"), "clip_metric": ("bf16_output", "wq_output_rel"),
+           "hessian_input": ("smoothed", "smoothed_act_quant"), "bin_rule": ("equal_width", "step_fraction")}
+
+
+def validate_quant_cfg(quant_cfg: Mapping[str, Any], generation_keys: Sequence[str] = ()) -> None:
+    """Refuse inconsistent recipe knobs before anything loads (one message naming the key)."""
+    q = quant_cfg
+    for key, allowed in CHOICES.items():
+        if key in q and q[key] is not None and q[key] not in allowed:
+            raise WanexpError(f"quant.{key}={q[key]} is not one of {', '.join(allowed)}")
+    shifts = q.get("exp_shifts") or [0]
+    if not all(isinstance(k, int) and not isinstance(k, bool) and -8 <= k <= 8 for k in shifts):
+        raise WanexpError(f"quant.exp_shifts={list(shifts)} must be small integers (shared-exponent shifts, e.g. [-1, 0, 1])")
+    if q.get("clip_search_data") == "w4a4_generation" and q.get("clip_metric", "bf16_output") != "wq_output_rel":
+        raise WanexpError("quant.clip_search_data=w4a4_generation measures against the weight-quantized layer "
+                          "(the BF16 weights are gone by then): set quant.clip_metric=wq_output_rel")
+    if q.get("hessian_input") == "smoothed_act_quant" and q.get("residual") == "gptq" and \
+            not (q.get("smoothing") and q.get("activations")):
+        raise WanexpError("quant.hessian_input=smoothed_act_quant needs smoothing and quantized activations "
+                          "(it is the Hessian of Q_A(x / s))")
+    if q.get("bin_rule") == "step_fraction":
+        cuts = q.get("bin_fractions") or {}
+        for expert in ("high_noise", "low_noise"):
+            f = list(cuts.get(expert) or [])
+            if len(f) + 1 != int(q.get("bins", 1)) or sorted(f) != f or not all(0 < c < 1 for c in f):
+                raise WanexpError(f"quant.bin_fractions.{expert}={f}: bin_rule=step_fraction needs bins - 1 = "
+                                  f"{int(q.get('bins', 1)) - 1} ascending cut fractions inside (0, 1)")
+        if q.get("bin_edges"):
+            raise WanexpError("quant.bin_edges and quant.bin_rule=step_fraction both place the bins: set one")
+    for key in ("calib_generation", "search_generation"):
+        unknown = sorted(set(q.get(key) or {}) - set(generation_keys)) if generation_keys else []
+        if unknown:
+            raise WanexpError(f"quant.{key} overrides {', '.join(unknown)}, which model.generation does not have "
+                              f"(known: {', '.join(generation_keys)})")
+    if int(q.get("search_samples", 1)) < 1 or int(q.get("search_rows", 4096)) < 1:
+        raise WanexpError("quant.search_samples and quant.search_rows must be at least 1")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -27,12 +28,14 @@ from omegaconf import OmegaConf
 
 from wanexp.analysis import trace_spec
 from wanexp.calib import ActivationCollector, CalibStats
+from wanexp.calib.reduce import reduce_stats
 from wanexp.calib.trajectory import ExpertSplit
 from wanexp.errors import WanexpError
 from wanexp.generate import sample_seed
 from wanexp.io import read_json, write_json
 from wanexp.models import EXPERTS, experts, install_timestep_hooks
-from wanexp.quant.methods import MethodConfig
+from wanexp.quant.methods import MethodConfig, method_config
+from wanexp.stages.common import calib_generation_cfg
 from wanexp.quant.targets import block_index, targeted_linears
 
 CALIB_DIR = Path("calib")
@@ -49,12 +52,21 @@ def calib_setting(cfg, key: str, default):
 
 
 def contexts_of(cfg, pipe) -> dict:
-    """Each expert's TimestepContext for ``cfg``'s bins, following its generation's step schedule."""
+    """Each expert's TimestepContext for ``cfg``'s bins: ``quant.bin_rule=step_fraction`` (the paper
+    code's cuts), ``quant.bin_edges``, or bins that follow the generation's step schedule
+    (:func:`wanexp.quant.context.schedule_bins`: equal width unless a bin would hold no step)."""
     from wanexp.calib.trajectory import timestep_contexts
+    from wanexp.models import boundary_timestep
+    from wanexp.quant.context import TimestepContext, step_fraction_bins
+    steps = int(cfg.model.generation.num_inference_steps)
+    if cfg.quant.get("bin_rule") == "step_fraction":  # the paper code's: by each expert's share of the steps
+        from wanexp.calib.trajectory import schedule
+        fractions = OmegaConf.to_container(cfg.quant.bin_fractions, resolve=True)
+        bins = step_fraction_bins(schedule(pipe, steps), boundary_timestep(pipe), fractions)
+        return {name: TimestepContext(bins=b) for name, b in bins.items()}
     edges = cfg.quant.get("bin_edges")
     edges = OmegaConf.to_container(edges, resolve=True) if edges else None
-    return timestep_contexts(pipe, int(cfg.quant.get("bins", 1)), edges, str(cfg.expert.policy),
-                             int(cfg.model.generation.num_inference_steps))
+    return timestep_contexts(pipe, int(cfg.quant.get("bins", 1)), edges, str(cfg.expert.policy), steps)
 
 
 def check_schedule(pipe, steps: int) -> None:
@@ -62,8 +74,8 @@ def check_schedule(pipe, steps: int) -> None:
     from wanexp.calib.trajectory import expert_steps
     idle = [e for e, ts in expert_steps(pipe, steps).items() if not ts]
     if idle:
-        raise WanexpError(f"model.generation.num_inference_steps={steps} gives the {idle[0]} expert no denoising step "
-                          "to calibrate on; use more steps")
+        raise WanexpError(f"num_inference_steps={steps} gives the {idle[0]} expert no denoising step to calibrate "
+                          "on; use more steps")
 
 
 def needs_of(cfg) -> list[str]:
@@ -99,13 +111,23 @@ def calib_key(state, pipe, needs: list[str]) -> dict:
            "calib_tokens": int(cfg.quant.get("calib_tokens", 256)), "seed": int(cfg.seed),
            "bins": {k: c.bins.to_json() for k, c in state.contexts(pipe).items()},
            "blocks_per_pass": cfg.quant.get("calib_blocks_per_pass"), "samples": samples,
-           "generation": OmegaConf.to_container(cfg.model.generation, resolve=True),
-           "analysis": _trace_spec(state, pipe),
+           "generation": calib_generation_cfg(cfg), "analysis": _trace_spec(state, pipe),
+           **_hessian_input_key(cfg),
            "share_inputs": bool(calib_setting(cfg, "share_inputs", True))}
     if "hessian" in needs:
         key["hessian_token_stride"] = int(calib_setting(cfg, "hessian_token_stride", 1))
         key["hessians"] = "transient" if transient_hessians(cfg) else "stored"
     return key
+
+
+def _hessian_input_key(cfg) -> dict:
+    """What the paper code's Hessian of Q_A(x / s) also depends on: the smoothing and the activation
+    format (absent for wanexp's own Hessian, so those statistics keep their address)."""
+    if not MethodConfig.second_pass(cfg.quant):
+        return {}
+    q = OmegaConf.to_container(cfg.quant, resolve=True)
+    return {"hessian_input": {"kind": q["hessian_input"], "smoothing": q.get("smoothing"), "alpha": q.get("alpha"),
+                              "percentile": q.get("percentile"), "act": OmegaConf.to_container(cfg.format, resolve=True)}}
 
 
 def _trace_spec(state, pipe) -> dict:
@@ -127,7 +149,7 @@ def stats_dir(state, key: dict) -> Path:
 def load_calib_stats(run_dir: Path) -> CalibStats:
     marker = run_dir / "stages" / "calibrate.json"
     where = Path(read_json(marker).get("stats_dir", run_dir / CALIB_DIR)) if marker.is_file() else run_dir / CALIB_DIR
-    parts = sorted(where.glob("stats-*part*-of*.safetensors"))
+    parts = sorted(p for p in where.glob("stats-*part*-of*.safetensors") if ".rank" not in p.name)
     if not parts:
         raise WanexpError(f"no calibration statistics in {where} (run stage=calibrate first)")
     for expert in EXPERTS:
@@ -143,12 +165,19 @@ def load_calib_stats(run_dir: Path) -> CalibStats:
 
 
 def collector_settings(cfg, trace: dict) -> dict:
-    """The ActivationCollector's settings from the config (and the traced layers, resolved)."""
+    """The ActivationCollector's settings from the config (and the traced layers, resolved). The paper
+    code's second pass records one Hessian per layer, so no layers share records then."""
     return dict(max_tokens=int(cfg.quant.get("calib_tokens", 256)), seed=int(cfg.seed),
                 trace_layers=trace.get("layers", ()), trace_percentile=trace.get("percentile", 99.9),
                 trace_tokens=trace.get("tokens", 16384),
                 hessian_stride=int(calib_setting(cfg, "hessian_token_stride", 1)),
-                share_inputs=bool(calib_setting(cfg, "share_inputs", True)))
+                share_inputs=bool(calib_setting(cfg, "share_inputs", True)) and not MethodConfig.second_pass(cfg.quant))
+
+
+def first_pass_needs(cfg) -> list[str]:
+    """What a pass's collectors record: all the method needs, but the Hessian when the paper code's
+    second pass records it (it needs the smoothing of the first)."""
+    return [n for n in needs_of(cfg) if n != "hessian"] if MethodConfig.second_pass(cfg.quant) else needs_of(cfg)
 
 
 def collect_pass(pipe, expert: str, layers: list[str], contexts: dict, needs: list[str], samples, split: ExpertSplit,
@@ -177,6 +206,10 @@ def collect_pass(pipe, expert: str, layers: list[str], contexts: dict, needs: li
     return stats
 
 
+SHARED_TRANSIENT = ("expert.policy=shared pools both experts' Hessians, which transient Hessians never hold at once: "
+                    "set quant.store_hessians=true (costs their size on disk) or expert=per_expert")
+
+
 def calibrate(state) -> dict:
     """The calibrate stage (module docstring)."""
     cfg = state.cfg
@@ -186,6 +219,7 @@ def calibrate(state) -> dict:
     if not needs:
         return {"skipped": f"quant={cfg.quant.name} needs no calibration statistics"}
     samples = state.splits.calib
+    world = state.world
     if not samples:
         raise WanexpError(f"quant={cfg.quant.name} needs calibration data but the calibration split is empty "
                           "(set data.calib.num_samples, data.calib.ids or data.calib.prompts_file)")
@@ -193,17 +227,24 @@ def calibrate(state) -> dict:
     if transient and cfg.expert.policy == "shared":
         raise WanexpError(SHARED_TRANSIENT)
     pipe = state.bf16_pipe()
-    check_schedule(pipe, int(cfg.model.generation.num_inference_steps))
+    check_schedule(pipe, int(calib_generation_cfg(cfg)["num_inference_steps"]))
     contexts = state.contexts(pipe)
     key = calib_key(state, pipe, needs)
     where = stats_dir(state, key)
-    if where.parent != state.run_dir:  # the cache: say what the statistics are of, next to them
+    if where.parent != state.run_dir and world.main:  # the cache: say what the statistics are of, next to them
         write_json(where / "key.json", key)
+    # data parallel (WORLD_SIZE > 1): each rank denoises its share; the statistics are reduced to rank 0
+    mine = world.shard(samples)
     trace = key["analysis"]
-    gen, seed = OmegaConf.to_container(cfg.model.generation, resolve=True), int(cfg.seed)
+    # the paper code's Hessian of Q_A(x/s) needs s, i.e. the maxima of the pass it would be recorded in:
+    # a second pass of the same expert's steps records it (wanexp.calib.paper_code)
+    second = MethodConfig.second_pass(cfg.quant)
+    first_needs = first_pass_needs(cfg)
+    gen, seed = calib_generation_cfg(cfg), int(cfg.seed)
+    steps = int(gen["num_inference_steps"])
     split = ExpertSplit(pipe, where / "boundary", lambda p, s, cb: denoise(p, s, gen, seed, cb))
     settings = collector_settings(cfg, trace)
-    entries, reused, passes, seconds = 0, 0, 0, {}
+    entries, reused, passes, seconds, reused_ranks = 0, 0, 0, {}, 0
     # per pass and sample: [start, end of each denoising step, end] in seconds from the pass start
     step_times: dict[str, list[list[float]]] = {}
     for expert, model in experts(pipe).items():
@@ -215,26 +256,86 @@ def calibrate(state) -> dict:
                 reused += 1
                 continue
             start = time.perf_counter()
-            stats = collect_pass(pipe, expert, layers, contexts, needs, samples, split,
-                                 int(gen["num_inference_steps"]), settings,
+            own = rank_part_path(path, world)
+            if own is not None and not transient and own.is_file():  # this rank's share survived a crash
+                stats = reduce_stats(CalibStats.load(own), world, int(cfg.quant.get("calib_tokens", 256)),
+                                     int(cfg.seed))
+                _finish_pass(state, pipe, expert, layers, stats, path, transient, k, len(parts))
+                reused_ranks += 1
+                passes += 1
+                continue
+            stats = collect_pass(pipe, expert, layers, contexts, first_needs, mine, split, steps, settings,
                                  lambda it: state.progress(it, f"calibrate {expert} {k + 1}/{len(parts)}"),
                                  step_times.setdefault(f"{expert}/{k}", []))
-            if transient:  # the Hessians live only now: build this pass's GPTQ layers from them
-                from wanexp.stages.quantize import build_quant_part
-                build_quant_part(state, pipe, expert, layers, stats, k, len(parts))
-                stats.drop("hessian")
-            stats.save(path)
-            entries += len(stats.data)
+            if second:
+                act_quant_hessian_pass(cfg, pipe, split, expert, layers, contexts, stats, mine, steps,
+                                       lambda it: state.progress(it, f"calibrate {expert}: Hessian of Q_A(x/s)"))
+            if own is not None and not transient:  # kept until the pass is reduced: a crash redoes only the lost ranks
+                stats.save(own)
+                if os.environ.get("WANEXP_FAULT_DIE_AFTER_SHARE") == str(world.rank):
+                    _die_once_the_others_saved(path, world)
+            stats = reduce_stats(stats, world, int(cfg.quant.get("calib_tokens", 256)), int(cfg.seed))
+            entries += _finish_pass(state, pipe, expert, layers, stats, path, transient, k, len(parts))
             passes += 1
             seconds[f"{expert}/{k}"] = round(time.perf_counter() - start, 3)
             del stats
     return {"samples": [s.id for s in samples], "needs": needs, "parts": passes + reused, "entries": entries,
             "parts_reused": reused, "stats_dir": str(where), "traced": trace.get("layers", []),
-            "hessians": key.get("hessians"), "pass_seconds": seconds, "step_times": step_times}
+            "hessians": key.get("hessians"), "pass_seconds": seconds, "step_times": step_times,
+            "ranks": world.size, "rank_shares_reused": reused_ranks}
 
 
-SHARED_TRANSIENT = ("expert.policy=shared pools both experts' Hessians, which transient Hessians never hold at once: "
-                    "set quant.store_hessians=true (costs their size on disk) or expert=per_expert")
+def _die_once_the_others_saved(path: Path, world) -> None:
+    """Fault injection for the tests (``WANEXP_FAULT_DIE_AFTER_SHARE=<rank>``): this rank is lost
+    after its share of the pass is on disk, and after every other rank's is too."""
+    deadline = time.time() + 120
+    others = [path.with_name(f"{path.stem}.rank{r}-of{world.size}.safetensors") for r in range(world.size)]
+    while not all(p.is_file() for p in others) and time.time() < deadline:
+        time.sleep(0.2)
+    os._exit(17)
+
+
+def rank_part_path(path: Path, world) -> Path | None:
+    """Where one rank keeps its share of a pass until the pass is reduced (None in one process)."""
+    if world.size == 1:
+        return None
+    return path.with_name(f"{path.stem}.rank{world.rank}-of{world.size}.safetensors")
+
+
+def _finish_pass(state, pipe, expert, layers, stats, path: Path, transient: bool, k: int, n: int) -> int:
+    """Rank 0 turns the reduced statistics of a pass into its part file (and, with transient
+    Hessians, its GPTQ layers); every rank then drops its own share. Returns the entries written."""
+    world = state.world
+    entries = 0
+    if world.main:
+        if transient:  # the Hessians live only now: build this pass's GPTQ layers from them
+            from wanexp.stages.quantize import build_quant_part
+            build_quant_part(state, pipe, expert, layers, stats, k, n)
+            stats.drop("hessian")
+        stats.save(path)
+        entries = len(stats.data)
+    world.barrier()
+    own = rank_part_path(path, world)
+    if own is not None:
+        own.unlink(missing_ok=True)
+    return entries
+
+
+def act_quant_hessian_pass(cfg, pipe, split, expert: str, layers: list[str], contexts: dict, stats,
+                           samples, steps: int, progress=iter) -> None:
+    """The paper code's GPTQ Hessian (``quant.hessian_input=smoothed_act_quant``) into ``stats``: this
+    expert's calibration steps again, with s from the maxima ``stats`` now holds."""
+    from wanexp.calib.paper_code import act_quant_hessians
+    from wanexp.stages.quantize import layer_stats
+    method = method_config(OmegaConf.to_container(cfg.quant, resolve=True),
+                           OmegaConf.to_container(cfg.format, resolve=True), contexts["high_noise"].bins.num_bins)
+    pools = {e: list(contexts) if cfg.expert.policy == "shared" else [e] for e in contexts}
+    wanted = {e: (layers if e == expert else []) for e in contexts}
+    hessians = act_quant_hessians(pipe, wanted, contexts, method, lambda e, names: layer_stats(stats, pools[e], names),
+                                  progress(samples),
+                                  lambda sample: split.run(expert, sample, steps=steps))
+    for key, d in hessians.data.items():
+        stats.data.setdefault(key, {}).update(d)
 
 
 def quant_part_done(state, expert: str, k: int, n: int) -> bool:
@@ -244,13 +345,13 @@ def quant_part_done(state, expert: str, k: int, n: int) -> bool:
 
 @torch.no_grad()
 def denoise(pipe, sample, gen: dict, seed: int, callback=None) -> None:
-    """One BF16 trajectory of a calibration sample at the generation setting ``gen`` (latents only)."""
+    """One BF16 trajectory of a calibration sample at the calibration setting ``gen`` (latents only), with
+    generation's prompt handling (wanexp.generate.generate_one): calibration sees what inference sees."""
     image = sample.load_image().resize((int(gen["width"]), int(gen["height"])))
     extra = {"guidance_scale_2": float(gen["guidance_scale_2"])} if gen.get("guidance_scale_2") is not None else {}
-    # the same prompt handling as generation (wanexp.generate.generate_one): calibration sees what inference sees
     pipe(image=image, prompt=sample.prompt, negative_prompt=gen.get("negative_prompt") or None,
-         height=int(gen["height"]), width=int(gen["width"]),
-         num_frames=int(gen["num_frames"]), num_inference_steps=int(gen["num_inference_steps"]),
-         guidance_scale=float(gen["guidance_scale"]), output_type="latent", callback_on_step_end=callback,
+         height=int(gen["height"]), width=int(gen["width"]), num_frames=int(gen["num_frames"]),
+         num_inference_steps=int(gen["num_inference_steps"]), guidance_scale=float(gen["guidance_scale"]),
+         output_type="latent", callback_on_step_end=callback,
          max_sequence_length=int(gen.get("max_sequence_length") or 512),
          generator=torch.Generator().manual_seed(sample_seed(int(seed), sample.id)), **extra)

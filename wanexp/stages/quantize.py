@@ -27,6 +27,7 @@ from wanexp.quant.targets import select_targets
 
 ARTIFACT = Path("artifact") / "quantized.safetensors"
 PARTS = Path("artifact") / "parts"
+LAYER_SECONDS = Path("artifact") / "layer_seconds.json"  # expert → layer → seconds its build took
 
 
 def artifact_path(state) -> Path:
@@ -148,12 +149,14 @@ def build_quant_part(state, pipe, expert: str, layers: list[str], stats, k: int,
     wanted = set(layers)
     targets = [t for t in expert_targets(state.cfg, model, expert) if t in wanted]
     method = _method(state, pipe)
-    method.num_bins = state.contexts(pipe)[expert].bins.num_bins
+    method.num_bins = state.contexts(pipe)[expert].bins.num_bins  # bins follow each expert's steps
     method.stats = layer_stats(stats, [expert], targets)
-    built = build_layers(model, method, targets, state.device, lambda it: state.progress(it, f"quantize {expert} {k + 1}/{n}"))
+    built = build_layers(model, method, targets, state.device,
+                         lambda it: state.progress(it, f"quantize {expert} {k + 1}/{n}"))
     path = quant_part_path(state.run_dir, expert, k, n)
     save_layers(path, {expert: built}, dict(_header(state, pipe, method), part=[expert, k, n]))
     write_json(path.with_suffix(".choices.json"), method.report)
+    write_json(path.with_suffix(".seconds.json"), method.seconds)
     return path
 
 
@@ -180,12 +183,15 @@ def quantize(state) -> dict:
     parts = sorted((state.run_dir / PARTS).glob("*-part*-of*.safetensors"))
     from wanexp.stages.calibrate import transient_hessians
     if transient_hessians(cfg):
-        swapped, chosen, method = _assemble_parts(state, pipe, parts)
+        swapped, chosen, seconds, method = _assemble_parts(state, pipe, parts)
     else:
-        swapped, chosen, method = _quantize_now(state, pipe)
+        swapped, chosen, seconds, method = _quantize_now(state, pipe)
     state._pipe_quantized = True
+    if method.clip_search and method.clip_search_data == "w4a4_generation":
+        _w4a4_clip_search(state, pipe, method, state.contexts(pipe), chosen)
     save_artifact(state.run_dir / ARTIFACT, experts(pipe), _header(state, pipe, method))
     write_json(state.run_dir / "artifact" / "choices.json", chosen)
+    write_json(state.run_dir / LAYER_SECONDS, seconds)
     return {"layers": swapped, **_size_info(pipe), **bf16}
 
 
@@ -194,15 +200,15 @@ def _quantize_now(state, pipe):
     cfg = state.cfg
     method = _method(state, pipe)
     stats = load_calib_stats(state.run_dir) if MethodConfig.needs(cfg.quant) else None
-    swapped, chosen = quantize_experts(cfg, pipe, method, stats, state.contexts(pipe), state.device,
-                                       lambda it, name: state.progress(it, f"quantize {name}"))
-    return swapped, chosen, method
+    swapped, chosen, seconds = quantize_experts(cfg, pipe, method, stats, state.contexts(pipe), state.device,
+                                                lambda it, name: state.progress(it, f"quantize {name}"))
+    return swapped, chosen, seconds, method
 
 
 def quantize_experts(cfg, pipe, method: MethodConfig, stats, contexts: dict, compute_device, progress=None):
     """Swap each expert's targets for the method's QuantLinears, from calibration ``stats`` (None: the
-    method needs none); returns (layers swapped, per-layer choices), per expert."""
-    swapped, chosen = {}, {}
+    method needs none); returns (layers swapped, per-layer choices, per-layer build seconds), per expert."""
+    swapped, chosen, seconds = {}, {}, {}
     for name, model in experts(pipe).items():
         targets = expert_targets(cfg, model, name)
         pool = list(experts(pipe)) if cfg.expert.policy == "shared" else [name]
@@ -212,9 +218,9 @@ def quantize_experts(cfg, pipe, method: MethodConfig, stats, contexts: dict, com
         # built on the run's device (the GPU even when the pipeline is offloaded), kept where the layer was
         names = progress(targets, name) if progress else targets
         swapped[name] = len(quantize_(model, method, names, contexts[name], compute_device=compute_device))
-        chosen[name] = method.report
-        method.stats = {}
-    return swapped, chosen
+        chosen[name], seconds[name] = method.report, method.seconds
+        method.stats, method.seconds = {}, {}
+    return swapped, chosen, seconds
 
 
 def _assemble_parts(state, pipe, parts: list[Path]):
@@ -225,7 +231,8 @@ def _assemble_parts(state, pipe, parts: list[Path]):
         raise WanexpError(f"{state.run_dir / PARTS} holds no quantized parts (run stage=calibrate first: with "
                           "transient Hessians it builds the GPTQ layers)")
     contexts = state.contexts(pipe)
-    swapped, chosen = {e: 0 for e in experts(pipe)}, {e: {} for e in experts(pipe)}
+    swapped, chosen, seconds = ({e: 0 for e in experts(pipe)}, {e: {} for e in experts(pipe)},
+                                {e: {} for e in experts(pipe)})
     for path in parts:
         header = read_header(path)
         expert = header["part"][0]
@@ -236,7 +243,35 @@ def _assemble_parts(state, pipe, parts: list[Path]):
                  for name, desc in header["layers"][expert].items()}
         swapped[expert] += swap_layers(model, built, contexts[expert])
         chosen[expert].update(read_json(path.with_suffix(".choices.json")))
-    return swapped, chosen, _method(state, pipe)
+        seconds[expert].update(read_json(path.with_suffix(".seconds.json")))
+    return swapped, chosen, seconds, _method(state, pipe)
+
+
+def _w4a4_clip_search(state, pipe, method, contexts: dict, chosen: dict) -> None:
+    w4a4_search(state.cfg, pipe, method, contexts, chosen, state.splits.calib,
+                lambda it: state.progress(it, "TS-clip search (W4A4 generation)"))
+
+
+def w4a4_search(cfg, pipe, method, contexts: dict, chosen: dict, calib_samples, progress=iter) -> None:
+    """The paper code's TS-clip search data (``quant.clip_search_data=w4a4_generation``): one W4A4 CFG
+    generation per sample of the first ``quant.search_samples`` calibration samples, at ``model.generation``
+    with the ``quant.search_generation`` overrides (:mod:`wanexp.calib.paper_code`). The picks fill the clip
+    tables and ``chosen``; the layers' sensitivity numbers stay those measured at clip 1."""
+    from wanexp.calib.paper_code import w4a4_clip_search
+    from wanexp.generate import sample_seed
+    from wanexp.stages.common import generation_cfg
+    q = cfg.quant
+    samples = list(calib_samples)[: int(q.get("search_samples", 1))]
+    if not samples:
+        raise WanexpError("quant.clip_search_data=w4a4_generation searches on calibration samples, but the "
+                          "calibration split is empty (set data.calib.num_samples)")
+    gen = {**generation_cfg(cfg), **OmegaConf.to_container(q.get("search_generation") or OmegaConf.create({}))}
+    for model in experts(pipe).values():
+        attach_context(model, contexts[[e for e, m in experts(pipe).items() if m is model][0]])
+    picks = w4a4_clip_search(pipe, method, contexts, progress(samples), gen,
+                             lambda sample: sample_seed(int(cfg.seed), sample.id), int(q.get("search_rows", 4096)))
+    for (expert, name), picked in picks.items():
+        chosen[expert].setdefault(name, {}).update(picked)
 
 
 def quantized_pipe(state):
