@@ -334,3 +334,18 @@ def test_bins_follow_the_step_schedule(tiny_pipe):
     assert [low8.bin_of(t) for t in expert_steps(tiny_pipe, 8)["low_noise"]] == [0, 0, 1, 2, 3]
     shared = timestep_contexts(tiny_pipe, 8, policy="shared", num_inference_steps=4)  # one set over all 4 steps
     assert shared["high_noise"].bins == shared["low_noise"].bins and shared["high_noise"].bins.num_bins == 4
+
+
+def test_transient_hessians_in_passes_of_blocks_build_the_same_layers():
+    """The A14B setting (Hessians used in the pass that collected them, never kept; two passes of
+    blocks per expert) against the tiny default (all statistics first): the same layers, bit for bit."""
+    built = {}
+    for name, overrides in (("stored", []), ("transient", ["model.calib.store_hessians=false",
+                                                            "quant.calib_blocks_per_pass=2"])):
+        pipe = _bf16_pipe()
+        q = wanexp.calibrate_and_quantize(pipe, wanexp.recipe("tsclip", overrides=overrides), ["a cat"], IMAGE, **SETTING)
+        assert q.path is None and q.layers == {"high_noise": 40, "low_noise": 40}
+        built[name] = {(e, n, k): b for e, m in experts(pipe).items() for n, layer in quant_layers(m).items()
+                       for k, b in layer.named_buffers()}
+    stored, transient = built["stored"], built["transient"]
+    assert stored.keys() == transient.keys() and all(torch.equal(stored[k], transient[k]) for k in stored)

@@ -35,7 +35,7 @@ def _group(name: str) -> list[str]:
 
 def recipes() -> list[str]:
     """The recipe names: every ``conf/quant`` method that quantizes (``bf16`` does not)."""
-    return [n for n in _group("quant") if n != "bf16"]
+    return [n for n in _group("quant") if n.split("_paper_code")[0] != "bf16"]
 
 
 @dataclass(frozen=True)
