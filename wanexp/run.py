@@ -107,33 +107,9 @@ class Run:
         return read_json(model_file)["fingerprint"]
 
     def contexts(self, pipe) -> dict:
-        from wanexp.models import boundary_timestep
-        from wanexp.quant.context import TimestepBins, TimestepContext, expert_bins
-        total = float(pipe.scheduler.config.num_train_timesteps)
-        n_bins = int(self.cfg.quant.get("bins", 1))
-        edges = self.cfg.quant.get("bin_edges")
-        if self.cfg.quant.get("bin_rule") == "step_fraction":  # the paper code's: by each expert's share of the steps
-            from wanexp.quant.context import step_fraction_bins
-            steps = _schedule(pipe, int(self.cfg.model.generation.num_inference_steps))
-            fractions = OmegaConf.to_container(self.cfg.quant.bin_fractions, resolve=True)
-            bins = step_fraction_bins(steps, boundary_timestep(pipe), fractions)
-            return {name: TimestepContext(bins=b) for name, b in bins.items()}
-        if self.cfg.expert.policy == "shared":
-            # one policy for both experts: bins over the whole trajectory, the same for both
-            shared = (TimestepBins(tuple(sorted(float(e) for e in edges))) if edges
-                      else TimestepBins.equal_width(0.0, total, n_bins))
-            return {name: TimestepContext(bins=shared) for name in ("high_noise", "low_noise")}
-        edges = OmegaConf.to_container(edges, resolve=True) if edges else None
-        bins = expert_bins(boundary_timestep(pipe), total, n_bins, edges)
-        return {name: TimestepContext(bins=b) for name, b in bins.items()}
-
-
-def _schedule(pipe, steps: int) -> list[float]:
-    """The timesteps the pipeline's scheduler visits in ``steps`` denoising steps (on a copy)."""
-    import copy
-    scheduler = copy.deepcopy(pipe.scheduler)
-    scheduler.set_timesteps(steps, device="cpu")
-    return [float(t) for t in scheduler.timesteps]
+        """Each expert's timestep bins, following the generation's step schedule (README "LoRAs and short schedules")."""
+        from wanexp.stages.calibrate import contexts_of
+        return contexts_of(self.cfg, pipe)
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
@@ -278,6 +254,8 @@ def validate(cfg: DictConfig) -> None:
     if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
         raise WanexpError(f"device={cfg.device} but no CUDA device is available (use device=auto or cpu)")
     check_format_options(cfg)
+    from wanexp.models.lora import check_specs
+    check_specs(OmegaConf.to_container(cfg.model.lora, resolve=True) if cfg.model.get("lora") else None)
 
 
 def _device(name: str, local_rank: int = 0) -> torch.device:

@@ -62,4 +62,4 @@ def w4a4_clip_search(pipe, method, contexts: Mapping, samples: Iterable, gen_cfg
     finally:
         for h in hooks:
             h.remove()
-    return search.apply(contexts["high_noise"].bins.num_bins)
+    return search.apply({e: c.bins.num_bins for e, c in contexts.items()})  # the experts' bins may differ

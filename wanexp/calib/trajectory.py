@@ -25,15 +25,38 @@ import torch
 
 from wanexp.io import atomic_path
 from wanexp.models.experts import boundary_timestep, experts
+from wanexp.quant.context import TimestepBins, TimestepContext, expert_bins, schedule_bins
+
+
+def schedule(pipe, num_inference_steps: int) -> list[float]:
+    """The timesteps the pipeline's scheduler visits in ``num_inference_steps`` steps (on a copy)."""
+    sched = copy.deepcopy(pipe.scheduler)
+    sched.set_timesteps(int(num_inference_steps), device="cpu")
+    return [float(t) for t in sched.timesteps]
 
 
 def expert_steps(pipe, num_inference_steps: int, device=None) -> dict[str, list[float]]:
     """The denoising timesteps each expert runs (the pipeline's own schedule and comparison)."""
-    sched = copy.deepcopy(pipe.scheduler)
-    sched.set_timesteps(int(num_inference_steps), device="cpu")
     boundary = boundary_timestep(pipe)
-    ts = [float(t) for t in sched.timesteps]
+    ts = schedule(pipe, num_inference_steps)
     return {"high_noise": [t for t in ts if t >= boundary], "low_noise": [t for t in ts if t < boundary]}
+
+
+def timestep_contexts(pipe, num_bins: int, edges=None, policy: str = "per_expert",
+                      num_inference_steps: int | None = None) -> dict[str, TimestepContext]:
+    """Each expert's TimestepContext with the bins of the method: per expert inside its own timestep
+    range, or (``policy="shared"``) one set over the whole trajectory for both. Explicit ``edges``
+    (a list for the shared policy, ``{expert: [...]}`` otherwise) are taken as given; else the bins
+    follow the schedule of ``num_inference_steps`` steps (:func:`wanexp.quant.context.schedule_bins`:
+    equal width unless a bin would hold no step)."""
+    total = float(pipe.scheduler.config.num_train_timesteps)
+    steps = expert_steps(pipe, num_inference_steps) if num_inference_steps else {}
+    if policy == "shared":
+        bins = (TimestepBins(tuple(sorted(float(e) for e in edges))) if edges else
+                schedule_bins([t for ts in steps.values() for t in ts], 0.0, total, int(num_bins)))
+        return {name: TimestepContext(bins=bins) for name in ("high_noise", "low_noise")}
+    bins = expert_bins(boundary_timestep(pipe), total, int(num_bins), edges, steps)
+    return {name: TimestepContext(bins=b) for name, b in bins.items()}
 
 
 class ExpertSplit:

@@ -74,9 +74,13 @@ def load_pipeline(cfg: Mapping[str, Any], cache_dir: str | Path, device: str | t
     quiet_libraries()
     from diffusers import WanImageToVideoPipeline
 
+    from wanexp.models.lora import check_specs, merge_loras
+    loras = check_specs(cfg.get("lora"))  # a missing or unreadable LoRA file fails before any weight is read
     if cfg["name"] == "a14b_random":  # full size, random weights, built in memory (no checkpoint)
         from wanexp.models.a14b_random import load_random_pipeline
-        return load_random_pipeline(cfg, torch.device(device))
+        pipe = load_random_pipeline(cfg, torch.device(device))
+        merge_loras(pipe, loras)
+        return pipe
     path = resolve_model_dir(cfg, cache_dir)
     dtype = _DTYPES.get(str(cfg.get("dtype", "bf16")))
     if dtype is None:
@@ -88,6 +92,7 @@ def load_pipeline(cfg: Mapping[str, Any], cache_dir: str | Path, device: str | t
         raise WanexpError(f"could not load the pipeline from {path}: {str(err).splitlines()[0]}") from err
     pipe.set_progress_bar_config(disable=True)
     place_pipeline(pipe, str(cfg.get("offload", "none")), torch.device(device), bool(cfg.get("vae_tiling", False)))
+    merge_loras(pipe, loras)  # into the BF16 experts, before anything calibrates (wanexp.models.lora)
     return pipe
 
 
@@ -122,6 +127,9 @@ def model_fingerprint(pipe) -> str:
     for name, module in experts(pipe).items():
         h.update(name.encode())
         h.update(json.dumps(dict(module.config), sort_keys=True, default=str).encode())
+        loras = getattr(module, "_wanexp_loras", None)
+        if loras:  # merged LoRAs (wanexp.models.lora): an artifact made with them is refused without them
+            h.update(json.dumps(loras, sort_keys=True).encode())
         for pname, p in module.named_parameters():
             if p.ndim >= 2:  # the first row of every matrix: cheap, yet any other checkpoint differs
                 h.update(pname.encode())

@@ -132,18 +132,19 @@ class OutputErrorSearch:
             out[key][bin_] = (*self.candidates[best], float(err[best]))
         return dict(out)
 
-    def apply(self, num_bins: int) -> dict:
+    def apply(self, num_bins: int | Mapping[str, int]) -> dict:
         """Write each searched layer's clip table (visited bins get their pick, the others 1) and return
         what was chosen per layer: ``clip`` (the table), ``clip_candidate`` ([ρ, k] per bin) and
         ``search_err`` (the relative error of the pick, None for unvisited bins)."""
         picks = self.choose()
         report = {}
         for key, layer in self.layers.items():
-            table = torch.ones(num_bins)
-            cand: list = [[1.0, 0]] * num_bins
-            err: list = [None] * num_bins
+            n = num_bins[key[0]] if isinstance(num_bins, Mapping) else num_bins  # per expert, or one for all
+            table = torch.ones(n)
+            cand: list = [[1.0, 0]] * n
+            err: list = [None] * n
             for b, (clip, shift, e) in picks.get(key, {}).items():
-                if b < num_bins:
+                if b < n:
                     table[b], cand[b], err[b] = ratio((clip, shift)), [clip, shift], round(e, 8)
             layer.clip_table = table.to(layer.clip_table.device)
             report[key] = {"clip": [round(float(r), 6) for r in table], "clip_candidate": cand, "search_err": err}

@@ -47,15 +47,34 @@ class TimestepBins:
         return cls(tuple(float(e) for e in obj["edges"]))
 
 
+def schedule_bins(steps: Sequence[float], low: float, high: float, num_bins: int) -> TimestepBins:
+    """Bins over one expert's range [low, high) that every step of the schedule ``steps`` visits.
+
+    The rule: equal width over [low, high) (the paper's bins) when each bin holds at least one of
+    ``steps``; otherwise (few steps, e.g. a 4-step distilled schedule) the steps themselves are cut
+    into ``min(num_bins, len(steps))`` runs of consecutive steps whose lengths differ by at most one
+    (the noisier runs the longer), with each edge halfway between the runs it separates. No steps (an
+    expert the schedule never runs): equal width."""
+    equal = TimestepBins.equal_width(low, high, num_bins)
+    ts = sorted((float(t) for t in steps), reverse=True)  # noisiest first, the order bins are numbered in
+    if not ts or {equal.bin_of(t) for t in ts} == set(range(equal.num_bins)):
+        return equal
+    n = min(int(num_bins), len(ts))
+    sizes = [len(ts) // n + (1 if k < len(ts) % n else 0) for k in range(n)]
+    ends = [sum(sizes[:k + 1]) for k in range(n - 1)]  # index of the first step of runs 1..n-1
+    return TimestepBins(tuple(sorted((ts[i - 1] + ts[i]) / 2.0 for i in ends)))
+
+
 def expert_bins(boundary: float, num_train_timesteps: float, num_bins: int | Sequence[int],
-                edges: dict | None = None) -> dict[str, TimestepBins]:
-    """Bins for both experts: equal width inside [boundary, T) for high-noise and [0, boundary) for low-noise,
-    unless explicit ``edges`` per expert are given."""
+                edges: dict | None = None, steps: dict[str, Sequence[float]] | None = None) -> dict[str, TimestepBins]:
+    """Bins for both experts inside [boundary, T) for high-noise and [0, boundary) for low-noise: equal
+    width, or, given each expert's ``steps`` of the schedule, bins those steps all visit
+    (:func:`schedule_bins`); explicit ``edges`` per expert are taken as given."""
     per = (num_bins, num_bins) if isinstance(num_bins, int) else tuple(num_bins)
     if edges:
         return {k: TimestepBins(tuple(sorted(float(e) for e in v))) for k, v in edges.items()}
-    return {"high_noise": TimestepBins.equal_width(boundary, num_train_timesteps, int(per[0])),
-            "low_noise": TimestepBins.equal_width(0.0, boundary, int(per[1]))}
+    ranges = {"high_noise": (boundary, num_train_timesteps, int(per[0])), "low_noise": (0.0, boundary, int(per[1]))}
+    return {k: schedule_bins((steps or {}).get(k, ()), lo, hi, n) for k, (lo, hi, n) in ranges.items()}
 
 
 def step_fraction_bins(timesteps: Sequence[float], boundary: float,

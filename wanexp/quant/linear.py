@@ -60,6 +60,16 @@ class QuantLinear(nn.Module):
         # runner's record of which path a run really used
         self.calls = {"fused": 0, "reference": 0}
 
+    def _apply(self, fn, recurse=True):
+        """Moves apply, dtype casts do not: ``pipe.to(torch.bfloat16)`` or ``.half()`` on a model holding
+        this layer must not re-round its fp32 smoothing and clip table (nor make the 16-bit branch fp32
+        under ``.float()``); the layer keeps the precisions it was built with (``compute_dtype``)."""
+        for key, buf in self._buffers.items():
+            if buf is not None:
+                moved = fn(buf)
+                self._buffers[key] = moved if moved.dtype == buf.dtype else buf.to(moved.device)
+        return self
+
     # -- weights -------------------------------------------------------------------------------
     def packed_weight(self) -> PackedTensor | None:
         if self.weight_meta is None:

@@ -51,6 +51,33 @@ def calib_setting(cfg, key: str, default):
     return value
 
 
+def contexts_of(cfg, pipe) -> dict:
+    """Each expert's TimestepContext for ``cfg``'s bins: ``quant.bin_rule=step_fraction`` (the paper
+    code's cuts), ``quant.bin_edges``, or bins that follow the generation's step schedule
+    (:func:`wanexp.quant.context.schedule_bins`: equal width unless a bin would hold no step)."""
+    from wanexp.calib.trajectory import timestep_contexts
+    from wanexp.models import boundary_timestep
+    from wanexp.quant.context import TimestepContext, step_fraction_bins
+    steps = int(cfg.model.generation.num_inference_steps)
+    if cfg.quant.get("bin_rule") == "step_fraction":  # the paper code's: by each expert's share of the steps
+        from wanexp.calib.trajectory import schedule
+        fractions = OmegaConf.to_container(cfg.quant.bin_fractions, resolve=True)
+        bins = step_fraction_bins(schedule(pipe, steps), boundary_timestep(pipe), fractions)
+        return {name: TimestepContext(bins=b) for name, b in bins.items()}
+    edges = cfg.quant.get("bin_edges")
+    edges = OmegaConf.to_container(edges, resolve=True) if edges else None
+    return timestep_contexts(pipe, int(cfg.quant.get("bins", 1)), edges, str(cfg.expert.policy), steps)
+
+
+def check_schedule(pipe, steps: int) -> None:
+    """Both experts must run at least one step of the schedule, or one of them has nothing to calibrate on."""
+    from wanexp.calib.trajectory import expert_steps
+    idle = [e for e, ts in expert_steps(pipe, steps).items() if not ts]
+    if idle:
+        raise WanexpError(f"num_inference_steps={steps} gives the {idle[0]} expert no denoising step to calibrate "
+                          "on; use more steps")
+
+
 def needs_of(cfg) -> list[str]:
     return MethodConfig.needs(cfg.quant) if cfg.quant.name != "bf16" else []
 
@@ -60,10 +87,10 @@ def transient_hessians(cfg) -> bool:
     return "hessian" in needs_of(cfg) and not bool(calib_setting(cfg, "store_hessians", True))
 
 
-def calib_parts(state, model) -> list[list[str]]:
+def calib_parts(cfg, model) -> list[list[str]]:
     """One expert's targeted layers cut into passes of ``quant.calib_blocks_per_pass`` blocks (null: one)."""
     layers = targeted_linears(model)
-    per = state.cfg.quant.get("calib_blocks_per_pass")
+    per = cfg.quant.get("calib_blocks_per_pass")
     if not per:
         return [layers]
     blocks = sorted({block_index(n) for n in layers})
@@ -139,6 +166,52 @@ def load_calib_stats(run_dir: Path) -> CalibStats:
     return merged
 
 
+def collector_settings(cfg, trace: dict) -> dict:
+    """The ActivationCollector's settings from the config (and the traced layers, resolved). The paper
+    code's second pass records one Hessian per layer, so no layers share records then."""
+    return dict(max_tokens=int(cfg.quant.get("calib_tokens", 256)), seed=int(cfg.seed),
+                trace_layers=trace.get("layers", ()), trace_percentile=trace.get("percentile", 99.9),
+                trace_tokens=trace.get("tokens", 16384),
+                hessian_stride=int(calib_setting(cfg, "hessian_token_stride", 1)),
+                share_inputs=bool(calib_setting(cfg, "share_inputs", True)) and not MethodConfig.second_pass(cfg.quant))
+
+
+def first_pass_needs(cfg) -> list[str]:
+    """What a pass's collectors record: all the method needs, but the Hessian when the paper code's
+    second pass records it (it needs the smoothing of the first)."""
+    return [n for n in needs_of(cfg) if n != "hessian"] if MethodConfig.second_pass(cfg.quant) else needs_of(cfg)
+
+
+def collect_pass(pipe, expert: str, layers: list[str], contexts: dict, needs: list[str], samples, split: ExpertSplit,
+                 steps: int, settings: dict, progress=iter, marks: list | None = None) -> CalibStats:
+    """One calibration pass: collectors on ``layers`` of ``expert`` while every sample runs that
+    expert's steps (``split``). ``marks`` gets, per sample, [start, end of each step, end] in seconds
+    from the pass start."""
+    start = time.perf_counter()
+    stats = CalibStats()
+    collector = ActivationCollector(expert, experts(pipe)[expert], layers, contexts[expert], needs, stats, **settings)
+    hooks = install_timestep_hooks(pipe, lambda e, t: contexts[e].set_timestep(t))
+    marks = [] if marks is None else marks
+
+    def on_step():  # one host sync a step (the NaN check), which also makes the marks true
+        collector.check()
+        marks[-1].append(round(time.perf_counter() - start, 4))
+    try:
+        for sample in progress(samples):
+            marks.append([round(time.perf_counter() - start, 4)])
+            split.run(expert, sample, on_step=on_step, steps=int(steps))
+            marks[-1].append(round(time.perf_counter() - start, 4))
+    finally:
+        for h in hooks + collector.handles:
+            h.remove()
+    collector.check()
+    return stats
+
+
+SHARED_TRANSIENT = ("expert.policy=shared pools both experts' Hessians, which transient Hessians never hold at once: "
+                    "set quant.store_hessians=true (costs their size on disk) or expert=per_expert")
+
+
 def calibrate(state) -> dict:
     """The calibrate stage (module docstring)."""
     cfg = state.cfg
@@ -154,9 +227,9 @@ def calibrate(state) -> dict:
                           "(set data.calib.num_samples, data.calib.ids or data.calib.prompts_file)")
     transient = transient_hessians(cfg)
     if transient and cfg.expert.policy == "shared":
-        raise WanexpError("expert.policy=shared pools both experts' Hessians, which transient Hessians never hold "
-                          "at once: set quant.store_hessians=true (costs their size on disk) or expert=per_expert")
+        raise WanexpError(SHARED_TRANSIENT)
     pipe = state.bf16_pipe()
+    check_schedule(pipe, int(calib_generation_cfg(cfg)["num_inference_steps"]))
     contexts = state.contexts(pipe)
     key = calib_key(state, pipe, needs)
     where = stats_dir(state, key)
@@ -168,14 +241,16 @@ def calibrate(state) -> dict:
     # the paper code's Hessian of Q_A(x/s) needs s, i.e. the maxima of the pass it would be recorded in:
     # a second pass of the same expert's steps records it (wanexp.calib.paper_code)
     second = MethodConfig.second_pass(cfg.quant)
-    first_needs = [n for n in needs if n != "hessian"] if second else needs
-    steps = int(calib_generation_cfg(cfg)["num_inference_steps"])
-    split = ExpertSplit(pipe, where / "boundary", lambda p, s, cb: _denoise(state, p, s, cb))
+    first_needs = first_pass_needs(cfg)
+    gen, seed = calib_generation_cfg(cfg), int(cfg.seed)
+    steps = int(gen["num_inference_steps"])
+    split = ExpertSplit(pipe, where / "boundary", lambda p, s, cb: denoise(p, s, gen, seed, cb))
+    settings = collector_settings(cfg, trace)
     entries, reused, passes, seconds, reused_ranks = 0, 0, 0, {}, 0
     # per pass and sample: [start, end of each denoising step, end] in seconds from the pass start
     step_times: dict[str, list[list[float]]] = {}
     for expert, model in experts(pipe).items():
-        parts = calib_parts(state, model)
+        parts = calib_parts(cfg, model)
         for k, layers in enumerate(parts):
             path = part_path(where, expert, k, len(parts))
             done = path.is_file() and (not transient or quant_part_done(state, expert, k, len(parts)))
@@ -191,31 +266,12 @@ def calibrate(state) -> dict:
                 reused_ranks += 1
                 passes += 1
                 continue
-            stats = CalibStats()
-            collector = ActivationCollector(
-                expert, model, layers, contexts[expert], first_needs, stats,
-                max_tokens=int(cfg.quant.get("calib_tokens", 256)), seed=int(cfg.seed),
-                trace_layers=trace.get("layers", ()), trace_percentile=trace.get("percentile", 99.9),
-                trace_tokens=trace.get("tokens", 16384),
-                hessian_stride=int(calib_setting(cfg, "hessian_token_stride", 1)),
-                share_inputs=bool(calib_setting(cfg, "share_inputs", True)) and not second)
-            hooks = install_timestep_hooks(pipe, lambda e, t: contexts[e].set_timestep(t))
-            marks = step_times.setdefault(f"{expert}/{k}", [])
-
-            def on_step():  # one host sync a step (the NaN check), which also makes the marks true
-                collector.check()
-                marks[-1].append(round(time.perf_counter() - start, 4))
-            try:
-                for sample in state.progress(mine, f"calibrate {expert} {k + 1}/{len(parts)}"):
-                    marks.append([round(time.perf_counter() - start, 4)])
-                    split.run(expert, sample, on_step=on_step, steps=steps)
-                    marks[-1].append(round(time.perf_counter() - start, 4))
-            finally:
-                for h in hooks + collector.handles:
-                    h.remove()
-            collector.check()
+            stats = collect_pass(pipe, expert, layers, contexts, first_needs, mine, split, steps, settings,
+                                 lambda it: state.progress(it, f"calibrate {expert} {k + 1}/{len(parts)}"),
+                                 step_times.setdefault(f"{expert}/{k}", []))
             if second:
-                _act_quant_hessian_pass(state, pipe, split, expert, layers, contexts, stats, mine, steps)
+                act_quant_hessian_pass(cfg, pipe, split, expert, layers, contexts, stats, mine, steps,
+                                       lambda it: state.progress(it, f"calibrate {expert}: Hessian of Q_A(x/s)"))
             if own is not None and not transient:  # kept until the pass is reduced: a crash redoes only the lost ranks
                 stats.save(own)
                 if os.environ.get("WANEXP_FAULT_DIE_AFTER_SHARE") == str(world.rank):
@@ -224,7 +280,7 @@ def calibrate(state) -> dict:
             entries += _finish_pass(state, pipe, expert, layers, stats, path, transient, k, len(parts))
             passes += 1
             seconds[f"{expert}/{k}"] = round(time.perf_counter() - start, 3)
-            del stats, collector
+            del stats
     return {"samples": [s.id for s in samples], "needs": needs, "parts": passes + reused, "entries": entries,
             "parts_reused": reused, "stats_dir": str(where), "traced": trace.get("layers", []),
             "hessians": key.get("hessians"), "pass_seconds": seconds, "step_times": step_times,
@@ -267,19 +323,18 @@ def _finish_pass(state, pipe, expert, layers, stats, path: Path, transient: bool
     return entries
 
 
-def _act_quant_hessian_pass(state, pipe, split, expert: str, layers: list[str], contexts: dict, stats,
-                            samples, steps: int) -> None:
+def act_quant_hessian_pass(cfg, pipe, split, expert: str, layers: list[str], contexts: dict, stats,
+                           samples, steps: int, progress=iter) -> None:
     """The paper code's GPTQ Hessian (``quant.hessian_input=smoothed_act_quant``) into ``stats``: this
     expert's calibration steps again, with s from the maxima ``stats`` now holds."""
     from wanexp.calib.paper_code import act_quant_hessians
     from wanexp.stages.quantize import layer_stats
-    cfg = state.cfg
     method = method_config(OmegaConf.to_container(cfg.quant, resolve=True),
                            OmegaConf.to_container(cfg.format, resolve=True), contexts["high_noise"].bins.num_bins)
     pools = {e: list(contexts) if cfg.expert.policy == "shared" else [e] for e in contexts}
     wanted = {e: (layers if e == expert else []) for e in contexts}
     hessians = act_quant_hessians(pipe, wanted, contexts, method, lambda e, names: layer_stats(stats, pools[e], names),
-                                  state.progress(samples, f"calibrate {expert}: Hessian of Q_A(x/s)"),
+                                  progress(samples),
                                   lambda sample: split.run(expert, sample, steps=steps))
     for key, d in hessians.data.items():
         stats.data.setdefault(key, {}).update(d)
@@ -291,10 +346,9 @@ def quant_part_done(state, expert: str, k: int, n: int) -> bool:
 
 
 @torch.no_grad()
-def _denoise(state, pipe, sample, callback=None) -> None:
-    """One BF16 trajectory of a calibration sample at the calibration setting (latents only), with
+def denoise(pipe, sample, gen: dict, seed: int, callback=None) -> None:
+    """One BF16 trajectory of a calibration sample at the calibration setting ``gen`` (latents only), with
     generation's prompt handling (wanexp.generate.generate_one): calibration sees what inference sees."""
-    gen = calib_generation_cfg(state.cfg)
     image = sample.load_image().resize((int(gen["width"]), int(gen["height"])))
     extra = {"guidance_scale_2": float(gen["guidance_scale_2"])} if gen.get("guidance_scale_2") is not None else {}
     pipe(image=image, prompt=sample.prompt, negative_prompt=gen.get("negative_prompt") or None,
@@ -302,4 +356,4 @@ def _denoise(state, pipe, sample, callback=None) -> None:
          num_inference_steps=int(gen["num_inference_steps"]), guidance_scale=float(gen["guidance_scale"]),
          output_type="latent", callback_on_step_end=callback,
          max_sequence_length=int(gen.get("max_sequence_length") or 512),
-         generator=torch.Generator().manual_seed(sample_seed(int(state.cfg.seed), sample.id)), **extra)
+         generator=torch.Generator().manual_seed(sample_seed(int(seed), sample.id)), **extra)

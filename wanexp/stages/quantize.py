@@ -92,38 +92,69 @@ def layer_stats(stats, pool: list[str], layers: list[str]) -> Mapping[str, Layer
     return LayerStatsView(stats, pool, layers)
 
 
-def _method(state, pipe) -> MethodConfig:
+def method_for(cfg, num_bins: int) -> MethodConfig:
+    """The method of ``cfg`` (quant + format groups) for experts with ``num_bins`` timestep bins."""
     from wanexp.stages.calibrate import calib_setting
-    cfg = state.cfg
-    num_bins = state.contexts(pipe)["high_noise"].bins.num_bins
     quant = dict(OmegaConf.to_container(cfg.quant, resolve=True),
                  lowrank_solver=calib_setting(cfg, "lowrank_solver", "svd"))
     return method_config(quant, OmegaConf.to_container(cfg.format, resolve=True), num_bins)
 
 
-def _header(state, pipe, method: MethodConfig) -> dict:
-    cfg = state.cfg
+def _method(state, pipe) -> MethodConfig:
+    return method_for(state.cfg, state.contexts(pipe)["high_noise"].bins.num_bins)
+
+
+def artifact_header(cfg, fingerprint: str, pipe, contexts: dict, method: MethodConfig) -> dict:
+    """The artifact's JSON header: what was quantized how, for which base model (and the LoRAs merged
+    into it), with which bins."""
+    from wanexp.models.lora import lora_records
     return {"method": cfg.quant.name, "format": method.weight_format, "act_format": method.act_format,
-            "expert_policy": cfg.expert.policy, "fingerprint": state.fingerprint, "boundary": boundary_timestep(pipe),
-            "bins": {k: c.bins.to_json() for k, c in state.contexts(pipe).items()},
-            "quant": OmegaConf.to_container(cfg.quant, resolve=True)}
+            "expert_policy": cfg.expert.policy, "fingerprint": fingerprint, "boundary": boundary_timestep(pipe),
+            "bins": {k: c.bins.to_json() for k, c in contexts.items()},
+            "quant": OmegaConf.to_container(cfg.quant, resolve=True),
+            "lora": [r for m in experts(pipe).values() for r in lora_records(m)]}
+
+
+def _header(state, pipe, method: MethodConfig) -> dict:
+    return artifact_header(state.cfg, state.fingerprint, pipe, state.contexts(pipe), method)
+
+
+def expert_targets(cfg, model, expert: str) -> list[str]:
+    """The linears of ``expert`` the method quantizes (the targeted ones less what is kept in BF16)."""
+    keep_blocks, keep_modules = keep_lists(cfg, expert)
+    return select_targets(model, keep_blocks, keep_modules)
+
+
+def build_layers(model, method: MethodConfig, targets: list[str], compute_device, progress=iter,
+                 store_device="cpu") -> dict:
+    """``{name: QuantLinear}`` for ``targets`` of ``model``, built on ``compute_device`` and kept on
+    ``store_device``; the model keeps its BF16 layers (see :func:`swap_layers`)."""
+    built = {}
+    for name in progress(targets):
+        built[name] = method.build(name, linear_on(model.get_submodule(name), compute_device)).to(store_device)
+    return built
+
+
+def swap_layers(model, built: dict, context) -> int:
+    """Put built QuantLinears in place of their linears (each where the linear was), reading ``context``."""
+    for name, layer in built.items():
+        layer.context = context
+        replace_module(model, name, layer)
+    return len(built)
 
 
 def build_quant_part(state, pipe, expert: str, layers: list[str], stats, k: int, n: int) -> Path:
     """Build one calibration pass's QuantLinears of ``expert`` now (its Hessians are transient) and
     write them to ``artifact/parts/``; the model keeps its BF16 layers (later passes calibrate on
     BF16 activations)."""
-    cfg = state.cfg
     model = experts(pipe)[expert]
-    keep_blocks, keep_modules = keep_lists(cfg, expert)
     wanted = set(layers)
-    targets = [t for t in select_targets(model, keep_blocks, keep_modules) if t in wanted]
+    targets = [t for t in expert_targets(state.cfg, model, expert) if t in wanted]
     method = _method(state, pipe)
+    method.num_bins = state.contexts(pipe)[expert].bins.num_bins  # bins follow each expert's steps
     method.stats = layer_stats(stats, [expert], targets)
-    built = {}
-    for name in state.progress(targets, f"quantize {expert} {k + 1}/{n}"):
-        layer = method.build(name, linear_on(model.get_submodule(name), state.device))
-        built[name] = layer.to("cpu")
+    built = build_layers(model, method, targets, state.device,
+                         lambda it: state.progress(it, f"quantize {expert} {k + 1}/{n}"))
     path = quant_part_path(state.run_dir, expert, k, n)
     save_layers(path, {expert: built}, dict(_header(state, pipe, method), part=[expert, k, n]))
     write_json(path.with_suffix(".choices.json"), method.report)
@@ -170,22 +201,29 @@ def quantize(state) -> dict:
 def _quantize_now(state, pipe):
     from wanexp.stages.calibrate import load_calib_stats
     cfg = state.cfg
-    contexts = state.contexts(pipe)
     method = _method(state, pipe)
     stats = load_calib_stats(state.run_dir) if MethodConfig.needs(cfg.quant) else None
+    swapped, chosen, seconds = quantize_experts(cfg, pipe, method, stats, state.contexts(pipe), state.device,
+                                                lambda it, name: state.progress(it, f"quantize {name}"))
+    return swapped, chosen, seconds, method
+
+
+def quantize_experts(cfg, pipe, method: MethodConfig, stats, contexts: dict, compute_device, progress=None):
+    """Swap each expert's targets for the method's QuantLinears, from calibration ``stats`` (None: the
+    method needs none); returns (layers swapped, per-layer choices, per-layer build seconds), per expert."""
     swapped, chosen, seconds = {}, {}, {}
     for name, model in experts(pipe).items():
-        keep_blocks, keep_modules = keep_lists(cfg, name)
-        targets = select_targets(model, keep_blocks, keep_modules)
+        targets = expert_targets(cfg, model, name)
         pool = list(experts(pipe)) if cfg.expert.policy == "shared" else [name]
         method.stats = layer_stats(stats, pool, targets) if stats is not None else {}
         method.report = {}
+        method.num_bins = contexts[name].bins.num_bins  # bins follow each expert's steps (they may differ)
         # built on the run's device (the GPU even when the pipeline is offloaded), kept where the layer was
-        swapped[name] = len(quantize_(model, method, state.progress(targets, f"quantize {name}"), contexts[name],
-                                      compute_device=state.device))
+        names = progress(targets, name) if progress else targets
+        swapped[name] = len(quantize_(model, method, names, contexts[name], compute_device=compute_device))
         chosen[name], seconds[name] = method.report, method.seconds
         method.stats, method.seconds = {}, {}
-    return swapped, chosen, seconds, method
+    return swapped, chosen, seconds
 
 
 def _assemble_parts(state, pipe, parts: list[Path]):
@@ -203,18 +241,21 @@ def _assemble_parts(state, pipe, parts: list[Path]):
         expert = header["part"][0]
         model = experts(pipe)[expert]
         tensors = load_file(str(path))
-        for name, desc in header["layers"][expert].items():
-            layer = QuantLinear.from_description(desc, {k.rpartition("/")[2]: v for k, v in tensors.items()
-                                                        if k.startswith(f"{expert}/{name}/")})
-            layer.context = contexts[expert]
-            replace_module(model, name, layer)
-            swapped[expert] += 1
+        built = {name: QuantLinear.from_description(desc, {k.rpartition("/")[2]: v for k, v in tensors.items()
+                                                           if k.startswith(f"{expert}/{name}/")})
+                 for name, desc in header["layers"][expert].items()}
+        swapped[expert] += swap_layers(model, built, contexts[expert])
         chosen[expert].update(read_json(path.with_suffix(".choices.json")))
         seconds[expert].update(read_json(path.with_suffix(".seconds.json")))
     return swapped, chosen, seconds, _method(state, pipe)
 
 
 def _w4a4_clip_search(state, pipe, method, contexts: dict, chosen: dict) -> None:
+    w4a4_search(state.cfg, pipe, method, contexts, chosen, state.splits.calib,
+                lambda it: state.progress(it, "TS-clip search (W4A4 generation)"))
+
+
+def w4a4_search(cfg, pipe, method, contexts: dict, chosen: dict, calib_samples, progress=iter) -> None:
     """The paper code's TS-clip search data (``quant.clip_search_data=w4a4_generation``): one W4A4 CFG
     generation per sample of the first ``quant.search_samples`` calibration samples, at ``model.generation``
     with the ``quant.search_generation`` overrides (:mod:`wanexp.calib.paper_code`). The picks fill the clip
@@ -222,16 +263,16 @@ def _w4a4_clip_search(state, pipe, method, contexts: dict, chosen: dict) -> None
     from wanexp.calib.paper_code import w4a4_clip_search
     from wanexp.generate import sample_seed
     from wanexp.stages.common import generation_cfg
-    q = state.cfg.quant
-    samples = state.splits.calib[: int(q.get("search_samples", 1))]
+    q = cfg.quant
+    samples = list(calib_samples)[: int(q.get("search_samples", 1))]
     if not samples:
         raise WanexpError("quant.clip_search_data=w4a4_generation searches on calibration samples, but the "
                           "calibration split is empty (set data.calib.num_samples)")
-    gen = {**generation_cfg(state.cfg), **OmegaConf.to_container(q.get("search_generation") or OmegaConf.create({}))}
+    gen = {**generation_cfg(cfg), **OmegaConf.to_container(q.get("search_generation") or OmegaConf.create({}))}
     for model in experts(pipe).values():
         attach_context(model, contexts[[e for e, m in experts(pipe).items() if m is model][0]])
-    picks = w4a4_clip_search(pipe, method, contexts, state.progress(samples, "TS-clip search (W4A4 generation)"), gen,
-                             lambda sample: sample_seed(int(state.cfg.seed), sample.id), int(q.get("search_rows", 4096)))
+    picks = w4a4_clip_search(pipe, method, contexts, progress(samples), gen,
+                             lambda sample: sample_seed(int(cfg.seed), sample.id), int(q.get("search_rows", 4096)))
     for (expert, name), picked in picks.items():
         chosen[expert].setdefault(name, {}).update(picked)
 
@@ -240,6 +281,7 @@ def quantized_pipe(state):
     """The pipeline with the run's artifact applied (reusing the in-memory one when it is already quantized)."""
     if state._pipe is not None and state._pipe_quantized:
         pipe = state._pipe
+        contexts = state.contexts(pipe)
     else:
         fingerprint = state.fingerprint
         pipe = state.bf16_pipe()
@@ -247,8 +289,14 @@ def quantized_pipe(state):
                                expect=artifact_expect(state.cfg))  # every tensor checked against its SHA-256
         state.artifact_sha256 = header["sha256"]
         state._pipe_quantized = True
-    contexts = state.contexts(pipe)
+        contexts = artifact_contexts(header)  # the clip tables were made for the artifact's bins
     for name, model in experts(pipe).items():
         attach_context(model, contexts[name])
     hooks = install_timestep_hooks(pipe, lambda expert, t: contexts[expert].set_timestep(t))
     return pipe, hooks
+
+
+def artifact_contexts(header: dict) -> dict:
+    """Each expert's TimestepContext with the bins an artifact's clip tables were chosen for."""
+    from wanexp.quant.context import TimestepBins, TimestepContext
+    return {e: TimestepContext(bins=TimestepBins.from_json(b)) for e, b in header["bins"].items()}
