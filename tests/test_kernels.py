@@ -137,6 +137,114 @@ def _check_gemm_variants(m, k, n, device, variants=(0, 1, 2, 3)):
         assert float(((y.double() - exact).abs() / exact.abs().clamp_min(1e-3)).median()) < 4e-3
 
 
+# ----------------------------------------------------------------------------- the FP8 fold (wanexp.kernels.mxfp4_fp8)
+
+
+def _packed_row(exponents, code):
+    """One MXFP4 row of len(exponents) blocks: every element ``code`` (0..15) under its block's exponent."""
+    nb = len(exponents)
+    codes = torch.full((1, nb * 16), code | (code << 4), dtype=torch.uint8)
+    scales = torch.tensor([[e + 127 for e in exponents]], dtype=torch.uint8)
+    return codes, scales
+
+
+def _decode(codes, scales):
+    """The MXFP4 values by the format's own decoder (wanexp.formats, the spec implementation)."""
+    fmt = get_format("mxfp4")
+    packed = fmt.encode(torch.zeros(codes.shape[0], codes.shape[1] * 2))
+    packed.data["codes"], packed.data["scales"] = codes, scales
+    return fmt.decode(packed).double()
+
+
+def _unfold(f):
+    return f["values"].double() * f["scale"].double()[:, None]
+
+
+@pytest.mark.parametrize("code", range(1, 8))
+def test_fp8_fold_is_exact_up_to_a_spread_of_14_and_the_bound_is_tight(code):
+    from wanexp.kernels.mxfp4_fp8 import MAX_SPREAD, fold_reference
+    for top in (0, 40, -100):                         # the row's own exponent does not matter
+        for spread in range(0, MAX_SPREAD + 1):
+            codes, scales = _packed_row([top, top - spread, top - spread // 2], code)
+            f = fold_reference(codes, scales)
+            assert int(f["spread"]) == spread and torch.equal(_unfold(f), _decode(codes, scales)), (code, spread)
+        codes, scales = _packed_row([top, top - MAX_SPREAD - 1], code)
+        f = fold_reference(codes, scales)
+        assert int(f["spread"]) == MAX_SPREAD + 1
+        # one octave further: 0.5 and 1.5 (codes 1, 3) fall below E4M3's 2^-9 grid and round, the others still fit
+        assert torch.equal(_unfold(f), _decode(codes, scales)) == (code not in (1, 3)), code
+    codes, scales = _packed_row([5, 5], 7)            # 6 at the top: 6·2^6 = 384 <= 448
+    assert float(fold_reference(codes, scales)["values"].float().max()) == 384.0
+
+
+def test_fp8_fold_ignores_zero_blocks_and_keeps_signs():
+    from wanexp.kernels.mxfp4_fp8 import fold_reference
+    codes, scales = _packed_row([-20, 0, -22], 1 | 8)  # -0.5 everywhere ...
+    codes[0, 16:32] = 0                                 # ... but the e = 0 block is all zero codes
+    f = fold_reference(codes, scales)
+    assert int(f["exponent"]) == -20 and int(f["spread"]) == 2
+    assert torch.equal(_unfold(f), _decode(codes, scales)) and float(f["values"].float().min()) == -32.0
+    zero = fold_reference(torch.zeros(1, 32, dtype=torch.uint8), torch.full((1, 2), 127, dtype=torch.uint8))
+    assert int(zero["spread"]) == 0 and not zero["values"].float().any()
+
+
+def test_fp8_gemm_of_folded_operands_is_the_mxfp4_product():
+    """On realistic rows (smoothly varying magnitudes) every row fits, and the row-wise-scaled FP8
+    GEMM equals the product of the MXFP4 values (fp64 sums of the same exact products)."""
+    from wanexp.kernels.mxfp4_fp8 import MAX_SPREAD, fold_reference, linear_reference
+    fmt = get_format("mxfp4")
+    g = torch.Generator().manual_seed(7)
+    w = fmt.encode(torch.randn(64, 512, generator=g) * 0.05)
+    x = fmt.encode(torch.randn(40, 512, generator=g) * torch.linspace(0.01, 30, 512))
+    fw, fx = fold_reference(w.data["codes"], w.data["scales"]), fold_reference(x.data["codes"], x.data["scales"])
+    assert int(fw["spread"].max()) <= MAX_SPREAD and int(fx["spread"].max()) <= MAX_SPREAD
+    exact = fmt.decode(x).double() @ fmt.decode(w).double().T
+    assert torch.allclose(linear_reference(fx, fw), exact, rtol=1e-12, atol=0)
+    y = torch._scaled_mm(fx["values"], fw["values"].t(), scale_a=fx["scale"][:, None], scale_b=fw["scale"][None, :],
+                         out_dtype=torch.float32)
+    assert _rel(y, exact) < 1e-6
+
+
+def _check_fp8_fold(m, k, n, device):
+    """Activation quantizer (FP8 mode) and weight fold bit-exact against the reference, both rules,
+    with smoothing and clip ratios, on rows that fit and rows that do not."""
+    from wanexp.kernels.mxfp4_fp8 import act_quant_fp8, fold_reference, fold_weight, row_exponents
+    fmt = get_format("mxfp4")
+    g = torch.Generator().manual_seed(11)
+    for w in (torch.randn(n, k, generator=g) * 0.05, torch.randn(n, k, generator=g) * torch.logspace(-3, 3, k)):
+        packed = fmt.encode(w).to(device)
+        ref = fold_reference(packed.data["codes"], packed.data["scales"])
+        S, spread = row_exponents(packed.data["codes"], packed.data["scales"])
+        assert torch.equal(S, ref["exponent"]) and torch.equal(spread, ref["spread"])
+        w8 = fold_weight(packed.data["codes"], packed.data["scales"], S.contiguous())
+        assert torch.equal(w8.view(torch.uint8), ref["values"].view(torch.uint8))
+    x = _act_input(m, k, device)
+    x[4:8] = (torch.randn(4, k, generator=g) * 3).to(torch.bfloat16).to(device)   # rows that fit
+    smooth = (torch.rand(k, generator=g) * 4 + 0.25).to(device)
+    for rule in ("floor", "ceil"):
+        for rho, sm in ((1.0, None), (0.8, smooth)):
+            out = act_quant_fp8(x, torch.tensor([0.5, rho], device=device), 1, sm, scale_rule=rule, write_xs=True)
+            xs = x if sm is None else (x.float() / sm).to(torch.bfloat16)
+            pk = get_format("mxfp4", scale_rule=rule).encode(xs, clip_ratio=rho)
+            ref = fold_reference(pk.data["codes"], pk.data["scales"])
+            assert torch.equal(out["values"].view(torch.uint8), ref["values"].view(torch.uint8)), (rule, rho)
+            assert torch.equal(out["spread"], ref["spread"]) and torch.equal(out["scale"], ref["scale"]), (rule, rho)
+            assert int((ref["spread"] <= 14).sum()) >= 4 and int((ref["spread"] > 14).sum()) >= 1  # both kinds
+
+
+def _check_fp8_layer(m, k, n, device):
+    """QuantLinear through gemm_backend("fp8") against the reference and fp64, fallbacks counted."""
+    from wanexp.kernels import fused_forward, gemm_backend
+    _check_layer(m, k, n, 8, device, backends=("fp8",))
+    _check_layer(m, k, n, 0, device, backends=("fp8",), smooth=False, bias=False, rule="ceil")
+    layer = _quant_layer(k, n, 4, device)
+    wide = _act_input(m, k, device)                       # rows spanning > 14 octaves: the exact fallback
+    with gemm_backend("fp8"):
+        y = fused_forward(layer, wide)
+    assert layer.fallbacks["fp8_rows"] > 0 and layer.fallbacks["fp8_cols"] == 0
+    assert _rel(y, _exact(layer, wide)) < 1e-2 and _rel(y, layer.reference_forward(wide)) < 1e-2
+
+
 # ----------------------------------------------------------------------------- interpreter (CPU) checks
 # These run in-process only under TRITON_INTERPRET=1 (see test_interpreter_suite).
 
@@ -169,6 +277,16 @@ def test_interp_quantlinear_fused_matches_reference():
     _check_layer(16, 128, 32, 0, "cpu", smooth=False, bias=False, rule="ceil")
 
 
+@interp_only
+def test_interp_fp8_fold_bit_exact():
+    _check_fp8_fold(24, 256, 40, "cpu")
+
+
+@interp_only
+def test_interp_quantlinear_fp8_matches_reference():
+    _check_fp8_layer(36, 256, 48, "cpu")
+
+
 @pytest.mark.skipif(INTERP, reason="already inside the interpreter run")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the compiled kernels are tested instead")
 @pytest.mark.skipif(tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 8),
@@ -179,7 +297,7 @@ def test_interpreter_suite():
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interp"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "4 passed" in proc.stdout, proc.stdout[-2000:]
+    assert "6 passed" in proc.stdout, proc.stdout[-2000:]
 
 
 # ----------------------------------------------------------------------------- dispatch (CPU, no triton run)
@@ -260,3 +378,13 @@ def test_gpu_dispatch_switches():
     assert torch.equal(ref, layer.reference_forward(x)) and _rel(y, ref) < 1e-2
     layer.fused = False
     assert torch.equal(layer(x), ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(INTERP, reason="compiled kernels")
+def test_gpu_fp8_fold_bit_exact_and_layer_at_wan_shapes():
+    if not torch.cuda.get_device_capability() >= (8, 9):
+        pytest.skip("no FP8 tensor cores")
+    _check_fp8_fold(300, 5120, 640, "cuda")
+    _check_fp8_layer(4100, 5120, 1280, "cuda")
+    _check_layer(57, 13824, 5120, 32, "cuda", backends=("fp8",))   # ffn.net.2's K, a ragged M

@@ -13,12 +13,12 @@ Switches, so one process can time both paths:
   re-enables it); ``set_fused(bool)`` does the same without a context;
 * ``WANEXP_FUSED=0`` in the environment starts with it off;
 * ``layer.fused = False`` on one QuantLinear keeps that layer on the reference path;
-* ``with gemm_backend("triton" | "cublas" | "auto")`` (env ``WANEXP_FUSED_GEMM``) picks the GEMM
+* ``with gemm_backend("triton" | "cublas" | "fp8" | "auto")`` (env ``WANEXP_FUSED_GEMM``) picks the GEMM
   after the fused activation quantizer: the Triton GEMM that reads the packed weight, or an
   exact upcast of the weight into a transient bf16 buffer + one cuBLAS GEMM (``auto``: the latter
   above :data:`UPCAST_MIN_TOKENS` tokens, where it is faster on Hopper).
 
-The kernels and their math: :mod:`wanexp.kernels.mxfp4`.
+The kernels and their math: :mod:`wanexp.kernels.mxfp4`; the FP8 fold: :mod:`wanexp.kernels.mxfp4_fp8`.
 """
 
 from __future__ import annotations
@@ -36,11 +36,16 @@ _STATE = {"enabled": os.environ.get("WANEXP_FUSED", "1") != "0", "triton": None,
 UPCAST_MIN_TOKENS = 4096
 
 
+GEMM_BACKENDS = ("auto", "triton", "cublas", "fp8")
+
+
 def set_gemm_backend(backend: str) -> None:
-    """"auto" (default), "triton" (always the fused packed-weight GEMM) or "cublas" (always
-    upcast-to-scratch + cuBLAS)."""
-    if backend not in ("auto", "triton", "cublas"):
-        raise ValueError(f"gemm backend must be auto | triton | cublas, got {backend!r}")
+    """"auto" (default), "triton" (always the fused packed-weight GEMM), "cublas" (always
+    upcast-to-scratch + cuBLAS) or "fp8" (block scales folded per row into E4M3 operands, one
+    row-wise-scaled FP8 GEMM: :mod:`wanexp.kernels.mxfp4_fp8`; where the device has no FP8 tensor
+    cores, or a shape does not suit, "auto")."""
+    if backend not in GEMM_BACKENDS:
+        raise ValueError(f"gemm backend must be {' | '.join(GEMM_BACKENDS)}, got {backend!r}")
     _STATE["gemm"] = backend
 
 
@@ -100,6 +105,14 @@ def can_fuse(layer, x: torch.Tensor) -> bool:
             and triton_available())
 
 
+def fp8_capable(device: torch.device) -> bool:
+    """FP8 tensor cores (compute capability 8.9+), or the CPU, where ``torch._scaled_mm`` runs
+    (Triton's interpreter tests the fold there)."""
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
     """QuantLinear's forward through the two fused kernels (same numerics as the reference, up to
     the final rounding; see :mod:`wanexp.kernels.mxfp4`)."""
@@ -116,6 +129,9 @@ def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
     bin_ = min(bin_, layer.clip_table.numel() - 1)
     has_lr = layer.lowrank_up is not None
     backend = _STATE["gemm"]
+    if backend == "fp8" and fp8_capable(x2.device) and layer.out_features % 16 == 0:
+        from wanexp.kernels.mxfp4_fp8 import fp8_linear
+        return fp8_linear(layer, x2, bin_).reshape(*lead, layer.out_features).to(out_dtype)
     if backend == "cublas" or (backend == "auto" and x2.shape[0] > UPCAST_MIN_TOKENS):
         y = upcast_linear(x2, layer.wq_codes, layer.wq_scales, layer.clip_table, bin_, layer.smooth,
                           layer.act_format.scale_rule, layer.bias, layer.lowrank_up if has_lr else None,
@@ -131,5 +147,5 @@ def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(*lead, layer.out_features).to(out_dtype)
 
 
-__all__ = ["UPCAST_MIN_TOKENS", "can_fuse", "fused", "gemm_backend", "set_gemm_backend", "fused_enabled", "fused_forward", "set_fused", "supports_layer",
+__all__ = ["GEMM_BACKENDS", "UPCAST_MIN_TOKENS", "fp8_capable", "can_fuse", "fused", "gemm_backend", "set_gemm_backend", "fused_enabled", "fused_forward", "set_fused", "supports_layer",
            "triton_available"]

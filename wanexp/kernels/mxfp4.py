@@ -43,9 +43,10 @@ Two kernels do this in two passes over the activations instead of the reference 
    as int8 (2·E2M1 ∈ [−12, 12]) or fp8 products, but its scale 2^(ea[m,j] + ew[n,j]) varies with
    the row, the column *and* the 32-wide K block, so an int8/fp8 kernel must finish the MMA every
    32 K and rescale the whole BM×BN accumulator on the CUDA cores (2·BM·BN fp32 ops per 32 K per
-   tile: more issue time than the fp8 MMA itself, and it breaks wgmma pipelining); folding the
-   scales into an fp8 operand is not exact (E4M3 has 4 octaves of normal range below E2M1's top,
-   blocks of a row span many more). In bf16 both scaled operands are *exact* (an E2M1 value times
+   tile: more issue time than the fp8 MMA itself, and it breaks wgmma pipelining). Folding the
+   block scales into E4M3 relative to the row's largest one is exact while a row's block
+   exponents span at most 14 octaves: that path (``gemm_backend("fp8")``) is
+   :mod:`wanexp.kernels.mxfp4_fp8`. In bf16 both scaled operands are *exact* (an E2M1 value times
    a power of two has 2 significant bits; bf16 has 8 bits and fp32's exponent range), so one
    bf16 wgmma with fp32 accumulation gives the exact products of MXFP4 × MXFP4 with no per-block
    rescaling at all: the same products as the reference (which dequantizes to bf16 and calls
@@ -89,10 +90,57 @@ def _to_bf16_rne(v):
 
 
 @triton.jit
+def _e4m3_bits(q, d, neg):
+    """E4M3 bits of ±q · 2^(6 − d) for an E2M1 magnitude q (fp32) and a block's exponent gap d >= 0:
+    exact while d <= 14 (see wanexp.kernels.mxfp4_fp8); beyond, round to nearest even like a cast."""
+    p = ((127 + 6 - tl.minimum(d, 40)) << 23).to(tl.float32, bitcast=True)   # 2^(6 - d), exact
+    mag = q * p
+    mb = mag.to(tl.int32, bitcast=True)
+    ex = ((mb >> 23) & 255) - 127
+    normal = (((ex + 7) << 3) | ((mb >> 20) & 7))                    # 3 mantissa bits suffice (q has 2)
+    sub = ((mag * 512.0 + 8388608.0) - 8388608.0).to(tl.int32)       # multiples of 2^-9, RNE
+    bits = tl.where(ex >= -6, normal, sub)
+    return (bits | tl.where(neg & (q > 0), 128, 0)).to(tl.uint8)
+
+
+@triton.jit
+def _row_absmax_kernel(x_ptr, smooth_ptr, out_ptr, M, K, stride_xm,
+                       HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """max_k |x_s[m, k]| (fp32) of each row, x_s = bf16(x / s) as the quantizer sees it."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        mask = (rm[:, None] < M) & (cols[None, :] < K)
+        x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+        if HAS_SMOOTH:
+            s = tl.load(smooth_ptr + cols, mask=cols < K, other=1.0)
+            v = _to_bf16_rne(tl.math.div_rn(x.to(tl.float32), s[None, :])).to(tl.float32)
+        else:
+            v = x.to(tl.float32)
+        acc = tl.maximum(acc, tl.max(tl.abs(v), axis=1))
+    tl.store(out_ptr + rm, acc, mask=rm < M)
+
+
+@triton.jit
+def _block_exponent(amax, CEIL: tl.constexpr):
+    """The E8M0 exponent e of a block whose clipped absolute maximum is ``amax`` (fp32), from its bits."""
+    bits = amax.to(tl.int32, bitcast=True)
+    field = (bits >> 23) & 255
+    e = field - 129                                                    # floor(log2 a) - 2
+    if CEIL:
+        e += ((bits & 0x7FFFFF) > 0x400000).to(tl.int32)              # mantissa > 1.5
+    e = tl.minimum(tl.maximum(e, -127), 127)
+    e = tl.where(field == 0, tl.where(amax > 0, -127, 0), e)
+    return tl.where(field == 255, 127, e)
+
+
+@triton.jit
 def _act_quant_kernel(x_ptr, smooth_ptr, clip_ptr, bin_idx, xq_ptr, xs_ptr, codes_ptr, scales_ptr,
+                      rowmax_ptr, a8_ptr, spread_ptr,
                       M, K, stride_xm, stride_qm,
                       HAS_SMOOTH: tl.constexpr, CEIL: tl.constexpr, WRITE_XQ: tl.constexpr,
-                      WRITE_XS: tl.constexpr, WRITE_CODES: tl.constexpr,
+                      WRITE_XS: tl.constexpr, WRITE_CODES: tl.constexpr, WRITE_FP8: tl.constexpr,
                       BLOCK_M: tl.constexpr, NB: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -113,14 +161,7 @@ def _act_quant_kernel(x_ptr, smooth_ptr, clip_ptr, bin_idx, xq_ptr, xs_ptr, code
         v = x.to(tl.float32)
     rho = tl.load(clip_ptr + bin_idx)
     amax = tl.max(tl.abs(v), axis=2) * rho                            # [BLOCK_M, NB]
-    bits = amax.to(tl.int32, bitcast=True)
-    field = (bits >> 23) & 255
-    e = field - 129                                                    # floor(log2 a) - 2
-    if CEIL:
-        e += ((bits & 0x7FFFFF) > 0x400000).to(tl.int32)              # mantissa > 1.5
-    e = tl.minimum(tl.maximum(e, -127), 127)
-    e = tl.where(field == 0, tl.where(amax > 0, -127, 0), e)
-    e = tl.where(field == 255, 127, e)
+    e = _block_exponent(amax, CEIL)
     # 2^-e and 2^e as fp32 from their bits (2^-127 is subnormal: mantissa bit 22)
     inv = tl.where(e == 127, 1 << 22, (127 - e) << 23).to(tl.float32, bitcast=True)
     X = tl.where(e == -127, 1 << 22, (127 + e) << 23).to(tl.float32, bitcast=True)
@@ -144,6 +185,12 @@ def _act_quant_kernel(x_ptr, smooth_ptr, clip_ptr, bin_idx, xq_ptr, xs_ptr, code
         srows = rm[:, None]
         tl.store(scales_ptr + srows.to(tl.int64) * (K // 32) + rb[None, :], (e + 127).to(tl.uint8),
                  mask=(srows < M) & (rb[None, :] < K // 32))
+    if WRITE_FP8:  # the row-folded E4M3 operand (wanexp.kernels.mxfp4_fp8): q · 2^(HEADROOM − (S − e))
+        S = _block_exponent(tl.load(rowmax_ptr + rm, mask=rm < M, other=0.0) * rho, CEIL)  # the row's top e
+        d = tl.maximum(S[:, None] - e, 0)                              # >= 0 on every block with a code
+        live = (tl.max(q, axis=2) > 0) & (rb[None, :] < K // 32)
+        tl.atomic_max(spread_ptr + rm, tl.max(tl.where(live, d, 0), axis=1), mask=rm < M)
+        tl.store(a8_ptr + rows.to(tl.int64) * K + cols, _e4m3_bits(q, d[:, :, None], neg), mask=mask)
 
 
 def act_quant(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int = 0, smooth: torch.Tensor | None = None,
@@ -171,10 +218,11 @@ def act_quant(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int = 0, smoot
     BLOCK_M, NB = 16, 8
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(K // 32, NB))
     _act_quant_kernel[grid](x, smooth if smooth is not None else dummy, clip_table, int(bin_idx),
-                            xq, xs, codes, scales, M, K, x.stride(0), xq.stride(0) if write_xq else K,
+                            xq, xs, codes, scales, dummy, dummy, dummy, M, K, x.stride(0),
+                            xq.stride(0) if write_xq else K,
                             HAS_SMOOTH=smooth is not None, CEIL=scale_rule == "ceil", WRITE_XQ=write_xq,
-                            WRITE_XS=write_xs, WRITE_CODES=write_codes, BLOCK_M=BLOCK_M, NB=NB,
-                            num_warps=4)
+                            WRITE_XS=write_xs, WRITE_CODES=write_codes, WRITE_FP8=False, BLOCK_M=BLOCK_M,
+                            NB=NB, num_warps=4)
     if write_xq:
         out["xq"] = xq if xq_out is None else xq[:, :K]
     if write_xs:

@@ -59,11 +59,17 @@ class QuantLinear(nn.Module):
         # forwards taken by each path (the fused GPU kernels or the torch reference), for the
         # runner's record of which path a run really used
         self.calls = {"fused": 0, "reference": 0}
+        # rows the FP8 fused path had to recompute exactly (wanexp.kernels.mxfp4_fp8), summed over calls
+        self.fallbacks = {"fp8_rows": 0, "fp8_cols": 0}
+        # tensors a kernel derives once from this layer's weight (e.g. the FP8 fold's row exponents);
+        # dropped whenever the layer moves
+        self.kernel_cache: dict[str, Any] = {}
 
     def _apply(self, fn, recurse=True):
         """Moves apply, dtype casts do not: ``pipe.to(torch.bfloat16)`` or ``.half()`` on a model holding
         this layer must not re-round its fp32 smoothing and clip table (nor make the 16-bit branch fp32
         under ``.float()``); the layer keeps the precisions it was built with (``compute_dtype``)."""
+        self.kernel_cache = {}
         for key, buf in self._buffers.items():
             if buf is not None:
                 moved = fn(buf)

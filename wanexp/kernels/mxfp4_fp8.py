@@ -1,0 +1,227 @@
+"""MXFP4 W4A4 on FP8 tensor cores: the block scales of a row folded into its E4M3 values.
+
+An MXFP4 row (a token of the activations, an output row of the weight) holds E2M1 magnitudes q
+and one E8M0 exponent e_b per 32-element block b: value = ±q · 2^e_b. With S the row's largest
+block exponent (over blocks holding a nonzero code) and d_b = S − e_b >= 0 its gap,
+
+    value = ±q · 2^(H − d_b) · 2^(S − H),        H = 6 (headroom)
+
+so the row becomes an E4M3 operand v = ±q · 2^(H − d_b) times one fp32 scale 2^(S − H). Then
+
+    y[m, n] = Σ_k A[m, k] W[n, k] = 2^(S_a[m] − H) · 2^(S_w[n] − H) · Σ_k v_a[m, k] v_w[n, k]
+
+is one FP8 GEMM with a scale per row and per column (``torch._scaled_mm``, row-wise scaling),
+the products exact (E4M3 × E4M3 fits fp32) and only the summation order differs from the bf16
+reference path.
+
+When the fold is exact. The nonzero E2M1 magnitudes are j/2, j ∈ {1, 2, 3, 4, 6, 8, 12}: at
+most two significant bits. E4M3 (``float8_e4m3fn``) holds every such number from its smallest
+subnormal 2^-9 up to 448: normals 2^-6 … 448 keep 3 mantissa bits, subnormals are the multiples
+of 2^-9. So v = j · 2^(H − 1 − d) is exact iff it is at most 448 and a multiple of 2^-9:
+
+* top: j = 12 at d = 0 gives 12 · 2^(H−1) = 384 <= 448 with H = 6 (H = 7 would give 768): H = 6
+  is the largest headroom;
+* bottom: j odd (q = 0.5, 1.5) needs 2^(H − 1 − d) >= 2^-9, i.e. d <= H + 8 = 14; even j reach
+  one or more octaves further.
+
+Hence :data:`MAX_SPREAD` = 14: a row whose block exponents (over blocks with a nonzero code)
+span at most 14 octaves folds exactly; at 15, q = 0.5 and 1.5 of its lowest blocks would round
+(tested both ways). Rows beyond the bound take the exact fallback: that row's output is
+computed by the bf16 path (exact upcast, as the reference), and the layer counts them
+(``QuantLinear.fallbacks``: activation rows and weight rows, summed over calls; the bench
+reports them).
+
+Everything here has its plain-torch reference (:func:`fold_reference`), against which the Triton
+activation quantizer's FP8 output (``_act_quant_kernel`` with ``WRITE_FP8``) and the weight fold
+(``_fold_weight_kernel``) are bit-exact (tests/test_kernels.py, in Triton's interpreter on CPU and
+compiled on a GPU). The weight is folded per call into a transient E4M3 buffer (N·K bytes, half
+the bf16 upcast path's), so the model still holds only the packed weight; the row exponents and
+spreads of the weight are computed once per layer and kept in ``QuantLinear.kernel_cache``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from wanexp.kernels.mxfp4 import _act_quant_kernel, _e4m3_bits, _row_absmax_kernel, act_quant, dequant_weight
+
+HEADROOM = 6      # H: 12 · 2^(H-1) = 384 <= 448, the E4M3 maximum
+MAX_SPREAD = 14   # H + 8: the widest block-exponent span of a row that folds exactly
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+# ---------------------------------------------------------------------------- the reference
+
+
+def _unpack(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 [R, K/2] (element 2i in the low nibble) -> int64 codes [R, K]."""
+    c = codes.to(torch.int64)
+    return torch.stack((c & 15, c >> 4), dim=-1).flatten(-2)
+
+
+def row_exponents(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, spread) of each row of a packed MXFP4 matrix: S the largest block exponent over blocks
+    holding a nonzero code (0 for an all-zero row), spread = max over those blocks of S − e_b."""
+    c = _unpack(codes)
+    rows, k = c.shape
+    live = ((c & 7) > 0).reshape(rows, k // 32, 32).any(-1)
+    e = scales.to(torch.int64) - 127
+    low = torch.iinfo(torch.int64).min
+    S = torch.where(live, e, low).amax(1)
+    S = torch.where(live.any(1), S, 0)
+    spread = torch.where(live, S[:, None] - e, 0).amax(1)
+    return S.to(torch.int32), spread.to(torch.int32)
+
+
+def fold_reference(codes: torch.Tensor, scales: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The fold of a packed MXFP4 matrix, from the definition: ``values`` (float8_e4m3fn [R, K],
+    ±q · 2^(H − d_b), cast with round-to-nearest-even, exact where ``spread <= MAX_SPREAD``),
+    ``scale`` (fp32 [R], 2^(S − H)), ``spread`` (int32 [R]) and ``exponent`` (S, int32 [R])."""
+    c = _unpack(codes)
+    rows, k = c.shape
+    S, spread = row_exponents(codes, scales)
+    lut = torch.tensor(_E2M1, dtype=torch.float64, device=c.device)
+    mag = lut[c & 7]
+    d = (S.to(torch.int64)[:, None] - (scales.to(torch.int64) - 127)).clamp_min(0)
+    d = d.repeat_interleave(32, dim=1)
+    v = torch.ldexp(mag, (HEADROOM - d).to(torch.float64))
+    v = torch.where((c & 8).bool() & (mag > 0), -v, v)
+    scale = torch.ldexp(torch.ones(rows, dtype=torch.float64, device=c.device), (S - HEADROOM).to(torch.float64))
+    return {"values": v.to(torch.float32).to(torch.float8_e4m3fn), "scale": scale.to(torch.float32),
+            "spread": spread, "exponent": S}
+
+
+def linear_reference(a: dict[str, torch.Tensor], w: dict[str, torch.Tensor]) -> torch.Tensor:
+    """fp64 Σ_k of the folded operands, rescaled: equal to A · Wᵀ of the MXFP4 values on rows that fit."""
+    prod = a["values"].double() @ w["values"].double().T
+    return prod * a["scale"].double()[:, None] * w["scale"].double()[None, :]
+
+
+# ---------------------------------------------------------------------------- the kernels
+
+
+@triton.jit
+def _fold_weight_kernel(w_ptr, ws_ptr, exp_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Packed MXFP4 [N, K/2] + E8M0 [N, K/32] + row exponents S [N] -> E4M3 bits [N, K]."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    rows = rn.to(tl.int64)[:, None]
+    m = rn[:, None] < N
+    packed = tl.load(w_ptr + rows * (K // 2) + k0 // 2 + tl.arange(0, BLOCK_K // 2)[None, :], mask=m, other=0)
+    c = tl.reshape(tl.join(packed & 15, packed >> 4), [BLOCK_N, BLOCK_K]).to(tl.int32)
+    c3 = tl.reshape(c, [BLOCK_N, BLOCK_K // 32, 32])
+    e = tl.load(ws_ptr + rows * (K // 32) + k0 // 32 + tl.arange(0, BLOCK_K // 32)[None, :], mask=m,
+                other=127).to(tl.int32) - 127
+    S = tl.load(exp_ptr + rn, mask=rn < N, other=0)
+    d = tl.maximum(S[:, None] - e, 0)[:, :, None]
+    idx = (c3 & 7).to(tl.float32)
+    q = tl.where(idx < 4.0, idx * 0.5, tl.where(idx < 6.0, idx - 2.0, (idx - 4.0) * 2.0))
+    bits = tl.reshape(_e4m3_bits(q, d, (c3 & 8) > 0), [BLOCK_N, BLOCK_K])
+    tl.store(out_ptr + rows * K + k0 + tl.arange(0, BLOCK_K)[None, :], bits, mask=m)
+
+
+def fold_weight(codes: torch.Tensor, scales: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn [N, K] fold of a packed weight, given its row exponents (:func:`row_exponents`)."""
+    N, K = codes.shape[0], codes.shape[1] * 2
+    out = torch.empty(N, K, device=codes.device, dtype=torch.uint8)
+    _fold_weight_kernel[(triton.cdiv(N, 32), K // 128)](codes, scales, exponent, out, N, K,
+                                                        BLOCK_N=32, BLOCK_K=128, num_warps=4)
+    return out.view(torch.float8_e4m3fn)
+
+
+def act_quant_fp8(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int = 0, smooth: torch.Tensor | None = None,
+                  *, scale_rule: str = "floor", write_xs: bool = False) -> dict[str, torch.Tensor]:
+    """MXFP4-quantize the rows of bf16 ``x [M, K]`` straight into the folded FP8 operand: ``values``
+    (float8_e4m3fn [M, K]), ``scale`` (fp32 [M], 2^(S − H)), ``spread`` (int32 [M]) and, on
+    request, ``xs`` (the smoothed bf16 input). Two kernels: each row's max |x_s| (which fixes S,
+    the exponent rule being monotonic), then the quantizer writing E4M3 bits."""
+    assert x.dim() == 2 and x.dtype == torch.bfloat16 and x.stride(1) == 1
+    M, K = x.shape
+    assert K % 32 == 0, "the fused activation quantizer needs K % 32 == 0"
+    write_xs = write_xs and smooth is not None
+    dummy = x.new_empty(1)
+    sm = smooth if smooth is not None else dummy
+    rowmax = torch.empty(M, device=x.device, dtype=torch.float32)
+    _row_absmax_kernel[(triton.cdiv(M, 16),)](x, sm, rowmax, M, K, x.stride(0), HAS_SMOOTH=smooth is not None,
+                                              BLOCK_M=16, BLOCK_K=256, num_warps=4)
+    a8 = torch.empty(M, K, device=x.device, dtype=torch.uint8)
+    spread = torch.zeros(M, device=x.device, dtype=torch.int32)
+    xs = x.new_empty(M, K) if write_xs else dummy
+    BLOCK_M, NB = 16, 8
+    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(K // 32, NB))
+    _act_quant_kernel[grid](x, sm, clip_table, int(bin_idx), dummy, xs, dummy, dummy, rowmax, a8, spread,
+                            M, K, x.stride(0), K, HAS_SMOOTH=smooth is not None, CEIL=scale_rule == "ceil",
+                            WRITE_XQ=False, WRITE_XS=write_xs, WRITE_CODES=False, WRITE_FP8=True,
+                            BLOCK_M=BLOCK_M, NB=NB, num_warps=4)
+    # the row scale 2^(S − H) from S = e(rowmax · rho), as the kernel computes S
+    rho = clip_table[int(bin_idx)]
+    S = _exponent_torch(rowmax * rho, scale_rule)
+    out = {"values": a8.view(torch.float8_e4m3fn), "scale": torch.ldexp(torch.ones_like(rowmax), (S - HEADROOM).float()),
+           "spread": spread, "exponent": S}
+    if write_xs:
+        out["xs"] = xs
+    return out
+
+
+def _exponent_torch(amax: torch.Tensor, scale_rule: str) -> torch.Tensor:
+    """The quantizer's block-exponent rule on fp32 values (see wanexp.kernels.mxfp4, step 1)."""
+    bits = amax.view(torch.int32)
+    field = (bits >> 23) & 255
+    e = field - 129
+    if scale_rule == "ceil":
+        e = e + ((bits & 0x7FFFFF) > 0x400000).to(torch.int32)
+    e = e.clamp(-127, 127)
+    e = torch.where(field == 0, torch.where(amax > 0, -127, 0), e)
+    return torch.where(field == 255, 127, e).to(torch.int32)
+
+
+def weight_rows(layer) -> dict[str, torch.Tensor]:
+    """The weight's row exponents, scales and the rows beyond the bound, computed once per layer
+    and device (``QuantLinear.kernel_cache``, dropped when the layer moves)."""
+    cached = layer.kernel_cache.get("fp8_rows")
+    if cached is None:
+        S, spread = row_exponents(layer.wq_codes, layer.wq_scales)
+        cached = {"exponent": S.contiguous(), "scale": torch.ldexp(torch.ones_like(S, dtype=torch.float32),
+                                                                   (S - HEADROOM).float()),
+                  "wide": torch.nonzero(spread > MAX_SPREAD).flatten()}   # one host sync, once
+        layer.kernel_cache["fp8_rows"] = cached
+    return cached
+
+
+def fp8_linear(layer, x2: torch.Tensor, bin_: int) -> torch.Tensor:
+    """``QuantLinear``'s W4A4 MXFP4 product on FP8 tensor cores, exact rows folded, the others
+    (activation rows or weight rows beyond :data:`MAX_SPREAD`) recomputed by the exact bf16 path.
+    Output: bf16 of the fp32 sum plus bias; the low-rank branch is added in a second bf16 GEMM
+    (two roundings where the reference path has three)."""
+    has_lr = layer.lowrank_up is not None
+    rule = layer.act_format.scale_rule
+    a = act_quant_fp8(x2, layer.clip_table, bin_, layer.smooth, scale_rule=rule, write_xs=has_lr)
+    w = weight_rows(layer)
+    w8 = fold_weight(layer.wq_codes, layer.wq_scales, w["exponent"])
+    y = torch._scaled_mm(a["values"], w8.t(), scale_a=a["scale"][:, None], scale_b=w["scale"][None, :],
+                         bias=layer.bias, out_dtype=torch.bfloat16)
+    del w8
+    wide_rows = torch.nonzero(a["spread"] > MAX_SPREAD).flatten()       # one host sync a call
+    if wide_rows.numel() or w["wide"].numel():
+        _exact_fallback(layer, x2, bin_, y, wide_rows, w["wide"])
+        layer.fallbacks["fp8_rows"] += int(wide_rows.numel())
+        layer.fallbacks["fp8_cols"] += int(w["wide"].numel())
+    if has_lr:  # the 16-bit branch sees the smoothed, unquantized input
+        t = torch.nn.functional.linear(a.get("xs", x2), layer.lowrank_down)
+        y.addmm_(t, layer.lowrank_up.t())
+    return y
+
+
+def _exact_fallback(layer, x2, bin_, y, rows, cols) -> None:
+    """Rows / output columns whose fold would round: the bf16 path's exact products, written into y."""
+    rule = layer.act_format.scale_rule
+    deq = dequant_weight(layer.wq_codes, layer.wq_scales)
+    if rows.numel():
+        xq = act_quant(x2[rows].contiguous(), layer.clip_table, bin_, layer.smooth, scale_rule=rule)["xq"]
+        y[rows] = torch.nn.functional.linear(xq, deq, layer.bias)
+    if cols.numel():
+        xq = act_quant(x2, layer.clip_table, bin_, layer.smooth, scale_rule=rule)["xq"]
+        bias = None if layer.bias is None else layer.bias[cols]
+        y[:, cols] = torch.nn.functional.linear(xq, deq[cols], bias)
