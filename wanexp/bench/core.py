@@ -16,6 +16,7 @@ weights without calibration. Speed and memory do not depend on their values.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import json
@@ -23,7 +24,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -105,7 +106,8 @@ def timed_forward(model: nn.Module, inputs: dict, warmup: int, repeats: int) -> 
 _CATEGORIES: list[tuple[str, Callable[[str], bool]]] = [
     ("attention (flash/SDPA)", lambda n: any(s in n.lower() for s in ("flash", "fmha", "attention", "sdpa", "cudnn"))),
     ("fused W4A4 GEMM (Triton)", lambda n: "_mxfp4_gemm_kernel" in n),
-    ("activation quantizer (Triton)", lambda n: "_act_quant_kernel" in n),
+    ("activation quantizer (Triton)", lambda n: "_act_quant_kernel" in n or "_row_absmax_kernel" in n),
+    ("FP8 fold of the weight (Triton)", lambda n: "_fold_weight_kernel" in n),
     ("cuBLAS GEMMs (bf16 linears, low-rank)", lambda n: any(s in n.lower() for s in ("gemm", "xmma", "cutlass", "cublas", "nvjet", "matmul"))),
 ]
 
@@ -142,6 +144,37 @@ def profile_forward(model: nn.Module, inputs: dict) -> dict[str, Any]:
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]
     return {"device_seconds": total, "categories": cats,
             "top_kernels": [{"name": n[:120], "seconds": s} for n, s in top]}
+
+
+# The W4A4 paths the bench can time, each eager or with every block compiled ("_compiled")
+W4A4_PATHS = ("reference", "fused", "fused_triton", "fused_fp8", "fused_compiled", "fused_triton_compiled",
+              "fused_fp8_compiled")
+
+
+@contextlib.contextmanager
+def compiled_blocks(model: nn.Module) -> Iterator[None]:
+    """Every transformer block ``torch.compile``d (as a diffusers user would), for the block;
+    compiled afresh for each path (dynamo's caches reset), eager again after."""
+    torch._dynamo.reset()
+    for block in model.blocks:
+        block.compile()
+    try:
+        yield
+    finally:
+        for block in model.blocks:
+            block._compiled_call_impl = None
+        torch._dynamo.reset()
+
+
+def fallback_counts(model: nn.Module) -> dict[str, int]:
+    """The FP8 fold's exact-fallback rows (activations) and columns (weights), summed over layers."""
+    from wanexp.quant.linear import QuantLinear
+    total = {"fp8_rows": 0, "fp8_cols": 0}
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            for k in total:
+                total[k] += m.fallbacks[k]
+    return total
 
 
 def _free(*objs) -> None:
@@ -227,8 +260,12 @@ def run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None] = print
                     f"{k} {v:.2f} s" for k, v in entry[path]["profile"]["categories"].items()))
             _free(inputs, m)
 
+    compiled = [p for p in paths if p.endswith("_compiled")]
     if "bf16" in paths:
         measure("bf16")
+    if "bf16_compiled" in paths:
+        with compiled_blocks(model):
+            measure("bf16_compiled")
     # W4A4: swap the 400 block linears for QuantLinear in place (bf16 originals freed one by one)
     t0 = time.perf_counter()
     builder = SyntheticTSClip(rank=int(q.get("rank", 32)), smooth=bool(q.get("smooth", True)),
@@ -246,11 +283,16 @@ def run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None] = print
     result["bytes_w4a4"] = held_bytes(model)
     result["timestep_bin"] = ctx.bin
     log(f"quantized {len(swapped)} linears in {result['quantize_s']:.1f} s: {result['bytes_w4a4'] / GB:.2f} GB held")
-    for path in ("reference", "fused", "fused_triton"):
-        if path in paths:
-            backend = "triton" if path == "fused_triton" else "auto"
-            with kernels.fused(path != "reference"), kernels.gemm_backend(backend):
-                measure(path)
+    for path in [p for p in W4A4_PATHS if p in paths]:
+        base = path.removesuffix("_compiled")
+        backend = {"fused_triton": "triton", "fused_fp8": "fp8"}.get(base, "auto")
+        with kernels.fused(base != "reference"), kernels.gemm_backend(backend), \
+                (compiled_blocks(model) if path in compiled else contextlib.nullcontext()):
+            before = fallback_counts(model)
+            measure(path)
+            if base == "fused_fp8":  # rows the FP8 fold could not hold exactly, recomputed by the bf16 path
+                after = fallback_counts(model)
+                result.setdefault("fp8_fallbacks", {})[path] = {k: after[k] - before[k] for k in after}
     for name, o in outs.items():
         entry = result["resolutions"][name]
         if "reference" in o and "fused" in o:
@@ -258,14 +300,20 @@ def run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None] = print
         if "fused_triton" in o and "reference" in o:
             entry["fused_triton_vs_reference_rel_err"] = float((o["fused_triton"] - o["reference"]).norm()
                                                                / o["reference"].norm())
-        for path in ("reference", "fused", "fused_triton"):
-            if "bf16" in o and path in o:
+        for path in [p for p in ("bf16_compiled", *W4A4_PATHS) if p in o]:
+            if "bf16" in o:
                 entry[f"{path}_vs_bf16_rel_err"] = float((o[path] - o["bf16"]).norm() / o["bf16"].norm())
+            if path != "reference" and "reference" in o and path not in ("fused", "fused_triton", "bf16_compiled"):
+                entry[f"{path}_vs_reference_rel_err"] = float((o[path] - o["reference"]).norm()
+                                                              / o["reference"].norm())
         base = entry.get("bf16")
-        for path in ("reference", "fused", "fused_triton"):
-            if base and path in entry:
+        fast = entry.get("bf16_compiled")  # the baseline a diffusers user would pick
+        for path in [p for p in ("bf16_compiled", *W4A4_PATHS) if p in entry]:
+            if base:
                 entry[path]["time_ratio"] = entry[path]["seconds"] / base["seconds"]
                 entry[path]["peak_ratio"] = entry[path]["peak_bytes"] / base["peak_bytes"]
+            if fast:
+                entry[path]["time_ratio_compiled_bf16"] = entry[path]["seconds"] / fast["seconds"]
     result["bytes_ratio"] = result["bytes_w4a4"] / result["bytes_bf16"]
     from wanexp.kernels.mxfp4 import tuned_configs
     result["gemm_configs"] = tuned_configs()
@@ -293,22 +341,26 @@ def to_markdown(r: dict[str, Any]) -> str:
     sep = "|---|---|---|"
     for n in names:
         e = r["resolutions"][n]
-        head += f" {n} s/forward ({e['tokens']} tok) | {n} × BF16 | {n} peak GB |"
-        sep += "---|---|---|"
+        head += f" {n} s/forward ({e['tokens']} tok) | {n} × BF16 | {n} × compiled BF16 | {n} peak GB |"
+        sep += "---|---|---|---|"
     lines += [head, sep]
     labels = {"bf16": "BF16", "reference": "W4A4 reference (torch, unfused)",
               "fused": "W4A4 fused (Triton act-quant; GEMM auto: upcast + cuBLAS above 4096 tokens)",
-              "fused_triton": "W4A4 fused (Triton act-quant + Triton packed-weight GEMM)"}
+              "fused_triton": "W4A4 fused (Triton act-quant + Triton packed-weight GEMM)",
+              "fused_fp8": "W4A4 fused on FP8 tensor cores (row-folded E4M3, torch._scaled_mm)"}
+    labels.update({f"{k}_compiled": f"{v}, blocks compiled" for k, v in list(labels.items()) if k != "reference"})
     for path in r["paths"]:
         held = r["bytes_bf16"] if path == "bf16" else r["bytes_w4a4"]
         row = f"| {labels[path]} | {held / GB:.2f} | {held / r['bytes_bf16']:.3f} |"
         for n in names:
             e = r["resolutions"][n].get(path)
             if not e:
-                row += " – | – | – |"
+                row += " – | – | – | – |"
                 continue
             ratio = e.get("time_ratio", 1.0)
-            row += f" {e['seconds']:.3f} | {ratio:.2f}× | {e['peak_bytes'] / GB:.2f} |"
+            fast = e.get("time_ratio_compiled_bf16")
+            row += (f" {e['seconds']:.3f} | {ratio:.2f}× | {'–' if fast is None else f'{fast:.2f}×'} |"
+                    f" {e['peak_bytes'] / GB:.2f} |")
         lines.append(row)
     lines.append("")
     for n in names:
@@ -319,6 +371,9 @@ def to_markdown(r: dict[str, Any]) -> str:
                             if "fused_triton_vs_reference_rel_err" in e else "")
                          + f" (W4A4 vs BF16: {e.get('fused_vs_bf16_rel_err', float('nan')):.3f}; random weights, "
                          "40 blocks: per-layer bf16-rounding differences flip later MXFP4 roundings)")
+    for path, c in (r.get("fp8_fallbacks") or {}).items():
+        lines.append(f"- {labels[path]}: {c['fp8_rows']} activation rows and {c['fp8_cols']} weight rows (summed over "
+                     "layers and forwards) spanned more than 14 octaves and took the exact bf16 fallback")
     for n in names:
         for path in r["paths"]:
             p = (r["resolutions"][n].get(path) or {}).get("profile")

@@ -114,38 +114,80 @@ def fp8_capable(device: torch.device) -> bool:
 
 
 def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
-    """QuantLinear's forward through the two fused kernels (same numerics as the reference, up to
-    the final rounding; see :mod:`wanexp.kernels.mxfp4`)."""
-    from wanexp.kernels.mxfp4 import act_quant, mxfp4_linear, upcast_linear
-
-    out_dtype = x.dtype
+    """QuantLinear's forward through the fused kernels (same numerics as the reference, up to the
+    final rounding; see :mod:`wanexp.kernels.mxfp4`), as one custom op (``wanexp::mxfp4_w4a4``)
+    that ``torch.compile`` keeps whole: no graph break in the hot path."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, layer.in_features).to(torch.bfloat16)
     if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != layer.in_features):
         x2 = x2.contiguous()
     if x2.shape[0] == 0:
         return x.new_empty(*lead, layer.out_features)
-    bin_ = 0 if layer.context is None else int(layer.context.bin)
-    bin_ = min(bin_, layer.clip_table.numel() - 1)
-    has_lr = layer.lowrank_up is not None
+    if layer._pinned_bin is not None or layer.context is None:  # at_bin() (eager evaluation) or no context
+        bin_index = torch.tensor(layer.current_bin(), dtype=torch.int64)
+    else:
+        bin_index = layer.context.bin_index
     backend = _STATE["gemm"]
-    if backend == "fp8" and fp8_capable(x2.device) and layer.out_features % 16 == 0:
+    if backend == "fp8" and not (fp8_capable(x2.device) and layer.out_features % 16 == 0):
+        backend = "auto"
+    rows = weight_rows(layer) if backend == "fp8" else {}
+    has_lr = layer.lowrank_up is not None
+    y = torch.ops.wanexp.mxfp4_w4a4(
+        x2, layer.wq_codes, layer.wq_scales, layer.clip_table, bin_index, layer.smooth, layer.bias,
+        layer.lowrank_up if has_lr else None, layer.lowrank_down if has_lr else None,
+        rows.get("exponent"), rows.get("spread"), layer.fallback_counts, layer.act_format.scale_rule, backend)
+    return y.reshape(*lead, layer.out_features).to(x.dtype)
+
+
+def weight_rows(layer) -> dict[str, torch.Tensor]:
+    """The FP8 fold's per-row exponents and spreads of the layer's weight, computed once per layer
+    and device (``QuantLinear.kernel_cache``, dropped when the layer moves; :func:`prepare` fills it
+    ahead of ``torch.compile``)."""
+    cached = layer.kernel_cache.get("fp8_rows")
+    if cached is None:
+        from wanexp.kernels.mxfp4_fp8 import row_exponents
+        S, spread = row_exponents(layer.wq_codes, layer.wq_scales)
+        cached = layer.kernel_cache["fp8_rows"] = {"exponent": S.contiguous(), "spread": spread.contiguous()}
+    return cached
+
+
+def prepare(model: torch.nn.Module) -> int:
+    """Fill the kernel caches of every fusable QuantLinear of ``model`` (before compiling it, so the
+    compiled graph finds them); returns how many layers."""
+    from wanexp.quant.linear import QuantLinear
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear) and supports_layer(m)]
+    for layer in layers:
+        weight_rows(layer)
+    return len(layers)
+
+
+@torch.library.custom_op("wanexp::mxfp4_w4a4", mutates_args=("fallback_counts",))
+def _mxfp4_w4a4(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, clip_table: torch.Tensor,
+                bin_index: torch.Tensor, smooth: torch.Tensor | None, bias: torch.Tensor | None,
+                up: torch.Tensor | None, down: torch.Tensor | None, w_exponent: torch.Tensor | None,
+                w_spread: torch.Tensor | None, fallback_counts: torch.Tensor, scale_rule: str,
+                backend: str) -> torch.Tensor:
+    """The fused W4A4 MXFP4 linear on explicit tensors (``x2 [M, K]`` bf16 -> ``[M, N]`` bf16)."""
+    from wanexp.kernels.mxfp4 import act_quant, mxfp4_linear, upcast_linear
+    bin_ = min(int(bin_index), clip_table.numel() - 1)   # a CPU tensor: no device sync
+    if backend == "fp8":
         from wanexp.kernels.mxfp4_fp8 import fp8_linear
-        return fp8_linear(layer, x2, bin_).reshape(*lead, layer.out_features).to(out_dtype)
+        return fp8_linear(x2, codes, scales, clip_table, bin_, smooth, bias, up, down, w_exponent, w_spread,
+                          scale_rule, fallback_counts)
     if backend == "cublas" or (backend == "auto" and x2.shape[0] > UPCAST_MIN_TOKENS):
-        y = upcast_linear(x2, layer.wq_codes, layer.wq_scales, layer.clip_table, bin_, layer.smooth,
-                          layer.act_format.scale_rule, layer.bias, layer.lowrank_up if has_lr else None,
-                          layer.lowrank_down if has_lr else None)
-        return y.reshape(*lead, layer.out_features).to(out_dtype)
-    q = act_quant(x2, layer.clip_table, bin_, layer.smooth, scale_rule=layer.act_format.scale_rule,
-                  write_xs=has_lr)
+        return upcast_linear(x2, codes, scales, clip_table, bin_, smooth, scale_rule, bias, up, down)
+    q = act_quant(x2, clip_table, bin_, smooth, scale_rule=scale_rule, write_xs=up is not None)
     t = None
-    if has_lr:  # the 16-bit branch sees the smoothed, unquantized input (x itself without smoothing)
-        t = torch.nn.functional.linear(q.get("xs", x2), layer.lowrank_down)
-    y = mxfp4_linear(q["xq"], layer.wq_codes, layer.wq_scales, layer.bias, t,
-                     layer.lowrank_up if has_lr else None)
-    return y.reshape(*lead, layer.out_features).to(out_dtype)
+    if up is not None:  # the 16-bit branch sees the smoothed, unquantized input (x itself without smoothing)
+        t = torch.nn.functional.linear(q.get("xs", x2), down)
+    return mxfp4_linear(q["xq"], codes, scales, bias, t, up)
 
 
-__all__ = ["GEMM_BACKENDS", "UPCAST_MIN_TOKENS", "fp8_capable", "can_fuse", "fused", "gemm_backend", "set_gemm_backend", "fused_enabled", "fused_forward", "set_fused", "supports_layer",
+@_mxfp4_w4a4.register_fake
+def _(x2, codes, scales, clip_table, bin_index, smooth, bias, up, down, w_exponent, w_spread, fallback_counts,
+      scale_rule, backend):
+    return x2.new_empty(x2.shape[0], codes.shape[0])
+
+
+__all__ = ["GEMM_BACKENDS", "UPCAST_MIN_TOKENS", "fp8_capable", "prepare", "weight_rows", "can_fuse", "fused", "gemm_backend", "set_gemm_backend", "fused_enabled", "fused_forward", "set_fused", "supports_layer",
            "triton_available"]

@@ -36,7 +36,7 @@ activation quantizer's FP8 output (``_act_quant_kernel`` with ``WRITE_FP8``) and
 (``_fold_weight_kernel``) are bit-exact (tests/test_kernels.py, in Triton's interpreter on CPU and
 compiled on a GPU). The weight is folded per call into a transient E4M3 buffer (N·K bytes, half
 the bf16 upcast path's), so the model still holds only the packed weight; the row exponents and
-spreads of the weight are computed once per layer and kept in ``QuantLinear.kernel_cache``.
+spreads of the weight are computed once per layer (``wanexp.kernels.weight_rows``).
 """
 
 from __future__ import annotations
@@ -177,51 +177,37 @@ def _exponent_torch(amax: torch.Tensor, scale_rule: str) -> torch.Tensor:
     return torch.where(field == 255, 127, e).to(torch.int32)
 
 
-def weight_rows(layer) -> dict[str, torch.Tensor]:
-    """The weight's row exponents, scales and the rows beyond the bound, computed once per layer
-    and device (``QuantLinear.kernel_cache``, dropped when the layer moves)."""
-    cached = layer.kernel_cache.get("fp8_rows")
-    if cached is None:
-        S, spread = row_exponents(layer.wq_codes, layer.wq_scales)
-        cached = {"exponent": S.contiguous(), "scale": torch.ldexp(torch.ones_like(S, dtype=torch.float32),
-                                                                   (S - HEADROOM).float()),
-                  "wide": torch.nonzero(spread > MAX_SPREAD).flatten()}   # one host sync, once
-        layer.kernel_cache["fp8_rows"] = cached
-    return cached
-
-
-def fp8_linear(layer, x2: torch.Tensor, bin_: int) -> torch.Tensor:
-    """``QuantLinear``'s W4A4 MXFP4 product on FP8 tensor cores, exact rows folded, the others
-    (activation rows or weight rows beyond :data:`MAX_SPREAD`) recomputed by the exact bf16 path.
-    Output: bf16 of the fp32 sum plus bias; the low-rank branch is added in a second bf16 GEMM
-    (two roundings where the reference path has three)."""
-    has_lr = layer.lowrank_up is not None
-    rule = layer.act_format.scale_rule
-    a = act_quant_fp8(x2, layer.clip_table, bin_, layer.smooth, scale_rule=rule, write_xs=has_lr)
-    w = weight_rows(layer)
-    w8 = fold_weight(layer.wq_codes, layer.wq_scales, w["exponent"])
-    y = torch._scaled_mm(a["values"], w8.t(), scale_a=a["scale"][:, None], scale_b=w["scale"][None, :],
-                         bias=layer.bias, out_dtype=torch.bfloat16)
+def fp8_linear(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, clip_table: torch.Tensor, bin_: int,
+               smooth: torch.Tensor | None, bias: torch.Tensor | None, up: torch.Tensor | None,
+               down: torch.Tensor | None, w_exponent: torch.Tensor, w_spread: torch.Tensor, scale_rule: str,
+               fallback_counts: torch.Tensor) -> torch.Tensor:
+    """The W4A4 MXFP4 linear ``y = A · deq(W)ᵀ + b (+ (x_s L2ᵀ) L1ᵀ)`` on FP8 tensor cores: rows
+    that fold exactly in one row-wise-scaled FP8 GEMM, the others (activation rows or weight rows
+    beyond :data:`MAX_SPREAD`) recomputed by the exact bf16 path and added to ``fallback_counts``
+    ([activation rows, weight rows]). Output: bf16 of the fp32 sum plus bias; the low-rank branch
+    is added by a second bf16 GEMM (two roundings where the reference path has three)."""
+    a = act_quant_fp8(x2, clip_table, bin_, smooth, scale_rule=scale_rule, write_xs=up is not None)
+    w8 = fold_weight(codes, scales, w_exponent)
+    w_scale = torch.ldexp(torch.ones_like(w_exponent, dtype=torch.float32), (w_exponent - HEADROOM).float())
+    y = torch._scaled_mm(a["values"], w8.t(), scale_a=a["scale"][:, None], scale_b=w_scale[None, :],
+                         bias=bias, out_dtype=torch.bfloat16)
     del w8
     wide_rows = torch.nonzero(a["spread"] > MAX_SPREAD).flatten()       # one host sync a call
-    if wide_rows.numel() or w["wide"].numel():
-        _exact_fallback(layer, x2, bin_, y, wide_rows, w["wide"])
-        layer.fallbacks["fp8_rows"] += int(wide_rows.numel())
-        layer.fallbacks["fp8_cols"] += int(w["wide"].numel())
-    if has_lr:  # the 16-bit branch sees the smoothed, unquantized input
-        t = torch.nn.functional.linear(a.get("xs", x2), layer.lowrank_down)
-        y.addmm_(t, layer.lowrank_up.t())
+    wide_cols = torch.nonzero(w_spread > MAX_SPREAD).flatten()
+    if wide_rows.numel() or wide_cols.numel():
+        _exact_fallback(x2, codes, scales, clip_table, bin_, smooth, bias, scale_rule, y, wide_rows, wide_cols)
+        fallback_counts += torch.tensor([wide_rows.numel(), wide_cols.numel()], dtype=fallback_counts.dtype)
+    if up is not None:  # the 16-bit branch sees the smoothed, unquantized input
+        y.addmm_(torch.nn.functional.linear(a.get("xs", x2), down), up.t())
     return y
 
 
-def _exact_fallback(layer, x2, bin_, y, rows, cols) -> None:
+def _exact_fallback(x2, codes, scales, clip_table, bin_, smooth, bias, scale_rule, y, rows, cols) -> None:
     """Rows / output columns whose fold would round: the bf16 path's exact products, written into y."""
-    rule = layer.act_format.scale_rule
-    deq = dequant_weight(layer.wq_codes, layer.wq_scales)
+    deq = dequant_weight(codes, scales)
     if rows.numel():
-        xq = act_quant(x2[rows].contiguous(), layer.clip_table, bin_, layer.smooth, scale_rule=rule)["xq"]
-        y[rows] = torch.nn.functional.linear(xq, deq, layer.bias)
+        xq = act_quant(x2[rows].contiguous(), clip_table, bin_, smooth, scale_rule=scale_rule)["xq"]
+        y[rows] = torch.nn.functional.linear(xq, deq, bias)
     if cols.numel():
-        xq = act_quant(x2, layer.clip_table, bin_, layer.smooth, scale_rule=rule)["xq"]
-        bias = None if layer.bias is None else layer.bias[cols]
-        y[:, cols] = torch.nn.functional.linear(xq, deq[cols], bias)
+        xq = act_quant(x2, clip_table, bin_, smooth, scale_rule=scale_rule)["xq"]
+        y[:, cols] = torch.nn.functional.linear(xq, deq[cols], None if bias is None else bias[cols])

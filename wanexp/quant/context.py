@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+import torch
+
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,12 @@ class TimestepContext:
     bins: TimestepBins = field(default_factory=TimestepBins)
     timestep: float | None = None
     bin: int = 0
+    # ``bin`` as a 0-d CPU tensor, updated in place: what the fused kernels' custom op reads, so a
+    # compiled block sees a new bin as new data rather than a new constant (no recompile per bin)
+    bin_index: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64),
+                                    compare=False, repr=False)
 
     def set_timestep(self, t: float) -> None:
         self.timestep = float(t)
         self.bin = self.bins.bin_of(self.timestep)
+        self.bin_index.fill_(self.bin)

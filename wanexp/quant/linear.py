@@ -59,11 +59,16 @@ class QuantLinear(nn.Module):
         # forwards taken by each path (the fused GPU kernels or the torch reference), for the
         # runner's record of which path a run really used
         self.calls = {"fused": 0, "reference": 0}
-        # rows the FP8 fused path had to recompute exactly (wanexp.kernels.mxfp4_fp8), summed over calls
-        self.fallbacks = {"fp8_rows": 0, "fp8_cols": 0}
+        # [activation rows, weight rows] the FP8 fused path recomputed exactly (wanexp.kernels.mxfp4_fp8),
+        # summed over calls; a CPU tensor the kernels' custom op adds to (no device sync, compile-safe)
+        self.fallback_counts = torch.zeros(2, dtype=torch.int64)
         # tensors a kernel derives once from this layer's weight (e.g. the FP8 fold's row exponents);
         # dropped whenever the layer moves
         self.kernel_cache: dict[str, Any] = {}
+
+    @property
+    def fallbacks(self) -> dict[str, int]:
+        return {"fp8_rows": int(self.fallback_counts[0]), "fp8_cols": int(self.fallback_counts[1])}
 
     def _apply(self, fn, recurse=True):
         """Moves apply, dtype casts do not: ``pipe.to(torch.bfloat16)`` or ``.half()`` on a model holding
