@@ -117,6 +117,7 @@ SETTINGS: dict[str, Rule] = {
     "progress": boolean(),
     "model.dtype": choice("bf16", "bfloat16", "fp16", "float16", "fp32", "float32"),
     "model.offload": choice("none", "model"),
+    "model.compile": choice(False, True, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "model.vae_tiling": boolean(),
     "model.default_rank": integer(0),
     "model.generation.height": integer(16, multiple=16, what="pixels"),

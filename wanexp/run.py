@@ -22,6 +22,7 @@ from wanexp.config import check_writable
 from wanexp.console import say
 from wanexp.errors import ERROR_FILE, WanexpError, record_error
 from wanexp.io import append_jsonl, atomic_path, read_json, read_jsonl, rebased, write_json, write_text
+from wanexp.models.compiled import compile_denoisers, compile_setting
 from wanexp.stages.common import calib_generation_cfg, generation_cfg  # noqa: F401
 from wanexp.stages.calibrate import calibrate, load_calib_stats  # noqa: F401 (load_calib_stats: for callers)
 from wanexp.stages.quantize import (ARTIFACT, artifact_expect, artifact_path, keep_lists, layer_stats, quantize,  # noqa: F401
@@ -288,9 +289,15 @@ def generate(state: Run) -> None:
     gen = generation_cfg(cfg)
     ref_dir, quant_dir, shard = reference_dir(state), state.run_dir, manifest_name(world.rank, world.size)
     warmup = _timing(cfg)["warmup_steps"]
+    mode = compile_setting(cfg.model.get("compile"))
+
+    def ready(pipe):  # model.compile: the denoiser blocks compiled, as a diffusers user runs them
+        if mode is not None:
+            compile_denoisers(pipe, None if mode == "default" else mode)
+        return pipe
 
     def make_reference():
-        generate_videos(state.bf16_pipe(), samples, ref_dir, gen, int(cfg.seed), "bf16",
+        generate_videos(ready(state.bf16_pipe()), samples, ref_dir, gen, int(cfg.seed), "bf16",
                         lambda it: state.progress(it, "bf16 videos"), manifest=shard, warmup_steps=warmup)
 
     def make_quant():
@@ -299,6 +306,7 @@ def generate(state: Run) -> None:
         from wanexp.models import experts
         from wanexp.quant.api import path_calls
         pipe, hooks = quantized_pipe(state)
+        ready(pipe)
         before = path_calls(*experts(pipe).values())
         try:
             generate_videos(pipe, samples, quant_dir, gen, int(cfg.seed), cfg.quant.name,

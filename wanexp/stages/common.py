@@ -11,6 +11,8 @@ def generation_cfg(cfg) -> dict:
     gen = OmegaConf.to_container(cfg.model.generation, resolve=True)
     if cfg.quant.get("freeze_condition_latent"):
         gen["freeze_condition_latent"] = True
+    if cfg.model.get("compile") not in (None, False):  # compiled blocks round differently: their own videos
+        gen["compile"] = str(cfg.model.compile)
     return gen
 
 
