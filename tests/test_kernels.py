@@ -315,7 +315,7 @@ def test_interp_compiled_fused_layer_matches_eager_in_one_graph():
         assert not torch.equal(outs[800.0], outs[100.0])  # the two bins' clip ratios really differ
 
 
-def _int4_layer(k, n, rank, device, smooth=True, bias=True, group=128, seed=0):
+def _upcast_layer(fmt_name, k, n, rank, device, smooth=True, bias=True, group=128, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) * 0.05
     s = torch.rand(k, generator=g) + 0.5 if smooth else None
@@ -323,40 +323,47 @@ def _int4_layer(k, n, rank, device, smooth=True, bias=True, group=128, seed=0):
     if rank:
         lowrank = ((torch.randn(n, rank, generator=g) * 0.05).to(torch.bfloat16),
                    (torch.randn(rank, k, generator=g) * 0.05).to(torch.bfloat16))
-    fmt = get_format("int4", group_size=group)
+    opts = {"group_size": group} if fmt_name == "int4" else {}
+    fmt = get_format(fmt_name, **opts)
     ctx = TimestepContext(bins=TimestepBins((500.0,)))
     layer = QuantLinear(k, n, weight=fmt.encode(w if s is None else w * s),
                         bias=torch.randn(n, generator=g) if bias else None,
-                        act_format={"name": "int4", "opts": {"group_size": group}},
+                        act_format={"name": fmt_name, "opts": opts},
                         clip_table=torch.tensor([0.7, 0.9]), smooth=s, lowrank=lowrank, context=ctx)
     return layer.to(device)
 
 
-def _check_int4(m, k, n, device):
-    """INT4 W4A4: the activation kernel bit-exact with the format, the layer equal to the reference."""
+def _check_upcast(m, k, n, device):
+    """INT4 and NVFP4 W4A4: the activation kernels bit-exact with the formats, the layer equal to the reference."""
     from wanexp import kernels
-    from wanexp.kernels.upcast import int_act_quant
+    from wanexp.kernels.upcast import int_act_quant, nvfp4_act_quant
     x = _act_input(m, k, device)
     x[5, :64] = 3.0                                     # ties at .5 after scaling, both signs
     x[6, :64] = -torch.arange(64, dtype=torch.float32).to(device) / 9
-    for group in (32, 128):
-        fmt = get_format("int4", group_size=group)
-        for rho in (1.0, 0.8, 0.55):
-            out = int_act_quant(x, torch.tensor([0.5, rho], device=device), 1, None, group)
-            ref = fmt.quantize_dequantize(x, clip_ratio=rho)
-            assert torch.equal(out.view(torch.int16), ref.view(torch.int16)), (group, rho)
-    for kw in ({}, {"smooth": False, "bias": False, "rank": 0, "group": 64}):
-        layer = _int4_layer(k, n, kw.pop("rank", 8), device, **kw)
-        assert kernels.supports_int4(layer)
-        xs = (torch.randn(2, m // 2, k, generator=torch.Generator().manual_seed(4)) * 2).to(torch.bfloat16).to(device)
-        for t in (800.0, 100.0):
-            layer.context.set_timestep(t)
-            assert torch.equal(kernels.fused_forward(layer, xs), layer.reference_forward(xs)), (kw, t)
+    x[7, :16] = -0.0                                    # negative zeros keep their sign in NVFP4
+    smooth = (torch.rand(k, generator=torch.Generator().manual_seed(1)) * 4 + 0.25).to(device)
+    for rho in (1.0, 0.8, 0.55):
+        table = torch.tensor([0.5, rho], device=device)
+        for group in (32, 128):
+            ref = get_format("int4", group_size=group).quantize_dequantize(x, clip_ratio=rho)
+            assert torch.equal(int_act_quant(x, table, 1, None, group).view(torch.int16), ref.view(torch.int16))
+        for sm in (None, smooth):
+            xs = x if sm is None else (x.float() / sm).to(torch.bfloat16)
+            ref = get_format("nvfp4").quantize_dequantize(xs, clip_ratio=rho)
+            assert torch.equal(nvfp4_act_quant(x, table, 1, sm).view(torch.int16), ref.view(torch.int16)), rho
+    for fmt in ("int4", "nvfp4"):
+        for kw in ({}, {"smooth": False, "bias": False, "rank": 0, "group": 64}):
+            layer = _upcast_layer(fmt, k, n, kw.pop("rank", 8), device, **kw)
+            assert kernels.supports_upcast(layer)
+            xs = (torch.randn(2, m // 2, k, generator=torch.Generator().manual_seed(4)) * 2).to(torch.bfloat16).to(device)
+            for t in (800.0, 100.0):
+                layer.context.set_timestep(t)
+                assert torch.equal(kernels.fused_forward(layer, xs), layer.reference_forward(xs)), (fmt, kw, t)
 
 
 @interp_only
-def test_interp_int4_act_quant_and_layer_exact():
-    _check_int4(24, 256, 40, "cpu")
+def test_interp_int4_nvfp4_act_quant_and_layer_exact():
+    _check_upcast(24, 256, 40, "cpu")
 
 
 @pytest.mark.skipif(INTERP, reason="already inside the interpreter run")
@@ -464,5 +471,5 @@ def test_gpu_fp8_fold_bit_exact_and_layer_at_wan_shapes():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(INTERP, reason="compiled kernels")
-def test_gpu_int4_act_quant_and_layer_exact():
-    _check_int4(300, 5120, 640, "cuda")
+def test_gpu_int4_nvfp4_act_quant_and_layer_exact():
+    _check_upcast(300, 5120, 640, "cuda")

@@ -100,8 +100,8 @@ def supports_layer(layer) -> bool:
             and getattr(layer.act_format, "ties", "even") == "even")  # ties toward zero: reference path
 
 
-def supports_int4(layer) -> bool:
-    """INT4 W4A4 layers the fused activation quantizer takes (:mod:`wanexp.kernels.upcast`)."""
+def supports_upcast(layer) -> bool:
+    """INT4 and NVFP4 W4A4 layers the fused activation quantizers take (:mod:`wanexp.kernels.upcast`)."""
     if not triton_available():
         return False
     from wanexp.kernels.upcast import supports_layer as upcast_supports
@@ -110,7 +110,7 @@ def supports_int4(layer) -> bool:
 
 def can_fuse(layer, x: torch.Tensor) -> bool:
     return (x.is_cuda and _STATE["enabled"] and getattr(layer, "fused", True) and triton_available()
-            and (supports_layer(layer) or supports_int4(layer)))
+            and (supports_layer(layer) or supports_upcast(layer)))
 
 
 def fp8_capable(device: torch.device) -> bool:
@@ -135,9 +135,9 @@ def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
         bin_index = torch.tensor(layer.current_bin(), dtype=torch.int64)
     else:
         bin_index = layer.context.bin_index
-    if layer.weight_meta["format"] == "int4":
-        from wanexp.kernels.upcast import int4_forward
-        return int4_forward(layer, x2, bin_index).reshape(*lead, layer.out_features).to(x.dtype)
+    if layer.weight_meta["format"] != "mxfp4":  # INT4, NVFP4: wanexp.kernels.upcast
+        from wanexp.kernels.upcast import upcast_forward
+        return upcast_forward(layer, x2, bin_index).reshape(*lead, layer.out_features).to(x.dtype)
     backend = _STATE["gemm"]
     if backend == "fp8" and not (fp8_capable(x2.device) and layer.out_features % 16 == 0):
         backend = "auto"
@@ -200,5 +200,5 @@ def _(x2, codes, scales, clip_table, bin_index, smooth, bias, up, down, w_expone
     return x2.new_empty(x2.shape[0], codes.shape[0])
 
 
-__all__ = ["GEMM_BACKENDS", "UPCAST_MIN_TOKENS", "fp8_capable", "prepare", "supports_int4", "weight_rows", "can_fuse", "fused", "gemm_backend", "set_gemm_backend", "fused_enabled", "fused_forward", "set_fused", "supports_layer",
+__all__ = ["GEMM_BACKENDS", "UPCAST_MIN_TOKENS", "fp8_capable", "prepare", "supports_upcast", "weight_rows", "can_fuse", "fused", "gemm_backend", "set_gemm_backend", "fused_enabled", "fused_forward", "set_fused", "supports_layer",
            "triton_available"]

@@ -1,5 +1,5 @@
-"""Fused W4A4 for the 4-bit formats other than MXFP4: one Triton pass quantizes the activations,
-then the reference path's own GEMMs run on exactly its operands.
+"""Fused W4A4 for INT4 and NVFP4: one Triton pass quantizes the activations, then the reference
+path's own GEMMs run on exactly its operands.
 
 An INT4 value is a 4-bit code times a bf16 group scale: 3 + 8 significant bits, which no FP8 or
 bf16 operand holds exactly, and its scale changes every 128 K, so no single tensor-core GEMM takes
@@ -15,6 +15,13 @@ a power of two from 32 to 256 dividing K), with v = x_s in fp32 and rho the bin'
     scale = bf16(min(rho · max|v| / 7, bf16 max))        (fp32 product, IEEE division, RNE to bf16)
     q     = clamp(RNE(v / scale), −7, 7)  (+0 for −0);   q = 0 where scale == 0
     xq    = bf16(q · scale)
+
+NVFP4 (``wanexp.formats.nv``), blocks of 16, after a first pass for the tensor's max |v|:
+
+    s_t   = max|v|_tensor / 2688  (1 if that is 0);   s_b = RNE_E4M3(min(rho · max|v|_block / 6 / s_t, 448))
+    d     = s_b · s_t;   q = E2M1_RNE(v / d) (saturating at 6, sign kept, 0 where d == 0);   xq = bf16(q · d)
+
+every division IEEE, the E4M3 rounding done on the bits (subnormals included), as torch's cast.
 """
 
 from __future__ import annotations
@@ -53,6 +60,61 @@ def _int_act_quant_kernel(x_ptr, smooth_ptr, clip_ptr, bin_idx, xq_ptr, M, K, st
     tl.store(xq_ptr + rows.to(tl.int64) * K + cols, _to_bf16_rne(q * sc), mask=mask)
 
 
+@triton.jit
+def _round_e4m3(v):
+    """RNE of a finite fp32 0 <= v <= 448 to float8_e4m3fn, as an fp32 value (subnormals: 2^-9 grid)."""
+    b = v.to(tl.int32, bitcast=True)
+    normal = ((b + (0x7FFFF + ((b >> 20) & 1))) & -1048576).to(tl.float32, bitcast=True)  # 3 mantissa bits
+    sub = ((v * 512.0 + 8388608.0) - 8388608.0) * (1.0 / 512.0)
+    return tl.where(v >= 0.015625, normal, sub)
+
+
+@triton.jit
+def _nvfp4_act_quant_kernel(x_ptr, smooth_ptr, clip_ptr, bin_idx, amax_ptr, xq_ptr, M, K, stride_xm,
+                            HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, NB: tl.constexpr):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rb = tl.program_id(1) * NB + tl.arange(0, NB)
+    cols = rb[None, :, None] * 16 + tl.arange(0, 16)[None, None, :]
+    rows = rm[:, None, None]
+    mask = (rows < M) & (cols < K)
+    x = tl.load(x_ptr + rows.to(tl.int64) * stride_xm + cols, mask=mask, other=0.0)
+    if HAS_SMOOTH:
+        s = tl.load(smooth_ptr + cols, mask=cols < K, other=1.0)
+        v = _to_bf16_rne(tl.math.div_rn(x.to(tl.float32), s)).to(tl.float32)
+    else:
+        v = x.to(tl.float32)
+    rho = tl.load(clip_ptr + bin_idx)
+    s_t = tl.math.div_rn(tl.load(amax_ptr), 2688.0)
+    s_t = tl.where(s_t > 0, s_t, 1.0)
+    s_b = tl.math.div_rn(tl.math.div_rn(tl.max(tl.abs(v), axis=2) * rho, 6.0), s_t)
+    d = (_round_e4m3(tl.minimum(s_b, 448.0)) * s_t)[:, :, None]
+    y = tl.where(d > 0, tl.math.div_rn(v, tl.where(d > 0, d, 1.0)), 0.0)
+    t = tl.abs(y)
+    step = tl.where(t < 2.0, 0.5, tl.where(t < 4.0, 1.0, 2.0))
+    q = tl.minimum(((tl.minimum(t, 8.0) * (1.0 / step) + 8388608.0) - 8388608.0) * step, 6.0)
+    q = tl.where(v.to(tl.int32, bitcast=True) < 0, -q, q)               # the sign of v, -0 included
+    tl.store(xq_ptr + rows.to(tl.int64) * K + cols, _to_bf16_rne(q * d), mask=mask)
+
+
+def nvfp4_act_quant(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int, smooth: torch.Tensor | None) -> torch.Tensor:
+    """The NVFP4 fake-quantized bf16 values of bf16 ``x [M, K]``, the tensor scale from x itself."""
+    from wanexp.kernels.mxfp4 import _row_absmax_kernel
+    assert x.dim() == 2 and x.dtype == torch.bfloat16 and x.stride(1) == 1
+    M, K = x.shape
+    assert K % 16 == 0
+    sm = smooth if smooth is not None else x
+    rowmax = torch.empty(M, device=x.device, dtype=torch.float32)
+    _row_absmax_kernel[(triton.cdiv(M, 16),)](x, sm, rowmax, M, K, x.stride(0), HAS_SMOOTH=smooth is not None,
+                                              BLOCK_M=16, BLOCK_K=256, num_warps=4)
+    amax = rowmax.amax().reshape(1)
+    xq = torch.empty_like(x)
+    BLOCK_M, NB = 16, 16
+    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(K // 16, NB))
+    _nvfp4_act_quant_kernel[grid](x, sm, clip_table, int(bin_idx), amax, xq, M, K, x.stride(0),
+                                  HAS_SMOOTH=smooth is not None, BLOCK_M=BLOCK_M, NB=NB, num_warps=4)
+    return xq
+
+
 def int_act_quant(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int, smooth: torch.Tensor | None,
                   group_size: int, qmax: int = 7) -> torch.Tensor:
     """The INT4 (qmax 7) fake-quantized bf16 values of bf16 ``x [M, K]`` (see the module docstring)."""
@@ -68,15 +130,22 @@ def int_act_quant(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int, smoot
     return xq
 
 
+FORMATS = ("int4", "nvfp4")
+
+
 def supports_layer(layer) -> bool:
-    """INT4 weights and activations, groups of 32..256 dividing K, one smoothing vector, bf16."""
+    """INT4 (groups of 32..256 dividing K, bf16 scales) or NVFP4 (ties to even, K % 16 == 0) weights
+    and activations, one smoothing vector, bf16 compute."""
     meta, act = layer.weight_meta, layer.act_format_spec
-    if meta is None or act is None or meta["format"] != "int4" or act.get("name") != "int4":
+    if meta is None or act is None or meta["format"] not in FORMATS or act.get("name") != meta["format"]:
         return False
+    if layer.compute_dtype != torch.bfloat16 or not (layer.smooth is None or layer.smooth.dim() == 1):
+        return False
+    if meta["format"] == "nvfp4":
+        return layer.in_features % 16 == 0 and getattr(layer.act_format, "ties", "even") == "even"
     g = int(getattr(layer.act_format, "block_size", -1))
-    return (layer.compute_dtype == torch.bfloat16 and g in (32, 64, 128, 256) and layer.in_features % g == 0
-            and getattr(layer.act_format, "scale_dtype", torch.bfloat16) == torch.bfloat16
-            and (layer.smooth is None or layer.smooth.dim() == 1))
+    return (g in (32, 64, 128, 256) and layer.in_features % g == 0
+            and getattr(layer.act_format, "scale_dtype", torch.bfloat16) == torch.bfloat16)
 
 
 @torch.library.custom_op("wanexp::int4_act_quant", mutates_args=())
@@ -91,10 +160,24 @@ def _(x2, clip_table, bin_index, smooth, group_size):
     return torch.empty_like(x2)
 
 
-def int4_forward(layer, x2: torch.Tensor, bin_index: torch.Tensor) -> torch.Tensor:
+@torch.library.custom_op("wanexp::nvfp4_act_quant", mutates_args=())
+def _nvfp4_act_quant_op(x2: torch.Tensor, clip_table: torch.Tensor, bin_index: torch.Tensor,
+                        smooth: torch.Tensor | None) -> torch.Tensor:
+    return nvfp4_act_quant(x2, clip_table, min(int(bin_index), clip_table.numel() - 1), smooth)
+
+
+@_nvfp4_act_quant_op.register_fake
+def _(x2, clip_table, bin_index, smooth):
+    return torch.empty_like(x2)
+
+
+def upcast_forward(layer, x2: torch.Tensor, bin_index: torch.Tensor) -> torch.Tensor:
     """The reference path's GEMMs on the kernel's activation values: equal to ``reference_forward``."""
-    xq = torch.ops.wanexp.int4_act_quant(x2, layer.clip_table, bin_index, layer.smooth,
-                                         int(layer.act_format.block_size))
+    if layer.weight_meta["format"] == "nvfp4":
+        xq = torch.ops.wanexp.nvfp4_act_quant(x2, layer.clip_table, bin_index, layer.smooth)
+    else:
+        xq = torch.ops.wanexp.int4_act_quant(x2, layer.clip_table, bin_index, layer.smooth,
+                                             int(layer.act_format.block_size))
     y = torch.nn.functional.linear(xq, layer.dequantized_weight(), layer.bias)
     if layer.lowrank_up is not None:  # the 16-bit branch sees the smoothed, unquantized input
         xs = x2 if layer.smooth is None else (x2.float() / layer.smooth).to(torch.bfloat16)
