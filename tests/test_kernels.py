@@ -334,13 +334,15 @@ def _upcast_layer(fmt_name, k, n, rank, device, smooth=True, bias=True, group=12
 
 
 def _check_upcast(m, k, n, device):
-    """INT4 and NVFP4 W4A4: the activation kernels bit-exact with the formats, the layer equal to the reference."""
+    """INT4, NVFP4 and HiF4 W4A4: the activation kernels bit-exact with the formats, the layer equal to the reference."""
     from wanexp import kernels
-    from wanexp.kernels.upcast import int_act_quant, nvfp4_act_quant
+    from wanexp.kernels.upcast import hif4_act_quant, int_act_quant, nvfp4_act_quant
     x = _act_input(m, k, device)
     x[5, :64] = 3.0                                     # ties at .5 after scaling, both signs
     x[6, :64] = -torch.arange(64, dtype=torch.float32).to(device) / 9
     x[7, :16] = -0.0                                    # negative zeros keep their sign in NVFP4
+    x[8, :64] = 1e6                                     # HiF4's group scale clipped at 49152 ...
+    x[9, 64:128] = 1e-18                                # ... and at 2^-48
     smooth = (torch.rand(k, generator=torch.Generator().manual_seed(1)) * 4 + 0.25).to(device)
     for rho in (1.0, 0.8, 0.55):
         table = torch.tensor([0.5, rho], device=device)
@@ -351,7 +353,11 @@ def _check_upcast(m, k, n, device):
             xs = x if sm is None else (x.float() / sm).to(torch.bfloat16)
             ref = get_format("nvfp4").quantize_dequantize(xs, clip_ratio=rho)
             assert torch.equal(nvfp4_act_quant(x, table, 1, sm).view(torch.int16), ref.view(torch.int16)), rho
-    for fmt in ("int4", "nvfp4"):
+        for sm in (None, smooth):
+            xs = x if sm is None else (x.float() / sm).to(torch.bfloat16)
+            ref = get_format("hif4").quantize_dequantize(xs, clip_ratio=rho)
+            assert torch.equal(hif4_act_quant(x, table, 1, sm).view(torch.int16), ref.view(torch.int16)), rho
+    for fmt in ("int4", "nvfp4", "hif4"):
         for kw in ({}, {"smooth": False, "bias": False, "rank": 0, "group": 64}):
             layer = _upcast_layer(fmt, k, n, kw.pop("rank", 8), device, **kw)
             assert kernels.supports_upcast(layer)

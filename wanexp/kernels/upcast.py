@@ -1,5 +1,5 @@
-"""Fused W4A4 for INT4 and NVFP4: one Triton pass quantizes the activations, then the reference
-path's own GEMMs run on exactly its operands.
+"""Fused W4A4 for INT4, NVFP4 and HiFloat4: one Triton pass quantizes the activations, then the
+reference path's own GEMMs run on exactly its operands.
 
 An INT4 value is a 4-bit code times a bf16 group scale: 3 + 8 significant bits, which no FP8 or
 bf16 operand holds exactly, and its scale changes every 128 K, so no single tensor-core GEMM takes
@@ -22,6 +22,11 @@ NVFP4 (``wanexp.formats.nv``), blocks of 16, after a first pass for the tensor's
     d     = s_b · s_t;   q = E2M1_RNE(v / d) (saturating at 6, sign kept, 0 where d == 0);   xq = bf16(q · d)
 
 every division IEEE, the E4M3 rounding done on the bits (subnormals included), as torch's cast.
+
+HiFloat4 (``wanexp.formats.hifloat``, FORMATS.md), groups of 64 = 8 sub-groups × 2 micro-groups × 4,
+each step in the spec's order and precision: S from bf16(rho · M1 · bf16(1/7)) clipped to
+[2^-48, 49152] and rounded to 2 fractional bits, r = bf16(1/S), the L2/L3 bits, m = floor(4·|x|·r /
+(L2·L3) + 1/2) / 4 saturating at 1.75, the sign bit of x kept; the value m·L2·L3·S is exact in bf16.
 """
 
 from __future__ import annotations
@@ -115,6 +120,60 @@ def nvfp4_act_quant(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int, smo
     return xq
 
 
+@triton.jit
+def _pow2(e):
+    """2^e as fp32 from its bits (normal range)."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _hif4_act_quant_kernel(x_ptr, smooth_ptr, clip_ptr, bin_idx, xq_ptr, M, K, stride_xm,
+                           HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, NG: tl.constexpr):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rg = tl.program_id(1) * NG + tl.arange(0, NG)
+    cols = rg[None, :, None] * 64 + tl.arange(0, 64)[None, None, :]       # [1, NG, 64]
+    rows = rm[:, None, None]
+    mask = (rows < M) & (cols < K)
+    x = tl.load(x_ptr + rows.to(tl.int64) * stride_xm + cols, mask=mask, other=0.0)
+    if HAS_SMOOTH:
+        sm = tl.load(smooth_ptr + cols, mask=cols < K, other=1.0)
+        v = _to_bf16_rne(tl.math.div_rn(x.to(tl.float32), sm)).to(tl.float32)
+    else:
+        v = x.to(tl.float32)
+    a = tl.abs(v)
+    M3 = tl.max(tl.reshape(a, [BLOCK_M, NG * 16, 4]), axis=2)              # micro-groups of 4
+    M2 = tl.max(tl.reshape(M3, [BLOCK_M, NG * 8, 2]), axis=2)              # sub-groups of 8
+    M1 = tl.max(tl.reshape(M2, [BLOCK_M, NG, 8]), axis=2) * tl.load(clip_ptr + bin_idx)
+    S = tl.minimum(tl.maximum(_to_bf16_rne(M1 * 0.142578125).to(tl.float32), 3.552713678800501e-15), 49152.0)
+    e = ((S.to(tl.int32, bitcast=True) >> 23) & 255) - 127                 # floor(log2 S)
+    S = ((S * _pow2(2 - e) + 8388608.0) - 8388608.0) * _pow2(e - 2)        # to 2 fractional bits, RNE
+    r = _to_bf16_rne(tl.math.div_rn(tl.full(S.shape, 1.0, tl.float32), S)).to(tl.float32)
+    r8 = tl.reshape(tl.broadcast_to(r[:, :, None], [BLOCK_M, NG, 8]), [BLOCK_M, NG * 8])
+    L2 = tl.where(M2 * r8 >= 4.0, 2.0, 1.0)                                 # [BLOCK_M, NG*8]
+    L2_16 = tl.reshape(tl.broadcast_to(L2[:, :, None], [BLOCK_M, NG * 8, 2]), [BLOCK_M, NG * 16])
+    r16 = tl.reshape(tl.broadcast_to(r8[:, :, None], [BLOCK_M, NG * 8, 2]), [BLOCK_M, NG * 16])
+    L3 = tl.where(M3 * r16 / L2_16 >= 2.0, 2.0, 1.0)                        # [BLOCK_M, NG*16]
+    L = tl.reshape(tl.broadcast_to((L2_16 * L3)[:, :, None], [BLOCK_M, NG * 16, 4]), [BLOCK_M, NG, 64])
+    r64 = tl.reshape(tl.broadcast_to(r[:, :, None], [BLOCK_M, NG, 64]), [BLOCK_M, NG, 64])
+    S64 = tl.reshape(tl.broadcast_to(S[:, :, None], [BLOCK_M, NG, 64]), [BLOCK_M, NG, 64])
+    m = tl.minimum(tl.floor((a * r64 / L) * 4.0 + 0.5) / 4.0, 1.75)        # half away from zero, saturate
+    m = tl.where(v.to(tl.int32, bitcast=True) < 0, -m, m)                  # the sign bit of v, -0 too
+    tl.store(xq_ptr + rows.to(tl.int64) * K + cols, (m * (L * S64)).to(tl.bfloat16), mask=mask)  # exact in bf16
+
+
+def hif4_act_quant(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int, smooth: torch.Tensor | None) -> torch.Tensor:
+    """The HiFloat4 fake-quantized bf16 values of bf16 ``x [M, K]`` (K % 64 == 0)."""
+    assert x.dim() == 2 and x.dtype == torch.bfloat16 and x.stride(1) == 1
+    M, K = x.shape
+    assert K % 64 == 0
+    xq = torch.empty_like(x)
+    BLOCK_M, NG = 16, 4
+    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(K // 64, NG))
+    _hif4_act_quant_kernel[grid](x, smooth if smooth is not None else x, clip_table, int(bin_idx), xq, M, K,
+                                 x.stride(0), HAS_SMOOTH=smooth is not None, BLOCK_M=BLOCK_M, NG=NG, num_warps=4)
+    return xq
+
+
 def int_act_quant(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int, smooth: torch.Tensor | None,
                   group_size: int, qmax: int = 7) -> torch.Tensor:
     """The INT4 (qmax 7) fake-quantized bf16 values of bf16 ``x [M, K]`` (see the module docstring)."""
@@ -130,7 +189,7 @@ def int_act_quant(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int, smoot
     return xq
 
 
-FORMATS = ("int4", "nvfp4")
+FORMATS = ("int4", "nvfp4", "hif4")
 
 
 def supports_layer(layer) -> bool:
@@ -143,6 +202,8 @@ def supports_layer(layer) -> bool:
         return False
     if meta["format"] == "nvfp4":
         return layer.in_features % 16 == 0 and getattr(layer.act_format, "ties", "even") == "even"
+    if meta["format"] == "hif4":
+        return layer.in_features % 64 == 0
     g = int(getattr(layer.act_format, "block_size", -1))
     return (g in (32, 64, 128, 256) and layer.in_features % g == 0
             and getattr(layer.act_format, "scale_dtype", torch.bfloat16) == torch.bfloat16)
@@ -171,9 +232,22 @@ def _(x2, clip_table, bin_index, smooth):
     return torch.empty_like(x2)
 
 
+@torch.library.custom_op("wanexp::hif4_act_quant", mutates_args=())
+def _hif4_act_quant_op(x2: torch.Tensor, clip_table: torch.Tensor, bin_index: torch.Tensor,
+                       smooth: torch.Tensor | None) -> torch.Tensor:
+    return hif4_act_quant(x2, clip_table, min(int(bin_index), clip_table.numel() - 1), smooth)
+
+
+@_hif4_act_quant_op.register_fake
+def _(x2, clip_table, bin_index, smooth):
+    return torch.empty_like(x2)
+
+
 def upcast_forward(layer, x2: torch.Tensor, bin_index: torch.Tensor) -> torch.Tensor:
     """The reference path's GEMMs on the kernel's activation values: equal to ``reference_forward``."""
-    if layer.weight_meta["format"] == "nvfp4":
+    if layer.weight_meta["format"] == "hif4":
+        xq = torch.ops.wanexp.hif4_act_quant(x2, layer.clip_table, bin_index, layer.smooth)
+    elif layer.weight_meta["format"] == "nvfp4":
         xq = torch.ops.wanexp.nvfp4_act_quant(x2, layer.clip_table, bin_index, layer.smooth)
     else:
         xq = torch.ops.wanexp.int4_act_quant(x2, layer.clip_table, bin_index, layer.smooth,
