@@ -49,6 +49,7 @@ class SyntheticTSClip:
     clip_table: tuple[float, ...] = (1.0, 0.9, 0.8, 0.9)
     scale_rule: str = "floor"
     seed: int = 0
+    format: str = "mxfp4"  # or nvfp4, int4, hif4: weights and activations in that format (its defaults)
 
     def build(self, name: str, linear: nn.Linear) -> QuantLinear:
         dev = linear.weight.device
@@ -66,8 +67,9 @@ class SyntheticTSClip:
             l2 = torch.randn(self.rank, k, device=dev, generator=g).to(torch.bfloat16)
             lowrank = (l1, l2)
             w = w - l1.float() @ l2.float()
-        fmt = {"name": "mxfp4", "opts": {"scale_rule": self.scale_rule}}
-        packed = get_format("mxfp4", scale_rule=self.scale_rule).encode(w)
+        opts = {"scale_rule": self.scale_rule} if self.format == "mxfp4" else {"group_size": 128} if self.format == "int4" else {}
+        fmt = {"name": self.format, "opts": opts}
+        packed = get_format(self.format, **opts).encode(w)
         del w
         return QuantLinear(k, n, weight=packed, bias=linear.bias, act_format=fmt,
                            clip_table=torch.tensor(self.clip_table, device=dev), smooth=s, lowrank=lowrank)
@@ -270,7 +272,7 @@ def run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None] = print
     t0 = time.perf_counter()
     builder = SyntheticTSClip(rank=int(q.get("rank", 32)), smooth=bool(q.get("smooth", True)),
                               clip_table=tuple(q.get("clip_table", (1.0, 0.9, 0.8, 0.9))),
-                              scale_rule=str(q.get("scale_rule", "floor")))
+                              scale_rule=str(q.get("scale_rule", "floor")), format=str(q.get("format", "mxfp4")))
     edges = TimestepBins.equal_width(900.0, 1000.0, len(builder.clip_table))
     ctx = TimestepContext(bins=edges)
     ctx.set_timestep(950.0)
@@ -333,7 +335,8 @@ def to_markdown(r: dict[str, Any]) -> str:
         from wanexp.bench.pipeline import to_markdown as pipeline_md
         return "\n".join([f"# Wan2.2-I2V-A14B pipeline memory ({r['gpu']}, {r['date']}; torch {r['torch']}, "
                           f"diffusers {r['diffusers']})", "", *pipeline_md(r["pipeline_memory"])]) + "\n"
-    lines = [f"# Wan2.2-I2V-A14B expert, one denoiser forward: BF16 vs W4A4 MXFP4 ({r['gpu']}, {r['date']})", "",
+    lines = [f"# Wan2.2-I2V-A14B expert, one denoiser forward: BF16 vs W4A4 {r['quant'].get('format', 'mxfp4').upper()} "
+             f"({r['gpu']}, {r['date']})", "",
              f"torch {r['torch']}, triton {r['triton']}, diffusers {r['diffusers']}; {r['num_layers']} blocks, random "
              f"weights; {r['targeted_linears']} block linears quantized (smoothing, rank-{r['quant'].get('rank', 32)} "
              f"low-rank, clip table); {r['warmup']} warm-up + {r['repeats']} timed forward(s) per cell, no CFG.", ""]
