@@ -99,3 +99,32 @@ def test_the_mode_reaches_every_attention_of_a_wan_expert(tiny_pipe):
             out = model(**inputs)[0]
         assert mode.calls == 2 * len(model.blocks)               # self- and cross-attention of every block
         assert not torch.equal(out, ref) and _rel(out, ref) < 0.1, (name, _rel(out, ref))
+
+
+TINY_RUN = ["+experiment=smoke", "logger=none", "model.generation.num_inference_steps=2", "model.generation.height=32",
+            "model.generation.width=32", "data.eval.num_samples=1", "timing.warmup_steps=1"]
+
+
+def test_the_runner_applies_the_attention_axis_and_reports_it(cli, tmp_path):
+    """attention=int8_sage on W4A4 RTN: the quantized videos change (the BF16 references do not), the
+    results row names it; quant=bf16 with quantized attention is refused before any model loads."""
+    runs = {}
+    for att in ("bf16", "int8_sage"):
+        proc = cli(*TINY_RUN, f"attention={att}", f"hydra.run.dir={tmp_path / att}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[att] = tmp_path / att
+    from safetensors.torch import load_file
+    lat = {a: load_file(str(next((d / "latents").glob("*.safetensors"))))["latents"] for a, d in runs.items()}
+    assert not torch.equal(lat["bf16"], lat["int8_sage"])
+    import json
+
+    import pandas as pd
+    refs = {a: json.loads((d / "generate.json").read_text())["reference_dir"] for a, d in runs.items()}
+    assert refs["bf16"] == refs["int8_sage"]                   # one BF16 reference for both
+    rows = {a: pd.read_csv(d / "results.csv").iloc[0] for a, d in runs.items()}
+    assert pd.isna(rows["bf16"]["attention"]) and rows["int8_sage"]["attention"] == "int8_sage"
+    assert rows["bf16"]["latent_rel_err"] != rows["int8_sage"]["latent_rel_err"]
+    proc = cli(*TINY_RUN, "quant=bf16", "attention=fp8", f"hydra.run.dir={tmp_path / 'refused'}")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        "wanexp: error: attention=fp8 composes with a quantized method; quant=bf16 is the run every other is "
+        "compared to, so its attention stays bf16")

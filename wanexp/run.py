@@ -255,6 +255,9 @@ def validate(cfg: DictConfig) -> None:
     if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
         raise WanexpError(f"device={cfg.device} but no CUDA device is available (use device=auto or cpu)")
     check_format_options(cfg)
+    if (cfg.get("attention") or {}).get("name", "bf16") != "bf16" and cfg.quant.name == "bf16":
+        raise WanexpError(f"attention={cfg.attention.name} composes with a quantized method; quant=bf16 is the "
+                          "run every other is compared to, so its attention stays bf16")
     from wanexp.models.lora import check_specs
     check_specs(OmegaConf.to_container(cfg.model.lora, resolve=True) if cfg.model.get("lora") else None)
 
@@ -536,6 +539,7 @@ def results_row(state: Run, evals: dict, gen: dict) -> dict:
     row = {
         "method": cfg.quant.name, "recipe": cfg.quant.get("recipe"),
         "format": format_label(cfg.format) if cfg.quant.name != "bf16" else "bf16",
+        "attention": None if (cfg.get("attention") or {}).get("name", "bf16") == "bf16" else cfg.attention.name,
         "expert_policy": cfg.expert.policy, "bins": int(cfg.quant.get("bins", 1)),
         "clip_candidates": _candidates_label(cfg.quant) if cfg.quant.get("clip_search") else None,
         "rank": int(cfg.quant.get("rank", 0) or 0), "kept": kept_label(cfg),

@@ -48,3 +48,18 @@ def install_timestep_hooks(pipe, on_step: Callable[[str, float], None]) -> list:
             on_step(_name, float(torch.as_tensor(t).flatten()[0]))
         handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
     return handles
+
+
+def install_scope_hooks(pipe, scope) -> list:
+    """Run every forward of either expert inside the context manager ``scope`` (entered before,
+    exited after, also when the forward raises). Returns the hook handles (``.remove()`` each)."""
+    def enter(mod, args) -> None:  # a pre-hook's return value would replace the inputs
+        scope.__enter__()
+
+    def leave(mod, args, out) -> None:
+        scope.__exit__(None, None, None)
+    handles = []
+    for module in experts(pipe).values():
+        handles.append(module.register_forward_pre_hook(enter))
+        handles.append(module.register_forward_hook(leave, always_call=True))
+    return handles

@@ -19,7 +19,7 @@ from wanexp.io import atomic_path
 from wanexp.report.stats import Bootstrap, compare, interval, paired_differences, read_per_sample
 
 # What tells the runs of an ablation apart (columns present in the rows, in this order).
-KEYS = ["method", "format", "recipe", "expert_policy", "bins", "clip_candidates", "rank", "kept"]
+KEYS = ["method", "format", "recipe", "attention", "expert_policy", "bins", "clip_candidates", "rank", "kept"]
 VBENCH = ["vbench_avg", "imaging_quality", "aesthetic_quality", "subject_consistency", "motion_smoothness",
           "overall_consistency"]
 METRICS = VBENCH + ["psnr", "ssim", "latent_rel_err", "model_size_gb", "pipeline_size_gb", "peak_memory_gb",

@@ -19,7 +19,9 @@ from omegaconf import OmegaConf
 from wanexp.calib.collect import ALL_BINS
 from wanexp.errors import WanexpError
 from wanexp.io import read_json, write_json
-from wanexp.models import boundary_timestep, experts, held_bytes, install_timestep_hooks, pipeline_bytes
+from wanexp.models import (boundary_timestep, experts, held_bytes, install_scope_hooks, install_timestep_hooks,
+                           pipeline_bytes)
+from wanexp.quant.attention import AttentionConfig, AttentionMode
 from wanexp.quant.api import attach_context, linear_on, quantize_, replace_module
 from wanexp.quant.artifact import artifact_digest, load_artifact, read_header, save_artifact, save_layers
 from wanexp.quant.methods import LayerStats, MethodConfig, method_config
@@ -293,7 +295,16 @@ def quantized_pipe(state):
     for name, model in experts(pipe).items():
         attach_context(model, contexts[name])
     hooks = install_timestep_hooks(pipe, lambda expert, t: contexts[expert].set_timestep(t))
+    attention = attention_config(state.cfg)
+    if attention.name != "bf16":  # attention=fp8 | int8_sage: every attention call of the experts
+        hooks += install_scope_hooks(pipe, AttentionMode(attention))
     return pipe, hooks
+
+
+def attention_config(cfg) -> AttentionConfig:
+    """The run's ``attention`` group (bf16 when the config has none: runs written before it existed)."""
+    att = OmegaConf.to_container(cfg.attention, resolve=True) if cfg.get("attention") is not None else {}
+    return AttentionConfig(**{k: v for k, v in att.items() if k in ("name", "block", "smooth_k", "pv")})
 
 
 def artifact_contexts(header: dict) -> dict:
