@@ -25,8 +25,9 @@ from wanexp.data.check import check_run_data
 from wanexp.distributed import drop_orphan_dir, world_from_env
 from wanexp.errors import WanexpError
 from wanexp.evaluate.vbench import MOTION_MIN_SIDE, validate_dimensions
-from wanexp.formats import FORMAT_NAMES
+from wanexp.formats import FORMAT_NAMES, max_keep_blocks
 from wanexp.io import read_json, write_json
+from wanexp.models import EXPERTS
 from wanexp.models.lora import check_specs
 from wanexp.quant.artifact import verify_artifact
 from wanexp.quant.methods import validate_quant_cfg
@@ -41,8 +42,6 @@ from wanexp.stages.quantize import artifact_expect, artifact_path, keep_lists, q
 from wanexp.stages.report import report
 from wanexp.stages.state import Run
 
-# The challenge rule of both papers: at most this many whole blocks kept in high precision.
-MAX_KEEP_BLOCKS = {"mxfp4": 5, "hif4": 2}
 # What each stage's outputs depend on, and so which settings may change when a run directory is
 # resumed, is stated in wanexp.config (OWNERS, REDOABLE); each stage marker records its inputs.
 
@@ -154,10 +153,10 @@ def validate(cfg: DictConfig) -> None:
         raise WanexpError(f"format.name={cfg.format.name} is unknown; available: {', '.join(FORMAT_NAMES)}")
     if cfg.expert.policy not in ("per_expert", "shared"):
         raise WanexpError(f"expert.policy={cfg.expert.policy} is not one of per_expert, shared")
-    for expert in ("high_noise", "low_noise"):
+    for expert in EXPERTS:
         blocks, _ = keep_lists(cfg, expert)
         limit = cfg.expert.get("max_keep_blocks")
-        limit = MAX_KEEP_BLOCKS.get(cfg.format.name) if limit in (None, "auto") else int(limit)
+        limit = max_keep_blocks(cfg.format.name) if limit in (None, "auto") else int(limit)
         if limit is not None and len(blocks) > limit:
             raise WanexpError(f"{len(blocks)} blocks kept in high precision for {expert} ({blocks}) but the "
                               f"{cfg.format.name} rule allows at most {limit} (expert.max_keep_blocks)")

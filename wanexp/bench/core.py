@@ -16,6 +16,7 @@ weights without calibration. Speed and memory do not depend on their values.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import json
@@ -110,21 +111,37 @@ def _free(*objs) -> None:
 
 def run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the benchmark described by ``cfg`` (the ``bench`` config group) and write
-    ``<name>.json`` and ``<name>.md`` into ``out_dir``."""
-
+    ``<name>.json`` and ``<name>.md`` into ``out_dir``. TF32 is off and ``gemm_variant`` pins the
+    fused GEMM while it runs; both are as they were afterwards."""
     if not torch.cuda.is_available():
         raise RuntimeError("wanexp.bench needs a CUDA GPU")
+    with contextlib.ExitStack() as scope:
+        scope.enter_context(_tf32(False))
+        if cfg.get("gemm_variant") is not None:
+            from wanexp.kernels.mxfp4 import gemm_options  # Triton: imported only on a GPU
+            scope.enter_context(gemm_options(variant=int(cfg["gemm_variant"])))
+        return _run_bench(cfg, out_dir, log)
+
+
+@contextlib.contextmanager
+def _tf32(allowed: bool):
+    """cuBLAS's TF32 setting for a block of code, the process's own back after it."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def _run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None]) -> dict[str, Any]:
     device = torch.device("cuda")
-    torch.backends.cuda.matmul.allow_tf32 = False
     num_layers = int(cfg.get("num_layers", 40))
     warmup, repeats = int(cfg.get("warmup", 1)), int(cfg.get("repeats", 1))
     resolutions = [dict(r) for r in cfg["resolutions"]]
     paths = list(cfg.get("paths", ["bf16", "reference", "fused"]))
     prof_cfg = dict(cfg.get("profile") or {})
     q = dict(cfg.get("quant") or {})
-    if cfg.get("gemm_variant") is not None:
-        from wanexp.kernels.mxfp4 import set_gemm_options
-        set_gemm_options(variant=int(cfg["gemm_variant"]))
 
     import diffusers
     import triton

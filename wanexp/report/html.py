@@ -29,6 +29,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import pandas as pd
 
 from wanexp import analysis as A
+from wanexp.evaluate.vbench import HIF4_DIMENSIONS as ALL_DIMENSIONS
 from wanexp.io import atomic_path, read_json, write_json, write_text
 from wanexp.report.plots import analyze_sweep
 from wanexp.report.results import run_dirs
@@ -237,8 +238,7 @@ class Sample:
     players: list[Player]
 
 
-_VIDEO_METRICS = ("psnr", "ssim", "latent_rel_err", "vbench_avg", "imaging_quality", "aesthetic_quality",
-                  "subject_consistency", "motion_smoothness", "overall_consistency")
+_VIDEO_METRICS = ("psnr", "ssim", "latent_rel_err", "vbench_avg", *ALL_DIMENSIONS)
 
 
 def _per_video(run_dir: Path) -> dict[str, dict]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from wanexp.evaluate.vbench import HIF4_DIMENSIONS as ALL_DIMENSIONS
 from wanexp.io import atomic_path
 from wanexp.quant.recipes import table_rank
 from wanexp.report.latex import latex_table
@@ -24,8 +25,7 @@ from wanexp.report.stats import Bootstrap, compare, interval, paired_differences
 
 # What tells the runs of an ablation apart (columns present in the rows, in this order).
 KEYS = ["method", "format", "recipe", "expert_policy", "bins", "clip_candidates", "rank", "kept"]
-VBENCH = ["vbench_avg", "imaging_quality", "aesthetic_quality", "subject_consistency", "motion_smoothness",
-          "overall_consistency"]
+VBENCH = ["vbench_avg", *ALL_DIMENSIONS]
 METRICS = VBENCH + ["psnr", "ssim", "latent_rel_err", "model_size_gb", "pipeline_size_gb", "peak_memory_gb",
                     "sec_per_video", "fps"]
 # Fidelity is each run's comparison with its own BF16 twin (same sample, same seed) already; the BF16

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from wanexp.data import calib_record, sample_table
 from wanexp.errors import WanexpError
+from wanexp.evaluate.vbench import HIF4_DIMENSIONS as ALL_DIMENSIONS
 from wanexp.generate import done_records
 from wanexp.io import atomic_path, read_json, read_jsonl, write_json, write_text
 from wanexp.provenance import provenance
@@ -160,9 +161,6 @@ def format_label(fmt_cfg) -> str:
     return fmt_cfg.name + ("(" + ",".join(f"{k}={v}" for k, v in sorted(extra.items())) + ")" if extra else "")
 
 
-VBENCH_DIMS = ("imaging_quality", "aesthetic_quality", "subject_consistency", "motion_smoothness", "overall_consistency")
-
-
 def format_summary(s: dict) -> str:
     def num(v, fmt):
         return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
@@ -171,7 +169,7 @@ def format_summary(s: dict) -> str:
         f"  videos: {s['num_videos']}   PSNR {num(s['psnr'], '.2f')} dB   SSIM {num(s['ssim'], '.4f')}   "
         f"latent rel. err {num(s['latent_rel_err'], '.4f')}",
         *([f"  VBench avg {num(s['vbench_avg'], '.4f')} (bf16 {num(s.get('vbench_avg_bf16'), '.4f')})   "
-           + "   ".join(f"{d} {num(s[d], '.4f')}" for d in VBENCH_DIMS if d in s)] if "vbench_avg" in s else []),
+           + "   ".join(f"{d} {num(s[d], '.4f')}" for d in ALL_DIMENSIONS if d in s)] if "vbench_avg" in s else []),
         f"  model size {num(s['model_size_gb'], '.4f')} GB   s/video {num(s['sec_per_video'], '.2f')} "
         f"(bf16 {num(s['sec_per_video_bf16'], '.2f')})",
         f"  videos:  {s['videos']}",
