@@ -5,6 +5,7 @@ reads its input ``x [..., in]`` and folds it into running statistics; nothing gr
 of steps except the optional bounded token sample:
 
 - ``absmax``  per-channel max |x|                                  (SmoothQuant's statistic)
+- ``sumsq``   per-channel Σ x², with ``count`` tokens              (RMS, for diagnostics)
 - ``hessian`` XᵀX, fp32, pooled over bins (key ``ALL_BINS``)       (GPTQ's H = 2XᵀX up to scale)
 - ``tokens``  a uniform reservoir sample of at most k input rows   (clip search, percentiles)
 
@@ -41,7 +42,7 @@ from torch import nn
 from wanexp.errors import WanexpError
 from wanexp.quant.context import TimestepContext
 
-STATS = ("absmax", "hessian", "tokens")
+STATS = ("absmax", "sumsq", "hessian", "tokens")
 ALL_BINS = -1  # the bin key of statistics pooled over every bin
 TRACE_PREFIX = "trace"  # saved keys of the per-step traces: ``trace|<expert>|<layer>|<stat>``
 GRAM_KEY = "hessian"      # packed panels are saved as ``hessian@<tile>#<panel>``
@@ -339,6 +340,8 @@ class ActivationCollector:
         if "absmax" in self.needs:
             d["absmax"] = amax if "absmax" not in d else torch.maximum(d["absmax"], amax)
         d["count"] = d.get("count", torch.zeros((), dtype=torch.float64)) + x.shape[0]
+        if "sumsq" in self.needs:
+            d["sumsq"] = d.get("sumsq", 0) + x.float().square().sum(dim=0).double()
         if "hessian" in self.needs:  # pooled over bins: GPTQ uses one Hessian, and [in, in] per bin would not fit at A14B size
             h = self.hessian_input[layer](x) if layer in self.hessian_input else x
             gram = pooled.get("hessian")
