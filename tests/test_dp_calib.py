@@ -31,7 +31,7 @@ def _calibrate(tmp_path: Path, cache_dir, name: str, ranks: int, env_extra=None)
 
 
 def _stats(run_dir: Path) -> CalibStats:
-    from wanexp.stages.calibrate import load_calib_stats
+    from wanexp.calib.store import load_calib_stats
     return load_calib_stats(run_dir)
 
 

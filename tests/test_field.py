@@ -82,7 +82,8 @@ def test_each_recipe_brings_its_format_and_still_composes_with_others():
 
 
 def test_the_runner_knows_the_recipes_and_refuses_per_bin_smoothing_it_cannot_store():
-    from wanexp.run import METHODS
+    from wanexp.quant.recipes import method_names as registered
+    METHODS = registered()
     assert {"smoothquant", "fp8_dynamic", "awq", "viditq"} <= set(METHODS)
     assert MethodConfig.needs(_compose("quant=fp8_dynamic")[0]) == []       # dynamic scales: no calibration
     assert MethodConfig.needs(_compose("quant=awq")[0]) == ["absmax", "tokens"]

@@ -130,7 +130,7 @@ def test_inference_reads_the_bin_of_the_current_timestep_in_each_expert(tiny_pip
 
 def test_shared_and_per_expert_policies_differ_when_the_experts_differ():
     from wanexp.calib import CalibStats
-    from wanexp.run import layer_stats
+    from wanexp.calib.store import layer_stats
 
     g = torch.Generator().manual_seed(3)
     stats = CalibStats()

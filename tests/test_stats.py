@@ -185,7 +185,8 @@ def test_the_tables_with_intervals_compile_and_render(sweep, tmp_path):
 
 def test_per_sample_table_carries_the_twins_scores_for_pairing(tmp_path):
     from wanexp.io import append_jsonl
-    from wanexp.run import FIDELITY_FILE, VBENCH_FILE, per_sample_table
+    from wanexp.rundir import FIDELITY_FILE, VBENCH_FILE
+    from wanexp.stages.report import per_sample_table
     for i, (q, b) in enumerate(((0.61, 0.70), (0.52, 0.55))):
         append_jsonl(tmp_path / FIDELITY_FILE, {"id": f"s{i}", "category": "x", "psnr": 30.0 + i})
         append_jsonl(tmp_path / VBENCH_FILE, {"id": f"s{i}", "category": "x", "imaging_quality": q, "vbench_avg": q})

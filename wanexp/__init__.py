@@ -4,7 +4,7 @@
 on first use so that ``import wanexp`` stays light.
 """
 
-__version__ = "0.1.0"
+from wanexp.version import __version__  # noqa: F401
 
 
 def _register_resolvers() -> None:

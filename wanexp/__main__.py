@@ -20,7 +20,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
     from wanexp.config import check_settings
     from wanexp.console import resume_command, say, shout
-    from wanexp.errors import record_error
+    from wanexp.rundir import RunDir
 
     hydra_cfg = HydraConfig.get()
     run_dir = hydra_cfg.runtime.output_dir
@@ -29,9 +29,10 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         try:
             check_settings(cfg)  # the settings' ranges first: seconds, before torch is imported
         except WanexpError as err:
-            record_error(run_dir, "setup", err)
+            RunDir(run_dir).record_error("setup", err)
             raise
-        from wanexp.run import format_summary, run
+        from wanexp.run import run
+        from wanexp.stages.report import format_summary
         summary = run(cfg, run_dir)
     except WanexpError as err:
         if in_sweep:  # one failed point must not stop the sweep; run() left error.json for the report
@@ -45,7 +46,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     except Exception as err:  # a bug or an environment failure (e.g. out of memory): traceback in error.json
         if in_sweep:
             shout(f"wanexp: job {hydra_cfg.job.num} failed ({run_dir}): {type(err).__name__}: {err} "
-                  f"(traceback in {os.path.join(run_dir, 'error.json')})")
+                  f"(traceback in {RunDir(run_dir).error})")
             return None
         raise
     if summary:

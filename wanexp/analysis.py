@@ -25,7 +25,12 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from wanexp.calib.collect import load_traces
 from wanexp.errors import WanexpError
+from wanexp.generate import done_records, read_mp4
+from wanexp.io import read_jsonl
+from wanexp.quant.artifact import read_header
+from wanexp.rundir import RunDir
 
 EXPERTS = ("high_noise", "low_noise")
 # The rows of the sensitivity map, in the paper's order (self-attention, cross-attention, FFN).
@@ -98,29 +103,28 @@ def _read_json(path: Path):
 
 
 def run_config(run_dir: Path) -> dict:
-    path = Path(run_dir) / "wanexp_config.json"
+    path = RunDir(run_dir).config
     return _read_json(path) if path.is_file() else {}
 
 
 def stats_dir(run_dir: Path) -> Path | None:
     """The calibration statistics of the run (the content-addressed cache dir or ``calib/``), or None."""
-    marker = Path(run_dir) / "stages" / "calibrate.json"
+    marker = RunDir(run_dir).marker("calibrate")
     if not marker.is_file():
         return None
     info = _read_json(marker)
     if "skipped" in info:
         return None
-    return Path(info.get("stats_dir", Path(run_dir) / "calib"))
+    return Path(info.get("stats_dir", RunDir(run_dir).calib))
 
 
 def artifact_file(run_dir: Path) -> Path:
     """The run's artifact, or the one it reused (``quant.load``)."""
     load = (run_config(run_dir).get("quant") or {}).get("load")
-    return Path(str(load)).expanduser() if load else Path(run_dir) / "artifact" / "quantized.safetensors"
+    return Path(str(load)).expanduser() if load else RunDir(run_dir).artifact
 
 
 def artifact_header(run_dir: Path) -> dict:
-    from wanexp.quant.artifact import read_header
     path = artifact_file(run_dir)
     if not path.is_file():
         if _method(run_dir) == "bf16":
@@ -135,7 +139,7 @@ def _method(run_dir: Path) -> str:
 
 
 def choices(run_dir: Path) -> dict:
-    path = Path(run_dir) / "artifact" / "choices.json"
+    path = RunDir(run_dir).choices
     if not path.is_file():
         cfg = run_config(run_dir)
         if (cfg.get("quant") or {}).get("name") == "bf16":
@@ -187,7 +191,6 @@ def trace_layers(run_dir: Path) -> list[str]:
 
 
 def _load_traces(run_dir: Path) -> dict:
-    from wanexp.calib.collect import load_traces
     where = stats_dir(run_dir)
     if where is None:
         raise _no_calibration(Path(run_dir))
@@ -205,7 +208,7 @@ def _load_traces(run_dir: Path) -> dict:
 def _no_calibration(run_dir: Path) -> NotRecorded:
     """Why a run has no BF16 calibration trajectory: calibration has not run yet, or it was skipped."""
     method = _method(run_dir)
-    marker = run_dir / "stages" / "calibrate.json"
+    marker = RunDir(run_dir).marker("calibrate")
     if not marker.is_file():
         return NotRecorded(f"calibration has not run in {run_dir} (quant={method}): the per-step traces are "
                            "recorded while calibrating; run stage=calibrate first", "no calibration trace", "calibrate")
@@ -513,7 +516,7 @@ class Videos:
 
 def method_label(run_dir: Path) -> str:
     """``tsclip mxfp4(scale_rule=ceil)``: the run's results row label, else its config's method and format."""
-    results = Path(run_dir) / "results.csv"
+    results = RunDir(run_dir).results_csv
     if results.is_file():
         return run_label(pd.read_csv(results).iloc[0].to_dict())
     cfg = run_config(run_dir)
@@ -523,9 +526,8 @@ def method_label(run_dir: Path) -> str:
 def run_videos(run_dir: Path) -> tuple[Videos, Videos | None]:
     """(the BF16 reference videos, this method's videos; None for quant=bf16, whose videos are the
     reference) of a run, from ``generate.json`` and the manifests."""
-    from wanexp.generate import done_records
     run_dir = Path(run_dir)
-    gen_file = run_dir / "generate.json"
+    gen_file = RunDir(run_dir).generated
     if not gen_file.is_file():
         raise NotRecorded(f"{run_dir} has no generated videos (run stage=generate first)", "no videos", "generate")
     gen = _read_json(gen_file)
@@ -541,8 +543,7 @@ def run_videos(run_dir: Path) -> tuple[Videos, Videos | None]:
 
 def sample_errors(run_dirs: Iterable[Path]) -> pd.DataFrame:
     """Per (run, video): id, category, psnr, ssim, latent_rel_err from ``eval/fidelity.jsonl``."""
-    from wanexp.io import read_jsonl
-    rows = [dict(r, run_dir=str(d)) for d in map(Path, run_dirs) for r in read_jsonl(d / "eval" / "fidelity.jsonl")]
+    rows = [dict(r, run_dir=str(d)) for d in map(Path, run_dirs) for r in read_jsonl(RunDir(d).fidelity)]
     return pd.DataFrame(rows, columns=["id", "category", "psnr", "ssim", "latent_rel_err", "run_dir"])
 
 
@@ -643,7 +644,6 @@ def qualitative_grid(reference: Videos, variants: Sequence[Videos], sample: str,
                      fractions: Sequence[float] = FRACTIONS) -> Grid:
     """The frames at ``fractions`` of ``sample``'s video in the reference and each variant (decoded
     from the written mp4s: what was scored is what is shown) and their differences to the reference."""
-    from wanexp.generate import read_mp4
     if not variants:
         raise NotRecorded("no quantized videos to set beside BF16 (quant=bf16's videos are the reference)",
                           "no quantized videos")
@@ -677,7 +677,7 @@ def distinct_labels(videos: Sequence[Videos]) -> list[Videos]:
     for v in videos:
         label = v.label
         if counts[label] > 1 and v.run_dir is not None:
-            results = Path(v.run_dir) / "results.csv"
+            results = RunDir(v.run_dir).results_csv
             over = pd.read_csv(results).iloc[0].get("overrides") if results.is_file() else None
             label = str(over) if isinstance(over, str) and over else Path(v.run_dir).name
         out.append(Videos(label, v.root, v.records, v.run_dir))

@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from wanexp.errors import WanexpError
 from wanexp.io import flatten, probe_writable
+from wanexp.rundir import RunDir
 
 _MISSING = object()
 
@@ -367,7 +368,7 @@ _LEGACY_FREE = ("stage", "logger", "progress", "device", "paths", "report", "ana
 def check_legacy_config(config: Mapping[str, Any], run_dir: Path, finished: Mapping[str, dict]) -> None:
     """A run directory whose stage markers predate recorded inputs: the old whole-config rule."""
     import json
-    path = run_dir / "wanexp_config.json"
+    path = RunDir(run_dir).config
     if not path.is_file() or all("inputs" in m for m in finished.values()):
         return
     before = {k: v for k, v in json.loads(path.read_text()).items() if k not in _LEGACY_FREE}

@@ -12,6 +12,8 @@ from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 
+from wanexp.version import __version__
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -51,7 +53,6 @@ def provenance(device) -> dict[str, str | None]:
     import diffusers
     import torch
 
-    import wanexp
-    return {"wanexp_version": wanexp.__version__, "git_commit": git_commit(), "torch_version": torch.__version__,
+    return {"wanexp_version": __version__, "git_commit": git_commit(), "torch_version": torch.__version__,
             "diffusers_version": diffusers.__version__, "cuda_version": torch.version.cuda,
             "device_name": device_name(device), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}

@@ -20,68 +20,25 @@ import contextlib
 import datetime
 import gc
 import json
-import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
-from wanexp.formats import get_format
+from wanexp import kernels
+from wanexp.bench.pipeline import run_pipeline_memory
+from wanexp.bench.pipeline import to_markdown as pipeline_md
+from wanexp.bench.synthetic import SyntheticTSClip, make_inputs  # noqa: F401 (re-exported)
 from wanexp.models import held_bytes
-from wanexp.models.a14b_random import A14B_TRANSFORMER, build_expert, random_init  # noqa: F401 (re-exported)
+from wanexp.models.a14b_random import build_expert
+from wanexp.quant.api import quantize_
 from wanexp.quant.context import TimestepBins, TimestepContext
 from wanexp.quant.linear import QuantLinear
+from wanexp.quant.targets import select_targets
 
 GB = 1e9
-
-
-@dataclass
-class SyntheticTSClip:
-    """Builds a TS-clip-shaped W4A4 MXFP4 QuantLinear from a bf16 linear, without calibration:
-    smoothing s ~ U[0.5, 2] (folded into the weight), random rank-r factors L1 L2 (bf16), RTN
-    residual of W·diag(s) − L1 L2, and a clip table (one ratio per timestep bin)."""
-
-    rank: int = 32
-    smooth: bool = True
-    clip_table: tuple[float, ...] = (1.0, 0.9, 0.8, 0.9)
-    scale_rule: str = "floor"
-    seed: int = 0
-    format: str = "mxfp4"  # or nvfp4, int4, hif4: weights and activations in that format (its defaults)
-
-    def build(self, name: str, linear: nn.Linear) -> QuantLinear:
-        dev = linear.weight.device
-        g = torch.Generator(device=dev).manual_seed(self.seed + hash(name) % 100003)
-        k, n = linear.in_features, linear.out_features
-        w = linear.weight.detach().float()
-        s = None
-        if self.smooth:
-            s = torch.rand(k, device=dev, generator=g) * 1.5 + 0.5
-            w = w * s
-        lowrank = None
-        if self.rank:
-            std = float(w.std()) / self.rank ** 0.5
-            l1 = (torch.randn(n, self.rank, device=dev, generator=g) * std).to(torch.bfloat16)
-            l2 = torch.randn(self.rank, k, device=dev, generator=g).to(torch.bfloat16)
-            lowrank = (l1, l2)
-            w = w - l1.float() @ l2.float()
-        opts = {"scale_rule": self.scale_rule} if self.format == "mxfp4" else {"group_size": 128} if self.format == "int4" else {}
-        fmt = {"name": self.format, "opts": opts}
-        packed = get_format(self.format, **opts).encode(w)
-        del w
-        return QuantLinear(k, n, weight=packed, bias=linear.bias, act_format=fmt,
-                           clip_table=torch.tensor(self.clip_table, device=dev), smooth=s, lowrank=lowrank)
-
-
-def make_inputs(height: int, width: int, frames: int, device: torch.device, seed: int = 1) -> tuple[dict, int]:
-    lat_f, lat_h, lat_w = (frames - 1) // 4 + 1, height // 8, width // 8
-    g = torch.Generator(device=device).manual_seed(seed)
-    inputs = dict(hidden_states=torch.randn(1, 36, lat_f, lat_h, lat_w, device=device, dtype=torch.bfloat16, generator=g),
-                  timestep=torch.tensor([950.0], device=device),
-                  encoder_hidden_states=torch.randn(1, 512, 4096, device=device, dtype=torch.bfloat16, generator=g))
-    return inputs, lat_f * (lat_h // 2) * (lat_w // 2)
 
 
 @torch.no_grad()
@@ -170,7 +127,6 @@ def compiled_blocks(model: nn.Module) -> Iterator[None]:
 
 def fallback_counts(model: nn.Module) -> dict[str, int]:
     """The FP8 fold's exact-fallback rows (activations) and columns (weights), summed over layers."""
-    from wanexp.quant.linear import QuantLinear
     total = {"fp8_rows": 0, "fp8_cols": 0}
     for m in model.modules():
         if isinstance(m, QuantLinear):
@@ -187,24 +143,37 @@ def _free(*objs) -> None:
 
 def run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the benchmark described by ``cfg`` (the ``bench`` config group) and write
-    ``<name>.json`` and ``<name>.md`` into ``out_dir``."""
-    from wanexp import kernels
-    from wanexp.quant.api import quantize_
-    from wanexp.quant.targets import select_targets
-
+    ``<name>.json`` and ``<name>.md`` into ``out_dir``. TF32 is off and ``gemm_variant`` pins the
+    fused GEMM while it runs; both are as they were afterwards."""
     if not torch.cuda.is_available():
         raise RuntimeError("wanexp.bench needs a CUDA GPU")
+    with contextlib.ExitStack() as scope:
+        scope.enter_context(_tf32(False))
+        if cfg.get("gemm_variant") is not None:
+            from wanexp.kernels.mxfp4 import gemm_options  # Triton: imported only on a GPU
+            scope.enter_context(gemm_options(variant=int(cfg["gemm_variant"])))
+        return _run_bench(cfg, out_dir, log)
+
+
+@contextlib.contextmanager
+def _tf32(allowed: bool):
+    """cuBLAS's TF32 setting for a block of code, the process's own back after it."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def _run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None]) -> dict[str, Any]:
     device = torch.device("cuda")
-    torch.backends.cuda.matmul.allow_tf32 = False
     num_layers = int(cfg.get("num_layers", 40))
     warmup, repeats = int(cfg.get("warmup", 1)), int(cfg.get("repeats", 1))
     resolutions = [dict(r) for r in cfg["resolutions"]]
     paths = list(cfg.get("paths", ["bf16", "reference", "fused"]))
     prof_cfg = dict(cfg.get("profile") or {})
     q = dict(cfg.get("quant") or {})
-    if cfg.get("gemm_variant") is not None:
-        from wanexp.kernels.mxfp4 import set_gemm_options
-        set_gemm_options(variant=int(cfg["gemm_variant"]))
 
     import diffusers
     import triton
@@ -219,8 +188,8 @@ def run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None] = print
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = cfg.get("name", "bench")
 
-    def save(partial: dict) -> None:  # after each measurement, so a cut-off command keeps what it measured
-        (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str))
+    def save(snapshot: dict) -> None:  # after each measurement, so a cut-off command keeps what it measured
+        (out_dir / f"{stem}.json").write_text(json.dumps(snapshot, indent=2, default=str))
 
     calib = dict(cfg.get("calib") or {})
     if calib.get("enabled"):  # the calibration bench: the runner's own stages (wanexp.bench.calib)
@@ -228,7 +197,6 @@ def run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None] = print
         return run_calib_bench(dict(calib, name=stem), out_dir, log)
     pm = dict(cfg.get("pipeline_memory") or {})
     if pm.get("enabled"):
-        from wanexp.bench.pipeline import run_pipeline_memory
         result["pipeline_memory"] = {}
         result["pipeline_memory"] = run_pipeline_memory(
             pm, device, log, save=lambda r: (result.__setitem__("pipeline_memory", r), save(result)))
@@ -332,7 +300,6 @@ def to_markdown(r: dict[str, Any]) -> str:
     to BF16 and peak memory; then the profile breakdown."""
     names = list(r["resolutions"])
     if not r["paths"]:  # the whole-pipeline memory section alone
-        from wanexp.bench.pipeline import to_markdown as pipeline_md
         return "\n".join([f"# Wan2.2-I2V-A14B pipeline memory ({r['gpu']}, {r['date']}; torch {r['torch']}, "
                           f"diffusers {r['diffusers']})", "", *pipeline_md(r["pipeline_memory"])]) + "\n"
     lines = [f"# Wan2.2-I2V-A14B expert, one denoiser forward: BF16 vs W4A4 {r['quant'].get('format', 'mxfp4').upper()} "
@@ -388,6 +355,5 @@ def to_markdown(r: dict[str, Any]) -> str:
                 lines.append(f"| {cat} | {sec:.3f} | {sec / max(p['device_seconds'], 1e-9):.1%} |")
             lines.append(f"| total | {p['device_seconds']:.3f} | |")
     if r.get("pipeline_memory"):
-        from wanexp.bench.pipeline import to_markdown as pipeline_md
         lines += ["", *pipeline_md(r["pipeline_memory"])]
     return "\n".join(lines) + "\n"

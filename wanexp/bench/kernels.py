@@ -22,7 +22,7 @@ def main() -> None:
     import triton
     from triton.testing import do_bench
 
-    from wanexp.bench.core import SyntheticTSClip
+    from wanexp.bench.synthetic import SyntheticTSClip
     from wanexp.kernels import fused_forward
     from wanexp.kernels import mxfp4 as K
 

@@ -20,6 +20,16 @@ import time
 from typing import Any, Callable
 
 import torch
+from PIL import Image
+
+from wanexp.bench.synthetic import SyntheticTSClip
+from wanexp.generate import decode_latents
+from wanexp.models import experts, pipeline_bytes
+from wanexp.models.a14b_random import build_random_pipeline
+from wanexp.models.loading import place_pipeline
+from wanexp.quant.api import quantize_
+from wanexp.quant.context import TimestepBins, TimestepContext
+from wanexp.quant.targets import select_targets
 
 GB = 1e9
 
@@ -27,18 +37,11 @@ GB = 1e9
 def build_a14b_pipeline(init_device: torch.device, arch: str = "a14b"):
     """The A14B pipeline with random weights, every component left on the CPU (each initialised on
     ``init_device``, fast on a GPU, then moved). ``arch='tiny'`` builds the tiny model's sizes."""
-    from wanexp.models.a14b_random import build_random_pipeline
     return build_random_pipeline(init_device, "cpu", arch=arch)
 
 
 def quantize_experts(pipe, device: torch.device, rank: int = 32) -> int:
     """Swap both experts' block linears for packed W4A4 MXFP4 (on the GPU, then back to the CPU)."""
-    from wanexp.bench.core import SyntheticTSClip
-    from wanexp.models import experts
-    from wanexp.quant.api import quantize_
-    from wanexp.quant.context import TimestepBins, TimestepContext
-    from wanexp.quant.targets import select_targets
-
     builder = SyntheticTSClip(rank=rank)
     swapped = 0
     for model in experts(pipe).values():
@@ -54,11 +57,6 @@ def quantize_experts(pipe, device: torch.device, rank: int = 32) -> int:
 @torch.no_grad()
 def one_video(pipe, policy: str, device: torch.device, gen: dict) -> dict[str, Any]:
     """Generate and decode one video under ``policy``; peak GPU memory over all of it."""
-    from PIL import Image
-
-    from wanexp.generate import decode_latents
-    from wanexp.models.loading import place_pipeline
-
     place_pipeline(pipe, policy, device, vae_tiling=policy != "none")
     cuda = device.type == "cuda"
     if cuda:
@@ -106,7 +104,6 @@ def run_pipeline_memory(cfg: dict, device: torch.device, log: Callable[[str], No
     result: dict[str, Any] = {"video": f"{gen['height']}x{gen['width']}x{gen['frames']}", "steps": gen["steps"],
                               "policies": policies, "runs": {}}
     t0 = time.perf_counter()
-    from wanexp.models import pipeline_bytes
     pipe = build_a14b_pipeline(device, str(cfg.get("arch", "a14b")))
     result["build_s"] = time.perf_counter() - t0
     for precision in ("bf16", "w4a4"):

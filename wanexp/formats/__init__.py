@@ -52,6 +52,11 @@ def get_format(name: str, **options: Any) -> NumberFormat:
         raise ValueError(f"format {name!r}: bad options {options}: {err}") from None
 
 
+def max_keep_blocks(name: str) -> int | None:
+    """The format's rule on whole blocks kept in high precision (``NumberFormat.max_keep_blocks``)."""
+    return getattr(_FACTORIES[name], "max_keep_blocks", None)
+
+
 def decode(packed: PackedTensor) -> torch.Tensor:
     """Decode with the format and options recorded in the packed tensor."""
     return get_format(packed.format, **packed.options).decode(packed)
@@ -80,4 +85,4 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
 
 
 __all__ = ["FORMAT_NAMES", "BlockState", "NumberFormat", "PackedTensor", "decode", "get_format",
-           "load_packed", "save_packed"]
+           "load_packed", "max_keep_blocks", "save_packed"]

@@ -268,6 +268,9 @@ class NumberFormat:
     element_bits: int = 4
     scale_bits: int = 8  # storage bits of the scales of one block (all levels together)
     block_size: int = 32  # -1: one block per row (per output channel / per token)
+    # The challenge rule of the papers that use this format: at most this many whole blocks kept in
+    # high precision (None: no rule; ``expert.max_keep_blocks`` overrides it).
+    max_keep_blocks: int | None = None
 
     def __init__(self, **options: Any) -> None:
         self._options = options

@@ -57,6 +57,7 @@ def round_significant(x: torch.Tensor, frac_bits: int) -> torch.Tensor:
 
 class HiF4(NumberFormat):
     name = "hif4"
+    max_keep_blocks = 2  # the HiFloat4 paper's rule
     block_size = 64
     element_bits = 4
     scale_bits = 8 + 8 + 16  # S, the 8 L2 bits, the 16 L3 bits

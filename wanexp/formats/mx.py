@@ -31,6 +31,7 @@ class MXFP4(E2M1Format):
     name = "mxfp4"
     block_size = 32
     scale_bits = 8
+    max_keep_blocks = 5  # the seed paper's rule
 
     def __init__(self, scale_rule: str = "floor", ties: str = "even") -> None:
         if scale_rule not in ("floor", "ceil"):

@@ -73,6 +73,8 @@ sync each call): a NaN input propagates instead of raising as the reference does
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -392,6 +394,17 @@ def set_gemm_options(variant: int | None = None, config: tuple | None = None) ->
     _settings["variant"] = None if variant is None else int(variant)
     _settings["config"] = config
     _tuned.clear()
+
+
+@contextlib.contextmanager
+def gemm_options(variant: int | None = None, config: tuple | None = None):
+    """:func:`set_gemm_options` for a block of code; the previous settings (and a fresh tuning) after it."""
+    before = dict(_settings)
+    set_gemm_options(variant, config)
+    try:
+        yield
+    finally:
+        set_gemm_options(before["variant"], before["config"])
 
 
 def _launch(cfg, a, codes, scales, t, l1, bias, out, M, N, K, R):

@@ -107,7 +107,7 @@ def build_random_pipeline(init_device: torch.device, home: torch.device | str = 
 
 def load_random_pipeline(cfg: Mapping[str, Any], device: torch.device):
     """``model=a14b_random``: built in memory, then placed as ``cfg.offload`` says."""
-    from wanexp.models.loading import place_pipeline
+    from wanexp.models.base import place_pipeline
     offload = str(cfg.get("offload", "model"))
     init = device if device.type == "cuda" else torch.device("cpu")
     home = device if offload == "none" else torch.device("cpu")

@@ -19,10 +19,6 @@ def experts(pipe) -> dict[str, torch.nn.Module]:
     return {name: getattr(pipe, attr) for name, attr in _ATTR.items()}
 
 
-def set_expert(pipe, name: str, module: torch.nn.Module) -> None:
-    setattr(pipe, _ATTR[name], module)
-
-
 def boundary_timestep(pipe) -> float:
     return float(pipe.config.boundary_ratio) * float(pipe.scheduler.config.num_train_timesteps)
 

@@ -17,6 +17,10 @@ from typing import Any, Mapping
 import torch
 
 from wanexp.errors import WanexpError
+from wanexp.models.a14b_random import load_random_pipeline
+from wanexp.models.base import place_pipeline, quiet_libraries  # noqa: F401 (place_pipeline: for callers)
+from wanexp.models.experts import experts
+from wanexp.models.lora import check_specs, merge_loras
 from wanexp.models.tiny import MODEL_INDEX_COMPONENTS, ensure_tiny_checkpoint
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -73,11 +77,8 @@ def load_pipeline(cfg: Mapping[str, Any], cache_dir: str | Path, device: str | t
     """Load the pipeline, place it on ``device`` according to ``cfg.offload``, and quiet its logging."""
     quiet_libraries()
     from diffusers import WanImageToVideoPipeline
-
-    from wanexp.models.lora import check_specs, merge_loras
     loras = check_specs(cfg.get("lora"))  # a missing or unreadable LoRA file fails before any weight is read
     if cfg["name"] == "a14b_random":  # full size, random weights, built in memory (no checkpoint)
-        from wanexp.models.a14b_random import load_random_pipeline
         pipe = load_random_pipeline(cfg, torch.device(device))
         merge_loras(pipe, loras)
         return pipe
@@ -96,33 +97,8 @@ def load_pipeline(cfg: Mapping[str, Any], cache_dir: str | Path, device: str | t
     return pipe
 
 
-def quiet_libraries() -> None:
-    """Our own progress bars and summary are the output; silence the libraries' loading chatter."""
-    import diffusers
-    import transformers
-    for lib in (diffusers, transformers):
-        lib.utils.logging.set_verbosity_error()
-        lib.utils.logging.disable_progress_bar()
-
-
-def place_pipeline(pipe, offload: str, device: torch.device, vae_tiling: bool = False) -> None:
-    """Put the pipeline on ``device``. ``offload``: ``none`` (everything on the device) | ``model``
-    (diffusers' per-component CPU offload: only the running component is on the GPU — the text
-    encoder while it encodes, then the active expert, swapped once per video at the boundary, then
-    the VAE). ``vae_tiling`` decodes the video in spatial tiles (bounded decoder activations)."""
-    if offload not in ("none", "model"):
-        raise WanexpError(f"model.offload={offload!r} is not one of none, model")
-    if offload == "none" or device.type == "cpu":
-        pipe.to(device)
-    else:
-        pipe.enable_model_cpu_offload(device=device)
-    if vae_tiling:
-        pipe.vae.enable_tiling()
-
-
 def model_fingerprint(pipe) -> str:
     """A short hash of both experts' configs and a sample of their weights: artifacts are tied to it."""
-    from wanexp.models.experts import experts
     h = hashlib.sha256()
     for name, module in experts(pipe).items():
         h.update(name.encode())

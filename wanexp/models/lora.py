@@ -148,7 +148,7 @@ def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
     from safetensors import safe_open
     from safetensors.torch import load_file
-    from wanexp.models.loading import quiet_libraries
+    from wanexp.models.base import quiet_libraries
     quiet_libraries()
     tensors = load_file(str(path), device="cpu")
     with safe_open(str(path), framework="pt") as f:

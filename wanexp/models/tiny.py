@@ -120,7 +120,7 @@ def ensure_tiny_checkpoint(cache_dir: str | Path) -> Path:
     The write goes to a temporary directory that is renamed into place, so concurrent or crashed
     builds never leave a half-written checkpoint behind.
     """
-    from wanexp.models.loading import quiet_libraries
+    from wanexp.models.base import quiet_libraries
     quiet_libraries()
     cache_dir = Path(cache_dir).expanduser()
     target = cache_dir / f"wan22-i2v-tiny-{spec_hash()}"

@@ -18,6 +18,7 @@ from torch import nn
 from wanexp.errors import WanexpError
 from wanexp.quant.api import module_device, quant_layers, replace_module
 from wanexp.quant.linear import QuantLinear
+from wanexp.version import __version__
 
 ARTIFACT_FILE = "quantized.safetensors"
 ARTIFACT_VERSION = 2  # 2: a SHA-256 per tensor in the header
@@ -42,8 +43,7 @@ def save_layers(path: str | Path, layers: dict[str, dict[str, QuantLinear]], hea
             for key, buf in layer.named_buffers(recurse=False):
                 if buf is not None:
                     tensors[f"{expert}/{name}/{key}"] = buf.detach().contiguous().cpu()
-    import wanexp
-    full = dict(header, version=ARTIFACT_VERSION, wanexp_version=wanexp.__version__, layers=described)
+    full = dict(header, version=ARTIFACT_VERSION, wanexp_version=__version__, layers=described)
     save_tensors(path, tensors, metadata={"wanexp": json.dumps(full, sort_keys=True)})
     return path
 

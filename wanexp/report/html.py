@@ -16,7 +16,6 @@ each run's own report.
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import os
 import platform
@@ -30,11 +29,15 @@ from typing import Any, Iterable, Mapping, Sequence
 import pandas as pd
 
 from wanexp import analysis as A
+from wanexp.evaluate.vbench import HIF4_DIMENSIONS as ALL_DIMENSIONS
 from wanexp.io import atomic_path, read_json, write_json, write_text
+from wanexp.report.plots import analyze_sweep
+from wanexp.report.results import run_dirs
+from wanexp.report.table import METRICS, ablation_table
+from wanexp.rundir import REPORT_HTML, RunDir
+from wanexp.version import __version__
 
-REPORT = "report.html"
 ASSETS = "report_assets"
-VERSIONS = "versions.json"
 DEFAULT_VIDEOS = 8  # samples shown as players when report.html_videos is not set
 _KEY_COLUMNS = ("method", "format", "expert_policy", "bins", "clip_candidates", "rank", "kept", "model", "data",
                 "seed", "num_videos", "overrides")
@@ -117,7 +120,6 @@ def frame_table(df: pd.DataFrame, name: str, title: str) -> Table:
 def results_table(row: Mapping[str, Any]) -> Table:
     """A run's metrics, one line each: value, the BF16 twin measured in the same run, the delta to it
     (fidelity is already against BF16: no delta of it), and a confidence interval where the row has one."""
-    from wanexp.report.table import METRICS, ablation_table
     deltas = ablation_table(pd.DataFrame([dict(row)])).iloc[0].to_dict()
     ci = ci_columns(row.keys())
     metrics = [m for m in METRICS if m in row and not _missing(row[m])]
@@ -236,13 +238,12 @@ class Sample:
     players: list[Player]
 
 
-_VIDEO_METRICS = ("psnr", "ssim", "latent_rel_err", "vbench_avg", "imaging_quality", "aesthetic_quality",
-                  "subject_consistency", "motion_smoothness", "overall_consistency")
+_VIDEO_METRICS = ("psnr", "ssim", "latent_rel_err", "vbench_avg", *ALL_DIMENSIONS)
 
 
 def _per_video(run_dir: Path) -> dict[str, dict]:
     """id → the run's per-video metrics (``eval/per_sample.csv``, else the fidelity lines)."""
-    path = run_dir / "eval" / "per_sample.csv"
+    path = RunDir(run_dir).per_sample
     if path.is_file():
         table = pd.read_csv(path)
     else:
@@ -292,9 +293,8 @@ def software_versions() -> dict[str, str]:
     """Python, the platform, wanexp (and its git commit when run from a checkout), the key packages, the GPU."""
     from importlib.metadata import PackageNotFoundError, version
 
-    import wanexp
-    out = {"python": sys.version.split()[0], "platform": platform.platform(), "wanexp": wanexp.__version__}
-    source = Path(wanexp.__file__).resolve().parents[1]
+    out = {"python": sys.version.split()[0], "platform": platform.platform(), "wanexp": __version__}
+    source = Path(__file__).resolve().parents[2]  # the checkout wanexp/ is in
     try:
         commit = subprocess.run(["git", "-C", str(source), "describe", "--always", "--dirty", "--abbrev=12"],
                                 capture_output=True, text=True, timeout=10)
@@ -331,7 +331,7 @@ def _render(out_dir: Path, assets: Assets, **page) -> Path:
     from jinja2 import Environment
     env = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
     html = env.from_string(_TEMPLATE).render(generated=datetime.datetime.now().isoformat(timespec="seconds"), **page)
-    path = Path(out_dir) / REPORT
+    path = Path(out_dir) / REPORT_HTML  # a sweep's report sits in its directory as a run's does
     write_text(path, html)
     assets.prune()
     return path
@@ -343,15 +343,16 @@ def _render(out_dir: Path, assets: Assets, **page) -> Path:
 def record_versions(run_dir: Path) -> dict:
     """Write ``versions.json`` (the software of the process that reported the run) and return it."""
     versions = software_versions()
-    write_json(Path(run_dir) / VERSIONS, versions)
+    write_json(RunDir(run_dir).versions, versions)
     return versions
 
 
 def write_run_report(run_dir: str | Path, report_cfg: Mapping[str, Any] | None = None) -> Path:
     """``<run>/report.html`` (and ``report_assets/``) from what the run wrote so far."""
     run_dir = Path(run_dir)
+    rd = RunDir(run_dir)
     opts, assets = _report_cfg(report_cfg), Assets(run_dir)
-    row = pd.read_csv(run_dir / "results.csv").iloc[0].to_dict() if (run_dir / "results.csv").is_file() else None
+    row = pd.read_csv(rd.results_csv).iloc[0].to_dict() if rd.results_csv.is_file() else None
     config = A.run_config(run_dir)
     title = A.method_label(run_dir)
     notes = []
@@ -365,13 +366,13 @@ def write_run_report(run_dir: str | Path, report_cfg: Mapping[str, Any] | None =
         tables.append(results_table(row))
     else:
         notes.append("No results row yet: run stage=report.")
-    summary_file = run_dir / "eval" / "summary.json"
+    summary_file = rd.eval_summary
     per_category = (read_json(summary_file).get("fidelity") or {}).get("per_category") if summary_file.is_file() else None
     if per_category:
         df = pd.DataFrame([{"category": c, **v} for c, v in per_category.items()])
         tables.append(frame_table(df, "per_category", "Per category (fidelity to BF16)"))
-    grids, figures, skipped = _figures(run_dir / "analysis", assets)
-    if not (run_dir / "analysis" / "index.json").is_file():
+    grids, figures, skipped = _figures(rd.analysis, assets)
+    if not (rd.analysis / "index.json").is_file():
         notes.append("No figures yet: stage=analyze draws the diagnostic figures and the qualitative grids "
                      f"(python -m wanexp <the run's overrides> hydra.run.dir={run_dir} stage=analyze).")
     samples, per_video = [], None
@@ -379,15 +380,15 @@ def write_run_report(run_dir: str | Path, report_cfg: Mapping[str, Any] | None =
         reference, method = A.run_videos(run_dir)
         metrics = _per_video(run_dir)
         variants = [(method, metrics)] if method is not None else []  # quant=bf16: its videos are the reference
-        samples = _samples(reference, variants, _picked(run_dir / "analysis"), opts["videos"], assets, "",
+        samples = _samples(reference, variants, _picked(rd.analysis), opts["videos"], assets, "",
                            only=metrics or None)
         if metrics:
             per_video = frame_table(pd.DataFrame(list(metrics.values())), "per_video", "Per-video metrics")
     except A.NotRecorded as err:
         notes.append(f"No videos: {err}")
-    versions_file = run_dir / VERSIONS
+    versions_file = rd.versions
     versions = read_json(versions_file) if versions_file.is_file() else software_versions()
-    launch = run_dir / ".hydra" / "config.yaml"
+    launch = rd.hydra_config
     return _render(run_dir, assets, kind="run", title=f"wanexp run: {title}", where=str(run_dir), notes=notes,
                    tables=tables, grids=grids, figures=figures, skipped=skipped, samples=samples,
                    per_video=per_video, config=_yaml(config), overrides=(row or {}).get("overrides"),
@@ -414,16 +415,16 @@ def _sweep_config(out_dir: Path) -> tuple[str, str | None]:
 def write_sweep_report(out_dir: str | Path, dirs: Sequence[str | Path], report_cfg: Mapping[str, Any] | None = None) -> Path:
     """``<out_dir>/report.html`` of the runs under ``dirs``: the tables ``report_dirs`` wrote into
     ``out_dir``, the figures ``analyze_sweep`` drew there, every method's videos beside BF16."""
-    from wanexp.report.results import run_dirs
     out_dir = Path(out_dir)
     opts, assets = _report_cfg(report_cfg), Assets(out_dir)
     tables, notes = [], []
     runs = run_dirs(dirs)
     listing = Table(["run", "method", "status", "report"], name="runs", title="Runs")
     for run in runs:
-        status = ("failed: " + str(read_json(run / "error.json").get("error", ""))[:200]
-                  if (run / "error.json").is_file() else "finished" if (run / "results.csv").is_file() else "unfinished")
-        link = run / REPORT
+        rd = RunDir(run)
+        status = ("failed: " + str(read_json(rd.error).get("error", ""))[:200]
+                  if rd.error.is_file() else "finished" if rd.results_csv.is_file() else "unfinished")
+        link = rd.report
         listing.rows.append([Cell(str(run.relative_to(out_dir)) if run.is_relative_to(out_dir) else str(run)),
                              Cell(A.method_label(run)), Cell(status),
                              Cell("report.html", href=os.path.relpath(link, out_dir)) if link.is_file() else Cell("–")])
@@ -438,7 +439,7 @@ def write_sweep_report(out_dir: str | Path, dirs: Sequence[str | Path], report_c
     tables.append(listing)
     grids, figures, skipped = _figures(out_dir / "analysis", assets)
     samples = []
-    finished = [r for r in runs if (r / "results.csv").is_file() and not (r / "error.json").is_file()]
+    finished = [r for r in runs if RunDir(r).finished()]
     groups: dict[str, tuple[A.Videos, list]] = {}
     for run in finished:
         try:
@@ -571,7 +572,6 @@ def sweep_outputs(out_dir: str | Path, dirs: Sequence[str | Path], config: Any =
     (``analysis/``: the qualitative grids of every method, quality vs memory) and ``report.html``.
     ``config``: the sweep's config (DictConfig or dict) for ``analysis.*`` and ``report.*``.
     Returns the report's path, the figures, the skipped ones and their PNGs as W&B image keys."""
-    from wanexp.report.plots import analyze_sweep
     section = _sections(config)
     info = analyze_sweep(dirs, out_dir, section["analysis"])
     for name, why in info["skipped"].items():

@@ -21,6 +21,8 @@ import pandas as pd
 
 from wanexp.errors import WanexpError
 from wanexp.io import atomic_path
+from wanexp.report.latex import latex_table
+from wanexp.report.stats import interval, read_per_sample
 
 GIB = 1e9 / 2**30  # our sizes are in GB (1e9 bytes); the papers' size and memory figures match GiB
 
@@ -141,7 +143,6 @@ def paper_table(rows: pd.DataFrame, name: str, boot=None) -> pd.DataFrame:
 
 def _intervals(runs: pd.DataFrame, metric: str, paper: float | None, scale: float, boot) -> dict:
     """``ours_ci_low/_high`` (and the gap's, when the paper has a figure) from the runs' per-sample values."""
-    from wanexp.report.stats import interval, read_per_sample
     per_run = []
     for run_dir in runs.get("run_dir", []):
         ps = read_per_sample(run_dir)
@@ -200,7 +201,6 @@ def _cell(c) -> str:
 def write_paper_table(long: pd.DataFrame, name: str, out_dir: Path) -> tuple[dict[str, Path], str]:
     """Write :func:`paper_table`'s ``long`` form as ``paper_<name>.md`` (the paper's layout), ``.csv``
     (exact) and ``.tex``; returns the paths and the Markdown."""
-    from wanexp.report.table import latex_table
     spec = TABLES[name]
     md = render_markdown(long, name)
     out_dir.mkdir(parents=True, exist_ok=True)

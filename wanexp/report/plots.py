@@ -28,6 +28,10 @@ import pandas as pd
 from wanexp import analysis as A
 from wanexp.errors import WanexpError
 from wanexp.io import atomic_path, write_json
+from wanexp.report.qualitative import grid_builders
+from wanexp.report.results import gather, run_dirs
+from wanexp.report.wandb_log import log_run
+from wanexp.rundir import RunDir
 
 FORMATS = ("png", "pdf")
 _EXPERT_LABEL = {"high_noise": "high-noise expert", "low_noise": "low-noise expert"}
@@ -311,7 +315,6 @@ def figure_builders(run_dir: Path, cfg: Mapping[str, Any] | None = None,
 
 def _quality_memory_builder(dirs: Sequence[Path], cfg: Mapping[str, Any]) -> Callable[[], tuple[Any, dict]]:
     def build():
-        from wanexp.report.results import gather
         try:
             rows, _ = gather(dirs)
         except WanexpError:  # no run directory at all under dirs
@@ -329,7 +332,6 @@ def _failing(err: A.NotRecorded) -> Callable[[], tuple[Any, dict]]:
 
 def _run_grid_builders(run_dir: Path, cfg: Mapping[str, Any]) -> dict[str, Callable[[], tuple[Any, dict]]]:
     """The qualitative grids of one run (BF16 and the run's method), or one entry saying why there are none."""
-    from wanexp.report.qualitative import grid_builders
     try:
         reference, method = A.run_videos(run_dir)
         return grid_builders(reference, [method] if method else [], cfg, A.sample_errors([run_dir]))
@@ -340,7 +342,6 @@ def _run_grid_builders(run_dir: Path, cfg: Mapping[str, Any]) -> dict[str, Calla
 def _sweep_grid_builders(runs: Sequence[Path], cfg: Mapping[str, Any]) -> dict[str, Callable[[], tuple[Any, dict]]]:
     """The qualitative grids of a sweep: BF16 and every method of the runs sharing one set of reference
     videos (one set of grids per set of references, suffixed ``_set<k>`` when the runs have several)."""
-    from wanexp.report.qualitative import grid_builders
     groups: dict[str, tuple[A.Videos, list, list]] = {}
     reasons = []
     for run in runs:
@@ -396,9 +397,8 @@ def write_figures(builders: Mapping[str, Callable[[], tuple[Any, dict]]], out: P
 def analyze_sweep(dirs: Sequence[str | Path], out_dir: str | Path, cfg: Mapping[str, Any] | None = None) -> dict:
     """The figures of a whole sweep into ``<out_dir>/analysis/``: quality vs memory over its runs and
     the qualitative grids (BF16 and every method); ``index.json`` lists them and why any was skipped."""
-    from wanexp.report.results import run_dirs
-    cfg, out = dict(cfg or {}), Path(out_dir) / "analysis"
-    runs = [d for d in run_dirs(dirs) if (d / "results.csv").is_file() and not (d / "error.json").is_file()]
+    cfg, out = dict(cfg or {}), RunDir(out_dir).analysis  # a sweep's figures: laid out as a run's
+    runs = [d for d in run_dirs(dirs) if RunDir(d).finished()]
     builders = {"quality_memory": _quality_memory_builder(list(dirs), cfg), **_sweep_grid_builders(runs, cfg)}
     figures, skipped, _ = write_figures(builders, out, int(cfg.get("dpi", 150)))
     info = {"figures": figures, "skipped": {k: str(v) for k, v in skipped.items()}, "runs": [str(r) for r in runs]}
@@ -419,7 +419,7 @@ def analyze_run(run_dir: str | Path, cfg: Mapping[str, Any] | None = None, logge
         raise WanexpError("the analysis figures need matplotlib (pip install matplotlib, or pip install -e .[test])") from err
     run_dir = Path(run_dir)
     cfg = dict(cfg or {})
-    out = run_dir / "analysis"
+    out = RunDir(run_dir).analysis
     if compare is None:
         root = sweep_root(run_dir)
         compare = [root] if root is not None else [run_dir]
@@ -433,7 +433,6 @@ def analyze_run(run_dir: str | Path, cfg: Mapping[str, Any] | None = None, logge
     info = {"figures": figures, "skipped": {k: str(v) for k, v in skipped.items()}, **summary}
     wandb_where = None
     if logger and logger.get("name", "wandb") != "none" and figures:
-        from wanexp.report.wandb_log import log_run
         lg = dict(logger, job_type="analysis", run_name=f"{logger.get('run_name') or run_dir.name}-analysis")
         flat_summary = {"analysis_figures": len(figures),
                         **{f"keep_{k}": ",".join(map(str, v)) for k, v in (summary.get("keep_policy") or {}).items()

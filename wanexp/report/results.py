@@ -8,21 +8,18 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
+from omegaconf import OmegaConf
 
 from wanexp.errors import WanexpError
 from wanexp.io import atomic_path
-
-RESULTS_CSV = "results.csv"
-RESULTS_PARQUET = "results.parquet"
-ERROR_FILE = "error.json"
-CONFIG_FILE = "wanexp_config.json"  # written when a run starts: marks a run directory
+from wanexp.rundir import CONFIG_FILE, ERROR_FILE, RESULTS_CSV, RunDir
 
 
 def write_row(run_dir: Path, row: dict[str, Any]) -> pd.DataFrame:
     df = pd.DataFrame([row])
-    with atomic_path(run_dir / RESULTS_CSV) as tmp:
+    with atomic_path(RunDir(run_dir).results_csv) as tmp:
         df.to_csv(tmp, index=False)
-    with atomic_path(run_dir / RESULTS_PARQUET) as tmp:
+    with atomic_path(RunDir(run_dir).results_parquet) as tmp:
         df.to_parquet(tmp, index=False)
     return df
 
@@ -44,7 +41,7 @@ def run_dirs(dirs: Iterable[str | Path]) -> list[Path]:
 
 def is_run(d: Path) -> bool:
     """A run directory: it holds our config record, a results row or an error record."""
-    return any((d / n).is_file() for n in (CONFIG_FILE, RESULTS_CSV, ERROR_FILE))
+    return RunDir(d).is_run()
 
 
 def gather(dirs: Iterable[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -52,13 +49,14 @@ def gather(dirs: Iterable[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
     dirs = list(dirs)
     rows, failures = [], []
     for run in run_dirs(dirs):
-        if (run / ERROR_FILE).is_file():
-            err = _read(run / ERROR_FILE)
+        rd = RunDir(run)
+        if rd.error.is_file():
+            err = _read(rd.error)
             failures.append(dict(_identity(run), stage=err.get("stage"), error=err.get("error"), run_dir=str(run)))
-        elif (run / RESULTS_CSV).is_file():
-            rows.append(pd.read_csv(run / RESULTS_CSV))
+        elif rd.results_csv.is_file():
+            rows.append(pd.read_csv(rd.results_csv))
         else:
-            done = sorted(p.stem for p in (run / "stages").glob("*.json")) if (run / "stages").is_dir() else []
+            done = rd.finished_stages()
             failures.append(dict(_identity(run), stage="unfinished",
                                  error=f"no results yet (finished stages: {', '.join(done) or 'none'})",
                                  run_dir=str(run)))
@@ -78,11 +76,11 @@ def read_rows(dirs: Iterable[str | Path]) -> pd.DataFrame:
 
 def _identity(run: Path) -> dict[str, Any]:
     """Method and format of a run, from our config record or (a run that failed before writing it) Hydra's."""
-    if (run / CONFIG_FILE).is_file():
-        cfg = _read(run / CONFIG_FILE)
-    elif (run / ".hydra" / "config.yaml").is_file():
-        from omegaconf import OmegaConf
-        cfg = OmegaConf.to_container(OmegaConf.load(run / ".hydra" / "config.yaml"), resolve=False)
+    rd = RunDir(run)
+    if rd.config.is_file():
+        cfg = _read(rd.config)
+    elif rd.hydra_config.is_file():
+        cfg = OmegaConf.to_container(OmegaConf.load(rd.hydra_config), resolve=False)
     else:
         cfg = {}
     return {"method": (cfg.get("quant") or {}).get("name"), "format": (cfg.get("format") or {}).get("name")}

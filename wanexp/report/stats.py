@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from statistics import NormalDist
 from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
 
-PER_SAMPLE = Path("eval") / "per_sample.csv"
+from wanexp.rundir import RunDir
 
 
 @dataclass(frozen=True)
@@ -120,7 +119,7 @@ def read_per_sample(run_dir) -> pd.DataFrame | None:
     """A run's per-sample metrics indexed by sample id (None when it has none)."""
     if not isinstance(run_dir, str) or not run_dir:
         return None
-    path = Path(run_dir) / PER_SAMPLE
+    path = RunDir(run_dir).per_sample
     if not path.is_file():
         return None
     df = pd.read_csv(path, dtype={"id": str})

@@ -15,13 +15,17 @@ from pathlib import Path
 
 import pandas as pd
 
+from wanexp.evaluate.vbench import HIF4_DIMENSIONS as ALL_DIMENSIONS
 from wanexp.io import atomic_path
+from wanexp.quant.recipes import table_rank
+from wanexp.report.latex import latex_table
+from wanexp.report.paper import paper_table, write_paper_table
+from wanexp.report.results import gather
 from wanexp.report.stats import Bootstrap, compare, interval, paired_differences, read_per_sample
 
 # What tells the runs of an ablation apart (columns present in the rows, in this order).
 KEYS = ["method", "format", "recipe", "attention", "expert_policy", "bins", "clip_candidates", "rank", "kept"]
-VBENCH = ["vbench_avg", "imaging_quality", "aesthetic_quality", "subject_consistency", "motion_smoothness",
-          "overall_consistency"]
+VBENCH = ["vbench_avg", *ALL_DIMENSIONS]
 METRICS = VBENCH + ["psnr", "ssim", "latent_rel_err", "model_size_gb", "pipeline_size_gb", "peak_memory_gb",
                     "sec_per_video", "fps"]
 # Fidelity is each run's comparison with its own BF16 twin (same sample, same seed) already; the BF16
@@ -32,8 +36,6 @@ NO_DELTA_NOTE = ("PSNR, SSIM and latent rel. err are each run's fidelity to its 
                  "and seeds), so they carry no delta column.")
 # Runs are compared with the BF16 row of the same model, data and seed.
 CONTEXT = ["model", "data", "seed"]
-LADDER = ["bf16", "w4a16", "rtn", "svdquant_rtn", "svdquant_gptq", "tsclip", "tsclip_keep_sensitive",
-          "hif4_conservative", "hif4_tailaware", "smoothquant", "fp8_dynamic", "awq", "viditq"]
 # Metrics scored per video (eval/per_sample.csv): these get bootstrap intervals.
 PER_SAMPLE = VBENCH + list(NO_DELTA)
 CI_SUFFIXES = ("_ci_low", "_ci_high", "_sig")
@@ -60,7 +62,7 @@ def ablation_table(rows: pd.DataFrame) -> pd.DataFrame:
             out[f"Δ{m}"] = df[m] - ref[m].astype(float)
     if "run_dir" in df:
         out["run_dir"] = df["run_dir"]
-    out["_order"] = out["method"].map({m: i for i, m in enumerate(LADDER)}).fillna(len(LADDER))
+    out["_order"] = out["method"].map(table_rank)  # the registry's order (wanexp.quant.recipes)
     sort = ["_order"] + [k for k in keys if k != "method"]
     out = out.sort_values(sort, na_position="first", kind="stable").drop(columns="_order")
     return out.reset_index(drop=True)
@@ -240,32 +242,6 @@ def relative_runs(table: pd.DataFrame, out_dir: Path) -> pd.DataFrame:
     return table.assign(run_dir=table["run_dir"].map(rel))
 
 
-# Math-mode forms where LaTeX's text forms need the TS1 fonts (not in every minimal TeX install).
-_LATEX = {"\\": r"$\backslash$", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
-          "}": r"\}", "~": r"$\sim$", "^": r"\^{}", "<": r"$<$", ">": r"$>$", "|": r"$|$", "Δ": r"$\Delta$",
-          "–": "--", "—": "---", "×": r"$\times$", "†": r"$^\dagger$", "‡": r"$^\ddagger$", "±": r"$\pm$",
-          "≤": r"$\leq$", "≥": r"$\geq$", "·": r"$\cdot$", "ρ": r"$\rho$", "α": r"$\alpha$", "…": r"\ldots{}"}
-
-
-def latex_escape(text) -> str:
-    """Text as pdflatex typesets it literally: special characters escaped, the Unicode this project
-    writes (Δ, ×, †, –, Greek) as LaTeX, anything else non-ASCII as ``?``."""
-    out = []
-    for ch in str(text):
-        out.append(_LATEX.get(ch, ch if ord(ch) < 128 else "?"))
-    return "".join(out)
-
-
-def latex_table(df: pd.DataFrame, caption: str = "", index: bool = False) -> str:
-    """A booktabs table (``\\usepackage{booktabs}``) whose every label and text cell is escaped."""
-    def esc(v):
-        return latex_escape(v) if isinstance(v, str) else v
-    shown = df.rename(columns=esc, index=esc if index else None)
-    shown = shown.apply(lambda col: col.map(esc) if not pd.api.types.is_numeric_dtype(col) else col)
-    return shown.to_latex(index=index, float_format="%.4f", na_rep="--", escape=False,
-                          caption=latex_escape(caption) if caption else None)
-
-
 def to_markdown(table: pd.DataFrame) -> str:
     """Markdown with 4 decimals and ``–`` for what a run did not measure; intervals folded into their
     values' cells (:func:`fold_intervals`)."""
@@ -277,8 +253,6 @@ def report_dirs(dirs, out_dir: Path, papers=(), boot: Bootstrap | None = None) -
     """Write the ablation table (and paper tables) of the runs under ``dirs`` into ``out_dir``, with
     bootstrap intervals over samples (``boot``: ``report.bootstrap``'s settings; defaults when None);
     returns the tables, the written paths, the failed runs and a printable text."""
-    from wanexp.report.paper import paper_table, write_paper_table
-    from wanexp.report.results import gather
 
     boot = boot or Bootstrap()
     rows, failures = gather(dirs)

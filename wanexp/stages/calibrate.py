@@ -28,39 +28,30 @@ from omegaconf import OmegaConf
 
 from wanexp.analysis import trace_spec
 from wanexp.calib import ActivationCollector, CalibStats
+from wanexp.calib.paper_code import act_quant_hessians
 from wanexp.calib.reduce import reduce_stats
-from wanexp.calib.trajectory import ExpertSplit
+from wanexp.calib.store import calib_setting, layer_stats, needs_of, part_path, transient_hessians
+from wanexp.calib.trajectory import ExpertSplit, expert_steps, schedule, timestep_contexts
 from wanexp.errors import WanexpError
 from wanexp.generate import sample_seed
-from wanexp.io import read_json, rebased, write_json
-from wanexp.models import EXPERTS, experts, install_timestep_hooks
+from wanexp.io import write_json
+from wanexp.models import boundary_timestep, experts, install_timestep_hooks
+from wanexp.quant.context import TimestepContext, step_fraction_bins
 from wanexp.quant.methods import MethodConfig, method_config
-from wanexp.stages.common import calib_generation_cfg
 from wanexp.quant.targets import block_index, targeted_linears
+from wanexp.stages.common import calib_generation_cfg
+from wanexp.stages.quantize import build_quant_part
 
-CALIB_DIR = Path("calib")
 # Bump when what the collectors record changes, so cached statistics of the old kind are not reused.
 CALIB_FORMAT = 4  # 4: passes per expert, shared records for one-input layers, packed Hessians (2: traces)
-
-
-def calib_setting(cfg, key: str, default):
-    """A calibration setting: ``quant.<key>``, else the model's scale-dependent ``model.calib.<key>``."""
-    value = cfg.quant.get(key)
-    if value is None:
-        value = (cfg.model.get("calib") or {}).get(key, default)
-    return value
 
 
 def contexts_of(cfg, pipe) -> dict:
     """Each expert's TimestepContext for ``cfg``'s bins: ``quant.bin_rule=step_fraction`` (the paper
     code's cuts), ``quant.bin_edges``, or bins that follow the generation's step schedule
     (:func:`wanexp.quant.context.schedule_bins`: equal width unless a bin would hold no step)."""
-    from wanexp.calib.trajectory import timestep_contexts
-    from wanexp.models import boundary_timestep
-    from wanexp.quant.context import TimestepContext, step_fraction_bins
     steps = int(cfg.model.generation.num_inference_steps)
     if cfg.quant.get("bin_rule") == "step_fraction":  # the paper code's: by each expert's share of the steps
-        from wanexp.calib.trajectory import schedule
         fractions = OmegaConf.to_container(cfg.quant.bin_fractions, resolve=True)
         bins = step_fraction_bins(schedule(pipe, steps), boundary_timestep(pipe), fractions)
         return {name: TimestepContext(bins=b) for name, b in bins.items()}
@@ -71,20 +62,10 @@ def contexts_of(cfg, pipe) -> dict:
 
 def check_schedule(pipe, steps: int) -> None:
     """Both experts must run at least one step of the schedule, or one of them has nothing to calibrate on."""
-    from wanexp.calib.trajectory import expert_steps
     idle = [e for e, ts in expert_steps(pipe, steps).items() if not ts]
     if idle:
         raise WanexpError(f"num_inference_steps={steps} gives the {idle[0]} expert no denoising step to calibrate "
                           "on; use more steps")
-
-
-def needs_of(cfg) -> list[str]:
-    return MethodConfig.needs(cfg.quant) if cfg.quant.name != "bf16" else []
-
-
-def transient_hessians(cfg) -> bool:
-    """True when the Hessians are used within their pass and never written (see the module docstring)."""
-    return "hessian" in needs_of(cfg) and not bool(calib_setting(cfg, "store_hessians", True))
 
 
 def calib_parts(cfg, model) -> list[list[str]]:
@@ -96,10 +77,6 @@ def calib_parts(cfg, model) -> list[list[str]]:
     blocks = sorted({block_index(n) for n in layers})
     groups = [blocks[i:i + int(per)] for i in range(0, len(blocks), int(per))]
     return [[n for n in layers if block_index(n) in set(g)] for g in groups]
-
-
-def part_path(stats_dir: Path, expert: str, k: int, n: int) -> Path:
-    return stats_dir / f"stats-{expert}-part{k:03d}-of{n:03d}.safetensors"
 
 
 def calib_key(state, pipe, needs: list[str]) -> dict:
@@ -141,29 +118,9 @@ def stats_dir(state, key: dict) -> Path:
     """``<paths.calib_cache>/<hash of the key>`` (shared across runs), or the run's own ``calib/``."""
     cache = state.cfg.paths.get("calib_cache")
     if not cache:
-        return state.run_dir / CALIB_DIR
+        return state.dir.calib
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
     return Path(str(cache)).expanduser().resolve() / digest
-
-
-def load_calib_stats(run_dir: Path) -> CalibStats:
-    marker = run_dir / "stages" / "calibrate.json"
-    info = read_json(marker) if marker.is_file() else {}
-    # a run directory that moved reads its statistics where they are now (wanexp.io.rebased)
-    where = rebased(info["stats_dir"], info.get("run_dir"), run_dir) if "stats_dir" in info else run_dir / CALIB_DIR
-    parts = sorted(p for p in where.glob("stats-*part*-of*.safetensors") if ".rank" not in p.name)
-    if not parts:
-        raise WanexpError(f"no calibration statistics in {where} (run stage=calibrate first)")
-    for expert in EXPERTS:
-        mine = [p for p in parts if p.name.startswith(f"stats-{expert}-")]
-        n = int(mine[0].stem.split("-of")[-1]) if mine else 0
-        if not mine or len(mine) != n:
-            raise WanexpError(f"{where} holds {len(mine)} of {n or '?'} calibration parts of {expert}; "
-                              "re-run stage=calibrate")
-    merged = CalibStats()
-    for p in parts:
-        merged.update(CalibStats.load(p))
-    return merged
 
 
 def collector_settings(cfg, trace: dict) -> dict:
@@ -311,7 +268,6 @@ def _finish_pass(state, pipe, expert, layers, stats, path: Path, transient: bool
     entries = 0
     if world.main:
         if transient:  # the Hessians live only now: build this pass's GPTQ layers from them
-            from wanexp.stages.quantize import build_quant_part
             build_quant_part(state, pipe, expert, layers, stats, k, n)
             stats.drop("hessian")
         stats.save(path)
@@ -327,8 +283,6 @@ def act_quant_hessian_pass(cfg, pipe, split, expert: str, layers: list[str], con
                            samples, steps: int, progress=iter) -> None:
     """The paper code's GPTQ Hessian (``quant.hessian_input=smoothed_act_quant``) into ``stats``: this
     expert's calibration steps again, with s from the maxima ``stats`` now holds."""
-    from wanexp.calib.paper_code import act_quant_hessians
-    from wanexp.stages.quantize import layer_stats
     method = method_config(OmegaConf.to_container(cfg.quant, resolve=True),
                            OmegaConf.to_container(cfg.format, resolve=True), contexts["high_noise"].bins.num_bins)
     pools = {e: list(contexts) if cfg.expert.policy == "shared" else [e] for e in contexts}
@@ -341,8 +295,7 @@ def act_quant_hessian_pass(cfg, pipe, split, expert: str, layers: list[str], con
 
 
 def quant_part_done(state, expert: str, k: int, n: int) -> bool:
-    from wanexp.stages.quantize import quant_part_path
-    return quant_part_path(state.run_dir, expert, k, n).is_file()
+    return state.dir.artifact_part(expert, k, n).is_file()
 
 
 @torch.no_grad()

@@ -10,41 +10,38 @@ layer at a time, so a full Hessian exists only for the layer being built. With t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
-from wanexp.calib.collect import ALL_BINS
+from wanexp.calib.paper_code import w4a4_clip_search
+from wanexp.calib.store import calib_setting, layer_stats, load_calib_stats, transient_hessians
 from wanexp.errors import WanexpError
+from wanexp.generate import sample_seed
 from wanexp.io import read_json, write_json
 from wanexp.models import (boundary_timestep, experts, held_bytes, install_scope_hooks, install_timestep_hooks,
                            pipeline_bytes)
 from wanexp.quant.attention import AttentionConfig, AttentionMode
+from wanexp.models.lora import lora_records
 from wanexp.quant.api import attach_context, linear_on, quantize_, replace_module
 from wanexp.quant.artifact import artifact_digest, load_artifact, read_header, save_artifact, save_layers
-from wanexp.quant.methods import LayerStats, MethodConfig, method_config
+from wanexp.quant.context import TimestepBins, TimestepContext
+from wanexp.quant.linear import QuantLinear
+from wanexp.quant.methods import MethodConfig, method_config
 from wanexp.quant.targets import select_targets
+from wanexp.stages.common import generation_cfg
 
-ARTIFACT = Path("artifact") / "quantized.safetensors"
-PARTS = Path("artifact") / "parts"
-LAYER_SECONDS = Path("artifact") / "layer_seconds.json"  # expert → layer → seconds its build took
 
 
 def artifact_path(state) -> Path:
     """This run's artifact, or the one named by ``quant.load`` (reused without recalibrating)."""
     load = state.cfg.quant.get("load")
-    return Path(str(load)).expanduser().resolve() if load else state.run_dir / ARTIFACT
+    return Path(str(load)).expanduser().resolve() if load else state.dir.artifact
 
 
 def artifact_expect(cfg) -> dict:
     return {"method": cfg.quant.name, "format": {"name": cfg.format.name,
                                                  "opts": OmegaConf.to_container(cfg.format.weight, resolve=True)}}
-
-
-def quant_part_path(run_dir: Path, expert: str, k: int, n: int) -> Path:
-    return Path(run_dir) / PARTS / f"{expert}-part{k:03d}-of{n:03d}.safetensors"
 
 
 def keep_lists(cfg, expert: str) -> tuple[list[int], list[str]]:
@@ -57,46 +54,8 @@ def keep_lists(cfg, expert: str) -> tuple[list[int], list[str]]:
     return sorted(set(int(b) for b in blocks)), modules
 
 
-class LayerStatsView(Mapping):
-    """``layer → LayerStats`` for the experts in ``pool`` (one expert, or both for the shared policy),
-    made when a layer asks for it: the full Hessian of one layer at a time."""
-
-    def __init__(self, stats, pool: list[str], layers: list[str]):
-        self.stats, self.pool, self.layers = stats, list(pool), list(layers)
-
-    def __getitem__(self, layer: str) -> LayerStats:
-        if layer not in self.layers:
-            raise KeyError(layer)
-        ls = LayerStats()
-        for expert in self.pool:
-            h = self.stats.get(expert, layer, ALL_BINS).get("hessian")
-            if h is not None:
-                ls.hessian = h if ls.hessian is None else ls.hessian + h.to(ls.hessian.device)
-            for b in self.stats.bins_of(expert, layer):
-                d = self.stats.get(expert, layer, b)
-                if "absmax" in d:
-                    ls.absmax = d["absmax"] if ls.absmax is None else torch.maximum(ls.absmax, d["absmax"])
-                    seen = ls.bin_absmax.get(b)  # per bin too (timestep-aware balancing)
-                    ls.bin_absmax[b] = d["absmax"] if seen is None else torch.maximum(seen, d["absmax"])
-                if "tokens" in d:
-                    ls.tokens[b] = d["tokens"] if b not in ls.tokens else torch.cat([ls.tokens[b], d["tokens"]])
-        return ls
-
-    def __iter__(self):
-        return iter(self.layers)
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-
-def layer_stats(stats, pool: list[str], layers: list[str]) -> Mapping[str, LayerStats]:
-    """Per-layer statistics for the experts in ``pool`` (see :class:`LayerStatsView`)."""
-    return LayerStatsView(stats, pool, layers)
-
-
 def method_for(cfg, num_bins: int) -> MethodConfig:
     """The method of ``cfg`` (quant + format groups) for experts with ``num_bins`` timestep bins."""
-    from wanexp.stages.calibrate import calib_setting
     quant = dict(OmegaConf.to_container(cfg.quant, resolve=True),
                  lowrank_solver=calib_setting(cfg, "lowrank_solver", "svd"))
     return method_config(quant, OmegaConf.to_container(cfg.format, resolve=True), num_bins)
@@ -109,7 +68,6 @@ def _method(state, pipe) -> MethodConfig:
 def artifact_header(cfg, fingerprint: str, pipe, contexts: dict, method: MethodConfig) -> dict:
     """The artifact's JSON header: what was quantized how, for which base model (and the LoRAs merged
     into it), with which bins."""
-    from wanexp.models.lora import lora_records
     return {"method": cfg.quant.name, "format": method.weight_format, "act_format": method.act_format,
             "expert_policy": cfg.expert.policy, "fingerprint": fingerprint, "boundary": boundary_timestep(pipe),
             "bins": {k: c.bins.to_json() for k, c in contexts.items()},
@@ -157,7 +115,7 @@ def build_quant_part(state, pipe, expert: str, layers: list[str], stats, k: int,
     method.stats = layer_stats(stats, [expert], targets)
     built = build_layers(model, method, targets, state.device,
                          lambda it: state.progress(it, f"quantize {expert} {k + 1}/{n}"))
-    path = quant_part_path(state.run_dir, expert, k, n)
+    path = state.dir.artifact_part(expert, k, n)
     save_layers(path, {expert: built}, dict(_header(state, pipe, method), part=[expert, k, n]))
     write_json(path.with_suffix(".choices.json"), method.report)
     write_json(path.with_suffix(".seconds.json"), method.seconds)
@@ -185,8 +143,7 @@ def quantize(state) -> dict:
                 **_size_info(pipe), **bf16}
     pipe = state.bf16_pipe()
     bf16 = _size_info(pipe, "bf16_")
-    parts = sorted((state.run_dir / PARTS).glob("*-part*-of*.safetensors"))
-    from wanexp.stages.calibrate import transient_hessians
+    parts = sorted(state.dir.artifact_parts.glob("*-part*-of*.safetensors"))
     if transient_hessians(cfg):
         swapped, chosen, seconds, method = _assemble_parts(state, pipe, parts)
     else:
@@ -194,14 +151,13 @@ def quantize(state) -> dict:
     state._pipe_quantized = True
     if method.clip_search and method.clip_search_data == "w4a4_generation":
         _w4a4_clip_search(state, pipe, method, state.contexts(pipe), chosen)
-    save_artifact(state.run_dir / ARTIFACT, experts(pipe), _header(state, pipe, method))
-    write_json(state.run_dir / "artifact" / "choices.json", chosen)
-    write_json(state.run_dir / LAYER_SECONDS, seconds)
-    return {"layers": swapped, "artifact_sha256": artifact_digest(state.run_dir / ARTIFACT), **_size_info(pipe), **bf16}
+    save_artifact(state.dir.artifact, experts(pipe), _header(state, pipe, method))
+    write_json(state.dir.choices, chosen)
+    write_json(state.dir.layer_seconds, seconds)
+    return {"layers": swapped, "artifact_sha256": artifact_digest(state.dir.artifact), **_size_info(pipe), **bf16}
 
 
 def _quantize_now(state, pipe):
-    from wanexp.stages.calibrate import load_calib_stats
     cfg = state.cfg
     method = _method(state, pipe)
     stats = load_calib_stats(state.run_dir) if MethodConfig.needs(cfg.quant) else None
@@ -231,9 +187,8 @@ def quantize_experts(cfg, pipe, method: MethodConfig, stats, contexts: dict, com
 def _assemble_parts(state, pipe, parts: list[Path]):
     """The layers the calibrate stage built from transient Hessians, swapped into the pipeline."""
     from safetensors.torch import load_file
-    from wanexp.quant.linear import QuantLinear
     if not parts:
-        raise WanexpError(f"{state.run_dir / PARTS} holds no quantized parts (run stage=calibrate first: with "
+        raise WanexpError(f"{state.dir.artifact_parts} holds no quantized parts (run stage=calibrate first: with "
                           "transient Hessians it builds the GPTQ layers)")
     contexts = state.contexts(pipe)
     swapped, chosen, seconds = ({e: 0 for e in experts(pipe)}, {e: {} for e in experts(pipe)},
@@ -262,9 +217,6 @@ def w4a4_search(cfg, pipe, method, contexts: dict, chosen: dict, calib_samples, 
     generation per sample of the first ``quant.search_samples`` calibration samples, at ``model.generation``
     with the ``quant.search_generation`` overrides (:mod:`wanexp.calib.paper_code`). The picks fill the clip
     tables and ``chosen``; the layers' sensitivity numbers stay those measured at clip 1."""
-    from wanexp.calib.paper_code import w4a4_clip_search
-    from wanexp.generate import sample_seed
-    from wanexp.stages.common import generation_cfg
     q = cfg.quant
     samples = list(calib_samples)[: int(q.get("search_samples", 1))]
     if not samples:
@@ -309,5 +261,4 @@ def attention_config(cfg) -> AttentionConfig:
 
 def artifact_contexts(header: dict) -> dict:
     """Each expert's TimestepContext with the bins an artifact's clip tables were chosen for."""
-    from wanexp.quant.context import TimestepBins, TimestepContext
     return {e: TimestepContext(bins=TimestepBins.from_json(b)) for e, b in header["bins"].items()}
