@@ -27,7 +27,8 @@ import pandas as pd
 
 from wanexp.calib.collect import load_traces
 from wanexp.errors import WanexpError
-from wanexp.generate import done_records, read_mp4
+from wanexp.generate import done_records
+from wanexp.video import read_mp4
 from wanexp.io import read_jsonl
 from wanexp.quant.artifact import read_header
 from wanexp.rundir import RunDir

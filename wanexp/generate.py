@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from wanexp.data import Sample
-from wanexp.io import append_jsonl, atomic_path, read_jsonl
+from wanexp.io import append_jsonl, read_jsonl
+from wanexp.video import read_mp4, write_mp4  # noqa: F401 (read_mp4: re-exported for callers)
 
 MANIFEST = "manifest.jsonl"
 # This process, as recorded beside each video it times: a run's figures come only from its own videos.
@@ -137,31 +138,6 @@ def decode_latents(pipe, latents: torch.Tensor) -> np.ndarray:
     video = vae.decode(z * std + mean, return_dict=False)[0]
     frames = pipe.video_processor.postprocess_video(video, output_type="np")[0]  # [F, H, W, 3] in [0, 1]
     return (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-
-
-def write_mp4(path: Path, frames: np.ndarray, fps: int, crf: int = 12) -> None:
-    import imageio_ffmpeg
-
-    h, w = frames.shape[1:3]
-    with atomic_path(path) as tmp:
-        # ffmpeg picks the container from the extension, so the temporary name must end in .mp4 too
-        writer = imageio_ffmpeg.write_frames(str(tmp), (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv420p", quality=None,
-                                             macro_block_size=1, output_params=["-crf", str(crf), "-f", "mp4"],
-                                             ffmpeg_log_level="error")
-        writer.send(None)
-        for frame in frames:
-            writer.send(np.ascontiguousarray(frame))
-        writer.close()
-
-
-def read_mp4(path: Path) -> np.ndarray:
-    import imageio_ffmpeg
-
-    reader = imageio_ffmpeg.read_frames(str(path))
-    meta = next(reader)
-    w, h = meta["size"]
-    frames = [np.frombuffer(buf, dtype=np.uint8).reshape(h, w, 3) for buf in reader]
-    return np.stack(frames)
 
 
 def generate_videos(pipe, samples: Iterable[Sample], out_dir: Path, gen_cfg: Mapping[str, Any], seed: int,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from wanexp.errors import WanexpError
-from wanexp.generate import read_mp4
+from wanexp.video import read_mp4
 
 METRICS = ("psnr", "ssim", "latent_rel_err")
 
