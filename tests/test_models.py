@@ -33,6 +33,9 @@ def test_tiny_build_is_deterministic_and_roundtrips_bit_identically(cache_dir, w
 
 
 def test_model_tiny_is_the_trained_one_and_tiny_random_the_random_one(cache_dir):
+    import json
+
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from wanexp.models import load_pipeline
@@ -40,12 +43,17 @@ def test_model_tiny_is_the_trained_one_and_tiny_random_the_random_one(cache_dir)
     assert ensure_tiny_checkpoint(cache_dir, "trained") != ensure_tiny_checkpoint(cache_dir, "random")
     shipped = load_file(str(TRAINED_WEIGHTS / "transformer.safetensors"))
     random = _state(build_tiny_pipeline("random"))
+    with safe_open(str(TRAINED_WEIGHTS / "vae.safetensors"), framework="pt") as f:
+        trained_config = json.loads(f.metadata()["config"])
+    random_vae_std = list(build_tiny_pipeline("random").vae.config.latents_std)
     for name, expect_trained in (("tiny", True), ("tiny_random", False)):
         pipe = load_pipeline({"name": name, "dtype": "fp32"}, cache_dir)
         got = pipe.transformer.state_dict()
         same_as_shipped = all(torch.equal(got[k], shipped[k]) for k in shipped)
         same_as_random = all(torch.equal(v, random[f"transformer.{k}"]) for k, v in got.items())
         assert (same_as_shipped, same_as_random) == (expect_trained, not expect_trained)
+        if expect_trained:  # the VAE's latent statistics of training survive save_pretrained/from_pretrained
+            assert pipe.vae.config.latents_std == trained_config["latents_std"] != random_vae_std
     # the trained tokenizer knows the clips' words: a caption is far fewer tokens than under the random one
     caption = "a purple triangle moves right on a checkered background, the camera pans left"
     assert len(pipe.tokenizer(caption).input_ids) > 2 * len(build_tiny_pipeline("trained").tokenizer(caption).input_ids)

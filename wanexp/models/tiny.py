@@ -128,6 +128,8 @@ def _build_trained_pipeline():
         path = TRAINED_WEIGHTS / fname
         with safe_open(str(path), framework="pt") as f:
             config = json.loads(f.metadata()["config"])
+        # diffusers would otherwise take these keys' defaults again: the VAE's latent statistics are among them
+        config.pop("_use_default_values", None)
         module = cls.from_config(config)
         module.load_state_dict(load_file(str(path)), strict=True)
         setattr(pipe, attr, module.eval())
