@@ -1,4 +1,5 @@
-"""A tiny Wan2.2-I2V pipeline built offline from diffusers' own classes, with seeded random weights.
+"""A tiny Wan2.2-I2V pipeline built offline from diffusers' own classes: trained weights shipped in the
+package (``model=tiny``, trained by ``wanexp.models.train_tiny``) or seeded random ones (``model=tiny_random``).
 
 It has the real model's structure (two WanTransformer3DModel experts switched at ``boundary_ratio``,
 AutoencoderKLWan, a UMT5 text encoder, a tokenizer, the UniPC flow scheduler, no image encoder) at a
