@@ -18,17 +18,45 @@ def _state(pipe):
     return out
 
 
-def test_tiny_build_is_deterministic_and_roundtrips_bit_identically(cache_dir):
+@pytest.mark.parametrize("weights", ["trained", "random"])
+def test_tiny_build_is_deterministic_and_roundtrips_bit_identically(cache_dir, weights):
     from diffusers import WanImageToVideoPipeline
-    a, b = _state(build_tiny_pipeline()), _state(build_tiny_pipeline())
+    a, b = _state(build_tiny_pipeline(weights)), _state(build_tiny_pipeline(weights))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    path = ensure_tiny_checkpoint(cache_dir)
+    path = ensure_tiny_checkpoint(cache_dir, weights)
     loaded = _state(WanImageToVideoPipeline.from_pretrained(str(path), local_files_only=True))
     assert loaded.keys() == a.keys()
     mismatched = [k for k in a if a[k].dtype != loaded[k].dtype or not torch.equal(a[k], loaded[k])]
     assert mismatched == []
     # the two experts are different networks with the real model's structure
     assert not torch.equal(a["transformer.blocks.0.attn1.to_q.weight"], a["transformer_2.blocks.0.attn1.to_q.weight"])
+
+
+def test_model_tiny_is_the_trained_one_and_tiny_random_the_random_one(cache_dir):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from wanexp.models import load_pipeline
+    from wanexp.models.tiny import TRAINED_WEIGHTS, ensure_tiny_checkpoint
+    assert ensure_tiny_checkpoint(cache_dir, "trained") != ensure_tiny_checkpoint(cache_dir, "random")
+    shipped = load_file(str(TRAINED_WEIGHTS / "transformer.safetensors"))
+    random = _state(build_tiny_pipeline("random"))
+    with safe_open(str(TRAINED_WEIGHTS / "vae.safetensors"), framework="pt") as f:
+        trained_config = json.loads(f.metadata()["config"])
+    random_vae_std = list(build_tiny_pipeline("random").vae.config.latents_std)
+    for name, expect_trained in (("tiny", True), ("tiny_random", False)):
+        pipe = load_pipeline({"name": name, "dtype": "fp32"}, cache_dir)
+        got = pipe.transformer.state_dict()
+        same_as_shipped = all(torch.equal(got[k], shipped[k]) for k in shipped)
+        same_as_random = all(torch.equal(v, random[f"transformer.{k}"]) for k, v in got.items())
+        assert (same_as_shipped, same_as_random) == (expect_trained, not expect_trained)
+        if expect_trained:  # the VAE's latent statistics of training survive save_pretrained/from_pretrained
+            assert pipe.vae.config.latents_std == trained_config["latents_std"] != random_vae_std
+    # the trained tokenizer knows the clips' words: a caption is far fewer tokens than under the random one
+    caption = "a purple triangle moves right on a checkered background, the camera pans left"
+    assert len(pipe.tokenizer(caption).input_ids) > 2 * len(build_tiny_pipeline("trained").tokenizer(caption).input_ids)
 
 
 def test_tiny_checkpoint_is_written_once(cache_dir):

@@ -30,6 +30,8 @@ def video_psnr_ssim(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     y = torch.from_numpy(b).float().div(255).permute(0, 3, 1, 2)
     mse = float(torch.mean((x - y) ** 2))
     psnr = math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+    if mse == 0:  # identical videos: SSIM is 1 by definition (torchmetrics' float32 gives 0.99996 on flat frames)
+        return psnr, 1.0
     # An 11-pixel Gaussian window needs frames of at least 11 pixels a side; smaller ones use a smaller window.
     k = 11 if min(x.shape[-2:]) >= 11 else (min(x.shape[-2:]) // 2) * 2 - 1
     return psnr, float(ssim(x, y, data_range=1.0, kernel_size=k))

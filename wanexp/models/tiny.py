@@ -1,4 +1,5 @@
-"""A tiny Wan2.2-I2V pipeline built offline from diffusers' own classes, with seeded random weights.
+"""A tiny Wan2.2-I2V pipeline built offline from diffusers' own classes: trained weights shipped in the
+package (``model=tiny``, trained by ``wanexp.models.train_tiny``) or seeded random ones (``model=tiny_random``).
 
 It has the real model's structure (two WanTransformer3DModel experts switched at ``boundary_ratio``,
 AutoencoderKLWan, a UMT5 text encoder, a tokenizer, the UniPC flow scheduler, no image encoder) at a
@@ -60,7 +61,7 @@ def spec_hash(spec: dict = TINY_SPEC) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _build_tokenizer():
+def _build_tokenizer(corpus=tuple(_TOKENIZER_CORPUS)):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -71,15 +72,26 @@ def _build_tokenizer():
         vocab_size=TINY_SPEC["text_encoder"]["vocab_size"], show_progress=False,
         special_tokens=["<pad>", "</s>", "<unk>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(_TOKENIZER_CORPUS, trainer=trainer)
+    tok.train_from_iterator(list(corpus), trainer=trainer)
     from tokenizers.processors import TemplateProcessing
     tok.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
                                    unk_token="<unk>", model_max_length=512)
 
 
-def build_tiny_pipeline():
-    """Build the tiny pipeline in memory; the same seed gives the same weights, bit for bit."""
+# model=tiny loads these (trained by ``python -m wanexp.models.train_tiny``); model=tiny_random does not.
+TRAINED_WEIGHTS = Path(__file__).with_name("tiny_weights")
+WEIGHTS = {"tiny": "trained", "tiny_random": "random"}  # model.name -> which weights
+
+
+def build_tiny_pipeline(weights: str = "trained"):
+    """Build the tiny pipeline in memory: ``weights="random"``, seeded random weights (the same seed
+    gives the same weights, bit for bit); ``"trained"``, those in ``TRAINED_WEIGHTS`` on the same
+    architecture, with the tokenizer they were trained with."""
+    if weights == "trained":
+        return _build_trained_pipeline()
+    if weights != "random":
+        raise ValueError(f"weights={weights!r} is not one of trained, random")
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -102,6 +114,38 @@ def build_tiny_pipeline():
     )
 
 
+def _build_trained_pipeline():
+    """The random pipeline (its frozen UMT5, scheduler and boundary) with the shipped VAE and experts."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from wanexp.models.train_tiny import EXPERT_FILES, tokenizer_corpus
+    pipe = build_tiny_pipeline(weights="random")
+    pipe.tokenizer = _build_tokenizer(tokenizer_corpus())
+    for attr, cls, fname in (("vae", AutoencoderKLWan, "vae.safetensors"),
+                             ("transformer", WanTransformer3DModel, EXPERT_FILES["high_noise"]),
+                             ("transformer_2", WanTransformer3DModel, EXPERT_FILES["low_noise"])):
+        path = TRAINED_WEIGHTS / fname
+        with safe_open(str(path), framework="pt") as f:
+            config = json.loads(f.metadata()["config"])
+        # diffusers would otherwise take these keys' defaults again: the VAE's latent statistics are among them
+        config.pop("_use_default_values", None)
+        module = cls.from_config(config)
+        module.load_state_dict(load_file(str(path)), strict=True)
+        setattr(pipe, attr, module.eval())
+    return pipe
+
+
+def trained_weights_hash() -> str:
+    """A short hash of the shipped weight files: part of the trained checkpoint's cache key."""
+    h = hashlib.sha256()
+    for path in sorted(TRAINED_WEIGHTS.glob("*.safetensors")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
 @torch.no_grad()
 def _randomize(module: torch.nn.Module, std: float) -> None:
     for name, p in module.named_parameters():
@@ -113,7 +157,7 @@ def _randomize(module: torch.nn.Module, std: float) -> None:
             p.normal_(0.0, std)
 
 
-def ensure_tiny_checkpoint(cache_dir: str | Path) -> Path:
+def ensure_tiny_checkpoint(cache_dir: str | Path, weights: str = "trained") -> Path:
     """Write the tiny pipeline with ``save_pretrained`` once; return its directory.
 
     The directory name carries a hash of the spec, so a changed spec never reuses stale weights.
@@ -123,13 +167,18 @@ def ensure_tiny_checkpoint(cache_dir: str | Path) -> Path:
     from wanexp.models.base import quiet_libraries
     quiet_libraries()
     cache_dir = Path(cache_dir).expanduser()
-    target = cache_dir / f"wan22-i2v-tiny-{spec_hash()}"
+    if weights == "trained":
+        target = cache_dir / f"wan22-i2v-tiny-trained-{spec_hash()}-{trained_weights_hash()}"
+    elif weights == "random":
+        target = cache_dir / f"wan22-i2v-tiny-{spec_hash()}"
+    else:
+        raise ValueError(f"weights={weights!r} is not one of trained, random")
     if (target / "model_index.json").exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(cache_dir, ".build-")  # the mode of a plain mkdir, not mkdtemp's 0700
     try:
-        build_tiny_pipeline().save_pretrained(tmp, safe_serialization=True)
+        build_tiny_pipeline(weights).save_pretrained(tmp, safe_serialization=True)
         try:
             tmp.rename(target)
         except OSError:

@@ -1,0 +1,390 @@
+"""Train the tiny Wan2.2-I2V on procedural captioned clips, on the CPU, reproducibly.
+
+``python -m wanexp.models.train_tiny`` writes the weights ``model=tiny`` loads
+(``wanexp/models/tiny_weights/``): the VAE first, as an autoencoder of the clips, then each expert
+with Wan's flow-matching objective on its own timestep range, split at the pipeline's boundary
+(high noise: t >= boundary_ratio * 1000; low noise: below). The architecture is ``TINY_SPEC``'s;
+the text encoder is the tiny UMT5, kept frozen as Wan keeps its UMT5; the tokenizer is retrained on
+the clips' vocabulary as well (same size), so a caption is ~20 tokens instead of 60 bytes.
+
+Image conditioning is exactly the pipeline's: the first frame followed by blank frames, VAE-encoded,
+with the 4-channel first-frame mask (``WanImageToVideoPipeline.prepare_latents``); the flow target
+is ``noise - x0`` at ``x_t = (1 - sigma) x0 + sigma noise`` with timestep ``1000 sigma``, which is what
+the UniPC flow scheduler's ``flow_prediction`` expects. Captions are dropped 10% of the time so
+classifier-free guidance has an unconditional model to push against.
+
+Reproducible: every random draw comes from generators seeded by ``--seed``, on a fixed thread count;
+the same seed gives bit-identical weights (tests/test_train_tiny.py checks a short run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wanexp.models import procedural
+
+EXPERT_FILES = {"high_noise": "transformer.safetensors", "low_noise": "transformer_2.safetensors"}
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    train_clips: int = 768
+    heldout_clips: int = 64
+    vae_steps: int = 200
+    vae_batch: int = 8
+    vae_crop: int = 32            # VAE steps see random crops (it is convolutional): 4x cheaper than 64x64
+    vae_lr: float = 2e-3
+    vae_mean_penalty: float = 1e-4  # weight of the mean square latent (keeps its scale bounded)
+    expert_steps: int = 300
+    expert_batch: int = 48
+    expert_lr: float = 1e-3
+    caption_dropout: float = 0.1
+    flow_shift: float = 5.0       # training sigmas are shifted as the sampling sigmas are
+    threads: int = 2
+    height: int = 64
+    width: int = 64
+    frames: int = 5
+
+    def quick(self) -> "TrainConfig":
+        """A few steps of everything (tests, smoke runs)."""
+        return TrainConfig(**{**asdict(self), "train_clips": 8, "heldout_clips": 4, "vae_steps": 2, "vae_batch": 2,
+                              "vae_crop": 16, "expert_steps": 2, "expert_batch": 4})
+
+
+def tokenizer_corpus() -> tuple[str, ...]:
+    """The tiny tokenizer's fixed corpus plus the clips' vocabulary (repeated so its merges win)."""
+    from wanexp.models.tiny import _TOKENIZER_CORPUS
+    return tuple(_TOKENIZER_CORPUS) + tuple(procedural.vocabulary()) * 4
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+def clips_tensor(clips: list[procedural.Clip]) -> torch.Tensor:
+    """uint8 [N, F, H, W, 3] clips as the pipeline's video range: float [N, 3, F, H, W] in [-1, 1]."""
+    arr = np.stack([c.frames for c in clips]).astype(np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(0, 4, 1, 2, 3).contiguous()
+
+
+def split_seeds(seed: int) -> tuple[int, int]:
+    """Training and held-out clip seeds: disjoint streams of one seed."""
+    return seed * 2 + 1000, seed * 2 + 1001
+
+
+# ---------------------------------------------------------------------------------------------
+# VAE
+# ---------------------------------------------------------------------------------------------
+def train_vae(vae, videos: torch.Tensor, cfg: TrainConfig, gen: torch.Generator, log) -> list[float]:
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    losses = []
+    for step in range(cfg.vae_steps):
+        _set_lr(opt, cfg.vae_lr, step, cfg.vae_steps)
+        idx = torch.randint(len(videos), (cfg.vae_batch,), generator=gen)
+        c = min(cfg.vae_crop, cfg.height, cfg.width)
+        y0 = int(torch.randint(cfg.height - c + 1, (1,), generator=gen))
+        x0 = int(torch.randint(cfg.width - c + 1, (1,), generator=gen))
+        x = videos[idx][..., y0:y0 + c, x0:x0 + c]
+        # decode the posterior mean: the pipeline only ever uses the mean (``sample_mode="argmax"``), and
+        # sampling from a fresh encoder's unit-variance posterior drowns the latent in noise for
+        # hundreds of steps; a small penalty on the mean keeps the latent's scale bounded instead of a KL
+        mean = vae.encode(x).latent_dist.mode()
+        recon = vae.decode(mean).sample
+        loss = F.mse_loss(recon, x) + cfg.vae_mean_penalty * mean.pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % 25 == 0 or step == cfg.vae_steps - 1:
+            log(f"vae step {step + 1}/{cfg.vae_steps}: loss {loss.item():.4f}")
+    vae.eval()
+    return losses
+
+
+@torch.no_grad()
+def encode_means(vae, videos: torch.Tensor, batch: int = 32) -> torch.Tensor:
+    """Posterior means (the pipeline's ``sample_mode="argmax"``), unnormalised."""
+    return torch.cat([vae.encode(videos[i:i + batch]).latent_dist.mode() for i in range(0, len(videos), batch)])
+
+
+def set_latent_stats(vae, means: torch.Tensor) -> None:
+    """Record per-channel mean/std of the training latents in the VAE config, where the pipeline
+    reads them to normalise latents (``(z - mean) / std``) and back."""
+    mean = means.mean(dim=(0, 2, 3, 4))
+    std = means.std(dim=(0, 2, 3, 4)).clamp_min(1e-3)
+    vae.register_to_config(latents_mean=[round(float(v), 6) for v in mean],
+                           latents_std=[round(float(v), 6) for v in std])
+
+
+def normalise(vae, z: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    return (z - mean) / std
+
+
+@torch.no_grad()
+def conditions(pipe, videos: torch.Tensor, batch: int = 32) -> torch.Tensor:
+    """The pipeline's I2V condition of each clip's first frame: [N, 4 + 16, latent frames, h, w].
+
+    Batched equivalent of ``pipe.prepare_latents`` (which encodes one image at a time); a test checks
+    they agree."""
+    out = []
+    for i in range(0, len(videos), batch):
+        first = videos[i:i + batch, :, :1]
+        blank = first.new_zeros(first.shape[0], 3, videos.shape[2] - 1, *videos.shape[3:])
+        z = pipe.vae.encode(torch.cat([first, blank], dim=2)).latent_dist.mode()
+        out.append(torch.cat([first_frame_mask(pipe, z), normalise(pipe.vae, z)], dim=1))
+    return torch.cat(out)
+
+
+def first_frame_mask(pipe, z: torch.Tensor) -> torch.Tensor:
+    """The pipeline's mask channels: 1 on the (temporally packed) first frame, 0 elsewhere."""
+    n, _, lf, h, w = z.shape
+    st = pipe.vae_scale_factor_temporal
+    mask = torch.zeros(n, st, lf, h, w)
+    mask[:, :, 0] = 1.0
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# experts
+# ---------------------------------------------------------------------------------------------
+def sigma_range(expert: str, boundary_ratio: float) -> tuple[float, float]:
+    """The sigmas (= timestep / 1000) an expert serves: high noise at or above the boundary."""
+    return (boundary_ratio, 1.0) if expert == "high_noise" else (0.0, boundary_ratio)
+
+
+def shift(u: torch.Tensor, s: float) -> torch.Tensor:
+    return s * u / (1 + (s - 1) * u)
+
+
+def unshift(sigma: float, s: float) -> float:
+    return sigma / (s - (s - 1) * sigma)
+
+
+def sample_sigmas(n: int, expert: str, cfg: TrainConfig, boundary_ratio: float, gen: torch.Generator) -> torch.Tensor:
+    """Shifted-uniform sigmas restricted to the expert's range (the density sampling visits)."""
+    lo, hi = sigma_range(expert, boundary_ratio)
+    ulo, uhi = unshift(lo, cfg.flow_shift), unshift(hi, cfg.flow_shift)
+    u = ulo + (uhi - ulo) * torch.rand(n, generator=gen)
+    return shift(u, cfg.flow_shift).clamp(max(lo, 1e-3), hi)
+
+
+def flow_loss(expert, x0, cond, text, sigma, noise) -> torch.Tensor:
+    s = sigma.view(-1, 1, 1, 1, 1)
+    xt = (1 - s) * x0 + s * noise
+    pred = expert(hidden_states=torch.cat([xt, cond], dim=1), timestep=sigma * 1000, encoder_hidden_states=text,
+                  return_dict=False)[0]
+    return F.mse_loss(pred.float(), noise - x0)
+
+
+def train_expert(expert, name: str, data: dict, cfg: TrainConfig, boundary_ratio: float, gen: torch.Generator,
+                 log) -> list[float]:
+    expert.train()
+    opt = torch.optim.AdamW(expert.parameters(), lr=cfg.expert_lr, weight_decay=0.01)
+    losses = []
+    for step in range(cfg.expert_steps):
+        _set_lr(opt, cfg.expert_lr, step, cfg.expert_steps)
+        idx = torch.randint(len(data["x0"]), (cfg.expert_batch,), generator=gen)
+        text = data["text"][data["caption_index"][idx]]
+        drop = torch.rand(cfg.expert_batch, generator=gen) < cfg.caption_dropout
+        text = torch.where(drop.view(-1, 1, 1), data["empty_text"].expand_as(text), text)
+        sigma = sample_sigmas(cfg.expert_batch, name, cfg, boundary_ratio, gen)
+        noise = torch.randn(data["x0"][idx].shape, generator=gen)
+        loss = flow_loss(expert, data["x0"][idx], data["cond"][idx], text, sigma, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(expert.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % 50 == 0 or step == cfg.expert_steps - 1:
+            log(f"{name} step {step + 1}/{cfg.expert_steps}: loss {loss.item():.4f}")
+    expert.eval()
+    return losses
+
+
+def _set_lr(opt, base: float, step: int, total: int, warmup: int = 20) -> None:
+    """Linear warm-up, then cosine decay to a tenth."""
+    if step < warmup:
+        lr = base * (step + 1) / warmup
+    else:
+        lr = base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+@torch.no_grad()
+def text_embeddings(pipe, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """UMT5 embeddings of each distinct caption, each clip's index into them, and the empty prompt's."""
+    unique = sorted(set(captions))
+    where = {c: i for i, c in enumerate(unique)}
+    max_len = 64
+    embeds = torch.cat([pipe.encode_prompt(unique[i:i + 64], do_classifier_free_guidance=False,
+                                           max_sequence_length=max_len, device="cpu")[0]
+                        for i in range(0, len(unique), 64)]).float()
+    empty = pipe.encode_prompt("", do_classifier_free_guidance=False, max_sequence_length=max_len,
+                               device="cpu")[0].float()
+    return embeds, torch.tensor([where[c] for c in captions]), empty
+
+
+def prepare_expert_data(pipe, videos: torch.Tensor, captions: list[str]) -> dict:
+    text, caption_index, empty = text_embeddings(pipe, captions)
+    return {"x0": normalise(pipe.vae, encode_means(pipe.vae, videos)), "cond": conditions(pipe, videos),
+            "text": text, "caption_index": caption_index, "empty_text": empty}
+
+
+# ---------------------------------------------------------------------------------------------
+# held-out evaluation
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def heldout_losses(expert, name: str, data: dict, boundary_ratio: float, seed: int, points: int = 8) -> float:
+    """Mean flow-matching loss over the held-out clips at ``points`` fixed sigmas of the expert's range,
+    with fixed noise: the same numbers for every model compared."""
+    lo, hi = sigma_range(name, boundary_ratio)
+    sigmas = torch.linspace(lo, hi, points + 2)[1:-1] if name == "low_noise" else torch.linspace(lo, hi, points)
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn((points, *data["x0"].shape), generator=gen)
+    text = data["text"][data["caption_index"]]
+    total = 0.0
+    for k, s in enumerate(sigmas):
+        sigma = s.expand(len(data["x0"]))
+        total += float(flow_loss(expert, data["x0"], data["cond"], text, sigma, noise[k]))
+    return total / points
+
+
+@torch.no_grad()
+def mean_prediction_loss(train: dict, heldout: dict, name: str, boundary_ratio: float, seed: int,
+                         points: int = 8) -> float:
+    """The same held-out loss for a predictor of the training mean of the target (noise - x0)."""
+    lo, hi = sigma_range(name, boundary_ratio)
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn((points, *heldout["x0"].shape), generator=gen)
+    mean_target = -train["x0"].mean(dim=0, keepdim=True)
+    return float(sum(F.mse_loss(mean_target.expand_as(heldout["x0"]), noise[k] - heldout["x0"])
+                     for k in range(points)) / points)
+
+
+@torch.no_grad()
+def reconstruction_psnr(vae, videos: torch.Tensor) -> float:
+    """PSNR (dB, 8-bit range) of decode(encode mean) over the clips."""
+    recon = torch.cat([vae.decode(vae.encode(videos[i:i + 16]).latent_dist.mode()).sample.clamp(-1, 1)
+                       for i in range(0, len(videos), 16)])
+    mse = F.mse_loss((recon + 1) * 127.5, (videos + 1) * 127.5)
+    return float(10 * torch.log10(255.0 ** 2 / mse))
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole run
+# ---------------------------------------------------------------------------------------------
+def build_untrained(seed: int):
+    """The tiny pipeline with the retrained tokenizer and default-initialised (diffusers') VAE and experts."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    from wanexp.models.tiny import TINY_SPEC, _build_tokenizer, build_tiny_pipeline
+    pipe = build_tiny_pipeline(weights="random")  # the frozen tiny UMT5, the scheduler, the boundary
+    pipe.tokenizer = _build_tokenizer(tokenizer_corpus())
+    torch.manual_seed(seed)
+    pipe.vae = AutoencoderKLWan(**TINY_SPEC["vae"])
+    pipe.transformer = WanTransformer3DModel(**TINY_SPEC["transformer"])
+    pipe.transformer_2 = WanTransformer3DModel(**TINY_SPEC["transformer"])
+    pipe.text_encoder.requires_grad_(False)
+    return pipe
+
+
+def train(cfg: TrainConfig, log=print, evaluate_heldout: bool = True) -> tuple[object, dict]:
+    """Train everything; return the pipeline (fp32) and a record of losses, timings and (unless
+    ``evaluate_heldout`` is off) the held-out evaluation."""
+    torch.set_num_threads(cfg.threads)
+    t_start = time.perf_counter()
+    train_seed, heldout_seed = split_seeds(cfg.seed)
+    dims = dict(height=cfg.height, width=cfg.width, frames=cfg.frames)
+    train_clips = procedural.make_clips(train_seed, cfg.train_clips, **dims)
+    heldout_clips = procedural.make_clips(heldout_seed, cfg.heldout_clips, **dims)
+    videos, heldout_videos = clips_tensor(train_clips), clips_tensor(heldout_clips)
+    record: dict = {"config": asdict(cfg), "seconds": {"data": time.perf_counter() - t_start}}
+    pipe = build_untrained(cfg.seed)
+    boundary = float(pipe.config.boundary_ratio)
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    t = time.perf_counter()
+    record["vae_loss"] = _ends(train_vae(pipe.vae, videos, cfg, gen, log))
+    set_latent_stats(pipe.vae, encode_means(pipe.vae, videos))
+    record["seconds"]["vae"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    data = prepare_expert_data(pipe, videos, [c.caption for c in train_clips])
+    held = prepare_expert_data(pipe, heldout_videos, [c.caption for c in heldout_clips])
+    record["seconds"]["encode"] = time.perf_counter() - t
+    for name, expert in (("high_noise", pipe.transformer), ("low_noise", pipe.transformer_2)):
+        t = time.perf_counter()
+        record[f"{name}_loss"] = _ends(train_expert(expert, name, data, cfg, boundary, gen, log))
+        record["seconds"][name] = time.perf_counter() - t
+    record["seconds"]["total"] = time.perf_counter() - t_start
+    if evaluate_heldout:
+        record["heldout"] = evaluate(pipe, data, held, heldout_videos, boundary, cfg.seed)
+    return pipe, record
+
+
+def evaluate(pipe, data: dict, held: dict, heldout_videos: torch.Tensor, boundary: float, seed: int) -> dict:
+    """Held-out flow loss of each trained expert, of the random tiny model's experts and of the mean."""
+    from wanexp.models.tiny import build_tiny_pipeline
+    random_pipe = build_tiny_pipeline(weights="random")
+    out = {"vae_psnr_db": reconstruction_psnr(pipe.vae, heldout_videos),
+           "random_vae_psnr_db": reconstruction_psnr(random_pipe.vae.float(), heldout_videos)}
+    for name, trained, rand in (("high_noise", pipe.transformer, random_pipe.transformer),
+                                ("low_noise", pipe.transformer_2, random_pipe.transformer_2)):
+        out[name] = {"trained": heldout_losses(trained, name, held, boundary, seed),
+                     "random_tiny": heldout_losses(rand.float(), name, held, boundary, seed),
+                     "train_mean": mean_prediction_loss(data, held, name, boundary, seed)}
+    return out
+
+
+def _ends(losses: list[float], k: int = 10) -> dict:
+    return {"first": float(np.mean(losses[:k])), "last": float(np.mean(losses[-k:])), "steps": len(losses)}
+
+
+def save(pipe, record: dict, out_dir: Path) -> None:
+    """The trained VAE and experts as safetensors (fp32, with their configs), plus the training record."""
+    from safetensors.torch import save_file
+
+    from wanexp.io import atomic_path, write_json
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, module in (("vae", pipe.vae), ("high_noise", pipe.transformer), ("low_noise", pipe.transformer_2)):
+        fname = EXPERT_FILES.get(name, "vae.safetensors")
+        state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+        with atomic_path(out_dir / fname) as tmp:
+            save_file(state, str(tmp), metadata={"config": json.dumps(dict(module.config), default=str)})
+    write_json(out_dir / "train.json", record)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m wanexp.models.train_tiny", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=None, help="where the weights go (default: the package's)")
+    parser.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test)")
+    for f, v in asdict(TrainConfig()).items():
+        parser.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=None)
+    args = parser.parse_args(argv)
+    cfg = TrainConfig().quick() if args.quick else TrainConfig()
+    cfg = TrainConfig(**{**asdict(cfg), **{f: getattr(args, f) for f in asdict(cfg) if getattr(args, f) is not None}})
+    start = time.perf_counter()
+    pipe, record = train(cfg, log=lambda m: print(f"[{time.perf_counter() - start:7.1f}s] {m}", flush=True))
+    from wanexp.models.tiny import TRAINED_WEIGHTS
+    out = args.out or TRAINED_WEIGHTS
+    save(pipe, record, out)
+    print(json.dumps({"seconds": record["seconds"], "heldout": record.get("heldout")}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
