@@ -1,5 +1,6 @@
 """A tiny Wan2.2-I2V pipeline built offline from diffusers' own classes: trained weights shipped in the
-package (``model=tiny``, trained by ``wanexp.models.train_tiny``) or seeded random ones (``model=tiny_random``).
+package (``model=tiny_trained``, trained by ``wanexp.models.train_tiny``) or seeded random ones (``model=tiny``,
+the default until the trained VAE is good enough).
 
 It has the real model's structure (two WanTransformer3DModel experts switched at ``boundary_ratio``,
 AutoencoderKLWan, a UMT5 text encoder, a tokenizer, the UniPC flow scheduler, no image encoder) at a
@@ -79,12 +80,12 @@ def _build_tokenizer(corpus=tuple(_TOKENIZER_CORPUS)):
                                    unk_token="<unk>", model_max_length=512)
 
 
-# model=tiny loads these (trained by ``python -m wanexp.models.train_tiny``); model=tiny_random does not.
+# model=tiny_trained loads these (trained by ``python -m wanexp.models.train_tiny``); model=tiny does not.
 TRAINED_WEIGHTS = Path(__file__).with_name("tiny_weights")
-WEIGHTS = {"tiny": "trained", "tiny_random": "random"}  # model.name -> which weights
+WEIGHTS = {"tiny": "random", "tiny_trained": "trained"}  # model.name -> which weights
 
 
-def build_tiny_pipeline(weights: str = "trained"):
+def build_tiny_pipeline(weights: str = "random"):
     """Build the tiny pipeline in memory: ``weights="random"``, seeded random weights (the same seed
     gives the same weights, bit for bit); ``"trained"``, those in ``TRAINED_WEIGHTS`` on the same
     architecture, with the tokenizer they were trained with."""
@@ -157,7 +158,7 @@ def _randomize(module: torch.nn.Module, std: float) -> None:
             p.normal_(0.0, std)
 
 
-def ensure_tiny_checkpoint(cache_dir: str | Path, weights: str = "trained") -> Path:
+def ensure_tiny_checkpoint(cache_dir: str | Path, weights: str = "random") -> Path:
     """Write the tiny pipeline with ``save_pretrained`` once; return its directory.
 
     The directory name carries a hash of the spec, so a changed spec never reuses stale weights.
