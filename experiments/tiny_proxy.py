@@ -5,7 +5,7 @@
 Writes experiments/results/tiny_proxy_cpu.md (the tables, with the training record's timings) and
 experiments/results/tiny_proxy_frames.png (per held-out prompt: the clip as drawn, then what the
 trained model and the random model generate from its first frame and caption, through the pipeline
-exactly as ``model=tiny`` / ``model=tiny_random`` run it: bf16, 8 UniPC steps, CFG 3.5).
+exactly as ``model=tiny_trained`` / ``model=tiny`` run it: bf16, 8 UniPC steps, CFG 3.5).
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def write_report(record: dict, clips, mae: dict, gen_s: float) -> None:
         "on the shared 2-core CPU.", "",
         "Evidence: `PYTHONPATH=$PWD python experiments/tiny_proxy.py`.", "",
         f"## Held-out flow-matching loss ({cfg['heldout_clips']} unseen clips, 8 fixed sigmas per expert range, fixed noise)", "",
-        "| expert (sigma range) | trained | random tiny (model=tiny_random's experts) | predicting the training mean |",
+        "| expert (sigma range) | trained | random tiny (model=tiny's experts) | predicting the training mean |",
         "|---|---|---|---|",
     ]
     for name, rng in (("high_noise", "[0.9, 1]"), ("low_noise", "(0, 0.9)")):
