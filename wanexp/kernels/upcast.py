@@ -209,49 +209,28 @@ def supports_layer(layer) -> bool:
             and getattr(layer.act_format, "scale_dtype", torch.bfloat16) == torch.bfloat16)
 
 
-@torch.library.custom_op("wanexp::int4_act_quant", mutates_args=())
-def _int4_act_quant_op(x2: torch.Tensor, clip_table: torch.Tensor, bin_index: torch.Tensor,
-                       smooth: torch.Tensor | None, group_size: int) -> torch.Tensor:
+@torch.library.custom_op("wanexp::act_quant_bf16", mutates_args=())
+def _act_quant_op(x2: torch.Tensor, clip_table: torch.Tensor, bin_index: torch.Tensor, smooth: torch.Tensor | None,
+                  fmt: str, group_size: int) -> torch.Tensor:
+    """The bf16 fake-quantized activations of ``fmt`` (int4 | nvfp4 | hif4), one custom op for compile."""
     bin_ = min(int(bin_index), clip_table.numel() - 1)   # a CPU tensor: no device sync
+    if fmt == "hif4":
+        return hif4_act_quant(x2, clip_table, bin_, smooth)
+    if fmt == "nvfp4":
+        return nvfp4_act_quant(x2, clip_table, bin_, smooth)
     return int_act_quant(x2, clip_table, bin_, smooth, group_size)
 
 
-@_int4_act_quant_op.register_fake
-def _(x2, clip_table, bin_index, smooth, group_size):
-    return torch.empty_like(x2)
-
-
-@torch.library.custom_op("wanexp::nvfp4_act_quant", mutates_args=())
-def _nvfp4_act_quant_op(x2: torch.Tensor, clip_table: torch.Tensor, bin_index: torch.Tensor,
-                        smooth: torch.Tensor | None) -> torch.Tensor:
-    return nvfp4_act_quant(x2, clip_table, min(int(bin_index), clip_table.numel() - 1), smooth)
-
-
-@_nvfp4_act_quant_op.register_fake
-def _(x2, clip_table, bin_index, smooth):
-    return torch.empty_like(x2)
-
-
-@torch.library.custom_op("wanexp::hif4_act_quant", mutates_args=())
-def _hif4_act_quant_op(x2: torch.Tensor, clip_table: torch.Tensor, bin_index: torch.Tensor,
-                       smooth: torch.Tensor | None) -> torch.Tensor:
-    return hif4_act_quant(x2, clip_table, min(int(bin_index), clip_table.numel() - 1), smooth)
-
-
-@_hif4_act_quant_op.register_fake
-def _(x2, clip_table, bin_index, smooth):
+@_act_quant_op.register_fake
+def _(x2, clip_table, bin_index, smooth, fmt, group_size):
     return torch.empty_like(x2)
 
 
 def upcast_forward(layer, x2: torch.Tensor, bin_index: torch.Tensor) -> torch.Tensor:
     """The reference path's GEMMs on the kernel's activation values: equal to ``reference_forward``."""
-    if layer.weight_meta["format"] == "hif4":
-        xq = torch.ops.wanexp.hif4_act_quant(x2, layer.clip_table, bin_index, layer.smooth)
-    elif layer.weight_meta["format"] == "nvfp4":
-        xq = torch.ops.wanexp.nvfp4_act_quant(x2, layer.clip_table, bin_index, layer.smooth)
-    else:
-        xq = torch.ops.wanexp.int4_act_quant(x2, layer.clip_table, bin_index, layer.smooth,
-                                             int(layer.act_format.block_size))
+    fmt = layer.weight_meta["format"]
+    xq = torch.ops.wanexp.act_quant_bf16(x2, layer.clip_table, bin_index, layer.smooth, fmt,
+                                         int(layer.act_format.block_size) if fmt == "int4" else 0)
     y = torch.nn.functional.linear(xq, layer.dequantized_weight(), layer.bias)
     if layer.lowrank_up is not None:  # the 16-bit branch sees the smoothed, unquantized input
         xs = x2 if layer.smooth is None else (x2.float() / layer.smooth).to(torch.bfloat16)
