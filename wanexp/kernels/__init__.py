@@ -2,8 +2,9 @@
 
 :class:`wanexp.quant.linear.QuantLinear` calls :func:`fused_forward` when :func:`can_fuse` says
 yes: the input is on CUDA, Triton imports, weights and activations are both MXFP4, the compute
-dtype is bf16, ``in_features`` is a multiple of 128 and the fused path is enabled. Anything else
-(CPU, other formats, W4A16, odd shapes, activations rounded with ``ties="toward_zero"``, which the
+dtype is bf16, ``in_features`` is a multiple of 128 and the fused path is enabled; or both are
+INT4, NVFP4 or HiF4 (:mod:`wanexp.kernels.upcast`: a fused activation quantizer, the reference
+GEMMs). Anything else (CPU, W4A16, other formats, odd shapes, activations rounded with ``ties="toward_zero"``, which the
 kernel's RNE does not do, a per-timestep-bin smoothing table with its per-bin weights) runs the
 reference forward, unchanged.
 

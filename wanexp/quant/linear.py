@@ -12,7 +12,8 @@ the layer runs ``Q_a(x / s_bin) · dequant(W_q[bin])ᵀ``, the bin read from the
 the clip ratio. Such layers store their weight once per bin and take the reference path on GPU.
 :meth:`QuantLinear.reference_forward` is the plain-torch reference path (and the CPU path);
 :meth:`QuantLinear.forward` sends CUDA inputs of MXFP4 W4A4 layers to the fused Triton kernels of
-:mod:`wanexp.kernels` (same numerics up to the final bf16 rounding), unless ``fused`` is off for
+:mod:`wanexp.kernels` (same numerics up to the final bf16 rounding), and of INT4, NVFP4 and HiF4
+W4A4 layers to a fused activation quantizer plus the reference GEMMs (equal outputs), unless ``fused`` is off for
 the layer or globally (``wanexp.kernels.fused(False)``, ``WANEXP_FUSED=0``).
 """
 
