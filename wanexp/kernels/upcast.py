@@ -41,8 +41,10 @@ _BF16_MAX = 3.3895313892515355e38
 
 
 @triton.jit
-def _int_act_quant_kernel(x_ptr, smooth_ptr, clip_ptr, bin_idx, xq_ptr, M, K, stride_xm, QMAX: tl.constexpr,
-                          HAS_SMOOTH: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, NG: tl.constexpr):
+def _load_groups(x_ptr, smooth_ptr, M, K, stride_xm, HAS_SMOOTH: tl.constexpr, G: tl.constexpr,
+                 BLOCK_M: tl.constexpr, NG: tl.constexpr):
+    """This program's tile of x as [BLOCK_M rows, NG groups, G channels] in fp32, smoothed as the
+    reference smooths (bf16(x / s), IEEE division); with its pointers' rows, columns and mask."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rg = tl.program_id(1) * NG + tl.arange(0, NG)
     cols = rg[None, :, None] * G + tl.arange(0, G)[None, None, :]          # [1, NG, G]
@@ -51,9 +53,16 @@ def _int_act_quant_kernel(x_ptr, smooth_ptr, clip_ptr, bin_idx, xq_ptr, M, K, st
     x = tl.load(x_ptr + rows.to(tl.int64) * stride_xm + cols, mask=mask, other=0.0)
     if HAS_SMOOTH:
         s = tl.load(smooth_ptr + cols, mask=cols < K, other=1.0)
-        v = _to_bf16_rne(tl.math.div_rn(x.to(tl.float32), s)).to(tl.float32)   # reference: bf16(x / s)
+        v = _to_bf16_rne(tl.math.div_rn(x.to(tl.float32), s)).to(tl.float32)
     else:
         v = x.to(tl.float32)
+    return v, rows, cols, mask
+
+
+@triton.jit
+def _int_act_quant_kernel(x_ptr, smooth_ptr, clip_ptr, bin_idx, xq_ptr, M, K, stride_xm, QMAX: tl.constexpr,
+                          HAS_SMOOTH: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, NG: tl.constexpr):
+    v, rows, cols, mask = _load_groups(x_ptr, smooth_ptr, M, K, stride_xm, HAS_SMOOTH, G, BLOCK_M, NG)
     rho = tl.load(clip_ptr + bin_idx)
     a = tl.max(tl.abs(v), axis=2) * rho
     scale = _to_bf16_rne(tl.minimum(tl.math.div_rn(a, QMAX * 1.0), _BF16_MAX)).to(tl.float32)
@@ -77,17 +86,7 @@ def _round_e4m3(v):
 @triton.jit
 def _nvfp4_act_quant_kernel(x_ptr, smooth_ptr, clip_ptr, bin_idx, amax_ptr, xq_ptr, M, K, stride_xm,
                             HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, NB: tl.constexpr):
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rb = tl.program_id(1) * NB + tl.arange(0, NB)
-    cols = rb[None, :, None] * 16 + tl.arange(0, 16)[None, None, :]
-    rows = rm[:, None, None]
-    mask = (rows < M) & (cols < K)
-    x = tl.load(x_ptr + rows.to(tl.int64) * stride_xm + cols, mask=mask, other=0.0)
-    if HAS_SMOOTH:
-        s = tl.load(smooth_ptr + cols, mask=cols < K, other=1.0)
-        v = _to_bf16_rne(tl.math.div_rn(x.to(tl.float32), s)).to(tl.float32)
-    else:
-        v = x.to(tl.float32)
+    v, rows, cols, mask = _load_groups(x_ptr, smooth_ptr, M, K, stride_xm, HAS_SMOOTH, 16, BLOCK_M, NB)
     rho = tl.load(clip_ptr + bin_idx)
     s_t = tl.math.div_rn(tl.load(amax_ptr), 2688.0)
     s_t = tl.where(s_t > 0, s_t, 1.0)
@@ -129,17 +128,7 @@ def _pow2(e):
 @triton.jit
 def _hif4_act_quant_kernel(x_ptr, smooth_ptr, clip_ptr, bin_idx, xq_ptr, M, K, stride_xm,
                            HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, NG: tl.constexpr):
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rg = tl.program_id(1) * NG + tl.arange(0, NG)
-    cols = rg[None, :, None] * 64 + tl.arange(0, 64)[None, None, :]       # [1, NG, 64]
-    rows = rm[:, None, None]
-    mask = (rows < M) & (cols < K)
-    x = tl.load(x_ptr + rows.to(tl.int64) * stride_xm + cols, mask=mask, other=0.0)
-    if HAS_SMOOTH:
-        sm = tl.load(smooth_ptr + cols, mask=cols < K, other=1.0)
-        v = _to_bf16_rne(tl.math.div_rn(x.to(tl.float32), sm)).to(tl.float32)
-    else:
-        v = x.to(tl.float32)
+    v, rows, cols, mask = _load_groups(x_ptr, smooth_ptr, M, K, stride_xm, HAS_SMOOTH, 64, BLOCK_M, NG)
     a = tl.abs(v)
     M3 = tl.max(tl.reshape(a, [BLOCK_M, NG * 16, 4]), axis=2)              # micro-groups of 4
     M2 = tl.max(tl.reshape(M3, [BLOCK_M, NG * 8, 2]), axis=2)              # sub-groups of 8
