@@ -243,6 +243,17 @@ def _check_fp8_layer(m, k, n, device):
         y = fused_forward(layer, wide)
     assert layer.fallbacks["fp8_rows"] > 0 and layer.fallbacks["fp8_cols"] == 0
     assert _rel(y, _exact(layer, wide)) < 1e-2 and _rel(y, layer.reference_forward(wide)) < 1e-2
+    # weight rows spanning > 14 octaves: those output columns take the fallback, for every token
+    fmt = get_format("mxfp4")
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(9)) * 0.05
+    w[: n // 4] *= torch.logspace(-4, 2, k)
+    spread_layer = QuantLinear(k, n, weight=fmt.encode(w), bias=torch.randn(n), act_format=MX,
+                               clip_table=torch.tensor([0.9]), context=layer.context).to(device)
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(8)) * 2).to(torch.bfloat16).to(device)
+    with gemm_backend("fp8"):
+        y = fused_forward(spread_layer, x)
+    assert spread_layer.fallbacks == {"fp8_rows": 0, "fp8_cols": n // 4}
+    assert _rel(y, _exact(spread_layer, x)) < 1e-2 and _rel(y, spread_layer.reference_forward(x)) < 1e-2
 
 
 # ----------------------------------------------------------------------------- interpreter (CPU) checks

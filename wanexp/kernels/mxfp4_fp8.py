@@ -192,8 +192,10 @@ def fp8_linear(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, clip
     y = torch._scaled_mm(a["values"], w8.t(), scale_a=a["scale"][:, None], scale_b=w_scale[None, :],
                          bias=bias, out_dtype=torch.bfloat16)
     del w8
-    wide_rows = torch.nonzero(a["spread"] > MAX_SPREAD).flatten()       # one host sync a call
-    wide_cols = torch.nonzero(w_spread > MAX_SPREAD).flatten()
+    # activation rows and weight rows beyond the bound, found with one host sync a call
+    wide = torch.nonzero(torch.cat((a["spread"], w_spread)) > MAX_SPREAD).flatten()
+    m = a["spread"].numel()
+    wide_rows, wide_cols = wide[wide < m], wide[wide >= m] - m
     if wide_rows.numel() or wide_cols.numel():
         _exact_fallback(x2, codes, scales, clip_table, bin_, smooth, bias, scale_rule, y, wide_rows, wide_cols)
         fallback_counts += torch.tensor([wide_rows.numel(), wide_cols.numel()], dtype=fallback_counts.dtype)
