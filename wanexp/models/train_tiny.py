@@ -101,10 +101,7 @@ def train_vae(vae, videos: torch.Tensor, cfg: TrainConfig, gen: torch.Generator,
         mean = vae.encode(x).latent_dist.mode()
         recon = vae.decode(mean).sample
         loss = F.mse_loss(recon, x) + cfg.vae_mean_penalty * mean.pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        _step(opt, loss, vae.parameters())
         losses.append(loss.item())
         if step % 25 == 0 or step == cfg.vae_steps - 1:
             log(f"vae step {step + 1}/{cfg.vae_steps}: loss {loss.item():.4f}")
@@ -203,15 +200,20 @@ def train_expert(expert, name: str, data: dict, cfg: TrainConfig, boundary_ratio
         sigma = sample_sigmas(cfg.expert_batch, name, cfg, boundary_ratio, gen)
         noise = torch.randn(data["x0"][idx].shape, generator=gen)
         loss = flow_loss(expert, data["x0"][idx], data["cond"][idx], text, sigma, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(expert.parameters(), 1.0)
-        opt.step()
+        _step(opt, loss, expert.parameters())
         losses.append(loss.item())
         if step % 50 == 0 or step == cfg.expert_steps - 1:
             log(f"{name} step {step + 1}/{cfg.expert_steps}: loss {loss.item():.4f}")
     expert.eval()
     return losses
+
+
+def _step(opt, loss: torch.Tensor, params) -> None:
+    """One optimiser step on ``loss``, gradients clipped to norm 1 (both stages train this way)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
 
 
 def _set_lr(opt, base: float, step: int, total: int, warmup: int = 20) -> None:
