@@ -220,8 +220,4 @@ def upcast_forward(layer, x2: torch.Tensor, bin_index: torch.Tensor) -> torch.Te
     fmt = layer.weight_meta["format"]
     xq = torch.ops.wanexp.act_quant_bf16(x2, layer.clip_table, bin_index, layer.smooth, fmt,
                                          int(layer.act_format.block_size) if fmt == "int4" else 0)
-    y = torch.nn.functional.linear(xq, layer.dequantized_weight(), layer.bias)
-    if layer.lowrank_up is not None:  # the 16-bit branch sees the smoothed, unquantized input
-        xs = x2 if layer.smooth is None else (x2.float() / layer.smooth).to(torch.bfloat16)
-        y = y + torch.nn.functional.linear(torch.nn.functional.linear(xs, layer.lowrank_down), layer.lowrank_up)
-    return y
+    return layer.gemms(xq, layer.smoothed(x2) if layer.lowrank_up is not None else None)

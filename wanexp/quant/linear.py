@@ -146,16 +146,23 @@ class QuantLinear(nn.Module):
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The plain-torch reference path: dequantize, fake-quantize, bf16 GEMMs."""
-        out_dtype = x.dtype
+        xs = self.smoothed(x)
+        xq = xs if self.act_format is None else self.act_format.quantize_dequantize(xs, clip_ratio=float(self.clip_ratio()))
+        return self.gemms(xq, xs).to(x.dtype)
+
+    def smoothed(self, x: torch.Tensor) -> torch.Tensor:
+        """x in the compute dtype, divided by the smoothing of the current bin: bf16(x / s)."""
         x = x.to(self.compute_dtype)
         s = self.smoothing()
-        if s is not None:
-            x = (x.float() / s).to(self.compute_dtype)
-        xq = x if self.act_format is None else self.act_format.quantize_dequantize(x, clip_ratio=float(self.clip_ratio()))
+        return x if s is None else (x.float() / s).to(self.compute_dtype)
+
+    def gemms(self, xq: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        """The reference path's products from the (fake-)quantized activations ``xq`` and the smoothed
+        input ``xs``: ``xq · deq(W)ᵀ + b``, plus the low-rank branch, which sees ``xs`` unquantized."""
         y = torch.nn.functional.linear(xq, self.dequantized_weight(), self.bias)
-        if self.lowrank_up is not None:  # the 16-bit branch sees the smoothed, unquantized input
-            y = y + torch.nn.functional.linear(torch.nn.functional.linear(x, self.lowrank_down), self.lowrank_up)
-        return y.to(out_dtype)
+        if self.lowrank_up is not None:
+            y = y + torch.nn.functional.linear(torch.nn.functional.linear(xs, self.lowrank_down), self.lowrank_up)
+        return y
 
     def nbytes(self) -> int:
         """Bytes this layer actually holds (packed codes, scales, 16-bit factors, tables)."""
