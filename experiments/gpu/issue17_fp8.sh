@@ -8,8 +8,9 @@
 set -u
 case "${1:-mxfp4}" in
 mxfp4)
-  python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_compile.py -m gpu 2>&1 | tail -15
-  timeout 420 python3 -m wanexp.bench bench=fp8_a14b bench.out_dir="$OUT" 2>&1 | tail -40 ;;
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_compile.py -m gpu 2>&1 \
+    | tee "$OUT/gpu_tests.log" | tail -15
+  timeout 420 python3 -m wanexp.bench bench=fp8_a14b bench.out_dir="$OUT" 2>&1 | tee "$OUT/bench_fp8.log" | tail -40 ;;
 formats)
   for f in nvfp4 int4 hif4; do
     timeout 170 python3 -m wanexp.bench bench=fp8_a14b bench.name=bench_$f bench.quant.format=$f \
