@@ -71,6 +71,9 @@ def main() -> None:
     ROOT.mkdir(parents=True)
     run_dir = ROOT / "run"
     record: dict = {"command": " ".join(command(run_dir)[1:]), "attempts": []}
+
+    def keep() -> None:  # after every attempt: a command cut off at its limit keeps what it ran
+        (out / "a14b_e2e.json").write_text(json.dumps(record, indent=1, default=str))
     with open(out / "a14b_e2e.log", "w") as log:
         # 1. killed in calibration: once the high-noise expert's pass is written
         first_pass = lambda: any(ROOT.rglob("stats-high_noise-part000-of001.safetensors"))  # noqa: E731
@@ -78,6 +81,7 @@ def main() -> None:
         a["after"] = {"stats_parts": files(ROOT / "calib_cache", "stats-*.safetensors"),
                       "quant_parts": files(run_dir / "artifact" / "parts", "*.safetensors")}
         record["attempts"].append({"name": "killed in calibration", **a})
+        keep()
         # 2. killed in generation: once the first video is in a manifest
         def first_video():
             return any(p.read_text().strip() for p in ROOT.rglob("manifest*.jsonl"))
@@ -89,14 +93,17 @@ def main() -> None:
         a["after"] = {"stats_parts": files(ROOT / "calib_cache", "stats-*.safetensors"),
                       "videos": files(ROOT, "*.mp4")}
         record["attempts"].append({"name": "killed in generation", **a})
+        keep()
         # 3. the same command to the end
         a = attempt(run_dir, log)
         a["after"] = {"videos": files(ROOT, "*.mp4"), "stages": sorted(p.stem for p in (run_dir / "stages").glob("*.json"))}
         record["attempts"].append({"name": "resumed to the end", **a})
+        keep()
         # 4. the artifact rebuilds the same W4A4 outputs
         reload_dir = ROOT / "reload"
         a = attempt(reload_dir, log, extra=[f"quant.load={run_dir / 'artifact' / 'quantized.safetensors'}"])
         record["attempts"].append({"name": "quant.load of the artifact", **a})
+        keep()
     record["manifest_lines_per_video"] = manifest_counts("manifest*.jsonl")
     record["videos_made_twice"] = {k: v for k, v in record["manifest_lines_per_video"].items() if v > 1}
     try:

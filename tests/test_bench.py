@@ -18,3 +18,30 @@ def test_pipeline_memory_dry_run_builds_quantizes_and_generates_under_each_polic
     assert w4a4["pipeline_bytes"] < bf16["pipeline_bytes"]
     assert all(run["frames"] == 5 and "peak_bytes" not in run for run in r["runs"].values())  # no GPU: no peak
     assert "| w4a4 | model |" in "\n".join(to_markdown(r))
+
+
+def test_forward_bench_dry_run_times_each_path_and_further_formats_and_keeps_json_after_each(tmp_path):
+    """The forward bench's logic on the CPU at a small width (the GPU run is
+    ``python -m wanexp.bench bench=fp8_a14b``): every path timed, a further format built and
+    quantized afresh, ratios to BF16 from the same process, the JSON rewritten after each measurement."""
+    import json
+
+    from wanexp.bench.core import run_bench, to_markdown
+    seen = []
+
+    def log(msg):
+        if (tmp_path / "smoke.json").is_file():
+            seen.append(len(json.loads((tmp_path / "smoke.json").read_text())["resolutions"].get("tiny", {})))
+    cfg = {"name": "smoke", "device": "cpu", "num_layers": 1, "warmup": 0, "repeats": 1,
+           "spec": {"num_attention_heads": 2, "attention_head_dim": 64, "ffn_dim": 256},
+           "resolutions": [{"name": "tiny", "height": 32, "width": 32, "frames": 5}],
+           "paths": ["bf16", "reference", "fused"], "extra_formats": ["mxfp4", "int4"], "extra_format_paths": ["fused"],
+           "quant": {"rank": 4}, "profile": {"enabled": False}}
+    r = run_bench(cfg, tmp_path, log=log)
+    e = r["resolutions"]["tiny"]
+    assert r["paths"] == ["bf16", "reference", "fused", "fused_int4"]   # mxfp4 is the bench's own format
+    assert all(e[p]["time_ratio"] == e[p]["seconds"] / e["bf16"]["seconds"] for p in r["paths"][1:])
+    assert r["bytes_by_path"]["fused_int4"] < r["bytes_bf16"] and r["targeted_linears"] == 10
+    assert 0 < e["fused_int4_vs_bf16_rel_err"] < 1 and e["fused_vs_reference_rel_err"] == 0  # no GPU: one path
+    assert max(seen) >= 3 and json.loads((tmp_path / "smoke.json").read_text())["paths"] == r["paths"]
+    assert "W4A4 INT4 fused" in to_markdown(r)

@@ -99,11 +99,77 @@ def test_a_bad_model_compile_value_is_refused():
         check_settings(cfg)
 
 
+@torch.no_grad()
+def test_a_compiled_quant_layer_counts_its_calls_without_recompiling(tiny_pipe):
+    """The path counters are a tensor the counting op adds to: a compiled QuantLinear counts every
+    call and compiles once per timestep bin, not once per call (an int attribute was a guard that
+    failed at every call, so compiled blocks recompiled until dynamo gave up on them)."""
+    model, ctx = _w4a4_expert(tiny_pipe)
+    layer = next(iter(quant_layers(model).values()))
+    x = torch.randn(6, layer.in_features).to(torch.bfloat16)
+    frames = []
+
+    def counting(gm, example_inputs):
+        frames.append(gm)
+        return gm.forward
+    torch._dynamo.reset()
+    f = torch.compile(layer, backend=counting)
+    ctx.set_timestep(700.0)
+    f(x)
+    after_first = len(frames)
+    for _ in range(4):
+        f(x)
+    assert len(frames) == after_first and layer.calls == {"fused": 0, "reference": 5}
+    ctx.set_timestep(100.0)
+    f(x)
+    f(x)
+    assert len(frames) <= 2 * after_first and layer.calls["reference"] == 7
+    torch._dynamo.reset()
+
+
 @pytest.mark.gpu
 @torch.no_grad()
-def test_gpu_compiled_fused_block_matches_eager_at_a14b_width():
-    """One A14B block (dim 5120) with the fused W4A4 layers, compiled with inductor: the same
-    output as eager for each GEMM backend, and every quantized layer on the fused path."""
+def test_gpu_compiled_fused_layers_equal_eager_at_a14b_shapes_and_follow_the_bin():
+    """The fused W4A4 layers at A14B shapes, compiled with inductor (fullgraph): bit-equal to eager
+    for each GEMM backend, below and above the upcast threshold, in both timestep bins (the custom
+    op runs whole; nothing of its numerics is re-derived by inductor)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from wanexp import kernels
+    from wanexp.bench.core import SyntheticTSClip
+    from wanexp.models.a14b_random import build_expert
+    model = build_expert(torch.device("cuda"), 1)
+    ctx = TimestepContext(bins=TimestepBins.equal_width(900.0, 1000.0, 4))
+    quantize_(model, SyntheticTSClip(), select_targets(model), context=ctx)
+    kernels.prepare(model)
+    backends = ("auto", "cublas", "fp8") if torch.cuda.get_device_capability() >= (8, 9) else ("auto", "cublas")
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for name in ("attn1.to_q", "ffn.net.2"):
+        layer = model.blocks[0].get_submodule(name)
+        for tokens in (1024, kernels.UPCAST_MIN_TOKENS + 2048):
+            x = (torch.randn(1, tokens, layer.in_features, device="cuda", generator=g) * 2).to(torch.bfloat16)
+            for backend in backends:
+                with kernels.gemm_backend(backend):
+                    torch._dynamo.reset()
+                    compiled = torch.compile(layer, fullgraph=True)
+                    outs = {}
+                    for t in (950.0, 910.0):
+                        ctx.set_timestep(t)
+                        outs[t] = compiled(x)
+                        assert torch.equal(outs[t], layer(x)), (name, tokens, backend, t)
+                    assert not torch.equal(outs[950.0], outs[910.0])  # the bins' clip ratios differ
+    torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_gpu_compiled_fused_block_is_within_bf16_input_noise_of_eager():
+    """One A14B block (dim 5120, random weights) with the fused W4A4 layers, compiled with inductor.
+    Inductor's BF16 parts (norms, RoPE, GEMM epilogues) round differently from eager by an ulp, and
+    4-bit codes near a rounding boundary flip: on this block a 2^-9 relative jitter of the input
+    alone moves the W4A4 output by ~13% (CPU, 2026-12-01), the compiled block by ~10%. So the bound
+    is relative to that sensitivity, measured here: compiling may perturb no more than 1.5x a
+    bf16-resolution jitter of the input does. Every quantized layer runs on the fused path."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     from wanexp import kernels
@@ -114,25 +180,26 @@ def test_gpu_compiled_fused_block_matches_eager_at_a14b_width():
     ctx = TimestepContext(bins=TimestepBins.equal_width(900.0, 1000.0, 4))
     quantize_(model, SyntheticTSClip(), select_targets(model), context=ctx)
     inputs, _ = make_inputs(160, 288, 5, torch.device("cuda"))
-    backends = ("auto", "cublas", "fp8") if torch.cuda.get_device_capability() >= (8, 9) else ("auto", "cublas")
-    for backend in backends:
+    h = inputs["hidden_states"]
+    g = torch.Generator(device="cuda").manual_seed(5)
+    jittered = dict(inputs, hidden_states=(h.float() * (1 + 2 ** -9 * torch.randn(h.shape, device="cuda", generator=g)))
+                    .to(h.dtype))
+    rel = lambda a, b: float((a.double() - b.double()).norm() / b.double().norm())  # noqa: E731
+    ctx.set_timestep(950.0)
+    for backend in ("auto", "fp8") if torch.cuda.get_device_capability() >= (8, 9) else ("auto",):
         with kernels.gemm_backend(backend):
-            eager = {}
-            for t in (950.0, 910.0):
-                ctx.set_timestep(t)
-                eager[t] = model(**inputs, return_dict=False)[0]
+            eager = model(**inputs, return_dict=False)[0]
+            noise = rel(model(**jittered, return_dict=False)[0], eager)
             torch._dynamo.reset()
             kernels.prepare(model)
             for block in model.blocks:
                 block.compile()
             before = path_calls(model)
-            for t in (950.0, 910.0):
-                ctx.set_timestep(t)
-                y = model(**inputs, return_dict=False)[0]
-                rel = float((y.double() - eager[t].double()).norm() / eager[t].double().norm())
-                assert rel < 1e-2, (backend, t, rel)
+            y = model(**inputs, return_dict=False)[0]
             after = path_calls(model)
-            assert after["reference"] == before["reference"] and after["fused"] > before["fused"]
             for block in model.blocks:
                 block._compiled_call_impl = None
+        assert 0 < noise < 0.5
+        assert rel(y, eager) <= 1.5 * noise, (backend, rel(y, eager), noise)
+        assert after["reference"] == before["reference"] and after["fused"] > before["fused"]
     torch._dynamo.reset()

@@ -488,5 +488,33 @@ def test_gpu_fp8_fold_bit_exact_and_layer_at_wan_shapes():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(INTERP, reason="compiled kernels")
-def test_gpu_int4_nvfp4_act_quant_and_layer_exact():
+def test_gpu_int4_nvfp4_hif4_act_quant_and_layer_exact():
     _check_upcast(300, 5120, 640, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(INTERP, reason="compiled kernels")
+def test_gpu_quantizer_tiles_are_bit_identical_and_the_picked_one_is_a_candidate():
+    """Every tile of the memory-bound quantizers gives the same bits (the default tile's, which the
+    tests above check against the formats), above SMALL_M_TOKENS where the picker times them."""
+    from wanexp.kernels import mxfp4
+    from wanexp.kernels.mxfp4_fp8 import act_quant_fp8
+    m, k = mxfp4.SMALL_M_TOKENS + 1000, 5120
+    x = _act_input(m, k, "cuda")
+    smooth = (torch.rand(k, generator=torch.Generator().manual_seed(1)) * 4 + 0.25).cuda()
+    table = torch.tensor([0.5, 0.8], device="cuda")
+    default = (mxfp4.ROWMAX_TILES[0], mxfp4.ACT_TILES[0])
+    ref8 = act_quant_fp8(x, table, 1, smooth, write_xs=True, tiles=default)
+    ref = mxfp4.act_quant(x, table, 1, smooth, write_xs=True, write_codes=True, tiles=mxfp4.ACT_TILES[0])
+    for i, tiles in enumerate(mxfp4.ACT_TILES):
+        out8 = act_quant_fp8(x, table, 1, smooth, write_xs=True,
+                             tiles=(mxfp4.ROWMAX_TILES[i % len(mxfp4.ROWMAX_TILES)], tiles))
+        out = mxfp4.act_quant(x, table, 1, smooth, write_xs=True, write_codes=True, tiles=tiles)
+        for key in ("values", "scale", "spread", "xs"):
+            assert torch.equal(out8[key].view(torch.uint8), ref8[key].view(torch.uint8)), (tiles, key)
+        for key in ("xq", "xs", "codes", "scales"):
+            assert torch.equal(out[key].view(torch.uint8), ref[key].view(torch.uint8)), (tiles, key)
+    picked = act_quant_fp8(x, table, 1, smooth, write_xs=True)
+    assert all(torch.equal(picked[key].view(torch.uint8), ref8[key].view(torch.uint8)) for key in ("values", "spread"))
+    chosen = [v for kk, v in mxfp4._tiles_tuned.items() if kk[1] == m]
+    assert chosen and all(v in mxfp4.ACT_TILES or v in mxfp4.ROWMAX_TILES for v in chosen)

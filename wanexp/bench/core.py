@@ -17,6 +17,7 @@ weights without calibration. Speed and memory do not depend on their values.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import gc
 import json
@@ -32,7 +33,7 @@ from wanexp.bench.pipeline import run_pipeline_memory
 from wanexp.bench.pipeline import to_markdown as pipeline_md
 from wanexp.bench.synthetic import SyntheticTSClip, make_inputs  # noqa: F401 (re-exported)
 from wanexp.models import held_bytes
-from wanexp.models.a14b_random import build_expert
+from wanexp.models.a14b_random import A14B_TRANSFORMER, build_expert
 from wanexp.quant.api import quantize_
 from wanexp.quant.context import TimestepBins, TimestepContext
 from wanexp.quant.linear import QuantLinear
@@ -41,25 +42,32 @@ from wanexp.quant.targets import select_targets
 GB = 1e9
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 @torch.no_grad()
 def timed_forward(model: nn.Module, inputs: dict, warmup: int, repeats: int) -> dict[str, Any]:
     """Seconds per forward (mean of ``repeats`` after ``warmup``), the peak memory allocated during
-    them (model included), and the last output."""
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    them (model included; 0 off the GPU), and the last output."""
+    device = inputs["hidden_states"].device
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     out = None
     for _ in range(warmup):
         out = model(**inputs, return_dict=False)[0]
-    torch.cuda.synchronize()
+    _sync(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         out = model(**inputs, return_dict=False)[0]
-        torch.cuda.synchronize()
+        _sync(device)
         times.append(time.perf_counter() - start)
     return {"seconds": sum(times) / len(times), "all_seconds": times,
-            "peak_bytes": torch.cuda.max_memory_allocated(), "out": out}
+            "peak_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else 0, "out": out}
 
 
 _CATEGORIES: list[tuple[str, Callable[[str], bool]]] = [
@@ -145,7 +153,7 @@ def run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None] = print
     """Run the benchmark described by ``cfg`` (the ``bench`` config group) and write
     ``<name>.json`` and ``<name>.md`` into ``out_dir``. TF32 is off and ``gemm_variant`` pins the
     fused GEMM while it runs; both are as they were afterwards."""
-    if not torch.cuda.is_available():
+    if cfg.get("device", "cuda") == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("wanexp.bench needs a CUDA GPU")
     with contextlib.ExitStack() as scope:
         scope.enter_context(_tf32(False))
@@ -167,7 +175,8 @@ def _tf32(allowed: bool):
 
 
 def _run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None]) -> dict[str, Any]:
-    device = torch.device("cuda")
+    device = torch.device(cfg.get("device", "cuda"))  # cpu: the bench's own smoke test, at a small spec
+    spec = None if not cfg.get("spec") else {**A14B_TRANSFORMER, **cfg["spec"]}
     num_layers = int(cfg.get("num_layers", 40))
     warmup, repeats = int(cfg.get("warmup", 1)), int(cfg.get("repeats", 1))
     resolutions = [dict(r) for r in cfg["resolutions"]]
@@ -179,7 +188,7 @@ def _run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None]) -> di
     import triton
     result: dict[str, Any] = {
         "name": cfg.get("name", "bench"), "date": str(cfg.get("date") or datetime.date.today()),
-        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__, "triton": triton.__version__,
         "diffusers": diffusers.__version__, "num_layers": num_layers, "warmup": warmup, "repeats": repeats,
         "quant": q, "resolutions": {}, "paths": paths,
         "pipeline_memory": None,  # whole-pipeline peak memory under the model.offload= policies (bench.pipeline_memory)
@@ -207,7 +216,7 @@ def _run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None]) -> di
         log(md)
         return result
     t0 = time.perf_counter()
-    model = build_expert(device, num_layers)
+    model = build_expert(device, num_layers, spec=spec)
     result["build_s"] = time.perf_counter() - t0
     result["bytes_bf16"] = held_bytes(model)
     log(f"built A14B expert ({num_layers} blocks): {result['bytes_bf16'] / GB:.2f} GB in {result['build_s']:.1f} s")
@@ -229,6 +238,7 @@ def _run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None]) -> di
                 log(f"  profile {path} {r['name']}: " + ", ".join(
                     f"{k} {v:.2f} s" for k, v in entry[path]["profile"]["categories"].items()))
             _free(inputs, m)
+            save(result)
 
     compiled = [p for p in paths if p.endswith("_compiled")]
     if "bf16" in paths:
@@ -246,7 +256,7 @@ def _run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None]) -> di
     ctx.set_timestep(950.0)
     with torch.no_grad():
         swapped = quantize_(model, builder, select_targets(model), context=ctx)
-    torch.cuda.synchronize()
+    _sync(device)
     _free()
     result["quantize_s"] = time.perf_counter() - t0
     result["targeted_linears"] = len(swapped)
@@ -263,6 +273,24 @@ def _run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None]) -> di
             if base == "fused_fp8":  # rows the FP8 fold could not hold exactly, recomputed by the bf16 path
                 after = fallback_counts(model)
                 result.setdefault("fp8_fallbacks", {})[path] = {k: after[k] - before[k] for k in after}
+    # each further format: the expert built again and quantized in it, its fused path eager and compiled
+    for fmt in [f for f in cfg.get("extra_formats") or [] if f != builder.format]:
+        _free(model)
+        del model
+        model = build_expert(device, num_layers, spec=spec)
+        fmt_builder = dataclasses.replace(builder, format=str(fmt))
+        ctx = TimestepContext(bins=edges)
+        ctx.set_timestep(950.0)
+        with torch.no_grad():
+            quantize_(model, fmt_builder, select_targets(model), context=ctx)
+        _free()
+        result.setdefault("bytes_by_path", {})
+        for path in [f"fused_{fmt}" + p.removeprefix("fused") for p in cfg.get("extra_format_paths") or
+                     ("fused", "fused_compiled")]:
+            result["paths"].append(path)
+            result["bytes_by_path"][path] = held_bytes(model)
+            with kernels.fused(True), (compiled_blocks(model) if path.endswith("_compiled") else contextlib.nullcontext()):
+                measure(path)
     for name, o in outs.items():
         entry = result["resolutions"][name]
         if "reference" in o and "fused" in o:
@@ -270,7 +298,7 @@ def _run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None]) -> di
         if "fused_triton" in o and "reference" in o:
             entry["fused_triton_vs_reference_rel_err"] = float((o["fused_triton"] - o["reference"]).norm()
                                                                / o["reference"].norm())
-        for path in [p for p in ("bf16_compiled", *W4A4_PATHS) if p in o]:
+        for path in [p for p in result["paths"] if p != "bf16" and p in o]:
             if "bf16" in o:
                 entry[f"{path}_vs_bf16_rel_err"] = float((o[path] - o["bf16"]).norm() / o["bf16"].norm())
             if path != "reference" and "reference" in o and path not in ("fused", "fused_triton", "bf16_compiled"):
@@ -278,10 +306,10 @@ def _run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None]) -> di
                                                               / o["reference"].norm())
         base = entry.get("bf16")
         fast = entry.get("bf16_compiled")  # the baseline a diffusers user would pick
-        for path in [p for p in ("bf16_compiled", *W4A4_PATHS) if p in entry]:
+        for path in [p for p in result["paths"] if p != "bf16" and p in entry]:
             if base:
                 entry[path]["time_ratio"] = entry[path]["seconds"] / base["seconds"]
-                entry[path]["peak_ratio"] = entry[path]["peak_bytes"] / base["peak_bytes"]
+                entry[path]["peak_ratio"] = entry[path]["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] else None
             if fast:
                 entry[path]["time_ratio_compiled_bf16"] = entry[path]["seconds"] / fast["seconds"]
     result["bytes_ratio"] = result["bytes_w4a4"] / result["bytes_bf16"]
@@ -319,8 +347,13 @@ def to_markdown(r: dict[str, Any]) -> str:
               "fused_triton": "W4A4 fused (Triton act-quant + Triton packed-weight GEMM)",
               "fused_fp8": "W4A4 fused on FP8 tensor cores (row-folded E4M3, torch._scaled_mm)"}
     labels.update({f"{k}_compiled": f"{v}, blocks compiled" for k, v in list(labels.items()) if k != "reference"})
+    for fmt in {p.split("_")[1] for p in r["paths"] if p.startswith("fused_") and p.split("_")[1] not in
+                ("triton", "fp8", "compiled")}:
+        labels[f"fused_{fmt}"] = f"W4A4 {fmt.upper()} fused (Triton act-quant; upcast weight + cuBLAS)"
+        labels[f"fused_{fmt}_compiled"] = labels[f"fused_{fmt}"] + ", blocks compiled"
     for path in r["paths"]:
-        held = r["bytes_bf16"] if path == "bf16" else r["bytes_w4a4"]
+        held = (r["bytes_bf16"] if path in ("bf16", "bf16_compiled")
+                else (r.get("bytes_by_path") or {}).get(path, r["bytes_w4a4"]))
         row = f"| {labels[path]} | {held / GB:.2f} | {held / r['bytes_bf16']:.3f} |"
         for n in names:
             e = r["resolutions"][n].get(path)

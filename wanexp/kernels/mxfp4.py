@@ -195,9 +195,38 @@ def _act_quant_kernel(x_ptr, smooth_ptr, clip_ptr, bin_idx, xq_ptr, xs_ptr, code
         tl.store(a8_ptr + rows.to(tl.int64) * K + cols, _e4m3_bits(q, d[:, :, None], neg), mask=mask)
 
 
+# Tiles of the memory-bound quantizer kernels, each element's result independent of them (so
+# every choice is bit-identical; tests run each). (BLOCK_M tokens, NB 32-blocks, warps) for
+# _act_quant_kernel; (BLOCK_M, BLOCK_K, warps) for _row_absmax_kernel. The first is the default
+# (small M, the interpreter); above SMALL_M_TOKENS on a GPU the fastest is timed once per shape.
+ACT_TILES = [(16, 8, 4), (32, 8, 4), (32, 4, 4), (64, 4, 8), (16, 16, 8), (64, 8, 8), (8, 16, 4), (128, 2, 8)]
+ROWMAX_TILES = [(16, 256, 4), (32, 256, 8), (8, 512, 4), (64, 128, 8), (4, 1024, 4), (32, 128, 4)]
+SMALL_M_TOKENS = 2048
+_tiles_tuned: dict[tuple, tuple] = {}
+
+
+def pick_tiles(key: tuple, candidates: list[tuple], launch, x: torch.Tensor) -> tuple:
+    """The fastest of ``candidates`` for ``launch(tiles)`` (median of do_bench, once per ``key``;
+    a launch only writes its outputs, so repeating it is harmless), or the first one for small M
+    and off the GPU."""
+    if not x.is_cuda or x.shape[0] <= SMALL_M_TOKENS:
+        return candidates[0]
+    if key not in _tiles_tuned:
+        timed = []
+        for tiles in candidates:
+            try:
+                timed.append((triton.testing.do_bench(lambda: launch(tiles), warmup=3, rep=15, return_mode="median"),
+                              tiles))
+            except Exception:  # noqa: BLE001  (a tile that does not compile or fit is skipped)
+                continue
+        _tiles_tuned[key] = min(timed)[1] if timed else candidates[0]
+    return _tiles_tuned[key]
+
+
 def act_quant(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int = 0, smooth: torch.Tensor | None = None,
               *, scale_rule: str = "floor", write_xq: bool = True, write_xs: bool = False,
-              write_codes: bool = False, xq_out: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+              write_codes: bool = False, xq_out: torch.Tensor | None = None,
+              tiles: tuple[int, int, int] | None = None) -> dict[str, torch.Tensor]:
     """MXFP4-quantize the rows of a bf16 matrix ``x [M, K]`` (K a multiple of 32).
 
     ``clip_table[bin_idx]`` is the clip ratio (fp32 on x's device), ``smooth`` the per-channel
@@ -205,7 +234,7 @@ def act_quant(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int = 0, smoot
     and on request ``xs`` (the smoothed bf16 input), ``codes`` (uint8 ``[M, K/2]``) and
     ``scales`` (uint8 E8M0 ``[M, K/32]``), as :meth:`wanexp.formats.mx.MXFP4.encode` stores them.
     ``xq_out`` (bf16 ``[M, ≥K]``, unit column stride) receives xq in its first K columns instead
-    of a new tensor.
+    of a new tensor. ``tiles`` pins one of :data:`ACT_TILES` (default: :func:`pick_tiles`).
     """
     assert x.dim() == 2 and x.dtype == torch.bfloat16 and x.stride(1) == 1
     M, K = x.shape
@@ -217,14 +246,17 @@ def act_quant(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int = 0, smoot
     xs = x.new_empty(M, K) if write_xs else dummy
     codes = x.new_empty(M, K // 2, dtype=torch.uint8) if write_codes else dummy
     scales = x.new_empty(M, K // 32, dtype=torch.uint8) if write_codes else dummy
-    BLOCK_M, NB = 16, 8
-    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(K // 32, NB))
-    _act_quant_kernel[grid](x, smooth if smooth is not None else dummy, clip_table, int(bin_idx),
-                            xq, xs, codes, scales, dummy, dummy, dummy, M, K, x.stride(0),
-                            xq.stride(0) if write_xq else K,
-                            HAS_SMOOTH=smooth is not None, CEIL=scale_rule == "ceil", WRITE_XQ=write_xq,
-                            WRITE_XS=write_xs, WRITE_CODES=write_codes, WRITE_FP8=False, BLOCK_M=BLOCK_M,
-                            NB=NB, num_warps=4)
+
+    def launch(tiles):
+        block_m, nb, warps = tiles
+        grid = (triton.cdiv(M, block_m), triton.cdiv(K // 32, nb))
+        _act_quant_kernel[grid](x, smooth if smooth is not None else dummy, clip_table, int(bin_idx),
+                                xq, xs, codes, scales, dummy, dummy, dummy, M, K, x.stride(0),
+                                xq.stride(0) if write_xq else K,
+                                HAS_SMOOTH=smooth is not None, CEIL=scale_rule == "ceil", WRITE_XQ=write_xq,
+                                WRITE_XS=write_xs, WRITE_CODES=write_codes, WRITE_FP8=False, BLOCK_M=block_m,
+                                NB=nb, num_warps=warps)
+    launch(tiles or pick_tiles(("act", M, K, smooth is not None, write_xq, write_xs, write_codes), ACT_TILES, launch, x))
     if write_xq:
         out["xq"] = xq if xq_out is None else xq[:, :K]
     if write_xs:
@@ -445,8 +477,8 @@ def _pick_config(a, codes, scales, t, l1, bias, out, M, N, K, R):
 
 
 def tuned_configs() -> dict:
-    """The configs the search chose, by (M, N, K, R, variant restriction)."""
-    return {str(k): v for k, v in _tuned.items()}
+    """The configs the searches chose: GEMMs by (M, N, K, R, variant restriction), quantizer tiles by shape."""
+    return {**{str(k): v for k, v in _tuned.items()}, **{str(k): v for k, v in _tiles_tuned.items()}}
 
 
 def mxfp4_linear(xq: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,

@@ -45,7 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
-from wanexp.kernels.mxfp4 import _act_quant_kernel, _e4m3_bits, _row_absmax_kernel, act_quant, dequant_weight
+from wanexp.kernels.mxfp4 import (ACT_TILES, ROWMAX_TILES, _act_quant_kernel, _e4m3_bits, _row_absmax_kernel, act_quant,
+                                  dequant_weight, pick_tiles)
 
 HEADROOM = 6      # H: 12 · 2^(H-1) = 384 <= 448, the E4M3 maximum
 MAX_SPREAD = 14   # H + 8: the widest block-exponent span of a row that folds exactly
@@ -132,11 +133,13 @@ def fold_weight(codes: torch.Tensor, scales: torch.Tensor, exponent: torch.Tenso
 
 
 def act_quant_fp8(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int = 0, smooth: torch.Tensor | None = None,
-                  *, scale_rule: str = "floor", write_xs: bool = False) -> dict[str, torch.Tensor]:
+                  *, scale_rule: str = "floor", write_xs: bool = False,
+                  tiles: tuple[tuple, tuple] | None = None) -> dict[str, torch.Tensor]:
     """MXFP4-quantize the rows of bf16 ``x [M, K]`` straight into the folded FP8 operand: ``values``
     (float8_e4m3fn [M, K]), ``scale`` (fp32 [M], 2^(S − H)), ``spread`` (int32 [M]) and, on
     request, ``xs`` (the smoothed bf16 input). Two kernels: each row's max |x_s| (which fixes S,
-    the exponent rule being monotonic), then the quantizer writing E4M3 bits."""
+    the exponent rule being monotonic), then the quantizer writing E4M3 bits. ``tiles`` pins
+    (one of ROWMAX_TILES, one of ACT_TILES); by default the fastest is picked per shape."""
     assert x.dim() == 2 and x.dtype == torch.bfloat16 and x.stride(1) == 1
     M, K = x.shape
     assert K % 32 == 0, "the fused activation quantizer needs K % 32 == 0"
@@ -144,17 +147,25 @@ def act_quant_fp8(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int = 0, s
     dummy = x.new_empty(1)
     sm = smooth if smooth is not None else dummy
     rowmax = torch.empty(M, device=x.device, dtype=torch.float32)
-    _row_absmax_kernel[(triton.cdiv(M, 16),)](x, sm, rowmax, M, K, x.stride(0), HAS_SMOOTH=smooth is not None,
-                                              BLOCK_M=16, BLOCK_K=256, num_warps=4)
+
+    def rowmax_launch(t):
+        block_m, block_k, warps = t
+        _row_absmax_kernel[(triton.cdiv(M, block_m),)](x, sm, rowmax, M, K, x.stride(0), HAS_SMOOTH=smooth is not None,
+                                                       BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps)
+    rowmax_launch(tiles[0] if tiles else pick_tiles(("rowmax", M, K, smooth is not None), ROWMAX_TILES, rowmax_launch, x))
     a8 = torch.empty(M, K, device=x.device, dtype=torch.uint8)
     spread = torch.zeros(M, device=x.device, dtype=torch.int32)
     xs = x.new_empty(M, K) if write_xs else dummy
-    BLOCK_M, NB = 16, 8
-    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(K // 32, NB))
-    _act_quant_kernel[grid](x, sm, clip_table, int(bin_idx), dummy, xs, dummy, dummy, rowmax, a8, spread,
-                            M, K, x.stride(0), K, HAS_SMOOTH=smooth is not None, CEIL=scale_rule == "ceil",
-                            WRITE_XQ=False, WRITE_XS=write_xs, WRITE_CODES=False, WRITE_FP8=True,
-                            BLOCK_M=BLOCK_M, NB=NB, num_warps=4)
+
+    def quant_launch(t):  # spread is an atomic max: a repeated launch leaves it as one launch does
+        block_m, nb, warps = t
+        grid = (triton.cdiv(M, block_m), triton.cdiv(K // 32, nb))
+        _act_quant_kernel[grid](x, sm, clip_table, int(bin_idx), dummy, xs, dummy, dummy, rowmax, a8, spread,
+                                M, K, x.stride(0), K, HAS_SMOOTH=smooth is not None, CEIL=scale_rule == "ceil",
+                                WRITE_XQ=False, WRITE_XS=write_xs, WRITE_CODES=False, WRITE_FP8=True,
+                                BLOCK_M=block_m, NB=nb, num_warps=warps)
+    quant_launch(tiles[1] if tiles else pick_tiles(("act_fp8", M, K, smooth is not None, write_xs), ACT_TILES,
+                                                   quant_launch, x))
     # the row scale 2^(S − H) from S = e(rowmax · rho), as the kernel computes S
     rho = clip_table[int(bin_idx)]
     S = _exponent_torch(rowmax * rho, scale_rule)
@@ -180,13 +191,18 @@ def _exponent_torch(amax: torch.Tensor, scale_rule: str) -> torch.Tensor:
 def fp8_linear(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, clip_table: torch.Tensor, bin_: int,
                smooth: torch.Tensor | None, bias: torch.Tensor | None, up: torch.Tensor | None,
                down: torch.Tensor | None, w_exponent: torch.Tensor, w_spread: torch.Tensor, scale_rule: str,
-               fallback_counts: torch.Tensor) -> torch.Tensor:
+               counters: torch.Tensor, down_folded: torch.Tensor | None = None) -> torch.Tensor:
     """The W4A4 MXFP4 linear ``y = A · deq(W)ᵀ + b (+ (x_s L2ᵀ) L1ᵀ)`` on FP8 tensor cores: rows
     that fold exactly in one row-wise-scaled FP8 GEMM, the others (activation rows or weight rows
-    beyond :data:`MAX_SPREAD`) recomputed by the exact bf16 path and added to ``fallback_counts``
+    beyond :data:`MAX_SPREAD`) recomputed by the exact bf16 path and added to ``counters[:2]``
     ([activation rows, weight rows]). Output: bf16 of the fp32 sum plus bias; the low-rank branch
-    is added by a second bf16 GEMM (two roundings where the reference path has three)."""
-    a = act_quant_fp8(x2, clip_table, bin_, smooth, scale_rule=scale_rule, write_xs=up is not None)
+    is added by a second bf16 GEMM (two roundings where the reference path has three).
+    ``down_folded`` (:func:`fold_smoothing`) is L2 with the smoothing folded in, L2 · diag(1/s):
+    the branch reads x itself, and the quantizer need not write x_s (one [M, K] bf16 write and
+    read less a call), at the price of rounding L2/s instead of x/s to bf16 (the 16-bit branch
+    only; the 4-bit operands stay bit-exact)."""
+    fold_lr = up is not None and down_folded is not None
+    a = act_quant_fp8(x2, clip_table, bin_, smooth, scale_rule=scale_rule, write_xs=up is not None and not fold_lr)
     w8 = fold_weight(codes, scales, w_exponent)
     w_scale = torch.ldexp(torch.ones_like(w_exponent, dtype=torch.float32), (w_exponent - HEADROOM).float())
     y = torch._scaled_mm(a["values"], w8.t(), scale_a=a["scale"][:, None], scale_b=w_scale[None, :],
@@ -198,10 +214,18 @@ def fp8_linear(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, clip
     wide_rows, wide_cols = wide[wide < m], wide[wide >= m] - m
     if wide_rows.numel() or wide_cols.numel():
         _exact_fallback(x2, codes, scales, clip_table, bin_, smooth, bias, scale_rule, y, wide_rows, wide_cols)
-        fallback_counts += torch.tensor([wide_rows.numel(), wide_cols.numel()], dtype=fallback_counts.dtype)
-    if up is not None:  # the 16-bit branch sees the smoothed, unquantized input
+        counters[:2] += torch.tensor([wide_rows.numel(), wide_cols.numel()], dtype=counters.dtype)
+    if fold_lr:  # the 16-bit branch: x · (L2 diag(1/s))ᵀ = x_s · L2ᵀ up to bf16 rounding
+        y.addmm_(torch.nn.functional.linear(x2, down_folded), up.t())
+    elif up is not None:  # the 16-bit branch sees the smoothed, unquantized input
         y.addmm_(torch.nn.functional.linear(a.get("xs", x2), down), up.t())
     return y
+
+
+def fold_smoothing(down: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
+    """L2 · diag(1/s) in L2's dtype (rounded once from fp32): the low-rank down-projection that reads
+    the unsmoothed input."""
+    return (down.float() / smooth.float()[None, :]).to(down.dtype).contiguous()
 
 
 def _exact_fallback(x2, codes, scales, clip_table, bin_, smooth, bias, scale_rule, y, rows, cols) -> None:

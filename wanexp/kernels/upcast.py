@@ -37,7 +37,7 @@ import triton.language as tl
 
 from wanexp.kernels.mxfp4 import _to_bf16_rne
 
-_BF16_MAX = 3.3895313892515355e38
+_BF16_MAX = tl.constexpr(3.3895313892515355e38)  # a jit kernel reads module globals only as constexpr
 
 
 @triton.jit

@@ -29,6 +29,18 @@ from wanexp.formats import PackedTensor, decode, get_format
 from wanexp.quant.context import TimestepContext
 
 
+@torch.library.custom_op("wanexp::count_", mutates_args=("counters",))
+def _count(counters: torch.Tensor, index: int) -> None:
+    """``counters[index] += 1`` at run time: opaque to torch.compile, so a compiled graph neither
+    guards on the count nor generates a kernel for the CPU tensor."""
+    counters[index] += 1
+
+
+@_count.register_fake
+def _(counters, index):
+    return None
+
+
 class QuantLinear(nn.Module):
     fused: bool = True  # False on an instance keeps that layer on the reference path
 
@@ -57,19 +69,24 @@ class QuantLinear(nn.Module):
         self.register_buffer("clip_table", table)
         self.context = context
         self._pinned_bin: int | None = None  # at_bin(): a bin fixed for evaluation, whatever the context
-        # forwards taken by each path (the fused GPU kernels or the torch reference), for the
-        # runner's record of which path a run really used
-        self.calls = {"fused": 0, "reference": 0}
         # [activation rows, weight rows] the FP8 fused path recomputed exactly (wanexp.kernels.mxfp4_fp8),
-        # summed over calls; a CPU tensor the kernels' custom op adds to (no device sync, compile-safe)
-        self.fallback_counts = torch.zeros(2, dtype=torch.int64)
+        # then the forwards taken by each path (the fused GPU kernels, the torch reference): the
+        # runner's record of which path a run really used. A CPU tensor, not Python ints: the
+        # counting op (and the FP8 kernels) add to it at run time, inside a compiled graph too, where
+        # an int attribute would be a guard that recompiles the block at every call.
+        self.counters = torch.zeros(4, dtype=torch.int64)
         # tensors a kernel derives once from this layer's weight (e.g. the FP8 fold's row exponents);
         # dropped whenever the layer moves
         self.kernel_cache: dict[str, Any] = {}
 
     @property
     def fallbacks(self) -> dict[str, int]:
-        return {"fp8_rows": int(self.fallback_counts[0]), "fp8_cols": int(self.fallback_counts[1])}
+        return {"fp8_rows": int(self.counters[0]), "fp8_cols": int(self.counters[1])}
+
+    @property
+    def calls(self) -> dict[str, int]:
+        """Forwards by path: ``fused`` (the GPU kernels, counted by their op) and ``reference``."""
+        return {"fused": int(self.counters[2]), "reference": int(self.counters[3])}
 
     def _apply(self, fn, recurse=True):
         """Moves apply, dtype casts do not: ``pipe.to(torch.bfloat16)`` or ``.half()`` on a model holding
@@ -139,9 +156,9 @@ class QuantLinear(nn.Module):
         if x.is_cuda and self.fused and self.weight_meta is not None and self.act_format is not None:
             from wanexp import kernels
             if kernels.can_fuse(self, x):
-                self.calls["fused"] += 1
+                torch.ops.wanexp.count_(self.counters, 2)
                 return kernels.fused_forward(self, x)
-        self.calls["reference"] += 1
+        torch.ops.wanexp.count_(self.counters, 3)
         return self.reference_forward(x)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
