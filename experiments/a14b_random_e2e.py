@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(os.environ.get("WANEXP_E2E_ROOT", "/tmp/a14b_e2e"))
+# all four attempts end by this many seconds after the start (a device command has 10 minutes)
+DEADLINE = time.time() + float(os.environ.get("WANEXP_E2E_DEADLINE_S", "1e9"))
 ARGS = ["model=a14b_random", "model.num_layers=2", "quant=tsclip", "data=tiny", "data.calib.num_samples=2",
         "data.eval.num_samples=2", "model.generation.num_inference_steps=4", "model.generation.height=480",
         "model.generation.width=832", "model.generation.num_frames=17", "logger=none", "progress=false",
@@ -32,6 +34,7 @@ def command(run_dir: Path, extra=()) -> list[str]:
 
 def attempt(run_dir: Path, log, kill_when=None, extra=(), timeout=900) -> dict:
     start = time.time()
+    timeout = min(timeout, DEADLINE - start)
     proc = subprocess.Popen(command(run_dir, extra), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     killed = None
     while proc.poll() is None and time.time() - start < timeout:
@@ -41,10 +44,12 @@ def attempt(run_dir: Path, log, kill_when=None, extra=(), timeout=900) -> dict:
             killed = round(time.time() - start, 1)
             break
         time.sleep(0.2)
-    if proc.poll() is None:
+    cut = proc.poll() is None
+    if cut:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    return {"rc": proc.returncode, "seconds": round(time.time() - start, 1), "killed_at_s": killed}
+    return {"rc": proc.returncode, "seconds": round(time.time() - start, 1), "killed_at_s": killed,
+            "cut_at_deadline": cut and killed is None}
 
 
 def files(pattern_root: Path, pattern: str) -> dict[str, float]:

@@ -1,6 +1,7 @@
 # Issue 17 on one GPU (device tool, carry [".whl"]), two calls of under 10 minutes each:
 #   source experiments/gpu/setup.sh && bash experiments/gpu/issue17_fp8.sh mxfp4    # tests + MXFP4/FP8 bench
 #   source experiments/gpu/setup.sh && bash experiments/gpu/issue17_fp8.sh formats  # NVFP4, INT4, HiF4 benches
+#   round2 / formats2: the same after the compiled-recompile fix, 720p, formats in one process
 # mxfp4: the GPU tests of the FP8 fold, the custom ops and model.compile (bit-exactness at Wan shapes,
 #   compiled = eager), then bench_conf/bench/fp8_a14b.yaml into $OUT, cut at 7 minutes (run_bench
 #   writes its JSON after every measurement, so what it measured is kept).
@@ -11,6 +12,18 @@ mxfp4)
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_compile.py -m gpu 2>&1 \
     | tee "$OUT/gpu_tests.log" | tail -15
   timeout 420 python3 -m wanexp.bench bench=fp8_a14b bench.out_dir="$OUT" 2>&1 | tee "$OUT/bench_fp8.log" | tail -40 ;;
+round2)  # after the recompile fix: the GPU tests, then MXFP4 at 720p (each path eager and compiled; recompiles counted)
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_compile.py -m gpu 2>&1 \
+    | tee "$OUT/gpu_tests.log" | tail -15
+  TORCH_LOGS=recompiles timeout 330 python3 -m wanexp.bench bench=fp8_a14b bench.name=bench_fp8_a14b_720p \
+    "bench.resolutions=[{name: 720p, height: 720, width: 1280, frames: 61}]" \
+    "bench.profile.paths=[bf16_compiled,fused_fp8,fused_fp8_compiled]" bench.out_dir="$OUT" > "$OUT/bench_fp8.log" 2>&1
+  echo "recompiles: $(grep -c 'Recompiling function' "$OUT/bench_fp8.log")"; grep -v "__recompiles" "$OUT/bench_fp8.log" | tail -40 ;;
+formats2)  # NVFP4, INT4, HiF4 in one process beside BF16 eager and compiled, 720p
+  TORCH_LOGS=recompiles timeout 330 python3 -m wanexp.bench bench=fp8_a14b bench.name=bench_formats_a14b_720p \
+    "bench.paths=[bf16,bf16_compiled]" "bench.extra_formats=[nvfp4,int4,hif4]" bench.profile.enabled=false \
+    "bench.resolutions=[{name: 720p, height: 720, width: 1280, frames: 61}]" bench.out_dir="$OUT" > "$OUT/bench_formats.log" 2>&1
+  echo "recompiles: $(grep -c 'Recompiling function' "$OUT/bench_formats.log")"; grep -v "__recompiles" "$OUT/bench_formats.log" | tail -30 ;;
 formats)
   for f in nvfp4 int4 hif4; do
     timeout 170 python3 -m wanexp.bench bench=fp8_a14b bench.name=bench_$f bench.quant.format=$f \
