@@ -147,8 +147,7 @@ def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
     y = torch.ops.wanexp.mxfp4_w4a4(
         x2, layer.wq_codes, layer.wq_scales, layer.clip_table, bin_index, layer.smooth, layer.bias,
         layer.lowrank_up if has_lr else None, layer.lowrank_down if has_lr else None,
-        rows.get("exponent"), rows.get("spread"), layer.counters, layer.act_format.scale_rule, backend,
-        rows.get("down_folded"))
+        rows.get("exponent"), rows.get("spread"), layer.counters, layer.act_format.scale_rule, backend)
     return y.reshape(*lead, layer.out_features).to(x.dtype)
 
 
@@ -158,12 +157,9 @@ def weight_rows(layer) -> dict[str, torch.Tensor]:
     ahead of ``torch.compile``)."""
     cached = layer.kernel_cache.get("fp8_rows")
     if cached is None:
-        from wanexp.kernels.mxfp4_fp8 import fold_smoothing, row_exponents
+        from wanexp.kernels.mxfp4_fp8 import row_exponents
         S, spread = row_exponents(layer.wq_codes, layer.wq_scales)
-        cached = {"exponent": S.contiguous(), "spread": spread.contiguous()}
-        if layer.lowrank_down is not None and layer.smooth is not None:
-            cached["down_folded"] = fold_smoothing(layer.lowrank_down, layer.smooth)
-        layer.kernel_cache["fp8_rows"] = cached
+        cached = layer.kernel_cache["fp8_rows"] = {"exponent": S.contiguous(), "spread": spread.contiguous()}
     return cached
 
 
@@ -183,14 +179,14 @@ def _mxfp4_w4a4(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, cli
                 bin_index: torch.Tensor, smooth: torch.Tensor | None, bias: torch.Tensor | None,
                 up: torch.Tensor | None, down: torch.Tensor | None, w_exponent: torch.Tensor | None,
                 w_spread: torch.Tensor | None, counters: torch.Tensor, scale_rule: str,
-                backend: str, down_folded: torch.Tensor | None = None) -> torch.Tensor:
+                backend: str) -> torch.Tensor:
     """The fused W4A4 MXFP4 linear on explicit tensors (``x2 [M, K]`` bf16 -> ``[M, N]`` bf16)."""
     from wanexp.kernels.mxfp4 import act_quant, mxfp4_linear, upcast_linear
     bin_ = min(int(bin_index), clip_table.numel() - 1)   # a CPU tensor: no device sync
     if backend == "fp8":
         from wanexp.kernels.mxfp4_fp8 import fp8_linear
         return fp8_linear(x2, codes, scales, clip_table, bin_, smooth, bias, up, down, w_exponent, w_spread,
-                          scale_rule, counters, down_folded)
+                          scale_rule, counters)
     if backend == "cublas" or (backend == "auto" and x2.shape[0] > UPCAST_MIN_TOKENS):
         return upcast_linear(x2, codes, scales, clip_table, bin_, smooth, scale_rule, bias, up, down)
     q = act_quant(x2, clip_table, bin_, smooth, scale_rule=scale_rule, write_xs=up is not None)
@@ -202,7 +198,7 @@ def _mxfp4_w4a4(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, cli
 
 @_mxfp4_w4a4.register_fake
 def _(x2, codes, scales, clip_table, bin_index, smooth, bias, up, down, w_exponent, w_spread, counters,
-      scale_rule, backend, down_folded=None):
+      scale_rule, backend):
     return x2.new_empty(x2.shape[0], codes.shape[0])
 
 

@@ -41,6 +41,14 @@ _BF16_MAX = tl.constexpr(3.3895313892515355e38)  # a jit kernel reads module glo
 
 
 @triton.jit
+def _with_sign_of(mag, v):
+    """``mag`` (>= 0, fp32) with the sign bit of ``v``, -0 included, set on the bits: the compiled
+    kernel lowers ``-q`` of a zero to 0 - q = +0 (the interpreter keeps -0)."""
+    bits = mag.to(tl.int32, bitcast=True) | (v.to(tl.int32, bitcast=True) & -2147483648)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _load_groups(x_ptr, smooth_ptr, M, K, stride_xm, HAS_SMOOTH: tl.constexpr, G: tl.constexpr,
                  BLOCK_M: tl.constexpr, NG: tl.constexpr):
     """This program's tile of x as [BLOCK_M rows, NG groups, G channels] in fp32, smoothed as the
@@ -96,7 +104,7 @@ def _nvfp4_act_quant_kernel(x_ptr, smooth_ptr, clip_ptr, bin_idx, amax_ptr, xq_p
     t = tl.abs(y)
     step = tl.where(t < 2.0, 0.5, tl.where(t < 4.0, 1.0, 2.0))
     q = tl.minimum(((tl.minimum(t, 8.0) * (1.0 / step) + 8388608.0) - 8388608.0) * step, 6.0)
-    q = tl.where(v.to(tl.int32, bitcast=True) < 0, -q, q)               # the sign of v, -0 included
+    q = _with_sign_of(q, v)                                              # the sign of v, -0 included
     tl.store(xq_ptr + rows.to(tl.int64) * K + cols, _to_bf16_rne(q * d), mask=mask)
 
 
@@ -146,7 +154,7 @@ def _hif4_act_quant_kernel(x_ptr, smooth_ptr, clip_ptr, bin_idx, xq_ptr, M, K, s
     r64 = tl.reshape(tl.broadcast_to(r[:, :, None], [BLOCK_M, NG, 64]), [BLOCK_M, NG, 64])
     S64 = tl.reshape(tl.broadcast_to(S[:, :, None], [BLOCK_M, NG, 64]), [BLOCK_M, NG, 64])
     m = tl.minimum(tl.floor((a * r64 / L) * 4.0 + 0.5) / 4.0, 1.75)        # half away from zero, saturate
-    m = tl.where(v.to(tl.int32, bitcast=True) < 0, -m, m)                  # the sign bit of v, -0 too
+    m = _with_sign_of(m, v)                                                # the sign bit of v, -0 too
     tl.store(xq_ptr + rows.to(tl.int64) * K + cols, (m * (L * S64)).to(tl.bfloat16), mask=mask)  # exact in bf16
 
 
