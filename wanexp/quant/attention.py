@@ -167,7 +167,7 @@ def sage_attention(q, k, v, scale: float | None = None, block: int = 128, smooth
     return flash_reference(qc, qs, kc, ks, _PV(v, pv, block), scale, block, block_n, q.dtype)
 
 
-def _fused(q, k, v) -> bool:
+def _fused(config: AttentionConfig, q, k, v) -> bool:
     """The Triton kernel runs this call (:mod:`wanexp.kernels.attention`)."""
     if not q.is_cuda:
         return False
@@ -175,7 +175,7 @@ def _fused(q, k, v) -> bool:
     if not (kernels.fused_enabled() and kernels.triton_available()):
         return False
     from wanexp.kernels.attention import supports
-    return supports(q, k, v)
+    return supports(q, k, v, config.block, config.block_n)
 
 
 def attention(config: AttentionConfig, q, k, v, scale: float | None = None) -> torch.Tensor:
@@ -184,10 +184,10 @@ def attention(config: AttentionConfig, q, k, v, scale: float | None = None) -> t
     if config.name == "bf16":
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if _fused(q, k, v):
+    if _fused(config, q, k, v):
         from wanexp.kernels.attention import quantized_attention
-        return quantized_attention(q, k, v, config.name, scale, config.block, config.block_n, config.smooth_k,
-                                   config.pv)
+        mean = k_mean(k) if config.name == "int8_sage" and config.smooth_k else None
+        return quantized_attention(q, k, v, config.name, scale, config.block, config.block_n, mean, config.pv)
     if config.name == "fp8":
         return fp8_attention(q, k, v, scale, config.block, config.block_n)
     return sage_attention(q, k, v, scale, config.block, config.smooth_k, config.pv, config.block_n)
