@@ -61,7 +61,7 @@ class AttentionConfig:
     block: int = 128        # tokens per quantization block (per batch and head)
     smooth_k: bool = True   # int8_sage: subtract K's mean over the tokens first
     pv: str = "fp16"        # int8_sage: P·V in fp16 | fp8
-    block_n: int = 128      # keys per online-softmax step (the kernel's BLOCK_N); divides block
+    block_n: int = 64       # keys per online-softmax step (the kernel's BLOCK_N); divides block
 
     def __post_init__(self) -> None:
         if self.name not in ATTENTION:
@@ -151,7 +151,7 @@ class _PV:
         return pv * (self.vs[..., j0 // self.block] * (1.0 / E4M3_MAX))[..., None, None]
 
 
-def fp8_attention(q, k, v, scale: float | None = None, block: int = 128, block_n: int = 128) -> torch.Tensor:
+def fp8_attention(q, k, v, scale: float | None = None, block: int = 128, block_n: int = 64) -> torch.Tensor:
     """E4M3 Q, K, V and P (see the module docstring); ``q, k, v [B, H, S, D]``."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     (qc, qs), (kc, ks) = quantize_codes(q, block, "fp8"), quantize_codes(k, block, "fp8")
@@ -159,7 +159,7 @@ def fp8_attention(q, k, v, scale: float | None = None, block: int = 128, block_n
 
 
 def sage_attention(q, k, v, scale: float | None = None, block: int = 128, smooth_k: bool = True,
-                   pv: str = "fp16", block_n: int = 128) -> torch.Tensor:
+                   pv: str = "fp16", block_n: int = 64) -> torch.Tensor:
     """INT8 Q Kᵀ with K smoothed by its mean over tokens, P V in fp16 or fp8 (see the module docstring)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     kf = k.float() - k_mean(k) if smooth_k else k
