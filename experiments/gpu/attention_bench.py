@@ -18,11 +18,14 @@ import argparse
 import datetime
 import json
 import os
+import sys
 import traceback
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
 SHAPES = {"720p": 57600, "480p": 24960}
 VARIANTS = [("fp8", "fp16"), ("int8_sage", "fp16"), ("int8_sage", "fp8")]
@@ -50,18 +53,56 @@ def _time(fn, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def bench_shape(name: str, repeats: int, entry: dict, save) -> None:
+    """SDPA (cuDNN) and each kernel at one shape, into ``entry``; ``save()`` after each."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from wanexp.kernels.attention import quantized_attention, supports
+    from wanexp.quant.attention import k_mean
+    s = SHAPES[name]
+    q, k, v = _inputs(s)
+    flops = 4.0 * s * s * q.shape[-1] * q.shape[1]
+    entry.update({"B": 1, "H": q.shape[1], "S": s, "D": q.shape[-1], "flops": flops})
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        ref = F.scaled_dot_product_attention(q, k, v)
+        ms = _time(lambda: F.scaled_dot_product_attention(q, k, v), repeats)
+    entry["sdpa_cudnn_bf16"] = {"ms": ms, "tflops": flops / ms / 1e9}
+    print(f"{name} S={s}: SDPA cuDNN bf16 {ms:.2f} ms, {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
+    save()
+    assert supports(q, k, v, 128, 64)
+    mean = k_mean(k)
+    for att, pv in VARIANTS:
+        key = att if att == "fp8" else f"{att}_pv_{pv}"
+        km = mean if att == "int8_sage" else None
+        try:
+            def fn(att=att, pv=pv, km=km):
+                return quantized_attention(q, k, v, att, q.shape[-1] ** -0.5, 128, 64, km, pv)
+            out = fn()
+            err = float((out.float() - ref.float()).norm() / ref.float().norm())
+            del out
+            ms_k = _time(fn, repeats)
+            entry[key] = {"ms": ms_k, "tflops": flops / ms_k / 1e9, "ratio_to_sdpa": ms_k / ms, "rel_err_vs_sdpa": err}
+            print(f"{name} S={s}: {key} {ms_k:.2f} ms, {flops / ms_k / 1e9:.0f} TFLOP/s, "
+                  f"{ms_k / ms:.3f}x SDPA, rel err vs SDPA {err:.4f}", flush=True)
+        except Exception as exc:  # keep the other variants' numbers
+            entry[key] = {"error": f"{type(exc).__name__}: {exc}"}
+            traceback.print_exc()
+        save()
+
+
+def autotuned() -> dict:
+    """The configs Triton's autotune picked, by its key (Sq, Sk, KIND, D, BLOCK_N, dtypes)."""
+    from wanexp.kernels.attention import _attention_tuned
+    return {str(key): str(cfg) for key, cfg in getattr(_attention_tuned, "cache", {}).items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--shapes", default="720p,480p")
     ap.add_argument("--repeats", type=int, default=10)
     args = ap.parse_args()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     import triton
-
-    from wanexp.kernels.attention import quantized_attention, supports
-    from wanexp.quant.attention import k_mean
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"gpu": torch.cuda.get_device_name(), "date": str(datetime.date.today()), "torch": torch.__version__,
@@ -73,42 +114,10 @@ def main() -> None:
         tmp.replace(out_dir / "attention_bench.json")
 
     for name in args.shapes.split(","):
-        s = SHAPES[name]
-        q, k, v = _inputs(s)
-        flops = 4.0 * s * s * q.shape[-1] * q.shape[1]
-        entry = result["shapes"][name] = {"B": 1, "H": q.shape[1], "S": s, "D": q.shape[-1], "flops": flops}
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            ref = F.scaled_dot_product_attention(q, k, v)
-            ms = _time(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats)
-        entry["sdpa_cudnn_bf16"] = {"ms": ms, "tflops": flops / ms / 1e9}
-        print(f"{name} S={s}: SDPA cuDNN bf16 {ms:.2f} ms, {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
+        result["shapes"][name] = {}
+        bench_shape(name, args.repeats, result["shapes"][name], save)
+        result["autotuned"] = autotuned()
         save()
-        assert supports(q, k, v, 128, 64)
-        mean = k_mean(k)
-        for att, pv in VARIANTS:
-            key = att if att == "fp8" else f"{att}_pv_{pv}"
-            try:
-                km = mean if att == "int8_sage" else None
-                fn = lambda: quantized_attention(q, k, v, att, q.shape[-1] ** -0.5, 128, 64, km, pv)  # noqa: E731
-                out = fn()
-                err = float((out.float() - ref.float()).norm() / ref.float().norm())
-                ms_k = _time(fn, args.repeats)
-                entry[key] = {"ms": ms_k, "tflops": flops / ms_k / 1e9, "ratio_to_sdpa": ms_k / ms,
-                              "rel_err_vs_sdpa": err}
-                print(f"{name} S={s}: {key} {ms_k:.2f} ms, {flops / ms_k / 1e9:.0f} TFLOP/s, "
-                      f"{ms_k / ms:.3f}x SDPA, rel err vs SDPA {err:.4f}", flush=True)
-                del out
-            except Exception as exc:  # keep the other variants' numbers
-                entry[key] = {"error": f"{type(exc).__name__}: {exc}"}
-                traceback.print_exc()
-            save()
-        cfgs = {}
-        from wanexp.kernels.attention import _attention_tuned
-        for cache_key, cfg in getattr(_attention_tuned, "cache", {}).items():
-            cfgs[str(cache_key)] = str(cfg)
-        result["autotuned"] = cfgs
-        save()
-        del q, k, v, ref
         torch.cuda.empty_cache()
     print(json.dumps(result, indent=2))
 
