@@ -1,16 +1,35 @@
-"""Quantized attention (wanexp.quant.attention): the references' defining behaviour, and the scoped
-mode that applies them to a denoiser's attention calls."""
+"""Quantized attention (wanexp.quant.attention): the references' defining behaviour, the scoped
+mode that applies them to a denoiser's attention calls, and the Triton kernels
+(wanexp.kernels.attention) against the references.
+
+Tolerances asserted for the kernels (wanexp.quant.attention.KERNEL_RTOL):
+* quantized operands (codes and scales of Q, K, smoothed K, V, transposed V): bit-exact;
+* output vs the reference, relative Frobenius error: <= 2e-3 in Triton's interpreter (measured: 0,
+  the same fp32 operations), <= 1e-2 on a GPU (tensor-core accumulation order and precision,
+  hardware exp2); vs exact fp64 SDPA the references' own bounds (fp8 < 0.1, int8_sage < 5e-2).
+On CPU the kernels run in Triton's interpreter, in a subprocess (``test_attention_interpreter_suite``);
+with a GPU the ``gpu`` tests run them compiled at Wan's shapes (H = 40, D = 128, S = 4096).
+"""
 
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from wanexp.quant.attention import (AttentionConfig, AttentionMode, fp8_attention, quantize_blocks,
-                                    sage_attention)
+from wanexp.quant.attention import (KERNEL_RTOL, LOG2E, AttentionConfig, AttentionMode, attention, flash_reference,
+                                    fp8_attention, k_mean, quantize_blocks, quantize_codes, sage_attention)
+
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = [("fp8", "fp16"), ("int8_sage", "fp16"), ("int8_sage", "fp8")]
+EXACT_BOUND = {"fp8": 0.1, "int8_sage": 5e-2}
 
 
 def _qkv(b=1, h=2, s=200, d=32, seed=0, k_offset=0.0):
@@ -67,6 +86,38 @@ def test_bad_attention_settings_are_refused():
         AttentionConfig("int4")
     with pytest.raises(ValueError, match="attention.pv='bf8'"):
         AttentionConfig("int8_sage", pv="bf8")
+    with pytest.raises(ValueError, match="attention.block_n=48 must be >= 1 and divide attention.block=128"):
+        AttentionConfig("fp8", block_n=48)
+
+
+@pytest.mark.parametrize("block_n", [32, 64, 200])
+def test_the_blocked_online_softmax_is_softmax_when_nothing_is_rounded(block_n):
+    """flash_reference with P̃ V in fp32 and unrounded operands: softmax(scale Q Kᵀ) V to fp32
+    accuracy, whatever the key block (a last block shorter than the others included)."""
+    q, k, v = (t.double() for t in _qkv(s=200))
+    ones = torch.ones(1, 2, 2, dtype=torch.float64)
+    exact = F.scaled_dot_product_attention(q, k, v, scale=0.3)
+
+    class FullPrecisionPV:
+        dim = v.shape[-1]
+
+        def __call__(self, j0, j1, p):
+            return p.double() @ v[..., j0:j1, :]
+    out = flash_reference(q, ones, k, ones, FullPrecisionPV(), 0.3, 128, block_n, torch.float64)
+    assert _rel(out, exact) < 1e-6
+    assert LOG2E == pytest.approx(1.4426950408889634)
+
+
+def test_p_is_rounded_with_the_running_max_of_its_key_block():
+    """With one query and two key blocks whose second holds the row max, the first block's P̃ is
+    rounded relative to its own max (the kernel's order), so the result differs from rounding P
+    relative to the global max; both are within the fp8 bound of exact."""
+    q, k, v = _qkv(s=128, d=32, seed=3)
+    k[..., 64:, :] *= 3.0
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    one_step, two_steps = fp8_attention(q, k, v, block_n=128), fp8_attention(q, k, v, block_n=64)
+    assert not torch.equal(one_step, two_steps)
+    assert _rel(one_step, exact) < 0.1 and _rel(two_steps, exact) < 0.1
 
 
 def test_the_mode_replaces_plain_attention_calls_inside_its_scope_only():
@@ -128,3 +179,147 @@ def test_the_runner_applies_the_attention_axis_and_reports_it(cli, tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
         "wanexp: error: attention=fp8 composes with a quantized method; quant=bf16 is the run every other is "
         "compared to, so its attention stays bf16")
+
+
+def test_cpu_inputs_run_the_reference():
+    q, k, v = _qkv(s=64)
+    for cfg in (AttentionConfig("fp8"), AttentionConfig("int8_sage", pv="fp8")):
+        ref = (fp8_attention(q, k, v, None, cfg.block, cfg.block_n) if cfg.name == "fp8"
+               else sage_attention(q, k, v, None, cfg.block, cfg.smooth_k, cfg.pv, cfg.block_n))
+        assert torch.equal(attention(cfg, q, k, v), ref)
+
+
+# ----------------------------------------------------------------------------- the Triton kernels
+
+
+def _bf16_qkv(b, h, sq, sk, d, device, seed=0, k_offset=1.0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, sq, d, generator=g)
+    k = torch.randn(b, h, sk, d, generator=g) + k_offset * torch.randn(1, h, 1, d, generator=g)
+    v = torch.randn(b, h, sk, d, generator=g)
+    return tuple(t.to(torch.bfloat16).to(device) for t in (q, k, v))
+
+
+def _reference(q, k, v, name, pv, scale, block=128, block_n=64):
+    if name == "fp8":
+        return fp8_attention(q, k, v, scale, block, block_n)
+    return sage_attention(q, k, v, scale, block, True, pv, block_n)
+
+
+def _check_quantizers(b, h, s, d, device):
+    """Codes and scales bit-exact with quantize_codes, padding zero, the transposed layout the same codes."""
+    from wanexp.kernels.attention import quantize
+    x = _bf16_qkv(b, h, s, s, d, device)[1]
+    x[0, 0, 128:256] = 0.0                                   # an all-zero block: scale 1, codes 0
+    x[0, 1, 3, :4] = torch.tensor([300.0, -1e-3, -0.0, 2e-4])  # an outlier, E4M3 subnormals, -0
+    for kind in ("int8", "fp8"):
+        for mean in (None, k_mean(x)):
+            ref_c, ref_s = quantize_codes(x.float() - mean if mean is not None else x, 128, kind)
+            for transpose in (False, True):
+                codes, scales = quantize(x, kind, 128, pad_to=64, mean=mean, transpose=transpose)
+                codes = codes.transpose(-1, -2) if transpose else codes
+                assert codes.shape[-2] == -(-s // 64) * 64
+                assert torch.equal(scales, ref_s), (kind, mean is None, transpose)
+                assert torch.equal(codes[..., :s, :].float(), ref_c), (kind, mean is None, transpose)
+                assert not codes[..., s:, :].float().any()
+    fp8_codes = quantize(x, "fp8", 128)[0]
+    assert torch.equal(fp8_codes.view(torch.uint8), quantize_codes(x, 128, "fp8")[0].to(torch.float8_e4m3fn).view(torch.uint8))
+
+
+def _check_kernels(b, h, sq, sk, d, device, rtol):
+    """Each variant: kernel vs reference within rtol, vs exact SDPA within the reference's bound."""
+    from wanexp.kernels.attention import quantized_attention, supports
+    q, k, v = _bf16_qkv(b, h, sq, sk, d, device)
+    assert supports(q, k, v, 128, 64)
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    errs = {}
+    for name, pv in VARIANTS:
+        ker = quantized_attention(q, k, v, name, d ** -0.5, 128, 64, k_mean(k) if name == "int8_sage" else None, pv)
+        ref = _reference(q, k, v, name, pv, d ** -0.5)
+        assert ker.dtype == torch.bfloat16 and ker.shape == q.shape
+        errs[name, pv] = (_rel(ker, ref), _rel(ker, exact))
+        assert errs[name, pv][0] <= rtol and 1e-4 < errs[name, pv][1] < EXACT_BOUND[name], (name, pv, errs[name, pv])
+    return errs
+
+
+INTERP_ONLY = pytest.mark.skipif(not INTERP, reason="runs under TRITON_INTERPRET=1 (test_attention_interpreter_suite)")
+
+
+@INTERP_ONLY
+def test_interp_attention_quantizers_bit_exact():
+    _check_quantizers(1, 2, 300, 128, "cpu")
+
+
+@INTERP_ONLY
+@pytest.mark.parametrize("sq,sk,d", [(200, 200, 64), (200, 77, 32), (130, 200, 128)])
+def test_interp_attention_kernels_match_the_references(sq, sk, d):
+    _check_kernels(1, 2, sq, sk, d, "cpu", KERNEL_RTOL["interpreter"])
+
+
+@INTERP_ONLY
+def test_interp_compiled_attention_keeps_the_custom_op_in_one_graph():
+    import torch._dynamo
+    from wanexp.kernels.attention import quantized_attention
+    q, k, v = _bf16_qkv(1, 2, 96, 96, 32, "cpu")
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    torch._dynamo.reset()
+    f = torch.compile(lambda a, b, c: quantized_attention(a, b, c, "fp8", 0.2) * 2, fullgraph=True, backend=counting)
+    assert torch.equal(f(q, k, v), quantized_attention(q, k, v, "fp8", 0.2) * 2)
+    assert len(graphs) == 1 and "wanexp.quantized_attention" in str(graphs[0].graph)
+
+
+@pytest.mark.skipif(INTERP, reason="already inside the interpreter run")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the compiled kernels are tested instead")
+def test_attention_interpreter_suite():
+    """The interpreter checks above, in a subprocess with TRITON_INTERPRET=1 (CPU)."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interp"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "5 passed" in proc.stdout, proc.stdout[-2000:]
+
+
+WAN = dict(b=1, h=40, sq=4096, sk=4096, d=128)   # an A14B self-attention, 4096 tokens (720p has 57,600)
+
+
+@pytest.mark.gpu
+def test_gpu_attention_quantizers_bit_exact_at_wan_shapes():
+    _check_quantizers(1, 40, 4096 + 77, 128, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sk", [4096, 512 + 77])   # self-attention, and a cross-attention's text length
+def test_gpu_attention_kernels_match_the_references_at_wan_shapes(sk):
+    _check_kernels(WAN["b"], WAN["h"], WAN["sq"], sk, WAN["d"], "cuda", KERNEL_RTOL["gpu"])
+
+
+@pytest.mark.gpu
+def test_gpu_dispatch_runs_the_kernel_and_compiles_without_graph_breaks():
+    import torch._dynamo
+    from wanexp import kernels
+    from wanexp.kernels.attention import quantized_attention
+    q, k, v = _bf16_qkv(1, 40, 1024, 1024, 128, "cuda")
+    for name, pv in VARIANTS:
+        cfg = AttentionConfig(name, pv=pv)
+        fused = attention(cfg, q, k, v)
+        mean = k_mean(k) if name == "int8_sage" else None
+        assert torch.equal(fused, quantized_attention(q, k, v, name, 128 ** -0.5, 128, 64, mean, pv))
+        with kernels.fused(False):
+            assert torch.equal(attention(cfg, q, k, v), _reference(q, k, v, name, pv, 128 ** -0.5))
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda a, b, c: attention(cfg, a, b, c), fullgraph=True)
+        assert torch.equal(compiled(q, k, v), fused)
+
+
+def test_the_bench_paths_with_quantized_attention_apply_its_mode():
+    from wanexp.bench.core import ATTENTION_PATHS, W4A4_PATHS, attention_scope
+    assert set(ATTENTION_PATHS) <= set(W4A4_PATHS) and len(ATTENTION_PATHS) == 4
+    for path in ATTENTION_PATHS:
+        scope = attention_scope(path)
+        assert isinstance(scope, AttentionMode) and scope.config.name == path.split("+attn_")[1].removesuffix("_compiled")
+    assert not isinstance(attention_scope("fused_fp8_compiled"), AttentionMode)

@@ -116,6 +116,18 @@ def profile_forward(model: nn.Module, inputs: dict) -> dict[str, Any]:
 # The W4A4 paths the bench can time, each eager or with every block compiled ("_compiled")
 W4A4_PATHS = ("reference", "fused", "fused_triton", "fused_fp8", "fused_compiled", "fused_triton_compiled",
               "fused_fp8_compiled")
+# ... and with quantized attention (wanexp.quant.attention, its Triton kernels): "<path>+attn_<name>[_compiled]"
+ATTENTION_PATHS = tuple(f"fused_fp8+attn_{a}{c}" for c in ("", "_compiled") for a in ("fp8", "int8_sage"))
+W4A4_PATHS += ATTENTION_PATHS
+
+
+def attention_scope(path: str) -> contextlib.AbstractContextManager:
+    """``AttentionMode`` of a "+attn_<name>" path (every SDPA call of the expert quantized), else nothing."""
+    name = path.removesuffix("_compiled").partition("+attn_")[2]
+    if not name:
+        return contextlib.nullcontext()
+    from wanexp.quant.attention import AttentionConfig, AttentionMode
+    return AttentionMode(AttentionConfig(name))
 
 
 @contextlib.contextmanager
@@ -264,9 +276,9 @@ def _run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None]) -> di
     result["timestep_bin"] = ctx.bin
     log(f"quantized {len(swapped)} linears in {result['quantize_s']:.1f} s: {result['bytes_w4a4'] / GB:.2f} GB held")
     for path in [p for p in W4A4_PATHS if p in paths]:
-        base = path.removesuffix("_compiled")
+        base = path.removesuffix("_compiled").partition("+attn_")[0]
         backend = {"fused_triton": "triton", "fused_fp8": "fp8"}.get(base, "auto")
-        with kernels.fused(base != "reference"), kernels.gemm_backend(backend), \
+        with kernels.fused(base != "reference"), kernels.gemm_backend(backend), attention_scope(path), \
                 (compiled_blocks(model) if path in compiled else contextlib.nullcontext()):
             before = fallback_counts(model)
             measure(path)
@@ -301,6 +313,9 @@ def _run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None]) -> di
         for path in [p for p in result["paths"] if p != "bf16" and p in o]:
             if "bf16" in o:
                 entry[f"{path}_vs_bf16_rel_err"] = float((o[path] - o["bf16"]).norm() / o["bf16"].norm())
+            plain = path.partition("+attn_")[0] + ("_compiled" if path.endswith("_compiled") else "")
+            if plain != path and plain in o:  # the quantized attention's own effect, on the same W4A4 path
+                entry[f"{path}_vs_{plain}_rel_err"] = float((o[path] - o[plain]).norm() / o[plain].norm())
             if path != "reference" and "reference" in o and path not in ("fused", "fused_triton", "bf16_compiled"):
                 entry[f"{path}_vs_reference_rel_err"] = float((o[path] - o["reference"]).norm()
                                                               / o["reference"].norm())
@@ -346,6 +361,8 @@ def to_markdown(r: dict[str, Any]) -> str:
               "fused": "W4A4 fused (Triton act-quant; GEMM auto: upcast + cuBLAS above 4096 tokens)",
               "fused_triton": "W4A4 fused (Triton act-quant + Triton packed-weight GEMM)",
               "fused_fp8": "W4A4 fused on FP8 tensor cores (row-folded E4M3, torch._scaled_mm)"}
+    labels.update({"fused_fp8+attn_fp8": f"{labels['fused_fp8']} + FP8 attention (Triton)",
+                   "fused_fp8+attn_int8_sage": f"{labels['fused_fp8']} + INT8 SageAttention, fp16 P·V (Triton)"})
     labels.update({f"{k}_compiled": f"{v}, blocks compiled" for k, v in list(labels.items()) if k != "reference"})
     for fmt in {p.split("_")[1] for p in r["paths"] if p.startswith("fused_") and p.split("_")[1] not in
                 ("triton", "fp8", "compiled")}:

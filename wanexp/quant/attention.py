@@ -1,28 +1,45 @@
 """Quantized attention as an experiment axis (``attention=bf16 | fp8 | int8_sage``).
 
-Every attention call of a denoiser, S = softmax(scale · Q Kᵀ), O = S V, with its operands in low
-precision, composable with every weight/activation method and format:
+Every attention call of a denoiser, O = softmax(scale · Q Kᵀ) V, with its operands in low
+precision, composable with every weight/activation method and format. The numerics are those of a
+one-pass flash-attention kernel (FlashAttention-3's FP8 path, SageAttention2), so that a fused
+kernel can compute exactly what is defined here:
 
-* ``fp8`` (the FP8 attention of Hopper kernels): Q, K and V quantized to E4M3 with one fp32 scale
-  per head and block of ``block`` tokens (amax / 448, round to nearest even, saturating); the
-  products Q Kᵀ exact in fp32; softmax in fp32; P quantized to E4M3 per head and block of queries
-  (scale amax / 448) before P V.
+* Q, K (and V where it is quantized) get one fp32 scale per (batch, head, block of ``block``
+  tokens): ``scale = amax / qmax`` (IEEE division; 1 for an all-zero block), ``code = x / scale``
+  rounded to nearest even: INT8 (qmax 127, clamped to ±127) or E4M3 (qmax 448, saturating).
+  The codes' products are exact (FP8 products fit fp32; INT8 sums are integers).
+* The scores are visited in blocks of ``block_n`` keys (``block % block_n == 0``, so one K and one
+  V scale per key block), with the online softmax in base 2: s = (codes_Q · codes_Kᵀ) · (scale_Q ·
+  scale · log2 e) · scale_K; m = the running row max; P̃ = 2^(s − m), in [0, 1]; l = l · 2^(m_old − m)
+  + Σ P̃ (fp32, unquantized); acc = acc · 2^(m_old − m) + P̂ V̂; O = acc / l.
+* P̂ is P̃ in low precision with a fixed scale, not an amax (a one-pass kernel has no row's amax
+  over all keys): ``fp8`` and ``pv: fp8`` use E4M3(448 · P̃) with 1/448 and V's block scale folded
+  into the product; ``pv: fp16`` uses fp16(P̃) and fp16(V).
+
+Variants:
+
+* ``fp8`` (FP8 attention on Hopper): Q, K, V in E4M3 per block, Q Kᵀ and P V on FP8 tensor cores.
 * ``int8_sage`` (SageAttention's recipe): K smoothed by subtracting its mean over the tokens
   (softmax is invariant to adding one constant per query row, and Q·mean(K) is exactly that, so
   the result does not change while K's outliers shared by every token stop costing INT8 range);
-  Q and K quantized to INT8 per head and block (amax / 127, RNE); P V in fp16 (``pv: fp16``) or
-  with P and V in E4M3 (``pv: fp8``).
+  Q and K in INT8 per block, Q Kᵀ on INT8 tensor cores; P V in fp16 (``pv: fp16``) or with P and V
+  in E4M3 (``pv: fp8``).
 
-The functions here are the plain-torch references: they define the numerics, and they are the
-path that runs (on the CPU and, until a fused kernel exists, on the GPU too). :class:`AttentionMode`
-applies one of them to every ``scaled_dot_product_attention`` call inside its scope (a
-``TorchFunctionMode``: nothing global, only what runs inside the ``with``).
+The functions here are the plain-torch references: they define the numerics and run on the CPU
+(and wherever the fused kernel does not apply). :func:`attention` dispatches to the Triton kernels
+of :mod:`wanexp.kernels.attention` on a CUDA input when the fused path is enabled; those produce
+bit-exactly the quantized operands and agree with the references up to accumulation order, ``exp2``
+rounding and the bf16 output rounding (relative Frobenius error below :data:`KERNEL_RTOL`, tested).
+:class:`AttentionMode` applies :func:`attention` to every ``scaled_dot_product_attention`` call
+inside its scope (a ``TorchFunctionMode``: nothing global, only what runs inside the ``with``).
 
 The seed papers' rows keep BF16 attention (``attention=bf16``, the default).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +48,11 @@ from torch.overrides import TorchFunctionMode
 
 ATTENTION = ("bf16", "fp8", "int8_sage")
 E4M3_MAX = 448.0
+LOG2E = math.log2(math.e)
+# Fused kernel vs reference, relative Frobenius error of the bf16 outputs: Triton's interpreter
+# (the same fp32 arithmetic in another order) and a Hopper GPU (tensor-core accumulation order,
+# FP8 products summed in the tensor cores' own precision, the hardware's approximate exp2).
+KERNEL_RTOL = {"interpreter": 2e-3, "gpu": 1e-2}
 
 
 @dataclass(frozen=True)
@@ -39,6 +61,7 @@ class AttentionConfig:
     block: int = 128        # tokens per quantization block (per batch and head)
     smooth_k: bool = True   # int8_sage: subtract K's mean over the tokens first
     pv: str = "fp16"        # int8_sage: P·V in fp16 | fp8
+    block_n: int = 64       # keys per online-softmax step (the kernel's BLOCK_N); divides block
 
     def __post_init__(self) -> None:
         if self.name not in ATTENTION:
@@ -47,6 +70,8 @@ class AttentionConfig:
             raise ValueError(f"attention.block={self.block} must be >= 1")
         if self.pv not in ("fp16", "fp8"):
             raise ValueError(f"attention.pv={self.pv!r} is not one of fp16, fp8")
+        if self.block_n < 1 or self.block % self.block_n:
+            raise ValueError(f"attention.block_n={self.block_n} must be >= 1 and divide attention.block={self.block}")
 
 
 def _blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
@@ -58,50 +83,114 @@ def _blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
     return x.unflatten(-2, (x.shape[-2] // block, block)), s
 
 
-def quantize_blocks(x: torch.Tensor, block: int, kind: str) -> torch.Tensor:
-    """The values ``x [B, H, S, D]`` takes in ``kind`` ("int8" or "fp8") with one fp32 scale per
-    (batch, head, block of tokens), as fp32."""
+def quantize_codes(x: torch.Tensor, block: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [B, H, S, D]`` in ``kind`` ("int8" or "fp8") with one fp32 scale per (batch, head, block
+    of tokens): the codes (fp32 values of the INT8 / E4M3 grid, ``[B, H, S, D]``) and the scales
+    (``[B, H, ceil(S / block)]``)."""
     v, s = _blocks(x.float(), block)
     amax = v.abs().amax(dim=(-2, -1), keepdim=True)
     qmax = 127.0 if kind == "int8" else E4M3_MAX
     scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
     t = v / scale
     q = t.round().clamp(-127, 127) if kind == "int8" else t.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()
-    return (q * scale).flatten(-3, -2)[..., :s, :]
+    return q.flatten(-3, -2)[..., :s, :], scale.flatten(-3)
 
 
-def fp8_attention(q, k, v, scale: float | None = None, block: int = 128) -> torch.Tensor:
+def quantize_blocks(x: torch.Tensor, block: int, kind: str) -> torch.Tensor:
+    """The values ``x [B, H, S, D]`` takes in ``kind`` ("int8" or "fp8") with one fp32 scale per
+    (batch, head, block of tokens), as fp32."""
+    codes, scale = quantize_codes(x, block, kind)
+    return codes * scale.repeat_interleave(block, dim=-1)[..., :codes.shape[-2], None]
+
+
+def k_mean(k: torch.Tensor) -> torch.Tensor:
+    """K's fp32 mean over the tokens, ``[B, H, 1, D]`` (one call, shared by the reference and the
+    kernel path so that both quantize the same smoothed K)."""
+    return k.mean(dim=-2, keepdim=True, dtype=torch.float32)
+
+
+def _e4m3(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float8_e4m3fn).float()
+
+
+def flash_reference(qc, qs, kc, ks, v_block, scale: float, block: int, block_n: int, out_dtype) -> torch.Tensor:
+    """The blocked online softmax of the module docstring on quantized Q (codes ``qc``, scales
+    ``qs``) and K, one key block at a time; ``v_block(j0, j1, p)`` returns P̂ V̂ of the keys
+    [j0, j1) for the block's P̃ (fp32)."""
+    sk = kc.shape[-2]
+    row = (qs * (scale * LOG2E)).repeat_interleave(block, dim=-1)[..., :qc.shape[-2]]   # [B, H, Sq]
+    m = torch.full(row.shape, float("-inf"), device=qc.device)
+    l = torch.zeros_like(m)
+    acc = torch.zeros(*qc.shape[:-1], v_block.dim, device=qc.device)
+    for j0 in range(0, sk, block_n):
+        j1 = min(j0 + block_n, sk)
+        s = (qc @ kc[..., j0:j1, :].transpose(-1, -2)) * (row * ks[..., j0 // block, None])[..., None]
+        m_new = torch.maximum(m, s.amax(dim=-1))
+        alpha = torch.exp2(m - m_new)
+        p = torch.exp2(s - m_new[..., None])
+        l = l * alpha + p.sum(dim=-1)
+        acc = acc * alpha[..., None] + v_block(j0, j1, p)
+        m = m_new
+    return (acc / l[..., None]).to(out_dtype)
+
+
+class _PV:
+    """P̂ V̂ of one key block: fp16 (P̃ and V in fp16) or fp8 (E4M3(448 P̃), V in E4M3 per block)."""
+
+    def __init__(self, v: torch.Tensor, kind: str, block: int) -> None:
+        self.kind, self.block, self.dim = kind, block, v.shape[-1]
+        if kind == "fp16":
+            self.v = v.half().float()
+        else:
+            self.v, self.vs = quantize_codes(v, block, "fp8")
+
+    def __call__(self, j0: int, j1: int, p: torch.Tensor) -> torch.Tensor:
+        if self.kind == "fp16":
+            return p.half().float() @ self.v[..., j0:j1, :]
+        pv = _e4m3(p * E4M3_MAX) @ self.v[..., j0:j1, :]
+        return pv * (self.vs[..., j0 // self.block] * (1.0 / E4M3_MAX))[..., None, None]
+
+
+def fp8_attention(q, k, v, scale: float | None = None, block: int = 128, block_n: int = 64) -> torch.Tensor:
     """E4M3 Q, K, V and P (see the module docstring); ``q, k, v [B, H, S, D]``."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    qd, kd, vd = (quantize_blocks(t, block, "fp8") for t in (q, k, v))
-    p = torch.softmax((qd @ kd.transpose(-1, -2)) * scale, dim=-1)
-    pd = quantize_blocks(p, block, "fp8")
-    return (pd @ vd).to(q.dtype)
+    (qc, qs), (kc, ks) = quantize_codes(q, block, "fp8"), quantize_codes(k, block, "fp8")
+    return flash_reference(qc, qs, kc, ks, _PV(v, "fp8", block), scale, block, block_n, q.dtype)
 
 
 def sage_attention(q, k, v, scale: float | None = None, block: int = 128, smooth_k: bool = True,
-                   pv: str = "fp16") -> torch.Tensor:
+                   pv: str = "fp16", block_n: int = 64) -> torch.Tensor:
     """INT8 Q Kᵀ with K smoothed by its mean over tokens, P V in fp16 or fp8 (see the module docstring)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    kf = k.float()
-    if smooth_k:
-        kf = kf - kf.mean(dim=-2, keepdim=True)
-    qd, kd = quantize_blocks(q, block, "int8"), quantize_blocks(kf, block, "int8")
-    p = torch.softmax((qd @ kd.transpose(-1, -2)) * scale, dim=-1)
-    if pv == "fp16":
-        out = (p.half() @ v.half()).float()
-    else:
-        out = quantize_blocks(p, block, "fp8") @ quantize_blocks(v, block, "fp8")
-    return out.to(q.dtype)
+    kf = k.float() - k_mean(k) if smooth_k else k
+    (qc, qs), (kc, ks) = quantize_codes(q, block, "int8"), quantize_codes(kf, block, "int8")
+    return flash_reference(qc, qs, kc, ks, _PV(v, pv, block), scale, block, block_n, q.dtype)
+
+
+def _fused(config: AttentionConfig, q, k, v) -> bool:
+    """The Triton kernel runs this call (:mod:`wanexp.kernels.attention`)."""
+    if not q.is_cuda:
+        return False
+    from wanexp import kernels
+    if not (kernels.fused_enabled() and kernels.triton_available()):
+        return False
+    from wanexp.kernels.attention import supports
+    return supports(q, k, v, config.block, config.block_n)
 
 
 def attention(config: AttentionConfig, q, k, v, scale: float | None = None) -> torch.Tensor:
-    """``config``'s attention of ``q, k, v [B, H, S, D]`` (bf16: PyTorch's SDPA)."""
+    """``config``'s attention of ``q, k, v [B, H, S, D]`` (bf16: PyTorch's SDPA): the Triton kernel
+    on a CUDA input it supports while the fused path is enabled, the reference otherwise."""
+    if config.name == "bf16":
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if _fused(config, q, k, v):
+        from wanexp.kernels.attention import quantized_attention
+        mean = k_mean(k) if config.name == "int8_sage" and config.smooth_k else None
+        return quantized_attention(q, k, v, config.name, scale, config.block, config.block_n, mean, config.pv)
     if config.name == "fp8":
-        return fp8_attention(q, k, v, scale, config.block)
-    if config.name == "int8_sage":
-        return sage_attention(q, k, v, scale, config.block, config.smooth_k, config.pv)
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return fp8_attention(q, k, v, scale, config.block, config.block_n)
+    return sage_attention(q, k, v, scale, config.block, config.smooth_k, config.pv, config.block_n)
 
 
 class AttentionMode(TorchFunctionMode):

@@ -256,7 +256,7 @@ def quantized_pipe(state):
 def attention_config(cfg) -> AttentionConfig:
     """The run's ``attention`` group (bf16 when the config has none: runs written before it existed)."""
     att = OmegaConf.to_container(cfg.attention, resolve=True) if cfg.get("attention") is not None else {}
-    return AttentionConfig(**{k: v for k, v in att.items() if k in ("name", "block", "smooth_k", "pv")})
+    return AttentionConfig(**{k: v for k, v in att.items() if k in ("name", "block", "smooth_k", "pv", "block_n")})
 
 
 def artifact_contexts(header: dict) -> dict:
