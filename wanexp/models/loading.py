@@ -103,7 +103,10 @@ def model_fingerprint(pipe) -> str:
     h = hashlib.sha256()
     for name, module in experts(pipe).items():
         h.update(name.encode())
-        h.update(json.dumps(dict(module.config), sort_keys=True, default=str).encode())
+        config = dict(module.config)
+        if "_use_default_values" in config:  # diffusers builds this list from a set: its order varies by process
+            config["_use_default_values"] = sorted(config["_use_default_values"])
+        h.update(json.dumps(config, sort_keys=True, default=str).encode())
         loras = getattr(module, "_wanexp_loras", None)
         if loras:  # merged LoRAs (wanexp.models.lora): an artifact made with them is refused without them
             h.update(json.dumps(loras, sort_keys=True).encode())
