@@ -22,7 +22,10 @@ from pathlib import Path
 ROOT = Path(os.environ.get("WANEXP_E2E_ROOT", "/tmp/a14b_e2e"))
 # all four attempts end by this many seconds after the start (a device command has 10 minutes)
 DEADLINE = time.time() + float(os.environ.get("WANEXP_E2E_DEADLINE_S", "1e9"))
-ARGS = ["model=a14b_random", "model.num_layers=2", "quant=tsclip", "data=tiny", "data.calib.num_samples=2",
+# WANEXP_E2E_MODEL=tiny: the same kill/resume choreography with the tiny model (a CPU check of this script)
+MODEL = (["model=a14b_random", "model.num_layers=2"] if os.environ.get("WANEXP_E2E_MODEL", "a14b_random") == "a14b_random"
+         else [f"model={os.environ['WANEXP_E2E_MODEL']}"])
+ARGS = [*MODEL, "quant=tsclip", "data=tiny", "data.calib.num_samples=2",
         "data.eval.num_samples=2", "model.generation.num_inference_steps=4", "model.generation.height=480",
         "model.generation.width=832", "model.generation.num_frames=17", "logger=none", "progress=false",
         f"paths.output_root={ROOT}"]

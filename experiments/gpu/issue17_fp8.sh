@@ -24,6 +24,16 @@ formats2)  # NVFP4, INT4, HiF4 in one process beside BF16 eager and compiled, 72
     "bench.paths=[bf16,bf16_compiled]" "bench.extra_formats=[nvfp4,int4,hif4]" bench.profile.enabled=false \
     "bench.resolutions=[{name: 720p, height: 720, width: 1280, frames: 61}]" bench.out_dir="$OUT" > "$OUT/bench_formats.log" 2>&1
   echo "recompiles: $(grep -c 'Recompiling function' "$OUT/bench_formats.log")"; grep -v "__recompiles" "$OUT/bench_formats.log" | tail -30 ;;
+round3)  # fixes re-checked, the attention kernels (tests + one-call micro-bench), then NVFP4/INT4/HiF4 and
+  # MXFP4 + FP8 attention in the full expert beside BF16 eager and compiled, 720p, one process
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_compile.py tests/test_attention.py -m gpu \
+    -k "fp8_fold or int4_nvfp4_hif4 or tiles or layers_equal or attention or attn" 2>&1 | tee "$OUT/gpu_tests.log" | tail -8
+  timeout 60 python3 experiments/gpu/attention_bench.py --out "$OUT" --repeats 5 > "$OUT/attention_bench.log" 2>&1
+  tail -12 "$OUT/attention_bench.log"
+  timeout 390 python3 -m wanexp.bench bench=fp8_a14b bench.name=bench_round3_720p bench.profile.enabled=false \
+    "bench.paths=[bf16,bf16_compiled,fused_fp8+attn_fp8_compiled]" "bench.extra_formats=[nvfp4,int4,hif4]" \
+    "bench.resolutions=[{name: 720p, height: 720, width: 1280, frames: 61}]" bench.out_dir="$OUT" > "$OUT/bench_round3.log" 2>&1
+  grep -v "__recompiles" "$OUT/bench_round3.log" | grep "s/forward\|Error\|error" | tail -20 ;;
 formats)
   for f in nvfp4 int4 hif4; do
     timeout 170 python3 -m wanexp.bench bench=fp8_a14b bench.name=bench_$f bench.quant.format=$f \
