@@ -34,6 +34,16 @@ round3)  # fixes re-checked, the attention kernels (tests + one-call micro-bench
     "bench.paths=[bf16,bf16_compiled,fused_fp8+attn_fp8_compiled]" "bench.extra_formats=[nvfp4,int4,hif4]" \
     "bench.resolutions=[{name: 720p, height: 720, width: 1280, frames: 61}]" bench.out_dir="$OUT" > "$OUT/bench_round3.log" 2>&1
   grep -v "__recompiles" "$OUT/bench_round3.log" | grep "s/forward\|Error\|error" | tail -20 ;;
+round4)  # what the last device minutes allow: the fixes and the attention kernels on the GPU, the attention
+  # micro-bench, then NVFP4 and HiF4 compiled beside compiled BF16 in the full expert, 720p, one process
+  timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_compile.py tests/test_attention.py -m gpu \
+    -k "int4_nvfp4_hif4 or layers_equal or attention or attn" 2>&1 | tee "$OUT/gpu_tests.log" | tail -8
+  timeout 50 python3 experiments/gpu/attention_bench.py --out "$OUT" --repeats 3 > "$OUT/attention_bench.log" 2>&1
+  tail -12 "$OUT/attention_bench.log"
+  timeout 200 python3 -m wanexp.bench bench=fp8_a14b bench.name=bench_formats_720p bench.profile.enabled=false \
+    "bench.paths=[bf16_compiled]" "bench.extra_formats=[nvfp4,hif4]" "bench.extra_format_paths=[fused_compiled]" \
+    "bench.resolutions=[{name: 720p, height: 720, width: 1280, frames: 61}]" bench.out_dir="$OUT" > "$OUT/bench_formats.log" 2>&1
+  grep "s/forward\|Error\|error" "$OUT/bench_formats.log" | tail -10 ;;
 formats)
   for f in nvfp4 int4 hif4; do
     timeout 170 python3 -m wanexp.bench bench=fp8_a14b bench.name=bench_$f bench.quant.format=$f \
