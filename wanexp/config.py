@@ -138,7 +138,6 @@ SETTINGS: dict[str, Rule] = {
     "data.image_condition": choice("reference", "blank"),
     "data.calib.num_samples": integer(0, null=True),
     "data.eval.num_samples": integer(1, null=True),
-    "quant.weights": boolean(),
     "quant.activations": boolean(),
     "quant.smoothing": choice(None, "max", "percentile", "awq"),
     "quant.smoothing_per_bin": boolean(),
