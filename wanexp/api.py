@@ -84,13 +84,15 @@ def compose(overrides: list[str]):
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
+
+    from wanexp.config import schema_error
     outer = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return hydra_compose("config", overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as err:
-        raise WanexpError(f"recipe overrides {list(overrides)}: {str(err).splitlines()[0]}") from None
+        raise WanexpError(f"recipe overrides {list(overrides)}: {schema_error(err)}") from None
     finally:
         if outer is not None:
             GlobalHydra.instance().initialize(outer)

@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 from wanexp.errors import WanexpError
 from wanexp.io import flatten, probe_writable
 from wanexp.rundir import RunDir
+from wanexp.schema import QuantSchema, Schema
 
 _MISSING = object()
 
@@ -142,8 +143,8 @@ SETTINGS: dict[str, Rule] = {
     "quant.smoothing": choice(None, "max", "percentile", "awq"),
     "quant.smoothing_per_bin": boolean(),
     "quant.weight_clip_search": boolean(),
-    "quant.weight_clip_ratios": listing(number(0.0, 1.0, lo_open=True), nonempty=True,
-                                       what="weight clip ratios: the share of a group's max |w| kept"),
+    "quant.weight_clip_ratios": listing(number(0.0, 1.0, lo_open=True), nonempty=True, null=True,
+                                       what="weight clip ratios: the share of a group's max |w| kept; null: AWQ's"),
     "quant.alpha": listing(number(0.0, 1.0), nonempty=True, scalar=True, what="SmoothQuant migration strength"),
     "quant.percentile": number(0.0, 100.0, lo_open=True),
     "quant.rank": integer(0, what="low-rank branch width; 0 = none"),
@@ -198,9 +199,58 @@ def _show(v) -> str:
     return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
 
-def check_settings(cfg) -> None:
-    """Refuse the first setting out of its range, naming key, value and the allowed values."""
+def _schema_keys(path: Sequence[str]) -> list[str] | None:
+    """The keys the schema gives the node at ``path`` (None: an open node, or no such node)."""
+    import dataclasses
+    import typing
+    node: Any = Schema
+    for part in path:
+        if not dataclasses.is_dataclass(node):
+            return None
+        node = typing.get_type_hints(node).get(part)
+    return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else None
+
+
+def schema_error(err: Exception) -> str:
+    """One line for a config the schema refuses (Hydra's composition error, or OmegaConf's), naming the
+    key and, for an unknown key, the nearest known one."""
+    import difflib
+
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+    cause = err if isinstance(err, OmegaConfBaseException) else err.__cause__
+    head = "" if cause is err else str(err).strip().splitlines()[0].rstrip(".") + ": "
+    if getattr(err, "override", None):  # a command-line override that does not parse
+        head = f"override {err.override!r}: {head}"
+    if not isinstance(cause, OmegaConfBaseException):
+        return head.rstrip(": ")
+    full_key = str(getattr(cause, "full_key", "") or "")
+    parent, _, key = full_key.rpartition(".")
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and key:
+        known = _schema_keys(parent.split(".") if parent else [])
+        near = difflib.get_close_matches(key, known or [], n=1)
+        hint = f"; did you mean {'.'.join(filter(None, (parent, near[0])))}?" if near else ""
+        return f"{head}{full_key} is not a setting ({parent or 'the top level'} has no key {key!r}{hint})"
+    msg = (getattr(cause, "msg", None) or str(cause)).strip().splitlines()[0]
+    return f"{head}{msg}" + (f" ({full_key})" if full_key and full_key not in head + msg else "")
+
+
+def check_schema(cfg) -> None:
+    """The composed config against the schema (``wanexp.schema``): Hydra already refuses an unknown key
+    or a wrong type while composing, but not a key added with ``+key=value``."""
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+    try:
+        # as plain containers: a typed node merged whole would keep the key it was given
+        OmegaConf.merge(OmegaConf.structured(Schema), OmegaConf.to_container(cfg, resolve=False))
+    except OmegaConfBaseException as err:
+        raise WanexpError(schema_error(err)) from None
+
+
+def check_settings(cfg) -> None:
+    """Refuse a key the schema does not have, then the first setting out of its range, naming key, value
+    and the allowed values."""
+    from omegaconf import OmegaConf
+    check_schema(cfg)
     for key, rule in SETTINGS.items():
         value = OmegaConf.select(cfg, key, default=_MISSING)
         if value is _MISSING:
@@ -310,6 +360,32 @@ def changed_keys(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]
     return sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
 
 
+# Keys an earlier version wrote into the quant group that nothing read (removed with the schema: conf/quant no
+# longer has them, and the schema refuses them); run directories of that version still record them.
+DEAD_KEYS = ("quant.weights", "quant.needs")
+
+
+def _schema_defaults() -> dict[str, Any]:
+    """The quant group's defaults (``wanexp.schema.QuantSchema``), flattened as recorded settings are."""
+    import json
+
+    from omegaconf import OmegaConf
+    defaults = OmegaConf.to_container(OmegaConf.structured(QuantSchema))
+    defaults.pop("name")
+    return flatten(json.loads(json.dumps({"quant": defaults})))
+
+
+def migrate_settings(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, Any]:
+    """Flattened settings an older version recorded, in today's terms, to compare with ``now``: its dead
+    keys dropped, and a quant key that its config did not have (the schema gives every method every
+    key now) read as the schema's default, which is what the older version used in its place."""
+    defaults = _schema_defaults()
+    out = {k: v for k, v in recorded.items() if k not in DEAD_KEYS}
+    if any(k.startswith("quant.") for k in out):  # only a record that has the quant group at all
+        out.update({k: defaults[k] for k in now if k in defaults and k not in out})
+    return out
+
+
 def resume_plan(finished: Mapping[str, dict], inputs: Mapping[str, dict], wanted: Sequence[str],
                 run_dir, explicit: bool) -> ResumePlan:
     """What a re-run in ``run_dir`` does with its finished stages (``finished``: stage → its marker).
@@ -322,6 +398,7 @@ def resume_plan(finished: Mapping[str, dict], inputs: Mapping[str, dict], wanted
         recorded = marker.get("inputs")
         if recorded is None or stage not in inputs:  # a marker from before inputs were recorded
             continue
+        recorded = migrate_settings(recorded, inputs[stage])
         diff = changed_keys(recorded, inputs[stage])
         if not diff:
             continue
@@ -372,7 +449,8 @@ def check_legacy_config(config: Mapping[str, Any], run_dir: Path, finished: Mapp
         return
     before = {k: v for k, v in json.loads(path.read_text()).items() if k not in _LEGACY_FREE}
     now = {k: v for k, v in json.loads(json.dumps(config, default=str)).items() if k not in _LEGACY_FREE}
-    diff = changed_keys(flatten(before), flatten(now))
+    now = flatten(now)
+    diff = changed_keys(migrate_settings(flatten(before), now), now)
     if diff:
         raise WanexpError(f"{run_dir} holds a run with a different configuration ({', '.join(diff[:6])}"
                           f"{' …' if len(diff) > 6 else ''} differ); use a new run directory")
