@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 from wanexp.errors import WanexpError
 from wanexp.io import flatten, probe_writable
 from wanexp.rundir import RunDir
-from wanexp.schema import QuantSchema, Schema
+from wanexp.schema import EXPERTS, QuantSchema, Schema
 
 _MISSING = object()
 
@@ -109,7 +109,7 @@ def _bin_edges(v) -> bool:
                 and len(set(xs)) == len(xs))
     if v is None or edges(v):
         return True
-    return isinstance(v, Mapping) and set(v) <= {"high_noise", "low_noise"} and all(edges(x) for x in v.values())
+    return isinstance(v, Mapping) and set(v) <= set(EXPERTS) and all(edges(x) for x in v.values())
 
 
 # Every numeric and choice setting, by key (keys a config does not have are not checked).

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING
 
 SCHEMA_NAME = "wanexp_schema"
+EXPERTS = ("high_noise", "low_noise")   # Wan2.2's two denoisers, as configs, records and artifacts name them
 
 # The calibration defaults that several readers share (the calibration key, the collectors, the
 # analysis traces): one home each.

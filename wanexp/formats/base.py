@@ -39,6 +39,7 @@ def pack_version(fmt: str) -> int:
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
            "float64": torch.float64}
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}   # the short names configs use
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -46,6 +47,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def dtype_from_name(name: str) -> torch.dtype:
+    """``bfloat16`` (as ``dtype_name`` writes it) or a short name (``bf16``) → the torch dtype."""
+    name = DTYPE_ALIASES.get(name, name)
     if name not in _DTYPES:
         raise ValueError(f"unsupported dtype {name!r}; expected one of {sorted(_DTYPES)}")
     return _DTYPES[name]

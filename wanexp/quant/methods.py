@@ -59,6 +59,7 @@ from wanexp.quant.awq import AWQ_RATIOS
 from wanexp.quant.clip_search import candidates, ratio, relative_errors, searched
 from wanexp.quant.linear import QuantLinear
 from wanexp.quant.lowrank import split_lowrank
+from wanexp.schema import CALIB_TOKENS, CLIP_CANDIDATES, EXPERTS, PERCENTILE
 from wanexp.quant.smooth import (apply_to_weight, awq_scales, channel_mean_abs, channel_percentile, smooth_hessian,
                                  smoothquant_scales, tail_aware_scales)
 
@@ -102,13 +103,13 @@ class MethodConfig:
     smoothing: str | None = None                   # None | "max" | "percentile" | "awq" (mean |x|, s = a^α)
     smoothing_per_bin: bool = False                # one smoothing vector (and weight) per timestep bin (ViDiT-Q)
     alpha: float | Sequence[float] = 0.5           # one value, or a grid searched per layer
-    percentile: float = 99.9
+    percentile: float = PERCENTILE
     rank: int = 0
     lowrank_solver: str = "svd"                    # "svd" (exact, float64) | "randomized" (wanexp.quant.lowrank)
     residual: str = "rtn"                          # "rtn" | "gptq"
     gptq: dict = field(default_factory=dict)       # block_size, damp, act_order, static_groups
     clip_search: bool = False
-    clip_candidates: Sequence[float] = (0.6, 0.7, 0.8, 0.9, 1.0)
+    clip_candidates: Sequence[float] = CLIP_CANDIDATES
     exp_shifts: Sequence[int] = (0,)               # shared-exponent shifts tried with every clip ratio
     clip_search_data: str = "calib_tokens"         # "calib_tokens" | "w4a4_generation" (the run's W4A4 pass)
     clip_metric: str = "bf16_output"               # "bf16_output" | "wq_output_rel"
@@ -404,7 +405,7 @@ def method_config(quant_cfg: Mapping[str, Any], fmt_cfg: Mapping[str, Any], num_
     return MethodConfig(
         name=quant_cfg["name"], weight_format=wfmt, act_format=afmt, smoothing=quant_cfg.get("smoothing"),
         smoothing_per_bin=bool(quant_cfg.get("smoothing_per_bin", False)),
-        alpha=alpha if isinstance(alpha, (int, float)) else list(alpha), percentile=float(quant_cfg.get("percentile", 99.9)),
+        alpha=alpha if isinstance(alpha, (int, float)) else list(alpha), percentile=float(quant_cfg.get("percentile", PERCENTILE)),
         rank=int(quant_cfg.get("rank", 0) or 0), residual=str(quant_cfg.get("residual", "rtn")),
         lowrank_solver=str(quant_cfg.get("lowrank_solver") or "svd"),
         gptq=dict(quant_cfg.get("gptq") or {}), clip_search=bool(quant_cfg.get("clip_search", False)),
@@ -457,7 +458,7 @@ def validate_quant_cfg(quant_cfg: Mapping[str, Any], generation_keys: Sequence[s
             raise WanexpError(f"quant.weight_clip_ratios={ratios} must be ratios in (0, 1]")
     if q.get("bin_rule") == "step_fraction":
         cuts = q.get("bin_fractions") or {}
-        for expert in ("high_noise", "low_noise"):
+        for expert in EXPERTS:
             f = list(cuts.get(expert) or [])
             if len(f) + 1 != int(q.get("bins", 1)) or sorted(f) != f or not all(0 < c < 1 for c in f):
                 raise WanexpError(f"quant.bin_fractions.{expert}={f}: bin_rule=step_fraction needs bins - 1 = "

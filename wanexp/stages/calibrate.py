@@ -39,6 +39,7 @@ from wanexp.models import boundary_timestep, experts, install_timestep_hooks
 from wanexp.quant.context import TimestepContext, step_fraction_bins
 from wanexp.quant.methods import MethodConfig, method_config
 from wanexp.quant.targets import block_index, targeted_linears
+from wanexp.schema import PERCENTILE
 from wanexp.stages.common import calib_generation_cfg
 from wanexp.stages.quantize import build_quant_part
 
@@ -85,7 +86,7 @@ def calib_key(state, pipe, needs: list[str]) -> dict:
     cfg = state.cfg
     samples = [(s.id, s.prompt, str(s.image_path), bool(s.extra.get("blank_image"))) for s in state.splits.calib]
     key = {"format": CALIB_FORMAT, "fingerprint": state.fingerprint, "needs": needs,
-           "calib_tokens": int(cfg.quant.get("calib_tokens", 256)), "seed": int(cfg.seed),
+           "calib_tokens": int(cfg.quant.calib_tokens), "seed": int(cfg.seed),
            "bins": {k: c.bins.to_json() for k, c in state.contexts(pipe).items()},
            "blocks_per_pass": cfg.quant.get("calib_blocks_per_pass"), "samples": samples,
            "generation": calib_generation_cfg(cfg), "analysis": _trace_spec(state, pipe),
@@ -126,8 +127,8 @@ def stats_dir(state, key: dict) -> Path:
 def collector_settings(cfg, trace: dict) -> dict:
     """The ActivationCollector's settings from the config (and the traced layers, resolved). The paper
     code's second pass records one Hessian per layer, so no layers share records then."""
-    return dict(max_tokens=int(cfg.quant.get("calib_tokens", 256)), seed=int(cfg.seed),
-                trace_layers=trace.get("layers", ()), trace_percentile=trace.get("percentile", 99.9),
+    return dict(max_tokens=int(cfg.quant.calib_tokens), seed=int(cfg.seed),
+                trace_layers=trace.get("layers", ()), trace_percentile=trace.get("percentile", PERCENTILE),
                 trace_tokens=trace.get("tokens", 16384),
                 hessian_stride=int(calib_setting(cfg, "hessian_token_stride", 1)),
                 share_inputs=bool(calib_setting(cfg, "share_inputs", True)) and not MethodConfig.second_pass(cfg.quant))
@@ -217,7 +218,7 @@ def calibrate(state) -> dict:
             start = time.perf_counter()
             own = rank_part_path(path, world)
             if own is not None and not transient and own.is_file():  # this rank's share survived a crash
-                stats = reduce_stats(CalibStats.load(own), world, int(cfg.quant.get("calib_tokens", 256)),
+                stats = reduce_stats(CalibStats.load(own), world, int(cfg.quant.calib_tokens),
                                      int(cfg.seed))
                 _finish_pass(state, pipe, expert, layers, stats, path, transient, k, len(parts))
                 reused_ranks += 1
@@ -233,7 +234,7 @@ def calibrate(state) -> dict:
                 stats.save(own)
                 if os.environ.get("WANEXP_FAULT_DIE_AFTER_SHARE") == str(world.rank):
                     _die_once_the_others_saved(path, world)
-            stats = reduce_stats(stats, world, int(cfg.quant.get("calib_tokens", 256)), int(cfg.seed))
+            stats = reduce_stats(stats, world, int(cfg.quant.calib_tokens), int(cfg.seed))
             entries += _finish_pass(state, pipe, expert, layers, stats, path, transient, k, len(parts))
             passes += 1
             seconds[f"{expert}/{k}"] = round(time.perf_counter() - start, 3)
