@@ -411,6 +411,12 @@ class NumberFormat:
         q, s = self._unpack(packed.data, self._view_shape(tuple(packed.shape)))
         return self._finish(self._dequantize(q, s), torch.Size(packed.shape), packed.dtype)
 
+    def shared_state_options(self, w: torch.Tensor) -> dict[str, Any]:
+        """The options every :meth:`block_state` of one weight ``w`` must share, from ``w`` before any
+        column is quantized (GPTQ passes them to each block's call); none by default. A format with a
+        scale above the block (NVFP4's per-tensor scale) fixes it here for the whole weight."""
+        return {}
+
     def block_state(self, x_block: torch.Tensor, clip_ratio: float | torch.Tensor = 1.0, *,
                     name: str = "tensor", check_finite: bool = True, **kw: Any) -> BlockState:
         """Scales for the columns of ``x_block`` (its last dim; a partial last block is padded),
