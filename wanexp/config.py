@@ -217,8 +217,9 @@ def schema_error(err: Exception) -> str:
     import difflib
 
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
-    cause = err if isinstance(err, OmegaConfBaseException) else err.__cause__
+    cause = err if isinstance(err, OmegaConfBaseException) else (err.__cause__ or err.__context__)
     head = "" if cause is err else str(err).strip().splitlines()[0].rstrip(".") + ": "
+    head = re.sub(r"^(In '[^']*': )\w+ raised while composing config: $", r"\1", head)  # the yaml, not the type
     if getattr(err, "override", None):  # a command-line override that does not parse
         head = f"override {err.override!r}: {head}"
     if not isinstance(cause, OmegaConfBaseException):
