@@ -48,6 +48,7 @@ def test_every_yaml_composes_onto_the_schema():
     (["quant=svdquant_rtn", "quant.rank=abc"], "quant.rank=abc: Value 'abc' of type 'str' could not be converted to Integer"),
     (["+quant.rnak=8"], "quant.rnak is not a setting (quant has no key 'rnak'; did you mean quant.rank?)"),
     (["+sede=3"], "sede is not a setting (the top level has no key 'sede'; did you mean seed?)"),
+    (["-m", "quant.rnak=1,2"], "quant.rnak is not a setting (quant has no key 'rnak'; did you mean quant.rank?)"),
 ])
 def test_an_unknown_key_or_a_wrong_type_is_one_line_before_anything_loads(tmp_path, args, message):
     run_dir = tmp_path / "run"

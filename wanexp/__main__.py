@@ -71,8 +71,8 @@ def main() -> None:
         if not ours:
             raise
         from wanexp.config import schema_error
-        from wanexp.console import shout
-        shout(f"wanexp: error: {schema_error(err)}")
+        # no run directory (nor its log) exists yet: plain stderr, not a multirun's Hydra log format
+        print(f"wanexp: error: {schema_error(err)}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 
