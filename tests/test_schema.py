@@ -87,13 +87,14 @@ def test_schema_errors_are_one_line():
 # ---------------------------------------------------------------------------------------------
 def _old_record(option: str) -> tuple[dict, dict]:
     """(what the older version recorded, what this one records) for ``option``: the older version's
-    config had the dead keys and only the quant keys its yaml named."""
+    config had the dead keys and only the quant and model keys their yaml named."""
     cfg = compose([option])
     now = json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True)))
     yaml_keys = set(OmegaConf.load(CONF / "quant" / f"{cfg.quant.name}.yaml")) | {"name", "bins", "load"}
     old = json.loads(json.dumps(now))
     old["quant"] = {k: v for k, v in old["quant"].items() if k in yaml_keys}
     old["quant"].update(weights=True, needs=[])
+    old["model"] = {k: v for k, v in old["model"].items() if k in OmegaConf.load(CONF / "model" / "tiny.yaml")}
     return old, now
 
 
@@ -104,6 +105,7 @@ def test_a_run_directory_of_the_older_version_resumes(tmp_path, option):
     recorded, current = stage_inputs(old, samples), stage_inputs(now, samples)
     assert {"quant.weights", "quant.needs"} & set(recorded["calibrate"]) | set(recorded["quantize"])
     assert set(current["quantize"]) - set(recorded["quantize"])  # keys the schema added
+    assert "model.vae_tiling" in current["calibrate"] and "model.vae_tiling" not in recorded["calibrate"]
     finished = {s: {"inputs": recorded[s]} for s in ("calibrate", "quantize", "generate")}
     plan = resume_plan(finished, current, ("calibrate", "quantize", "generate", "evaluate", "report"), tmp_path,
                        explicit=False)

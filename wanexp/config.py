@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 from wanexp.errors import WanexpError
 from wanexp.io import flatten, probe_writable
 from wanexp.rundir import RunDir
-from wanexp.schema import EXPERTS, QuantSchema, Schema
+from wanexp.schema import EXPERTS, GROUP_SCHEMAS, Schema
 
 _MISSING = object()
 
@@ -367,23 +367,24 @@ DEAD_KEYS = ("quant.weights", "quant.needs")
 
 
 def _schema_defaults() -> dict[str, Any]:
-    """The quant group's defaults (``wanexp.schema.QuantSchema``), flattened as recorded settings are."""
+    """The defaults the schema gives a group's keys (``wanexp.schema``: the quant group's, and the model
+    keys only some models have), flattened as recorded settings are."""
     import json
 
     from omegaconf import OmegaConf
-    defaults = OmegaConf.to_container(OmegaConf.structured(QuantSchema))
-    defaults.pop("name")
-    return flatten(json.loads(json.dumps({"quant": defaults})))
+    groups = {group: OmegaConf.to_container(OmegaConf.structured(node)) for group, node in GROUP_SCHEMAS.items()}
+    flat = flatten(json.loads(json.dumps(groups)))
+    return {k: v for k, v in flat.items() if v != "???"}  # MISSING: a yaml gives it, no default
 
 
 def migrate_settings(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, Any]:
     """Flattened settings an older version recorded, in today's terms, to compare with ``now``: its dead
-    keys dropped, and a quant key that its config did not have (the schema gives every method every
-    key now) read as the schema's default, which is what the older version used in its place."""
+    keys dropped, and a key its config did not have (the schema gives every method every quant key now)
+    read as the schema's default, which is what the older version used in its place."""
     defaults = _schema_defaults()
     out = {k: v for k, v in recorded.items() if k not in DEAD_KEYS}
-    if any(k.startswith("quant.") for k in out):  # only a record that has the quant group at all
-        out.update({k: defaults[k] for k in now if k in defaults and k not in out})
+    groups = {k.split(".")[0] for k in out}  # only for groups the record has at all
+    out.update({k: defaults[k] for k in now if k in defaults and k not in out and k.split(".")[0] in groups})
     return out
 
 

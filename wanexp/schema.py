@@ -10,7 +10,8 @@ while the config is composed, before anything runs. Ranges and choices are check
 The defaults of the quant group live here, once: a ``conf/quant/*.yaml`` names only what its method
 sets, and every other key takes the default below (``--cfg job`` shows them all). The other groups
 keep their values in their yaml files; their schema only names the keys (``MISSING``: a yaml must
-give it) or leaves the group open (``Any``) where its options differ in shape.
+give it; null for the keys only some options have) or leaves the group open (``Any``: attention,
+evaluate, logger, report, analysis, paths) where its options differ in shape.
 
 Registering imports only omegaconf and hydra: ``import wanexp`` does it (see ``wanexp/__init__.py``).
 """
@@ -91,6 +92,87 @@ class QuantSchema:
 
 
 @dataclass
+class GenerationSchema:
+    """``model.generation``: every model yaml gives each key (the pipeline call's settings)."""
+
+    height: int = MISSING
+    width: int = MISSING
+    num_frames: int = MISSING
+    num_inference_steps: int = MISSING
+    guidance_scale: float = MISSING
+    guidance_scale_2: Optional[float] = MISSING
+    negative_prompt: str = MISSING
+    max_sequence_length: Optional[int] = MISSING
+    fps: int = MISSING
+    crf: int = MISSING
+
+
+@dataclass
+class ModelCalibSchema:
+    """``model.calib``: the calibration settings that depend on the model's scale (``quant.<key>`` overrides)."""
+
+    store_hessians: bool = MISSING
+    hessian_token_stride: int = MISSING
+    share_inputs: bool = MISSING
+    lowrank_solver: str = MISSING
+
+
+@dataclass
+class ModelSchema:
+    """``conf/model/*.yaml``; the keys only some models have default to null (not used by the others)."""
+
+    name: str = MISSING
+    dtype: str = MISSING
+    default_rank: int = MISSING
+    offload: str = MISSING
+    compile: Any = MISSING                       # false, true or a torch.compile mode
+    lora: List[str] = MISSING
+    calib: ModelCalibSchema = MISSING
+    generation: GenerationSchema = MISSING
+    path: Optional[str] = None                   # a local diffusers checkpoint (wan22_i2v_a14b)
+    path_env: Optional[str] = None               # the variable that names it when path is null
+    vae_tiling: bool = False                     # decode in spatial tiles (the 720p models set it)
+    seed: Optional[int] = None                   # a14b_random: its weights' seed, blocks and encoder layers
+    num_layers: Optional[int] = None
+    text_encoder_layers: Optional[int] = None
+
+
+@dataclass
+class CalibSplitSchema:
+    num_samples: Optional[int] = MISSING
+    ids: Optional[List[str]] = MISSING
+    prompts_file: Optional[str] = MISSING
+    overlap_eval: bool = MISSING
+
+
+@dataclass
+class EvalSplitSchema:
+    num_samples: Optional[int] = MISSING
+    ids: Optional[List[str]] = MISSING
+
+
+@dataclass
+class PaperSplitSchema:
+    calib_samples: int = MISSING
+    calib_prompts: int = MISSING
+
+
+@dataclass
+class DataSchema:
+    """``conf/data/*.yaml``: every data yaml gives each key."""
+
+    name: str = MISSING
+    root: Optional[str] = MISSING
+    files: Optional[List[str]] = MISSING
+    on_conflict: str = MISSING
+    split_seed: int = MISSING
+    image_condition: str = MISSING
+    calib: CalibSplitSchema = MISSING
+    eval: EvalSplitSchema = MISSING
+    paper: PaperSplitSchema = MISSING
+
+
+@dataclass
 class FormatSchema:
     name: str = MISSING
     weight: Dict[str, Any] = field(default_factory=dict)   # the format's own options, checked by the format
@@ -124,8 +206,8 @@ class TimingSchema:
 class Schema:
     """The top level: every key a composed config may have (the groups' own keys by their schemas)."""
 
-    model: Any = MISSING
-    data: Any = MISSING
+    model: ModelSchema = MISSING
+    data: DataSchema = MISSING
     format: FormatSchema = MISSING
     quant: QuantSchema = MISSING
     expert: ExpertSchema = MISSING
@@ -143,6 +225,11 @@ class Schema:
     # +experiment=paper_table1 (its ladder of recipes)
     recipe: Optional[str] = None
     paper_table1: Any = None
+
+
+# The groups whose schema gives defaults (read as such in a record an older version wrote: wanexp.config).
+GROUP_SCHEMAS = {"quant": QuantSchema, "model": ModelSchema, "data": DataSchema, "format": FormatSchema,
+                 "expert": ExpertSchema, "timing": TimingSchema}
 
 
 def register() -> None:
