@@ -67,7 +67,7 @@ def method_for(cfg, num_bins: int) -> MethodConfig:
     return MethodConfig.of(recipe_for(cfg, num_bins))
 
 
-def _method(state, pipe, expert: str = "high_noise") -> QuantRecipe:
+def _recipe(state, pipe, expert: str = "high_noise") -> QuantRecipe:
     """The run's recipe with ``expert``'s bins (they follow each expert's steps, and may differ)."""
     return recipe_for(state.cfg, state.contexts(pipe)[expert].bins.num_bins)
 
@@ -120,7 +120,7 @@ def build_quant_part(state, pipe, expert: str, layers: list[str], stats, k: int,
     model = experts(pipe)[expert]
     wanted = set(layers)
     targets = [t for t in expert_targets(state.cfg, model, expert) if t in wanted]
-    recipe = _method(state, pipe, expert)
+    recipe = _recipe(state, pipe, expert)
     built, chosen, seconds = build_layers(model, recipe, targets, layer_stats(stats, [expert], targets), state.device,
                                           lambda it: state.progress(it, f"quantize {expert} {k + 1}/{n}"))
     path = state.dir.artifact_part(expert, k, n)
@@ -167,7 +167,7 @@ def quantize(state) -> dict:
 
 def _quantize_now(state, pipe):
     cfg = state.cfg
-    method = _method(state, pipe)
+    method = _recipe(state, pipe)
     stats = load_calib_stats(state.run_dir) if QuantRecipe.needs(cfg.quant) else None
     swapped, chosen, seconds = quantize_experts(cfg, pipe, method, stats, state.contexts(pipe), state.device,
                                                 lambda it, name: state.progress(it, f"quantize {name}"))
@@ -210,7 +210,7 @@ def _assemble_parts(state, pipe, parts: list[Path]):
         swapped[expert] += swap_layers(model, built, contexts[expert])
         chosen[expert].update(read_json(path.with_suffix(".choices.json")))
         seconds[expert].update(read_json(path.with_suffix(".seconds.json")))
-    return swapped, chosen, seconds, _method(state, pipe)
+    return swapped, chosen, seconds, _recipe(state, pipe)
 
 
 def _w4a4_clip_search(state, pipe, method, contexts: dict, chosen: dict) -> None:
