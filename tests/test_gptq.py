@@ -271,3 +271,21 @@ def test_fixed_api_returns_the_dequantized_weight():
     fmt = get_format("mxfp4")
     w_hat = gptq_quantize(w, x.T @ x, fmt, block_size=32)
     assert isinstance(w_hat, torch.Tensor) and torch.equal(w_hat, gptq(w, x.T @ x, fmt, block_size=32).dequantized)
+
+
+def test_the_format_supplies_what_every_block_of_a_weight_shares():
+    """GPTQ asks the format (``shared_state_options``) for the scales every column block shares, with no
+    branch on a format's name: a format derived from NVFP4 under another name keeps one per-tensor scale
+    from the original weight; formats without a scale above the block share nothing."""
+    from wanexp.formats.nv import NVFP4
+
+    class Renamed(NVFP4):
+        name = "nvfp4_renamed"
+
+    W, H = problem(3, out=16, n=64)
+    W[5, 40] = 9.0  # the weight's amax, in a late block: per-block amaxes would differ from it
+    fmt = Renamed()
+    r = gptq(W, H, fmt, block_size=32)
+    assert float(r.packed.data["tensor_scale"]) == pytest.approx(9.0 / (6 * 448), rel=1e-6)
+    assert torch.equal(fmt.decode(r.packed).float(), r.dequantized)
+    assert get_format("mxfp4").shared_state_options(W) == {} and get_format("hif4").shared_state_options(W) == {}

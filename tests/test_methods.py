@@ -202,3 +202,31 @@ def test_error_ladder_rtn_svdquant_gptq_tsclip(seed):
     assert errors["svdquant_rtn"] < 0.5 * errors["rtn"]
     table = ts.report["l"]["clip"]
     assert min(table) < 1.0  # the search really clips somewhere
+
+
+def test_a_recipe_is_pure_parameters_and_quantize_returns_its_choices():
+    """The recipe holds parameters only (frozen): ``quantize_`` hands each layer its statistics and returns
+    what was chosen per layer; the layers and choices equal the builder's that carries its own stats."""
+    import dataclasses
+
+    from wanexp.quant.api import quant_layers, quantize_
+    from wanexp.quant.methods import QuantRecipe
+
+    lin, x = _layer_and_tokens(seed=3)
+    model = nn.Sequential(nn.Sequential(lin))  # one linear, named "0.0"
+    stats = {"0.0": _stats(x, bins=2)}
+    params = dict(smoothing="max", alpha=[0.3, 0.5, 0.7], rank=8, clip_search=True, num_bins=2,
+                  compute_dtype=torch.float32)
+    recipe = QuantRecipe("tsclip", MX, MX, **params)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        recipe.num_bins = 3
+    done = quantize_(model, recipe, ["0.0"], stats=stats)
+    assert done == ["0.0"] and set(done.choices) == {"0.0"} and done.seconds["0.0"] >= 0
+    chosen = done.choices["0.0"]
+    assert chosen["alpha"] in (0.3, 0.5, 0.7) and len(chosen["clip"]) == 2 and 0 <= chosen["cos_err"] < 1
+    builder = MethodConfig("tsclip", MX, MX, stats=stats, **params)
+    again = builder.build("0.0", lin)
+    assert builder.report["0.0"] == chosen  # the same choices, bit for bit
+    built = quant_layers(model)["0.0"]
+    for (k, a), (_, b) in zip(sorted(built.state_dict().items()), sorted(again.state_dict().items())):
+        assert torch.equal(a, b), k

@@ -23,6 +23,15 @@ def _register_resolvers() -> None:
 _register_resolvers()
 
 
+def _register_schema() -> None:
+    """The config schema (``wanexp.schema``) in Hydra's ConfigStore, before Hydra composes ``conf/``."""
+    from wanexp.schema import register
+    register()
+
+
+_register_schema()
+
+
 _API = ("recipe", "recipes", "Recipe", "calibrate_and_quantize", "load_quantized", "Quantized", "tiny_checkpoint")
 __all__ = list(_API)
 

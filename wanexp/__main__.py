@@ -6,6 +6,7 @@ import os
 import sys
 
 import hydra
+from hydra.errors import ConfigCompositionException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
@@ -59,7 +60,20 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # import-time notices would precede our output
-    _hydra_main()  # ${wanexp_sweep:} (the sweep directory) is registered by importing wanexp
+    # A config that does not compose (an unknown key, a wrong type, a missing option) reaches us as the
+    # exception itself, for one line and exit status 2, instead of Hydra's multi-line report; a user
+    # who sets HYDRA_FULL_ERROR gets Hydra's full trace as before.
+    ours = "HYDRA_FULL_ERROR" not in os.environ
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        _hydra_main()  # ${wanexp_sweep:} (the sweep directory) is registered by importing wanexp
+    except (ConfigCompositionException, OverrideParseException) as err:
+        if not ours:
+            raise
+        from wanexp.config import schema_error
+        # no run directory (nor its log) exists yet: plain stderr, not a multirun's Hydra log format
+        print(f"wanexp: error: {schema_error(err)}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

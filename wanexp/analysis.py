@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -31,14 +30,14 @@ from wanexp.generate import done_records
 from wanexp.video import read_mp4
 from wanexp.io import read_jsonl
 from wanexp.quant.artifact import read_header
+from wanexp.quant.targets import BLOCK_RE
 from wanexp.rundir import RunDir
+from wanexp.schema import EXPERTS, PERCENTILE
 
-EXPERTS = ("high_noise", "low_noise")
 # The rows of the sensitivity map, in the paper's order (self-attention, cross-attention, FFN).
 MODULE_TYPES = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
                 "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
                 "ffn.net.0.proj", "ffn.net.2")
-_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
 class NotRecorded(WanexpError):
@@ -80,7 +79,7 @@ def trace_spec(analysis_cfg: Mapping[str, Any] | None, layer_names: Sequence[str
     layers = cfg.get("layers", "auto")
     names = list(layer_names)
     if layers in (None, "auto"):
-        blocks = sorted({int(m.group(1)) for m in map(_BLOCK.match, names) if m})
+        blocks = sorted({int(m.group(1)) for m in map(BLOCK_RE.match, names) if m})
         layers = [f"blocks.{(blocks[-1] + 1) // 2}.ffn.net.2"] if blocks else []
         layers = [n for n in layers if n in names]
     elif isinstance(layers, str):
@@ -92,7 +91,7 @@ def trace_spec(analysis_cfg: Mapping[str, Any] | None, layer_names: Sequence[str
                           f"(e.g. {', '.join(names[:3])}, …)")
     if not layers:
         return {}
-    return {"layers": layers, "percentile": float(cfg.get("percentile", 99.9)),
+    return {"layers": layers, "percentile": float(cfg.get("percentile", PERCENTILE)),
             "tokens": int(cfg.get("trace_tokens", 16384))}
 
 
@@ -343,7 +342,7 @@ def clip_distribution(run_dir: Path) -> pd.DataFrame:
 # Fig. 4: sensitivity map and the keep policy it implies
 # ---------------------------------------------------------------------------------------------
 def split_name(layer: str) -> tuple[int | None, str]:
-    m = _BLOCK.match(layer)
+    m = BLOCK_RE.match(layer)
     return (int(m.group(1)), m.group(2)) if m else (None, layer)
 
 

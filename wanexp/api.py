@@ -7,7 +7,7 @@
 A recipe is the runner's own configuration (``conf/quant/<name>.yaml`` + ``conf/format/<format>.yaml``
 + ``conf/expert/…``, composed by Hydra's compose API from the package's ``conf/``), and the work is
 the runner's own machinery: calibration passes expert by expert (``wanexp.stages.calibrate.collect_pass``
-over ``wanexp.calib.trajectory.ExpertSplit``), layers built by ``wanexp.quant`` (``method_config``,
+over ``wanexp.calib.trajectory.ExpertSplit``), layers built by ``wanexp.quant`` (``QuantRecipe``,
 ``quantize_``), the artifact written and read by ``wanexp.quant.artifact`` with the base model's
 fingerprint, so an artifact from either is usable by the other. What the API does not do is the
 runner's bookkeeping: statistics stay in memory (no cache, no resume).
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -84,13 +84,15 @@ def compose(overrides: list[str]):
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
+
+    from wanexp.config import schema_error
     outer = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return hydra_compose("config", overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as err:
-        raise WanexpError(f"recipe overrides {list(overrides)}: {str(err).splitlines()[0]}") from None
+        raise WanexpError(f"recipe overrides {list(overrides)}: {schema_error(err)}") from None
     finally:
         if outer is not None:
             GlobalHydra.instance().initialize(outer)
@@ -200,7 +202,7 @@ def calibrate_and_quantize(pipe, recipe: Recipe | str, prompts: Sequence[str] | 
     from wanexp.stages.calibrate import (SHARED_TRANSIENT, check_schedule, contexts_of, needs_of,
                                          transient_hessians)
     from wanexp.stages.common import calib_generation_cfg
-    from wanexp.stages.quantize import artifact_header, method_for, quantize_experts, w4a4_search
+    from wanexp.stages.quantize import artifact_header, quantize_experts, recipe_for, w4a4_search
 
     recipe = _recipe(recipe) if isinstance(recipe, str) else recipe
     _require_bf16(pipe)
@@ -217,7 +219,7 @@ def calibrate_and_quantize(pipe, recipe: Recipe | str, prompts: Sequence[str] | 
     merge_loras(pipe, check_specs(lora))
     fingerprint = base_fingerprint(pipe)
     contexts = contexts_of(cfg, pipe)
-    method = method_for(cfg, contexts["high_noise"].bins.num_bins)
+    method = recipe_for(cfg, contexts["high_noise"].bins.num_bins)
     device = pipe._execution_device  # the GPU also when the pipeline is offloaded to the CPU
     bar = _progress(progress)
     with tempfile.TemporaryDirectory(prefix="wanexp_boundary_") as boundary:  # ExpertSplit's per-sample states
@@ -274,13 +276,13 @@ class _Calibration:
                 yield expert, layers
 
     def collect(self, expert: str, layers: list[str]):
-        from wanexp.quant.methods import MethodConfig
+        from wanexp.quant.methods import QuantRecipe
         from wanexp.stages.calibrate import act_quant_hessian_pass, collect_pass, collector_settings, first_pass_needs
         steps = int(self.gen["num_inference_steps"])
         stats = collect_pass(self.pipe, expert, layers, self.contexts, first_pass_needs(self.cfg), self.samples,
                              self.split, steps, collector_settings(self.cfg, {}),
                              lambda it: self.bar(it, f"calibrate {expert}"))
-        if MethodConfig.second_pass(self.cfg.quant):  # the paper code's Hessian of Q_A(x/s)
+        if QuantRecipe.second_pass(self.cfg.quant):  # the paper code's Hessian of Q_A(x/s)
             act_quant_hessian_pass(self.cfg, self.pipe, self.split, expert, layers, self.contexts, stats, self.samples,
                                    steps, lambda it: self.bar(it, f"calibrate {expert}: Hessian of Q_A(x/s)"))
         return stats
@@ -302,12 +304,11 @@ class _Calibration:
             stats = self.collect(expert, layers)
             model = experts_of(self.pipe)[expert]
             targets = [t for t in expert_targets(self.cfg, model, expert) if t in set(layers)]
-            method.stats, method.report = layer_stats(stats, [expert], targets), {}
-            method.num_bins = self.contexts[expert].bins.num_bins
-            built[expert].update(build_layers(model, method, targets, device,
-                                              lambda it: self.bar(it, f"quantize {expert}")))
-            chosen[expert].update(method.report)
-            method.stats = {}
+            recipe = replace(method, num_bins=self.contexts[expert].bins.num_bins)
+            layers_built, choices, _ = build_layers(model, recipe, targets, layer_stats(stats, [expert], targets), device,
+                                                    lambda it: self.bar(it, f"quantize {expert}"))
+            built[expert].update(layers_built)
+            chosen[expert].update(choices)
         return {e: swap_layers(experts_of(self.pipe)[e], built[e], self.contexts[e]) for e in built}, chosen
 
 

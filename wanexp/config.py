@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 from wanexp.errors import WanexpError
 from wanexp.io import flatten, probe_writable
 from wanexp.rundir import RunDir
+from wanexp.schema import EXPERTS, GROUP_SCHEMAS, Schema
 
 _MISSING = object()
 
@@ -108,7 +109,7 @@ def _bin_edges(v) -> bool:
                 and len(set(xs)) == len(xs))
     if v is None or edges(v):
         return True
-    return isinstance(v, Mapping) and set(v) <= {"high_noise", "low_noise"} and all(edges(x) for x in v.values())
+    return isinstance(v, Mapping) and set(v) <= set(EXPERTS) and all(edges(x) for x in v.values())
 
 
 # Every numeric and choice setting, by key (keys a config does not have are not checked).
@@ -138,13 +139,12 @@ SETTINGS: dict[str, Rule] = {
     "data.image_condition": choice("reference", "blank"),
     "data.calib.num_samples": integer(0, null=True),
     "data.eval.num_samples": integer(1, null=True),
-    "quant.weights": boolean(),
     "quant.activations": boolean(),
     "quant.smoothing": choice(None, "max", "percentile", "awq"),
     "quant.smoothing_per_bin": boolean(),
     "quant.weight_clip_search": boolean(),
-    "quant.weight_clip_ratios": listing(number(0.0, 1.0, lo_open=True), nonempty=True,
-                                       what="weight clip ratios: the share of a group's max |w| kept"),
+    "quant.weight_clip_ratios": listing(number(0.0, 1.0, lo_open=True), nonempty=True, null=True,
+                                       what="weight clip ratios: the share of a group's max |w| kept; null: AWQ's"),
     "quant.alpha": listing(number(0.0, 1.0), nonempty=True, scalar=True, what="SmoothQuant migration strength"),
     "quant.percentile": number(0.0, 100.0, lo_open=True),
     "quant.rank": integer(0, what="low-rank branch width; 0 = none"),
@@ -199,9 +199,59 @@ def _show(v) -> str:
     return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
 
-def check_settings(cfg) -> None:
-    """Refuse the first setting out of its range, naming key, value and the allowed values."""
+def _schema_keys(path: Sequence[str]) -> list[str] | None:
+    """The keys the schema gives the node at ``path`` (None: an open node, or no such node)."""
+    import dataclasses
+    import typing
+    node: Any = Schema
+    for part in path:
+        if not dataclasses.is_dataclass(node):
+            return None
+        node = typing.get_type_hints(node).get(part)
+    return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else None
+
+
+def schema_error(err: Exception) -> str:
+    """One line for a config the schema refuses (Hydra's composition error, or OmegaConf's), naming the
+    key and, for an unknown key, the nearest known one."""
+    import difflib
+
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+    cause = err if isinstance(err, OmegaConfBaseException) else (err.__cause__ or err.__context__)
+    head = "" if cause is err else str(err).strip().splitlines()[0].rstrip(".") + ": "
+    head = re.sub(r"^(In '[^']*': )\w+ raised while composing config: $", r"\1", head)  # the yaml, not the type
+    if getattr(err, "override", None):  # a command-line override that does not parse
+        head = f"override {err.override!r}: {head}"
+    if not isinstance(cause, OmegaConfBaseException):
+        return head.rstrip(": ")
+    full_key = str(getattr(cause, "full_key", "") or "")
+    parent, _, key = full_key.rpartition(".")
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and key:
+        known = _schema_keys(parent.split(".") if parent else [])
+        near = difflib.get_close_matches(key, known or [], n=1)
+        hint = f"; did you mean {'.'.join(filter(None, (parent, near[0])))}?" if near else ""
+        return f"{head}{full_key} is not a setting ({parent or 'the top level'} has no key {key!r}{hint})"
+    msg = (getattr(cause, "msg", None) or str(cause)).strip().splitlines()[0]
+    return f"{head}{msg}" + (f" ({full_key})" if full_key and full_key not in head + msg else "")
+
+
+def check_schema(cfg) -> None:
+    """The composed config against the schema (``wanexp.schema``): Hydra already refuses an unknown key
+    or a wrong type while composing, but not a key added with ``+key=value``."""
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+    try:
+        # as plain containers: a typed node merged whole would keep the key it was given
+        OmegaConf.merge(OmegaConf.structured(Schema), OmegaConf.to_container(cfg, resolve=False))
+    except OmegaConfBaseException as err:
+        raise WanexpError(schema_error(err)) from None
+
+
+def check_settings(cfg) -> None:
+    """Refuse a key the schema does not have, then the first setting out of its range, naming key, value
+    and the allowed values."""
+    from omegaconf import OmegaConf
+    check_schema(cfg)
     for key, rule in SETTINGS.items():
         value = OmegaConf.select(cfg, key, default=_MISSING)
         if value is _MISSING:
@@ -311,6 +361,33 @@ def changed_keys(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]
     return sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
 
 
+# Keys an earlier version wrote into the quant group that nothing read (removed with the schema: conf/quant no
+# longer has them, and the schema refuses them); run directories of that version still record them.
+DEAD_KEYS = ("quant.weights", "quant.needs")
+
+
+def _schema_defaults() -> dict[str, Any]:
+    """The defaults the schema gives a group's keys (``wanexp.schema``: the quant group's, and the model
+    keys only some models have), flattened as recorded settings are."""
+    import json
+
+    from omegaconf import OmegaConf
+    groups = {group: OmegaConf.to_container(OmegaConf.structured(node)) for group, node in GROUP_SCHEMAS.items()}
+    flat = flatten(json.loads(json.dumps(groups)))
+    return {k: v for k, v in flat.items() if v != "???"}  # MISSING: a yaml gives it, no default
+
+
+def migrate_settings(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, Any]:
+    """Flattened settings an older version recorded, in today's terms, to compare with ``now``: its dead
+    keys dropped, and a key its config did not have (the schema gives every method every quant key now)
+    read as the schema's default, which is what the older version used in its place."""
+    defaults = _schema_defaults()
+    out = {k: v for k, v in recorded.items() if k not in DEAD_KEYS}
+    groups = {k.split(".")[0] for k in out}  # only for groups the record has at all
+    out.update({k: defaults[k] for k in now if k in defaults and k not in out and k.split(".")[0] in groups})
+    return out
+
+
 def resume_plan(finished: Mapping[str, dict], inputs: Mapping[str, dict], wanted: Sequence[str],
                 run_dir, explicit: bool) -> ResumePlan:
     """What a re-run in ``run_dir`` does with its finished stages (``finished``: stage → its marker).
@@ -323,6 +400,7 @@ def resume_plan(finished: Mapping[str, dict], inputs: Mapping[str, dict], wanted
         recorded = marker.get("inputs")
         if recorded is None or stage not in inputs:  # a marker from before inputs were recorded
             continue
+        recorded = migrate_settings(recorded, inputs[stage])
         diff = changed_keys(recorded, inputs[stage])
         if not diff:
             continue
@@ -373,7 +451,8 @@ def check_legacy_config(config: Mapping[str, Any], run_dir: Path, finished: Mapp
         return
     before = {k: v for k, v in json.loads(path.read_text()).items() if k not in _LEGACY_FREE}
     now = {k: v for k, v in json.loads(json.dumps(config, default=str)).items() if k not in _LEGACY_FREE}
-    diff = changed_keys(flatten(before), flatten(now))
+    now = flatten(now)
+    diff = changed_keys(migrate_settings(flatten(before), now), now)
     if diff:
         raise WanexpError(f"{run_dir} holds a run with a different configuration ({', '.join(diff[:6])}"
                           f"{' …' if len(diff) > 6 else ''} differ); use a new run directory")

@@ -15,7 +15,11 @@ import json
 
 import torch
 
-SHAPES = [(5120, 5120), (5120, 13824), (13824, 5120)]
+from wanexp.models.a14b_random import A14B_TRANSFORMER
+
+# The A14B's linear shapes (K, N): attention projections (dim 5120) and the FFN (5120 -> 13824 -> 5120).
+_DIM = A14B_TRANSFORMER["num_attention_heads"] * A14B_TRANSFORMER["attention_head_dim"]
+SHAPES = [(_DIM, _DIM), (_DIM, A14B_TRANSFORMER["ffn_dim"]), (A14B_TRANSFORMER["ffn_dim"], _DIM)]
 
 
 def main() -> None:

@@ -41,6 +41,7 @@ from torch import nn
 
 from wanexp.errors import WanexpError
 from wanexp.quant.context import TimestepContext
+from wanexp.schema import CALIB_TOKENS, PERCENTILE
 
 STATS = ("absmax", "sumsq", "hessian", "tokens")
 ALL_BINS = -1  # the bin key of statistics pooled over every bin
@@ -213,7 +214,7 @@ def load_traces(paths: Iterable[str | Path]) -> dict[tuple[str, str], dict[str, 
 class StepTrace:
     """Per-step, per-channel statistics of one layer's inputs, folded over forwards sharing a timestep."""
 
-    def __init__(self, percentile: float = 99.9, max_tokens: int = 16384, chunk: int = 2048):
+    def __init__(self, percentile: float = PERCENTILE, max_tokens: int = 16384, chunk: int = 2048):
         if not 0 < percentile <= 100:
             raise ValueError(f"trace percentile must be in (0, 100], got {percentile}")
         self.percentile, self.max_tokens, self.chunk = float(percentile), int(max_tokens), int(chunk)
@@ -256,8 +257,8 @@ class ActivationCollector:
     after each denoising step: one host sync a step, not one a layer), naming layer and timestep."""
 
     def __init__(self, expert: str, model: nn.Module, layers: Iterable[str], context: TimestepContext,
-                 needs: Iterable[str], stats: CalibStats, max_tokens: int = 256, seed: int = 0,
-                 trace_layers: Iterable[str] = (), trace_percentile: float = 99.9, trace_tokens: int = 16384,
+                 needs: Iterable[str], stats: CalibStats, max_tokens: int = CALIB_TOKENS, seed: int = 0,
+                 trace_layers: Iterable[str] = (), trace_percentile: float = PERCENTILE, trace_tokens: int = 16384,
                  hessian_stride: int = 1, share_inputs: bool = True, gram_tile: int = 512,
                  hessian_input: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None):
         unknown = set(needs) - set(STATS)

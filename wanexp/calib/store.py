@@ -14,7 +14,7 @@ from wanexp.calib.collect import ALL_BINS, CalibStats
 from wanexp.errors import WanexpError
 from wanexp.io import read_json, rebased
 from wanexp.models import EXPERTS
-from wanexp.quant.methods import LayerStats, MethodConfig
+from wanexp.quant.methods import LayerStats, QuantRecipe
 from wanexp.rundir import RunDir
 
 
@@ -27,7 +27,7 @@ def calib_setting(cfg, key: str, default):
 
 
 def needs_of(cfg) -> list[str]:
-    return MethodConfig.needs(cfg.quant) if cfg.quant.name != "bf16" else []
+    return QuantRecipe.needs(cfg.quant) if cfg.quant.name != "bf16" else []
 
 
 def transient_hessians(cfg) -> bool:

@@ -39,6 +39,7 @@ def pack_version(fmt: str) -> int:
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
            "float64": torch.float64}
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}   # the short names configs use
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -46,6 +47,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def dtype_from_name(name: str) -> torch.dtype:
+    """``bfloat16`` (as ``dtype_name`` writes it) or a short name (``bf16``) → the torch dtype."""
+    name = DTYPE_ALIASES.get(name, name)
     if name not in _DTYPES:
         raise ValueError(f"unsupported dtype {name!r}; expected one of {sorted(_DTYPES)}")
     return _DTYPES[name]
@@ -407,6 +410,12 @@ class NumberFormat:
                              f"{self!r}; use wanexp.formats.decode(packed)")
         q, s = self._unpack(packed.data, self._view_shape(tuple(packed.shape)))
         return self._finish(self._dequantize(q, s), torch.Size(packed.shape), packed.dtype)
+
+    def shared_state_options(self, w: torch.Tensor) -> dict[str, Any]:
+        """The options every :meth:`block_state` of one weight ``w`` must share, from ``w`` before any
+        column is quantized (GPTQ passes them to each block's call); none by default. A format with a
+        scale above the block (NVFP4's per-tensor scale) fixes it here for the whole weight."""
+        return {}
 
     def block_state(self, x_block: torch.Tensor, clip_ratio: float | torch.Tensor = 1.0, *,
                     name: str = "tensor", check_finite: bool = True, **kw: Any) -> BlockState:

@@ -38,6 +38,10 @@ class NVFP4(E2M1Format):
     def __init__(self, ties: str = "even") -> None:
         super().__init__(ties)
 
+    def shared_state_options(self, w):
+        """One per-tensor scale for the whole weight: from its amax before GPTQ changes any column."""
+        return {"tensor_amax": w.abs().amax()}
+
     def _scales(self, v, rho, tensor_amax=None):
         block_max = block_amax(v)
         if tensor_amax is None:  # the largest block max is the tensor's

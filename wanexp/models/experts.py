@@ -11,7 +11,8 @@ from typing import Callable
 
 import torch
 
-EXPERTS = ("high_noise", "low_noise")
+from wanexp.schema import EXPERTS  # noqa: F401 (the names, defined once; re-exported for wanexp.models)
+
 _ATTR = {"high_noise": "transformer", "low_noise": "transformer_2"}
 
 

@@ -17,14 +17,13 @@ from typing import Any, Mapping
 import torch
 
 from wanexp.errors import WanexpError
+from wanexp.formats.base import dtype_from_name
 from wanexp.models.a14b_random import load_random_pipeline
 from wanexp.models.base import place_pipeline, quiet_libraries  # noqa: F401 (place_pipeline: for callers)
 from wanexp.models.experts import experts
 from wanexp.models.lora import check_specs, merge_loras
 from wanexp.models.tiny import MODEL_INDEX_COMPONENTS, ensure_tiny_checkpoint
 
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-           "fp32": torch.float32, "float32": torch.float32}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
 
 
@@ -84,9 +83,10 @@ def load_pipeline(cfg: Mapping[str, Any], cache_dir: str | Path, device: str | t
         merge_loras(pipe, loras)
         return pipe
     path = resolve_model_dir(cfg, cache_dir)
-    dtype = _DTYPES.get(str(cfg.get("dtype", "bf16")))
-    if dtype is None:
-        raise WanexpError(f"model.dtype={cfg.get('dtype')!r} is not one of {sorted(_DTYPES)}")
+    try:
+        dtype = dtype_from_name(str(cfg.get("dtype", "bf16")))
+    except ValueError as err:
+        raise WanexpError(f"model.dtype={cfg.get('dtype')!r}: {err}") from None
     try:
         pipe = WanImageToVideoPipeline.from_pretrained(
             str(path), dtype=dtype, local_files_only=True, image_encoder=None, image_processor=None)

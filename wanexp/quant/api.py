@@ -2,7 +2,9 @@
 
 A config object knows how to build one quantized layer from one ``nn.Linear``; ``quantize_`` walks
 the model, asks it for each selected layer, and swaps the module in place (the 16-bit original is
-dropped, so its memory is freed once nothing else holds it).
+dropped, so its memory is freed once nothing else holds it). A recipe
+(:class:`wanexp.quant.methods.QuantRecipe`) is given each layer's calibration statistics
+(``stats=``) and says what it chose; ``quantize_`` returns those choices with the names swapped.
 
 Device placement, the one rule (every swap goes through :func:`replace_module`): a replacement
 lives on the device of the module it replaces. The layer may be *computed* elsewhere
@@ -12,7 +14,8 @@ brings its own inputs (calibration statistics) to the device of the linear it is
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Protocol
+import time
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import torch
 from torch import nn
@@ -22,8 +25,19 @@ from wanexp.quant.linear import QuantLinear
 
 
 class LayerQuantizer(Protocol):
-    def build(self, name: str, linear: nn.Linear) -> nn.Module | None:
-        """Return the replacement for ``linear`` (or None to keep it as it is), on ``linear``'s device."""
+    def build(self, name: str, linear: nn.Linear, *stats: Any) -> nn.Module | tuple[nn.Module, dict] | None:
+        """Return the replacement for ``linear`` (or None to keep it as it is), on ``linear``'s device,
+        or ``(replacement, choices)``; ``stats``: the layer's statistics, when ``quantize_`` has them."""
+
+
+class Swapped(list):
+    """The names of the linears swapped, in order, with per layer what the builder chose (``choices``:
+    the ``choices.json`` entries) and the seconds its build took (``seconds``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.choices: dict[str, dict] = {}
+        self.seconds: dict[str, float] = {}
 
 
 def module_device(module: nn.Module) -> torch.device:
@@ -57,19 +71,33 @@ def linear_on(linear: nn.Linear, device: torch.device | None) -> nn.Linear:
     return copy
 
 
+def build_timed(config: LayerQuantizer, name: str, linear: nn.Linear, stats: Mapping | None = None):
+    """``(replacement, choices or None, seconds)`` of one ``config.build`` (the GPU's queue drained, so
+    the seconds are the build's); ``stats``: layer name → statistics, None for a builder without."""
+    start = time.perf_counter()
+    built = config.build(name, linear) if stats is None else config.build(name, linear, stats.get(name))
+    new, chosen = built if isinstance(built, tuple) else (built, None)
+    if linear.weight.is_cuda:
+        torch.cuda.synchronize(linear.weight.device)
+    return new, chosen, round(time.perf_counter() - start, 4)
+
+
 def quantize_(model: nn.Module, config: LayerQuantizer, names: Iterable[str],
               context: TimestepContext | None = None, progress: Callable[[str], None] | None = None,
-              compute_device: torch.device | str | None = None) -> list[str]:
-    """Replace each named linear by ``config.build(name, linear)``; returns the names swapped.
+              compute_device: torch.device | str | None = None, stats: Mapping | None = None) -> Swapped:
+    """Replace each named linear by what ``config.build(name, linear[, stats[name]])`` returns; returns
+    the names swapped, with the choices and seconds of every layer built (:class:`Swapped`).
 
     ``compute_device``: where each layer is built (None: where the linear is); the result is
     placed where the linear was."""
-    swapped = []
+    swapped = Swapped()
     for name in list(names):
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{name} is a {type(linear).__name__}, not nn.Linear")
-        new = config.build(name, linear_on(linear, compute_device))
+        new, chosen, swapped.seconds[name] = build_timed(config, name, linear_on(linear, compute_device), stats)
+        if chosen is not None:
+            swapped.choices[name] = chosen
         if new is not None:
             if isinstance(new, QuantLinear):
                 new.context = context

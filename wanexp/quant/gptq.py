@@ -34,7 +34,8 @@ are exactly those, so ``fmt.decode(packed) == dequantized`` bit for bit.
 * Per-row formats (``block_size == -1``, e.g. int4 group -1, int8, fp8): one group spans the row,
   so its scale is computed before any column is quantized, i.e. from the original W.
 * NVFP4's per-tensor FP32 scale comes from the original W (dead columns zeroed) for the whole
-  layer: GPTQ passes ``tensor_amax=W.abs().amax()`` to every ``block_state``. Compensation can push
+  layer: GPTQ passes the format's ``shared_state_options(W)`` (NVFP4: ``tensor_amax=W.abs().amax()``) to
+  every ``block_state``. Compensation can push
   a block's amax past it; that block's E4M3 scale then saturates at 448 (elements saturate at 6).
 
 Preprocessing (the paper's reference practice): dead inputs (H_jj == 0) get H_jj = 1 and W[:, j] = 0;
@@ -147,8 +148,8 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
 
 
 def _format_kwargs(fmt: NumberFormat, W0: torch.Tensor) -> dict:
-    """Per-layer settings every block_state call must share: NVFP4's per-tensor scale from W₀."""
-    return {"tensor_amax": W0.abs().amax()} if fmt.name == "nvfp4" else {}
+    """Per-layer settings every block_state call must share (the format says: NVFP4's per-tensor scale)."""
+    return fmt.shared_state_options(W0)
 
 
 # ----------------------------------------------------------------------------- format scales

@@ -46,8 +46,7 @@ over both experts for the ``shared`` policy).
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -56,11 +55,13 @@ from torch import nn
 from wanexp.errors import WanexpError
 from wanexp.formats import NumberFormat, get_format
 from wanexp.quant.awq import AWQ_RATIOS
+from wanexp.quant.api import build_timed
 from wanexp.quant.clip_search import candidates, ratio, relative_errors, searched
 from wanexp.quant.linear import QuantLinear
 from wanexp.quant.lowrank import split_lowrank
 from wanexp.quant.smooth import (apply_to_weight, awq_scales, channel_mean_abs, channel_percentile, smooth_hessian,
                                  smoothquant_scales, tail_aware_scales)
+from wanexp.schema import CLIP_CANDIDATES, EXPERTS, PERCENTILE
 
 
 @dataclass
@@ -92,9 +93,12 @@ class LayerStats:
                           bin_absmax={b: move(t) for b, t in self.bin_absmax.items()})
 
 
-@dataclass
-class MethodConfig:
-    """One method (``conf/quant/*.yaml``) with its formats; ``build`` makes one QuantLinear."""
+@dataclass(frozen=True)
+class QuantRecipe:
+    """One method (``conf/quant/*.yaml``) with its formats, as pure parameters (frozen, as torchao's
+    configs): ``build(name, linear, stats)`` makes one QuantLinear and says what it chose; nothing is
+    kept between layers. :func:`wanexp.quant.api.quantize_` applies it to a model and returns the
+    choices per layer, which the runner records (``choices.json``)."""
 
     name: str
     weight_format: dict
@@ -102,13 +106,13 @@ class MethodConfig:
     smoothing: str | None = None                   # None | "max" | "percentile" | "awq" (mean |x|, s = a^α)
     smoothing_per_bin: bool = False                # one smoothing vector (and weight) per timestep bin (ViDiT-Q)
     alpha: float | Sequence[float] = 0.5           # one value, or a grid searched per layer
-    percentile: float = 99.9
+    percentile: float = PERCENTILE
     rank: int = 0
     lowrank_solver: str = "svd"                    # "svd" (exact, float64) | "randomized" (wanexp.quant.lowrank)
     residual: str = "rtn"                          # "rtn" | "gptq"
     gptq: dict = field(default_factory=dict)       # block_size, damp, act_order, static_groups
     clip_search: bool = False
-    clip_candidates: Sequence[float] = (0.6, 0.7, 0.8, 0.9, 1.0)
+    clip_candidates: Sequence[float] = CLIP_CANDIDATES
     exp_shifts: Sequence[int] = (0,)               # shared-exponent shifts tried with every clip ratio
     clip_search_data: str = "calib_tokens"         # "calib_tokens" | "w4a4_generation" (the run's W4A4 pass)
     clip_metric: str = "bf16_output"               # "bf16_output" | "wq_output_rel"
@@ -119,9 +123,6 @@ class MethodConfig:
     hessian_input: str = "smoothed"                # "smoothed" | "smoothed_act_quant"
     num_bins: int = 1
     compute_dtype: torch.dtype = torch.bfloat16
-    stats: dict[str, LayerStats] = field(default_factory=dict)        # layer name → statistics
-    report: dict[str, dict] = field(default_factory=dict)             # layer name → what was chosen
-    seconds: dict[str, float] = field(default_factory=dict)           # layer name → seconds its build took
 
     # -- what calibration must record -----------------------------------------------------
     @staticmethod
@@ -168,10 +169,11 @@ class MethodConfig:
         return get_format(self.weight_format["name"], **self.weight_format.get("opts", {}))
 
     # -- the layer --------------------------------------------------------------------------
-    def build(self, name: str, linear: nn.Linear) -> QuantLinear:
-        start = time.perf_counter()
+    def build(self, name: str, linear: nn.Linear, stats: LayerStats | None = None) -> tuple[QuantLinear, dict]:
+        """The QuantLinear of ``linear`` (layer ``name``) from its calibration ``stats`` (None: none),
+        and what was chosen for it (α, clip table, GPTQ loss, the sensitivity numbers)."""
         w = linear.weight.detach().float()
-        stats = self.stats.get(name, LayerStats()).to(w.device)  # the statistics come to the weight
+        stats = (stats or LayerStats()).to(w.device)  # the statistics come to the weight
         chosen: dict[str, Any] = {}
         s = None
         if self.smoothing and self.smoothing_per_bin:
@@ -187,11 +189,7 @@ class MethodConfig:
         self._clip_table(name, layer, w, stats)
         chosen["clip"] = [round(r, 6) for r in layer.clip_table.tolist()]
         chosen.update(self.sensitivity(layer, w, stats))
-        if w.is_cuda:
-            torch.cuda.synchronize(w.device)
-        self.seconds[name] = round(time.perf_counter() - start, 4)  # what building this layer cost
-        self.report[name] = chosen
-        return layer
+        return layer, chosen
 
     @torch.no_grad()
     def sensitivity(self, layer: QuantLinear, w: torch.Tensor, stats: LayerStats) -> dict[str, Any]:
@@ -395,16 +393,65 @@ def effective_weight(layer: QuantLinear) -> torch.Tensor:
     return wq
 
 
+class MethodConfig:
+    """A :class:`QuantRecipe` with the statistics of its layers and what it chose for them, for callers
+    of the builder protocol ``build(name, linear) -> QuantLinear`` (set ``stats`` first, read ``report``
+    and ``seconds`` after). The runner uses the recipe itself: ``quantize_(model, recipe, names,
+    stats=...)`` returns the choices. Parameters read and set as the recipe's (``m.num_bins = 3``)."""
+
+    needs = staticmethod(QuantRecipe.needs)
+    second_pass = staticmethod(QuantRecipe.second_pass)
+
+    def __init__(self, *args: Any, stats: Mapping[str, LayerStats] | None = None, **params: Any) -> None:
+        object.__setattr__(self, "recipe", QuantRecipe(*args, **params))
+        self.stats: Mapping[str, LayerStats] = dict(stats or {})   # layer name → statistics
+        self.report: dict[str, dict] = {}                          # layer name → what was chosen
+        self.seconds: dict[str, float] = {}                        # layer name → seconds its build took
+
+    def __getattr__(self, key: str):  # only for what the instance itself lacks: the recipe's parameters
+        if key == "recipe":
+            raise AttributeError(key)
+        return getattr(self.recipe, key)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        if key in _RECIPE_FIELDS:
+            object.__setattr__(self, "recipe", replace(self.recipe, **{key: value}))
+        else:
+            object.__setattr__(self, key, value)
+
+    @classmethod
+    def of(cls, recipe: QuantRecipe) -> "MethodConfig":
+        return cls(**{f.name: getattr(recipe, f.name) for f in fields(QuantRecipe)})
+
+    def build(self, name: str, linear: nn.Linear) -> QuantLinear:
+        layer, self.report[name], self.seconds[name] = build_timed(self.recipe, name, linear, self.stats)
+        return layer
+
+
+_RECIPE_FIELDS = frozenset(f.name for f in fields(QuantRecipe))
+
+
 def method_config(quant_cfg: Mapping[str, Any], fmt_cfg: Mapping[str, Any], num_bins: int,
                   compute_dtype: torch.dtype = torch.bfloat16) -> MethodConfig:
-    """MethodConfig from the ``quant`` and ``format`` config groups."""
+    """MethodConfig from the ``quant`` and ``format`` config groups (:func:`recipe_of` for the recipe alone)."""
+    return MethodConfig(**_recipe_params(quant_cfg, fmt_cfg, num_bins, compute_dtype))
+
+
+def recipe_of(quant_cfg: Mapping[str, Any], fmt_cfg: Mapping[str, Any], num_bins: int,
+              compute_dtype: torch.dtype = torch.bfloat16) -> QuantRecipe:
+    """The frozen recipe of the ``quant`` and ``format`` config groups."""
+    return QuantRecipe(**_recipe_params(quant_cfg, fmt_cfg, num_bins, compute_dtype))
+
+
+def _recipe_params(quant_cfg: Mapping[str, Any], fmt_cfg: Mapping[str, Any], num_bins: int,
+                   compute_dtype: torch.dtype) -> dict[str, Any]:
     wfmt = {"name": fmt_cfg["name"], "opts": dict(fmt_cfg.get("weight") or {})}
     afmt = {"name": fmt_cfg["name"], "opts": dict(fmt_cfg.get("act") or {})} if quant_cfg.get("activations") else None
     alpha = quant_cfg.get("alpha", 0.5)
-    return MethodConfig(
+    return dict(
         name=quant_cfg["name"], weight_format=wfmt, act_format=afmt, smoothing=quant_cfg.get("smoothing"),
         smoothing_per_bin=bool(quant_cfg.get("smoothing_per_bin", False)),
-        alpha=alpha if isinstance(alpha, (int, float)) else list(alpha), percentile=float(quant_cfg.get("percentile", 99.9)),
+        alpha=alpha if isinstance(alpha, (int, float)) else list(alpha), percentile=float(quant_cfg.get("percentile", PERCENTILE)),
         rank=int(quant_cfg.get("rank", 0) or 0), residual=str(quant_cfg.get("residual", "rtn")),
         lowrank_solver=str(quant_cfg.get("lowrank_solver") or "svd"),
         gptq=dict(quant_cfg.get("gptq") or {}), clip_search=bool(quant_cfg.get("clip_search", False)),
@@ -457,7 +504,7 @@ def validate_quant_cfg(quant_cfg: Mapping[str, Any], generation_keys: Sequence[s
             raise WanexpError(f"quant.weight_clip_ratios={ratios} must be ratios in (0, 1]")
     if q.get("bin_rule") == "step_fraction":
         cuts = q.get("bin_fractions") or {}
-        for expert in ("high_noise", "low_noise"):
+        for expert in EXPERTS:
             f = list(cuts.get(expert) or [])
             if len(f) + 1 != int(q.get("bins", 1)) or sorted(f) != f or not all(0 < c < 1 for c in f):
                 raise WanexpError(f"quant.bin_fractions.{expert}={f}: bin_rule=step_fraction needs bins - 1 = "

@@ -1,9 +1,13 @@
 """The registry of quantization methods: every ``quant.name`` the runner accepts, in the order the
 tables list them (the seed paper's Table I ladder first, then the HiFloat4 paper's, then the field's).
 
-A method is a set of parameters of the steps :class:`wanexp.quant.methods.MethodConfig` composes
+A method is a set of parameters of the steps :class:`wanexp.quant.methods.QuantRecipe` composes
 (smoothing, low-rank branch, RTN or GPTQ residual, clip search, weight clipping) in a
-``conf/quant/<name>.yaml``; this list is the only other place a method is named. Adding a method
+``conf/quant/<name>.yaml`` (its keys and defaults: :class:`wanexp.schema.QuantSchema`); this list is
+the only other place a method is named. The recipe is frozen, pure parameters:
+``recipe.build(name, linear, stats) -> (QuantLinear, choices)``, and
+``wanexp.quant.api.quantize_(model, recipe, names, stats=...)`` returns the choices per layer. The
+registry stays free of torch (the report's tables read it) and so names methods only. Adding a method
 that composes existing steps is that yaml file plus one :func:`method` line below (README "Adding a
 method"); variants of one method (``conf/quant/rtn_paper_code.yaml``: ``name: rtn`` with another
 recipe) need no line.

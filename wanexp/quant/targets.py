@@ -13,11 +13,11 @@ from typing import Iterable
 
 from torch import nn
 
-_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")   # a denoiser block's module: (block index, name within)
 
 
 def block_index(name: str) -> int | None:
-    m = _BLOCK.match(name)
+    m = BLOCK_RE.match(name)
     return int(m.group(1)) if m else None
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from wanexp.errors import WanexpError
+from wanexp.evaluate.vbench import HIF4_DIMENSIONS
 from wanexp.io import atomic_path
 from wanexp.report.latex import latex_table
 from wanexp.report.stats import interval, read_per_sample
@@ -111,7 +112,7 @@ TABLES: dict[str, PaperTable] = {
              "motion smoothness (evaluate=vbench_hif4).",
     ),
 }
-VBENCH5 = ["imaging_quality", "aesthetic_quality", "overall_consistency", "subject_consistency", "motion_smoothness"]
+VBENCH5 = list(HIF4_DIMENSIONS)   # the HiFloat4 paper's five (its headline: their mean)
 
 
 def paper_table(rows: pd.DataFrame, name: str, boot=None) -> pd.DataFrame:

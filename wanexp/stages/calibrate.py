@@ -37,8 +37,9 @@ from wanexp.generate import sample_seed
 from wanexp.io import write_json
 from wanexp.models import boundary_timestep, experts, install_timestep_hooks
 from wanexp.quant.context import TimestepContext, step_fraction_bins
-from wanexp.quant.methods import MethodConfig, method_config
+from wanexp.quant.methods import QuantRecipe, recipe_of
 from wanexp.quant.targets import block_index, targeted_linears
+from wanexp.schema import PERCENTILE
 from wanexp.stages.common import calib_generation_cfg
 from wanexp.stages.quantize import build_quant_part
 
@@ -85,7 +86,7 @@ def calib_key(state, pipe, needs: list[str]) -> dict:
     cfg = state.cfg
     samples = [(s.id, s.prompt, str(s.image_path), bool(s.extra.get("blank_image"))) for s in state.splits.calib]
     key = {"format": CALIB_FORMAT, "fingerprint": state.fingerprint, "needs": needs,
-           "calib_tokens": int(cfg.quant.get("calib_tokens", 256)), "seed": int(cfg.seed),
+           "calib_tokens": int(cfg.quant.calib_tokens), "seed": int(cfg.seed),
            "bins": {k: c.bins.to_json() for k, c in state.contexts(pipe).items()},
            "blocks_per_pass": cfg.quant.get("calib_blocks_per_pass"), "samples": samples,
            "generation": calib_generation_cfg(cfg), "analysis": _trace_spec(state, pipe),
@@ -100,7 +101,7 @@ def calib_key(state, pipe, needs: list[str]) -> dict:
 def _hessian_input_key(cfg) -> dict:
     """What the paper code's Hessian of Q_A(x / s) also depends on: the smoothing and the activation
     format (absent for wanexp's own Hessian, so those statistics keep their address)."""
-    if not MethodConfig.second_pass(cfg.quant):
+    if not QuantRecipe.second_pass(cfg.quant):
         return {}
     q = OmegaConf.to_container(cfg.quant, resolve=True)
     return {"hessian_input": {"kind": q["hessian_input"], "smoothing": q.get("smoothing"), "alpha": q.get("alpha"),
@@ -126,17 +127,17 @@ def stats_dir(state, key: dict) -> Path:
 def collector_settings(cfg, trace: dict) -> dict:
     """The ActivationCollector's settings from the config (and the traced layers, resolved). The paper
     code's second pass records one Hessian per layer, so no layers share records then."""
-    return dict(max_tokens=int(cfg.quant.get("calib_tokens", 256)), seed=int(cfg.seed),
-                trace_layers=trace.get("layers", ()), trace_percentile=trace.get("percentile", 99.9),
+    return dict(max_tokens=int(cfg.quant.calib_tokens), seed=int(cfg.seed),
+                trace_layers=trace.get("layers", ()), trace_percentile=trace.get("percentile", PERCENTILE),
                 trace_tokens=trace.get("tokens", 16384),
                 hessian_stride=int(calib_setting(cfg, "hessian_token_stride", 1)),
-                share_inputs=bool(calib_setting(cfg, "share_inputs", True)) and not MethodConfig.second_pass(cfg.quant))
+                share_inputs=bool(calib_setting(cfg, "share_inputs", True)) and not QuantRecipe.second_pass(cfg.quant))
 
 
 def first_pass_needs(cfg) -> list[str]:
     """What a pass's collectors record: all the method needs, but the Hessian when the paper code's
     second pass records it (it needs the smoothing of the first)."""
-    return [n for n in needs_of(cfg) if n != "hessian"] if MethodConfig.second_pass(cfg.quant) else needs_of(cfg)
+    return [n for n in needs_of(cfg) if n != "hessian"] if QuantRecipe.second_pass(cfg.quant) else needs_of(cfg)
 
 
 def collect_pass(pipe, expert: str, layers: list[str], contexts: dict, needs: list[str], samples, split: ExpertSplit,
@@ -197,7 +198,7 @@ def calibrate(state) -> dict:
     trace = key["analysis"]
     # the paper code's Hessian of Q_A(x/s) needs s, i.e. the maxima of the pass it would be recorded in:
     # a second pass of the same expert's steps records it (wanexp.calib.paper_code)
-    second = MethodConfig.second_pass(cfg.quant)
+    second = QuantRecipe.second_pass(cfg.quant)
     first_needs = first_pass_needs(cfg)
     gen, seed = calib_generation_cfg(cfg), int(cfg.seed)
     steps = int(gen["num_inference_steps"])
@@ -217,7 +218,7 @@ def calibrate(state) -> dict:
             start = time.perf_counter()
             own = rank_part_path(path, world)
             if own is not None and not transient and own.is_file():  # this rank's share survived a crash
-                stats = reduce_stats(CalibStats.load(own), world, int(cfg.quant.get("calib_tokens", 256)),
+                stats = reduce_stats(CalibStats.load(own), world, int(cfg.quant.calib_tokens),
                                      int(cfg.seed))
                 _finish_pass(state, pipe, expert, layers, stats, path, transient, k, len(parts))
                 reused_ranks += 1
@@ -233,7 +234,7 @@ def calibrate(state) -> dict:
                 stats.save(own)
                 if os.environ.get("WANEXP_FAULT_DIE_AFTER_SHARE") == str(world.rank):
                     _die_once_the_others_saved(path, world)
-            stats = reduce_stats(stats, world, int(cfg.quant.get("calib_tokens", 256)), int(cfg.seed))
+            stats = reduce_stats(stats, world, int(cfg.quant.calib_tokens), int(cfg.seed))
             entries += _finish_pass(state, pipe, expert, layers, stats, path, transient, k, len(parts))
             passes += 1
             seconds[f"{expert}/{k}"] = round(time.perf_counter() - start, 3)
@@ -283,8 +284,8 @@ def act_quant_hessian_pass(cfg, pipe, split, expert: str, layers: list[str], con
                            samples, steps: int, progress=iter) -> None:
     """The paper code's GPTQ Hessian (``quant.hessian_input=smoothed_act_quant``) into ``stats``: this
     expert's calibration steps again, with s from the maxima ``stats`` now holds."""
-    method = method_config(OmegaConf.to_container(cfg.quant, resolve=True),
-                           OmegaConf.to_container(cfg.format, resolve=True), contexts["high_noise"].bins.num_bins)
+    method = recipe_of(OmegaConf.to_container(cfg.quant, resolve=True),
+                       OmegaConf.to_container(cfg.format, resolve=True), contexts["high_noise"].bins.num_bins)
     pools = {e: list(contexts) if cfg.expert.policy == "shared" else [e] for e in contexts}
     wanted = {e: (layers if e == expert else []) for e in contexts}
     hessians = act_quant_hessians(pipe, wanted, contexts, method, lambda e, names: layer_stats(stats, pools[e], names),

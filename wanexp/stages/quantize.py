@@ -10,6 +10,7 @@ layer at a time, so a full Hessian exists only for the layer being built. With t
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -23,11 +24,11 @@ from wanexp.models import (boundary_timestep, experts, held_bytes, install_scope
                            pipeline_bytes)
 from wanexp.quant.attention import AttentionConfig, AttentionMode
 from wanexp.models.lora import lora_records
-from wanexp.quant.api import attach_context, linear_on, quantize_, replace_module
+from wanexp.quant.api import attach_context, build_timed, linear_on, quantize_, replace_module
 from wanexp.quant.artifact import artifact_digest, load_artifact, read_header, save_artifact, save_layers
 from wanexp.quant.context import TimestepBins, TimestepContext
 from wanexp.quant.linear import QuantLinear
-from wanexp.quant.methods import MethodConfig, method_config
+from wanexp.quant.methods import MethodConfig, QuantRecipe, recipe_of
 from wanexp.quant.targets import select_targets
 from wanexp.stages.common import generation_cfg
 
@@ -54,18 +55,24 @@ def keep_lists(cfg, expert: str) -> tuple[list[int], list[str]]:
     return sorted(set(int(b) for b in blocks)), modules
 
 
-def method_for(cfg, num_bins: int) -> MethodConfig:
-    """The method of ``cfg`` (quant + format groups) for experts with ``num_bins`` timestep bins."""
+def recipe_for(cfg, num_bins: int) -> QuantRecipe:
+    """The recipe of ``cfg`` (quant + format groups) for experts with ``num_bins`` timestep bins."""
     quant = dict(OmegaConf.to_container(cfg.quant, resolve=True),
                  lowrank_solver=calib_setting(cfg, "lowrank_solver", "svd"))
-    return method_config(quant, OmegaConf.to_container(cfg.format, resolve=True), num_bins)
+    return recipe_of(quant, OmegaConf.to_container(cfg.format, resolve=True), num_bins)
 
 
-def _method(state, pipe) -> MethodConfig:
-    return method_for(state.cfg, state.contexts(pipe)["high_noise"].bins.num_bins)
+def method_for(cfg, num_bins: int) -> MethodConfig:
+    """:func:`recipe_for` as a builder with its own statistics (``stats``, then ``build(name, linear)``)."""
+    return MethodConfig.of(recipe_for(cfg, num_bins))
 
 
-def artifact_header(cfg, fingerprint: str, pipe, contexts: dict, method: MethodConfig) -> dict:
+def _recipe(state, pipe, expert: str = "high_noise") -> QuantRecipe:
+    """The run's recipe with ``expert``'s bins (they follow each expert's steps, and may differ)."""
+    return recipe_for(state.cfg, state.contexts(pipe)[expert].bins.num_bins)
+
+
+def artifact_header(cfg, fingerprint: str, pipe, contexts: dict, method: QuantRecipe) -> dict:
     """The artifact's JSON header: what was quantized how, for which base model (and the LoRAs merged
     into it), with which bins."""
     return {"method": cfg.quant.name, "format": method.weight_format, "act_format": method.act_format,
@@ -75,7 +82,7 @@ def artifact_header(cfg, fingerprint: str, pipe, contexts: dict, method: MethodC
             "lora": [r for m in experts(pipe).values() for r in lora_records(m)]}
 
 
-def _header(state, pipe, method: MethodConfig) -> dict:
+def _header(state, pipe, method: QuantRecipe) -> dict:
     return artifact_header(state.cfg, state.fingerprint, pipe, state.contexts(pipe), method)
 
 
@@ -85,14 +92,17 @@ def expert_targets(cfg, model, expert: str) -> list[str]:
     return select_targets(model, keep_blocks, keep_modules)
 
 
-def build_layers(model, method: MethodConfig, targets: list[str], compute_device, progress=iter,
-                 store_device="cpu") -> dict:
-    """``{name: QuantLinear}`` for ``targets`` of ``model``, built on ``compute_device`` and kept on
-    ``store_device``; the model keeps its BF16 layers (see :func:`swap_layers`)."""
-    built = {}
+def build_layers(model, recipe: QuantRecipe, targets: list[str], stats, compute_device, progress=iter,
+                 store_device="cpu") -> tuple[dict, dict, dict]:
+    """``({name: QuantLinear}, choices, seconds)`` for ``targets`` of ``model`` from their ``stats``,
+    built on ``compute_device`` and kept on ``store_device``; the model keeps its BF16 layers (see
+    :func:`swap_layers`)."""
+    built, chosen, seconds = {}, {}, {}
     for name in progress(targets):
-        built[name] = method.build(name, linear_on(model.get_submodule(name), compute_device)).to(store_device)
-    return built
+        layer, chosen[name], seconds[name] = build_timed(recipe, name, linear_on(model.get_submodule(name),
+                                                                                 compute_device), stats)
+        built[name] = layer.to(store_device)
+    return built, chosen, seconds
 
 
 def swap_layers(model, built: dict, context) -> int:
@@ -110,15 +120,13 @@ def build_quant_part(state, pipe, expert: str, layers: list[str], stats, k: int,
     model = experts(pipe)[expert]
     wanted = set(layers)
     targets = [t for t in expert_targets(state.cfg, model, expert) if t in wanted]
-    method = _method(state, pipe)
-    method.num_bins = state.contexts(pipe)[expert].bins.num_bins  # bins follow each expert's steps
-    method.stats = layer_stats(stats, [expert], targets)
-    built = build_layers(model, method, targets, state.device,
-                         lambda it: state.progress(it, f"quantize {expert} {k + 1}/{n}"))
+    recipe = _recipe(state, pipe, expert)
+    built, chosen, seconds = build_layers(model, recipe, targets, layer_stats(stats, [expert], targets), state.device,
+                                          lambda it: state.progress(it, f"quantize {expert} {k + 1}/{n}"))
     path = state.dir.artifact_part(expert, k, n)
-    save_layers(path, {expert: built}, dict(_header(state, pipe, method), part=[expert, k, n]))
-    write_json(path.with_suffix(".choices.json"), method.report)
-    write_json(path.with_suffix(".seconds.json"), method.seconds)
+    save_layers(path, {expert: built}, dict(_header(state, pipe, recipe), part=[expert, k, n]))
+    write_json(path.with_suffix(".choices.json"), chosen)
+    write_json(path.with_suffix(".seconds.json"), seconds)
     return path
 
 
@@ -159,28 +167,26 @@ def quantize(state) -> dict:
 
 def _quantize_now(state, pipe):
     cfg = state.cfg
-    method = _method(state, pipe)
-    stats = load_calib_stats(state.run_dir) if MethodConfig.needs(cfg.quant) else None
+    method = _recipe(state, pipe)
+    stats = load_calib_stats(state.run_dir) if QuantRecipe.needs(cfg.quant) else None
     swapped, chosen, seconds = quantize_experts(cfg, pipe, method, stats, state.contexts(pipe), state.device,
                                                 lambda it, name: state.progress(it, f"quantize {name}"))
     return swapped, chosen, seconds, method
 
 
-def quantize_experts(cfg, pipe, method: MethodConfig, stats, contexts: dict, compute_device, progress=None):
-    """Swap each expert's targets for the method's QuantLinears, from calibration ``stats`` (None: the
+def quantize_experts(cfg, pipe, recipe: QuantRecipe, stats, contexts: dict, compute_device, progress=None):
+    """Swap each expert's targets for the recipe's QuantLinears, from calibration ``stats`` (None: the
     method needs none); returns (layers swapped, per-layer choices, per-layer build seconds), per expert."""
     swapped, chosen, seconds = {}, {}, {}
     for name, model in experts(pipe).items():
         targets = expert_targets(cfg, model, name)
         pool = list(experts(pipe)) if cfg.expert.policy == "shared" else [name]
-        method.stats = layer_stats(stats, pool, targets) if stats is not None else {}
-        method.report = {}
-        method.num_bins = contexts[name].bins.num_bins  # bins follow each expert's steps (they may differ)
-        # built on the run's device (the GPU even when the pipeline is offloaded), kept where the layer was
-        names = progress(targets, name) if progress else targets
-        swapped[name] = len(quantize_(model, method, names, contexts[name], compute_device=compute_device))
-        chosen[name], seconds[name] = method.report, method.seconds
-        method.stats, method.seconds = {}, {}
+        # bins follow each expert's steps (they may differ); built on the run's device (the GPU even when
+        # the pipeline is offloaded), kept where the layer was
+        done = quantize_(model, replace(recipe, num_bins=contexts[name].bins.num_bins),
+                         progress(targets, name) if progress else targets, contexts[name],
+                         compute_device=compute_device, stats=layer_stats(stats, pool, targets) if stats is not None else {})
+        swapped[name], chosen[name], seconds[name] = len(done), done.choices, done.seconds
     return swapped, chosen, seconds
 
 
@@ -204,7 +210,7 @@ def _assemble_parts(state, pipe, parts: list[Path]):
         swapped[expert] += swap_layers(model, built, contexts[expert])
         chosen[expert].update(read_json(path.with_suffix(".choices.json")))
         seconds[expert].update(read_json(path.with_suffix(".seconds.json")))
-    return swapped, chosen, seconds, _method(state, pipe)
+    return swapped, chosen, seconds, _recipe(state, pipe)
 
 
 def _w4a4_clip_search(state, pipe, method, contexts: dict, chosen: dict) -> None:
