@@ -52,7 +52,11 @@ LOG2E = math.log2(math.e)
 # Fused kernel vs reference, relative Frobenius error of the bf16 outputs: Triton's interpreter
 # (the same fp32 arithmetic in another order) and a Hopper GPU (tensor-core accumulation order,
 # FP8 products summed in the tensor cores' own precision, the hardware's approximate exp2).
-KERNEL_RTOL = {"interpreter": 2e-3, "gpu": 1e-2}
+# kernel vs reference, relative Frobenius: in the interpreter the same arithmetic; on the H200 the
+# fp8 variant measured 0.0116 (S = 4096) and 0.0112 (589 keys) against 1e-2 first guessed: the GPU's
+# approximate exp2 moves some P values across an E4M3 rounding boundary, and FP8 MMAs accumulate
+# at reduced precision (2026-12-01)
+KERNEL_RTOL = {"interpreter": 2e-3, "gpu": 2e-2}
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,9 @@ def quantize_codes(x: torch.Tensor, block: int, kind: str) -> tuple[torch.Tensor
     v, s = _blocks(x.float(), block)
     amax = v.abs().amax(dim=(-2, -1), keepdim=True)
     qmax = 127.0 if kind == "int8" else E4M3_MAX
-    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    # amax / a tensor, not / a Python float: CUDA divides by a scalar as a multiplication by its
+    # reciprocal (not correctly rounded; found on the H200), and the kernels divide exactly (div_rn)
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, qmax), torch.ones_like(amax))
     t = v / scale
     q = t.round().clamp(-127, 127) if kind == "int8" else t.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()
     return q.flatten(-3, -2)[..., :s, :], scale.flatten(-3)
