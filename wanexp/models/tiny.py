@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from wanexp.io import make_temp_dir
+from wanexp.models import procedural
 
 # Everything that determines the tiny model's bytes. Changing any value changes the cache key.
 TINY_SPEC = {
@@ -115,13 +116,21 @@ def build_tiny_pipeline(weights: str = "random"):
     )
 
 
+EXPERT_FILES = {"high_noise": "transformer.safetensors", "low_noise": "transformer_2.safetensors"}
+
+
+def tokenizer_corpus() -> tuple[str, ...]:
+    """The trained proxy's tokenizer corpus: the fixed one plus the procedural clips' vocabulary
+    (repeated so its merges win)."""
+    return tuple(_TOKENIZER_CORPUS) + tuple(procedural.vocabulary()) * 4
+
+
 def _build_trained_pipeline():
     """The random pipeline (its frozen UMT5, scheduler and boundary) with the shipped VAE and experts."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from wanexp.models.train_tiny import EXPERT_FILES, tokenizer_corpus
     pipe = build_tiny_pipeline(weights="random")
     pipe.tokenizer = _build_tokenizer(tokenizer_corpus())
     for attr, cls, fname in (("vae", AutoencoderKLWan, "vae.safetensors"),

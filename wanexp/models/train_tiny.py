@@ -31,9 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from wanexp.models import procedural
-
-EXPERT_FILES = {"high_noise": "transformer.safetensors", "low_noise": "transformer_2.safetensors"}
-
+from wanexp.models.tiny import (EXPERT_FILES, TINY_SPEC, TRAINED_WEIGHTS, _build_tokenizer, build_tiny_pipeline,
+                                tokenizer_corpus)
 
 @dataclass
 class TrainConfig:
@@ -59,12 +58,6 @@ class TrainConfig:
         """A few steps of everything (tests, smoke runs)."""
         return TrainConfig(**{**asdict(self), "train_clips": 8, "heldout_clips": 4, "vae_steps": 2, "vae_batch": 2,
                               "vae_crop": 16, "expert_steps": 2, "expert_batch": 4})
-
-
-def tokenizer_corpus() -> tuple[str, ...]:
-    """The tiny tokenizer's fixed corpus plus the clips' vocabulary (repeated so its merges win)."""
-    from wanexp.models.tiny import _TOKENIZER_CORPUS
-    return tuple(_TOKENIZER_CORPUS) + tuple(procedural.vocabulary()) * 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +286,6 @@ def build_untrained(seed: int):
     """The tiny pipeline with the retrained tokenizer and default-initialised (diffusers') VAE and experts."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
-    from wanexp.models.tiny import TINY_SPEC, _build_tokenizer, build_tiny_pipeline
     pipe = build_tiny_pipeline(weights="random")  # the frozen tiny UMT5, the scheduler, the boundary
     pipe.tokenizer = _build_tokenizer(tokenizer_corpus())
     torch.manual_seed(seed)
@@ -340,7 +332,6 @@ def train(cfg: TrainConfig, log=print, evaluate_heldout: bool = True) -> tuple[o
 
 def evaluate(pipe, data: dict, held: dict, heldout_videos: torch.Tensor, boundary: float, seed: int) -> dict:
     """Held-out flow loss of each trained expert, of the random tiny model's experts and of the mean."""
-    from wanexp.models.tiny import build_tiny_pipeline
     random_pipe = build_tiny_pipeline(weights="random")
     out = {"vae_psnr_db": reconstruction_psnr(pipe.vae, heldout_videos),
            "random_vae_psnr_db": reconstruction_psnr(random_pipe.vae.float(), heldout_videos)}
@@ -381,7 +372,6 @@ def main(argv: list[str] | None = None) -> None:
     cfg = TrainConfig(**{**asdict(cfg), **{f: getattr(args, f) for f in asdict(cfg) if getattr(args, f) is not None}})
     start = time.perf_counter()
     pipe, record = train(cfg, log=lambda m: print(f"[{time.perf_counter() - start:7.1f}s] {m}", flush=True))
-    from wanexp.models.tiny import TRAINED_WEIGHTS
     out = args.out or TRAINED_WEIGHTS
     save(pipe, record, out)
     print(json.dumps({"seconds": record["seconds"], "heldout": record.get("heldout")}, indent=1))
