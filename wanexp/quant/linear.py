@@ -85,7 +85,7 @@ class QuantLinear(nn.Module):
 
     @property
     def calls(self) -> dict[str, int]:
-        """Forwards by path: ``fused`` (the GPU kernels, counted by their op) and ``reference``."""
+        """Forwards by path: ``fused`` (the GPU kernels) and ``reference`` (the torch path)."""
         return {"fused": int(self.counters[2]), "reference": int(self.counters[3])}
 
     def _apply(self, fn, recurse=True):
