@@ -263,13 +263,17 @@ def _run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None]) -> di
     builder = SyntheticTSClip(rank=int(q.get("rank", 32)), smooth=bool(q.get("smooth", True)),
                               clip_table=tuple(q.get("clip_table", (1.0, 0.9, 0.8, 0.9))),
                               scale_rule=str(q.get("scale_rule", "floor")), format=str(q.get("format", "mxfp4")))
-    edges = TimestepBins.equal_width(900.0, 1000.0, len(builder.clip_table))
-    ctx = TimestepContext(bins=edges)
-    ctx.set_timestep(950.0)
-    with torch.no_grad():
-        swapped = quantize_(model, builder, select_targets(model), context=ctx)
-    _sync(device)
-    _free()
+
+    def quantized(model: nn.Module, builder: SyntheticTSClip) -> tuple[list, TimestepContext]:
+        """``model``'s block linears swapped for ``builder``'s QuantLinears, in a bin of the clip table."""
+        ctx = TimestepContext(bins=TimestepBins.equal_width(900.0, 1000.0, len(builder.clip_table)))
+        ctx.set_timestep(950.0)
+        with torch.no_grad():
+            swapped = quantize_(model, builder, select_targets(model), context=ctx)
+        _sync(device)
+        _free()
+        return swapped, ctx
+    swapped, ctx = quantized(model, builder)
     result["quantize_s"] = time.perf_counter() - t0
     result["targeted_linears"] = len(swapped)
     result["bytes_w4a4"] = held_bytes(model)
@@ -290,12 +294,7 @@ def _run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None]) -> di
         _free(model)
         del model
         model = build_expert(device, num_layers, spec=spec)
-        fmt_builder = dataclasses.replace(builder, format=str(fmt))
-        ctx = TimestepContext(bins=edges)
-        ctx.set_timestep(950.0)
-        with torch.no_grad():
-            quantize_(model, fmt_builder, select_targets(model), context=ctx)
-        _free()
+        quantized(model, dataclasses.replace(builder, format=str(fmt)))
         result.setdefault("bytes_by_path", {})
         for path in [f"fused_{fmt}" + p.removeprefix("fused") for p in cfg.get("extra_format_paths") or
                      ("fused", "fused_compiled")]:
