@@ -3,7 +3,7 @@ run at full A14B size is `python -m wanexp.bench bench=pipeline_h100`)."""
 
 import torch
 
-from wanexp.bench.pipeline import run_pipeline_memory, to_markdown
+from wanexp.bench.pipeline import run_pipeline_memory, run_whole_video, to_markdown, video_fit, video_markdown
 
 
 def test_pipeline_memory_dry_run_builds_quantizes_and_generates_under_each_policy():
@@ -18,6 +18,30 @@ def test_pipeline_memory_dry_run_builds_quantizes_and_generates_under_each_polic
     assert w4a4["pipeline_bytes"] < bf16["pipeline_bytes"]
     assert all(run["frames"] == 5 and "peak_bytes" not in run for run in r["runs"].values())  # no GPU: no peak
     assert "| w4a4 | model |" in "\n".join(to_markdown(r))
+
+
+def test_video_fit_takes_the_median_step_and_leaves_the_rest_as_overhead():
+    fit = video_fit({"steps": 4, "seconds": 50.0, "step_seconds": [10.0, 9.0, 30.0]})
+    assert fit == {"step_s": 10.0, "overhead_s": 10.0}
+    assert video_fit({"steps": 3, "seconds": 25.0, "step_seconds": [6.0, 8.0]}) == {"step_s": 7.0, "overhead_s": 4.0}
+
+
+def test_whole_video_dry_run_times_steps_projects_and_checks_the_projection():
+    saved = []
+    cfg = {"arch": "tiny", "height": 32, "width": 32, "frames": 5, "compile": False, "warmup_steps": 1,
+           "fit_steps": 3, "check_steps": 4, "check": ["bf16", "w4a4"], "paper_steps": 40, "rank": 4}
+    r = run_whole_video(cfg, torch.device("cpu"), log=lambda m: None, save=lambda res: saved.append(dict(res["runs"])))
+    assert list(r["runs"]) == ["bf16", "w4a4"] and r["quantized_linears"] == 2 * 4 * 10
+    for run in r["runs"].values():
+        fit3, fit4 = run["steps_3"], run["steps_4"]
+        assert len(fit3["step_marks"]) == 3 and len(fit3["step_seconds"]) == 2 and len(fit4["step_seconds"]) == 3
+        assert run["projected_s"] == run["overhead_s"] + 40 * run["step_s"]
+        assert run["check"]["measured_s"] == fit4["seconds"]
+        assert abs(run["check"]["predicted_s"] - (run["overhead_s"] + 4 * run["step_s"])) < 1e-9
+    assert r["w4a4_vs_bf16"] == r["runs"]["w4a4"]["projected_s"] / r["runs"]["bf16"]["projected_s"]
+    assert len(saved) >= 4  # written after every video
+    md = "\n".join(video_markdown(r))
+    assert "| w4a4 |" in md and "955.1" in md
 
 
 def test_forward_bench_dry_run_times_each_path_and_further_formats_and_keeps_json_after_each(tmp_path):

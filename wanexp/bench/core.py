@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from wanexp import kernels
-from wanexp.bench.pipeline import run_pipeline_memory
+from wanexp.bench.pipeline import run_pipeline_memory, run_whole_video, video_markdown
 from wanexp.bench.pipeline import to_markdown as pipeline_md
 from wanexp.bench.synthetic import SyntheticTSClip, make_inputs  # noqa: F401 (re-exported)
 from wanexp.models import held_bytes
@@ -204,6 +204,7 @@ def _run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None]) -> di
         "diffusers": diffusers.__version__, "num_layers": num_layers, "warmup": warmup, "repeats": repeats,
         "quant": q, "resolutions": {}, "paths": paths,
         "pipeline_memory": None,  # whole-pipeline peak memory under the model.offload= policies (bench.pipeline_memory)
+        "whole_video": None,  # one whole video at the papers' setting, BF16 and W4A4, compiled (bench.whole_video)
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -221,6 +222,12 @@ def _run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None]) -> di
         result["pipeline_memory"] = {}
         result["pipeline_memory"] = run_pipeline_memory(
             pm, device, log, save=lambda r: (result.__setitem__("pipeline_memory", r), save(result)))
+        save(result)
+    wv = dict(cfg.get("whole_video") or {})
+    if wv.get("enabled"):
+        result["whole_video"] = {}
+        result["whole_video"] = run_whole_video(
+            wv, device, log, save=lambda r: (result.__setitem__("whole_video", r), save(result)))
         save(result)
     if not paths:
         md = to_markdown(result)
@@ -341,9 +348,9 @@ def to_markdown(r: dict[str, Any]) -> str:
     """Table II of the paper's layout: per method, model size, and per resolution latency, the ratio
     to BF16 and peak memory; then the profile breakdown."""
     names = list(r["resolutions"])
-    if not r["paths"]:  # the whole-pipeline memory section alone
-        return "\n".join([f"# Wan2.2-I2V-A14B pipeline memory ({r['gpu']}, {r['date']}; torch {r['torch']}, "
-                          f"diffusers {r['diffusers']})", "", *pipeline_md(r["pipeline_memory"])]) + "\n"
+    if not r["paths"]:  # the whole-pipeline sections alone
+        return "\n".join([f"# Wan2.2-I2V-A14B whole pipeline ({r['gpu']}, {r['date']}; torch {r['torch']}, "
+                          f"triton {r['triton']}, diffusers {r['diffusers']})", "", *_pipeline_sections(r)]) + "\n"
     lines = [f"# Wan2.2-I2V-A14B expert, one denoiser forward: BF16 vs W4A4 {r['quant'].get('format', 'mxfp4').upper()} "
              f"({r['gpu']}, {r['date']})", "",
              f"torch {r['torch']}, triton {r['triton']}, diffusers {r['diffusers']}; {r['num_layers']} blocks, random "
@@ -403,6 +410,16 @@ def to_markdown(r: dict[str, Any]) -> str:
             for cat, sec in p["categories"].items():
                 lines.append(f"| {cat} | {sec:.3f} | {sec / max(p['device_seconds'], 1e-9):.1%} |")
             lines.append(f"| total | {p['device_seconds']:.3f} | |")
-    if r.get("pipeline_memory"):
-        lines += ["", *pipeline_md(r["pipeline_memory"])]
+    sections = _pipeline_sections(r)
+    if sections:
+        lines += ["", *sections]
     return "\n".join(lines) + "\n"
+
+
+def _pipeline_sections(r: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    if r.get("pipeline_memory"):
+        lines += pipeline_md(r["pipeline_memory"])
+    if r.get("whole_video"):
+        lines += ([""] if lines else []) + video_markdown(r["whole_video"])
+    return lines
