@@ -44,6 +44,22 @@ round4)  # what the last device minutes allow: the fixes and the attention kerne
     "bench.paths=[bf16_compiled]" "bench.extra_formats=[nvfp4,hif4]" "bench.extra_format_paths=[fused_compiled]" \
     "bench.resolutions=[{name: 720p, height: 720, width: 1280, frames: 61}]" bench.out_dir="$OUT" > "$OUT/bench_formats.log" 2>&1
   grep "s/forward\|Error\|error" "$OUT/bench_formats.log" | tail -10 ;;
+round5)  # session 4: the current FP8 path timed (after the fold revert), what its fallback check's host sync
+  # costs (fp8_unchecked, a diagnostic), INT4 eager and compiled, NVFP4/HiF4 eager, SageAttention in the expert,
+  # with a kernel profile of the compiled FP8 path; 720p, one process
+  timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_compile.py -m gpu \
+    -k "fp8 or int4_nvfp4_hif4 or layers_equal" 2>&1 | tee "$OUT/gpu_tests.log" | tail -6
+  TORCH_LOGS=recompiles timeout 440 python3 -m wanexp.bench bench=fp8_a14b bench.name=bench_round5_720p \
+    "bench.paths=[bf16,bf16_compiled,fused_fp8_compiled,fused_fp8_unchecked_compiled,fused_fp8+attn_int8_sage_compiled]" \
+    "bench.extra_formats=[int4,nvfp4,hif4]" "~bench.extra_format_paths" \
+    "+bench.extra_format_paths={int4:[fused,fused_compiled],nvfp4:[fused],hif4:[fused]}" \
+    "bench.profile.paths=[fused_fp8_compiled]" \
+    "bench.resolutions=[{name: 720p, height: 720, width: 1280, frames: 61}]" bench.out_dir="$OUT" > "$OUT/bench_round5.log" 2>&1
+  echo "recompiles: $(grep -c 'Recompiling function' "$OUT/bench_round5.log")"
+  grep -v "__recompiles" "$OUT/bench_round5.log" | grep "s/forward\|profile\|Error\|error\|quantized" | tail -24 ;;
+video)  # the whole video at the papers' setting, BF16 and W4A4 (FP8 path), compiled (bench_conf/bench/video_a14b.yaml)
+  timeout 570 python3 -m wanexp.bench bench=video_a14b bench.out_dir="$OUT" > "$OUT/bench_video.log" 2>&1
+  grep "video\|Error\|error" "$OUT/bench_video.log" | tail -20 ;;
 formats)
   for f in nvfp4 int4 hif4; do
     timeout 170 python3 -m wanexp.bench bench=fp8_a14b bench.name=bench_$f bench.quant.format=$f \

@@ -23,7 +23,7 @@ import gc
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Mapping, Callable, Iterator
 
 import torch
 from torch import nn
@@ -115,7 +115,7 @@ def profile_forward(model: nn.Module, inputs: dict) -> dict[str, Any]:
 
 # The W4A4 paths the bench can time, each eager or with every block compiled ("_compiled")
 W4A4_PATHS = ("reference", "fused", "fused_triton", "fused_fp8", "fused_compiled", "fused_triton_compiled",
-              "fused_fp8_compiled")
+              "fused_fp8_compiled", "fused_fp8_unchecked", "fused_fp8_unchecked_compiled")
 # ... and with quantized attention (wanexp.quant.attention, its Triton kernels): "<path>+attn_<name>[_compiled]"
 ATTENTION_PATHS = tuple(f"fused_fp8+attn_{a}{c}" for c in ("", "_compiled") for a in ("fp8", "int8_sage"))
 W4A4_PATHS += ATTENTION_PATHS
@@ -288,7 +288,7 @@ def _run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None]) -> di
     log(f"quantized {len(swapped)} linears in {result['quantize_s']:.1f} s: {result['bytes_w4a4'] / GB:.2f} GB held")
     for path in [p for p in W4A4_PATHS if p in paths]:
         base = path.removesuffix("_compiled").partition("+attn_")[0]
-        backend = {"fused_triton": "triton", "fused_fp8": "fp8"}.get(base, "auto")
+        backend = {"fused_triton": "triton", "fused_fp8": "fp8", "fused_fp8_unchecked": "fp8_unchecked"}.get(base, "auto")
         with kernels.fused(base != "reference"), kernels.gemm_backend(backend), attention_scope(path), \
                 (compiled_blocks(model) if path in compiled else contextlib.nullcontext()):
             before = fallback_counts(model)
@@ -303,8 +303,10 @@ def _run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None]) -> di
         model = build_expert(device, num_layers, spec=spec)
         quantized(model, dataclasses.replace(builder, format=str(fmt)))
         result.setdefault("bytes_by_path", {})
-        for path in [f"fused_{fmt}" + p.removeprefix("fused") for p in cfg.get("extra_format_paths") or
-                     ("fused", "fused_compiled")]:
+        per_format = cfg.get("extra_format_paths") or ("fused", "fused_compiled")
+        if isinstance(per_format, Mapping):  # {format: [paths]}, the others both
+            per_format = per_format.get(fmt, ("fused", "fused_compiled"))
+        for path in [f"fused_{fmt}" + p.removeprefix("fused") for p in per_format]:
             result["paths"].append(path)
             result["bytes_by_path"][path] = held_bytes(model)
             with kernels.fused(True), (compiled_blocks(model) if path.endswith("_compiled") else contextlib.nullcontext()):
@@ -366,7 +368,8 @@ def to_markdown(r: dict[str, Any]) -> str:
     labels = {"bf16": "BF16", "reference": "W4A4 reference (torch, unfused)",
               "fused": "W4A4 fused (Triton act-quant; GEMM auto: upcast + cuBLAS above 4096 tokens)",
               "fused_triton": "W4A4 fused (Triton act-quant + Triton packed-weight GEMM)",
-              "fused_fp8": "W4A4 fused on FP8 tensor cores (row-folded E4M3, torch._scaled_mm)"}
+              "fused_fp8": "W4A4 fused on FP8 tensor cores (row-folded E4M3, torch._scaled_mm)",
+              "fused_fp8_unchecked": "the same without the exact-fallback check (diagnostic: its host sync's cost)"}
     labels.update({"fused_fp8+attn_fp8": f"{labels['fused_fp8']} + FP8 attention (Triton)",
                    "fused_fp8+attn_int8_sage": f"{labels['fused_fp8']} + INT8 SageAttention, fp16 P·V (Triton)"})
     labels.update({f"{k}_compiled": f"{v}, blocks compiled" for k, v in list(labels.items()) if k != "reference"})

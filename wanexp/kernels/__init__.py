@@ -37,14 +37,16 @@ _STATE = {"enabled": os.environ.get("WANEXP_FUSED", "1") != "0", "triton": None,
 UPCAST_MIN_TOKENS = 4096
 
 
-GEMM_BACKENDS = ("auto", "triton", "cublas", "fp8")
+GEMM_BACKENDS = ("auto", "triton", "cublas", "fp8", "fp8_unchecked")
 
 
 def set_gemm_backend(backend: str) -> None:
     """"auto" (default), "triton" (always the fused packed-weight GEMM), "cublas" (always
     upcast-to-scratch + cuBLAS) or "fp8" (block scales folded per row into E4M3 operands, one
     row-wise-scaled FP8 GEMM: :mod:`wanexp.kernels.mxfp4_fp8`; where the device has no FP8 tensor
-    cores, or a shape does not suit, "auto")."""
+    cores, or a shape does not suit, "auto"). "fp8_unchecked" is a diagnostic for the bench only:
+    the FP8 path without its exact-fallback check (one host sync a call), to measure what that
+    sync costs; rows beyond the fold's bound would then be rounded, so it never serves a run."""
     if backend not in GEMM_BACKENDS:
         raise ValueError(f"gemm backend must be {' | '.join(GEMM_BACKENDS)}, got {backend!r}")
     _STATE["gemm"] = backend
@@ -140,9 +142,10 @@ def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
         from wanexp.kernels.upcast import upcast_forward
         return upcast_forward(layer, x2, bin_index).reshape(*lead, layer.out_features).to(x.dtype)
     backend = _STATE["gemm"]
-    if backend == "fp8" and not (fp8_capable(x2.device) and layer.out_features % 16 == 0):
-        backend = "auto"
-    rows = weight_rows(layer) if backend == "fp8" else {}
+    fp8 = backend in ("fp8", "fp8_unchecked")
+    if fp8 and not (fp8_capable(x2.device) and layer.out_features % 16 == 0):
+        backend, fp8 = "auto", False
+    rows = weight_rows(layer) if fp8 else {}
     has_lr = layer.lowrank_up is not None
     y = torch.ops.wanexp.mxfp4_w4a4(
         x2, layer.wq_codes, layer.wq_scales, layer.clip_table, bin_index, layer.smooth, layer.bias,
@@ -183,10 +186,10 @@ def _mxfp4_w4a4(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, cli
     """The fused W4A4 MXFP4 linear on explicit tensors (``x2 [M, K]`` bf16 -> ``[M, N]`` bf16)."""
     from wanexp.kernels.mxfp4 import act_quant, mxfp4_linear, upcast_linear
     bin_ = min(int(bin_index), clip_table.numel() - 1)   # a CPU tensor: no device sync
-    if backend == "fp8":
+    if backend in ("fp8", "fp8_unchecked"):
         from wanexp.kernels.mxfp4_fp8 import fp8_linear
         return fp8_linear(x2, codes, scales, clip_table, bin_, smooth, bias, up, down, w_exponent, w_spread,
-                          scale_rule, counters)
+                          scale_rule, counters, check=backend == "fp8")
     if backend == "cublas" or (backend == "auto" and x2.shape[0] > UPCAST_MIN_TOKENS):
         return upcast_linear(x2, codes, scales, clip_table, bin_, smooth, scale_rule, bias, up, down)
     q = act_quant(x2, clip_table, bin_, smooth, scale_rule=scale_rule, write_xs=up is not None)
