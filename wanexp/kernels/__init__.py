@@ -169,6 +169,7 @@ def weight_rows(layer) -> dict[str, torch.Tensor]:
 def prepare(model: torch.nn.Module) -> int:
     """Fill the kernel caches of every fusable QuantLinear of ``model`` (before compiling it, so the
     compiled graph finds them); returns how many layers."""
+    triton_available()  # resolved now: a first call inside a compiled graph would be a guard that fails once
     # QuantLinear layers, told by their packed weight (the kernels sit below wanexp.quant.linear)
     layers = [m for m in model.modules() if getattr(m, "weight_meta", None) is not None and hasattr(m, "kernel_cache")
               and supports_layer(m)]

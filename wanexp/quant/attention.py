@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from wanexp.quant import linear as _linear  # noqa: F401  (registers the wanexp::count_ op the mode counts with)
+
 ATTENTION = ("bf16", "fp8", "int8_sage")
 E4M3_MAX = 448.0
 LOG2E = math.log2(math.e)
@@ -202,12 +204,18 @@ def attention(config: AttentionConfig, q, k, v, scale: float | None = None) -> t
 class AttentionMode(TorchFunctionMode):
     """Inside ``with AttentionMode(config):`` every plain ``scaled_dot_product_attention`` call (no
     mask, no dropout, not causal: what Wan's attention calls) runs ``config``'s attention; any other
-    call, and every other function, runs unchanged. ``calls`` counts the calls it replaced."""
+    call, and every other function, runs unchanged. ``calls`` counts the calls it replaced (kept
+    in a CPU tensor that a custom op adds to: a Python int would be guarded on by a compiled block,
+    which then recompiled at every call)."""
 
     def __init__(self, config: AttentionConfig) -> None:
         super().__init__()
         self.config = config
-        self.calls = 0
+        self.counter = torch.zeros(1, dtype=torch.int64)
+
+    @property
+    def calls(self) -> int:
+        return int(self.counter[0])
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -218,6 +226,6 @@ class AttentionMode(TorchFunctionMode):
             plain = (extra.get("attn_mask") is None and not extra.get("dropout_p") and not extra.get("is_causal")
                      and not extra.get("enable_gqa") and q.shape[-3] == k.shape[-3])
             if plain:
-                self.calls += 1
+                torch.ops.wanexp.count_(self.counter, 0)
                 return attention(self.config, q, k, v, extra.get("scale"))
         return func(*args, **kwargs)
