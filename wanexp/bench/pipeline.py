@@ -200,7 +200,9 @@ def run_whole_video(cfg: dict, device: torch.device, log: Callable[[str], None] 
     for precision in list(cfg.get("precisions", ["bf16", "w4a4"])):
         hooks = []
         if precision == "w4a4":
-            result["quantized_linears"] = quantize_experts(pipe, device, int(cfg.get("rank", 32)), contexts=contexts)
+            home = device if policy == "none" else "cpu"  # everything stays on the GPU between the two
+            result["quantized_linears"] = quantize_experts(pipe, device, int(cfg.get("rank", 32)), home=home,
+                                                           contexts=contexts)
             hooks = install_timestep_hooks(pipe, lambda e, t: contexts[e].set_timestep(t))
         place_pipeline(pipe, policy, device, vae_tiling=policy != "none")
         run: dict[str, Any] = result["runs"].setdefault(precision, {"pipeline_bytes": pipeline_bytes(pipe)})
@@ -233,8 +235,11 @@ def run_whole_video(cfg: dict, device: torch.device, log: Callable[[str], None] 
         for model in experts(pipe).values():
             for block in model.blocks:
                 block._compiled_call_impl = None
-        _unplace(pipe)
+        if policy != "none":
+            _unplace(pipe)
+        _free()
         save(result)
+    _unplace(pipe)
     runs = result["runs"]
     if "bf16" in runs and "w4a4" in runs:
         result["w4a4_vs_bf16"] = runs["w4a4"]["projected_s"] / runs["bf16"]["projected_s"]
