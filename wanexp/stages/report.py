@@ -22,6 +22,7 @@ from wanexp.report.table import PER_SAMPLE
 from wanexp.report.wandb_log import log_run, sweep_group
 from wanexp.rundir import RunDir
 from wanexp.stages.evaluate import twin_vbench_file
+from wanexp.quant.artifact import artifact_files
 from wanexp.stages.quantize import artifact_path, keep_lists
 from wanexp.stages.state import Run
 
@@ -51,7 +52,7 @@ def report(state: Run) -> dict:
     records = done_records(quant_dir)
     videos = [(f"{r['id']} ({r['category']})", quant_dir / r["video"])
               for r in (records[s.id] for s in state.splits.eval[: int(logger.get("videos") or 0)])]
-    artifact = artifact_path(state) if logger.get("log_artifact") and cfg.quant.name != "bf16" else None
+    artifact = artifact_files(artifact_path(state)) if logger.get("log_artifact") and cfg.quant.name != "bf16" else None
     wandb_where = log_run(logger, run_dir, OmegaConf.to_container(cfg, resolve=True),
                           {k: v for k, v in row.items() if k != "run_dir"},
                           {"per_sample": per_sample, "results": pd.DataFrame([row])}, videos=videos, artifact=artifact)
