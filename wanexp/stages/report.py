@@ -15,6 +15,7 @@ from wanexp.evaluate.vbench import HIF4_DIMENSIONS as ALL_DIMENSIONS
 from wanexp.generate import done_records
 from wanexp.io import atomic_path, read_json, read_jsonl, write_json, write_text
 from wanexp.provenance import provenance
+from wanexp.quant.artifact import artifact_files
 from wanexp.report.html import record_versions, write_run_report
 from wanexp.report.results import write_row
 from wanexp.report.stats import Bootstrap, metric_intervals
@@ -22,7 +23,6 @@ from wanexp.report.table import PER_SAMPLE
 from wanexp.report.wandb_log import log_run, sweep_group
 from wanexp.rundir import RunDir
 from wanexp.stages.evaluate import twin_vbench_file
-from wanexp.quant.artifact import artifact_files
 from wanexp.stages.quantize import artifact_path, keep_lists
 from wanexp.stages.state import Run
 
