@@ -184,19 +184,56 @@ def test_the_collector_subsamples_hessian_tokens_uniformly(expert):
     assert float(sub.get("high_noise", "blocks.0.ffn.net.2", 0)["count"]) == seen[0].shape[0]  # counts stay full
 
 
-def test_transient_hessians_give_the_artifact_stored_hessians_give(cli, tmp_path):
+def test_transient_hessians_give_the_artifact_stored_hessians_give(cli, tmp_path, tiny_pipe):
     """quant.store_hessians=false (the A14B default): the GPTQ layers are built inside the calibration
-    pass and the Hessians are never written; the artifact is the same bit for bit."""
-    proc = cli("-m", "quant=svdquant_gptq", "++quant.store_hessians=true,false", "+experiment=smoke",
-               "data.eval.num_samples=1", "logger=none", "quant.alpha=0.5", "model.generation.num_inference_steps=2")
+    pass and the Hessians are never written; the artifact is the same bit for bit, made of the
+    calibration's parts: quantize writes only its entry file (KBs), also when it is redone."""
+    from wanexp.api import load_quantized
+    from wanexp.console import snapshot
+    from wanexp.quant.artifact import read_artifact
+    common = ["quant=svdquant_gptq", "+experiment=smoke", "data.eval.num_samples=1", "logger=none", "quant.alpha=0.5",
+              "model.generation.num_inference_steps=2"]
+    proc = cli("-m", "++quant.store_hessians=true,false", *common)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = {}
     for cfg_file in (tmp_path / "outputs" / "multirun").rglob("wanexp_config.json"):
         runs[json.loads(cfg_file.read_text())["quant"]["store_hessians"]] = cfg_file.parent
     stored, transient = runs[True], runs[False]
     a = load_file(str(stored / "artifact" / "quantized.safetensors"))
-    b = load_file(str(transient / "artifact" / "quantized.safetensors"))
+    entry = transient / "artifact" / "quantized.safetensors"
+    b = read_artifact(entry)[1]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert load_file(str(entry)) == {}  # every tensor is in a part
+    # quantize lost after calibrate finished (no artifact, no marker): redone, it writes KBs, not the model
+    made = json.loads((transient / "stages" / "quantize.json").read_text())
+    entry.unlink()
+    (transient / "stages" / "quantize.json").unlink()
+    parts = sorted((transient / "artifact" / "parts").glob("*.safetensors"))
+    held = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in parts}
+    before = snapshot([transient])
+    proc = cli("++quant.store_hessians=false", *common, "stage=quantize", f"hydra.run.dir={transient}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = snapshot([transient])
+    wrote = {p.relative_to(transient).as_posix(): st[1] for p, st in after.items() if before.get(p) != st}
+    assert {"artifact/quantized.safetensors", "artifact/choices.json"} <= wrote.keys()  # (markers are not listed)
+    assert not any(k.startswith("artifact/parts/") for k in wrote)  # nothing made twice
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in parts} == held
+    model_bytes = (stored / "artifact" / "quantized.safetensors").stat().st_size  # what quantize wrote before
+    # the tiny model's layers are small next to their descriptions (32 KB of 488 KB here; at A14B the
+    # descriptions are ~1 MB, the layers ~15 GB)
+    assert sum(wrote.values()) < 1 << 20 and wrote["artifact/quantized.safetensors"] < 0.1 * model_bytes, wrote
+    redone = json.loads((transient / "stages" / "quantize.json").read_text())
+    stored_sha = json.loads((stored / "stages" / "quantize.json").read_text())["artifact_sha256"]
+    assert redone["artifact_sha256"] == made["artifact_sha256"] == stored_sha  # the data hash of one file
+    # quant.load= of the artifact of parts rebuilds the same W4A4 model as the one-file artifact
+    from_parts = load_quantized(copy.deepcopy(tiny_pipe), entry)
+    from_file = load_quantized(copy.deepcopy(tiny_pipe), stored / "artifact" / "quantized.safetensors")
+    for name in ("transformer", "transformer_2"):
+        one, two = getattr(from_parts, name).state_dict(), getattr(from_file, name).state_dict()
+        assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    latent = _call(from_parts, _Sample, None, steps=2)
+    assert torch.equal(latent, _call(from_file, _Sample, None, steps=2))
+    assert not torch.equal(latent, _call(copy.deepcopy(tiny_pipe), _Sample, None, steps=2))  # W4A4, not BF16
     cal_t = json.loads((transient / "stages" / "calibrate.json").read_text())
     cal_s = json.loads((stored / "stages" / "calibrate.json").read_text())
     assert cal_t["hessians"] == "transient" and cal_s["hessians"] == "stored"

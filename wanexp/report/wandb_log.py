@@ -33,7 +33,7 @@ def resolve_mode(cfg: Mapping[str, Any]) -> str:
 
 def log_run(cfg: Mapping[str, Any], run_dir: Path, config: Mapping[str, Any], summary: Mapping[str, Any],
             tables: Mapping[str, pd.DataFrame], videos: Sequence[tuple[str, Path]] = (),
-            artifact: Path | None = None, images: Mapping[str, Path] | None = None) -> str | None:
+            artifact: Path | Sequence[Path] | None = None, images: Mapping[str, Path] | None = None) -> str | None:
     """Log one run: flattened config (so W&B's run table and parallel coordinates can use every key),
     summary metrics, tables, a few videos (caption, mp4 path), images (key → PNG path, e.g. the
     analysis figures) and optionally the quantized artifact.
@@ -64,7 +64,9 @@ def log_run(cfg: Mapping[str, Any], run_dir: Path, config: Mapping[str, Any], su
         if artifact is not None:
             art = wandb.Artifact(f"quantized-{run_dir.name}", type="model",
                                  metadata={k: v for k, v in flatten(summary).items() if v is not None})
-            art.add_file(str(artifact))
+            files = [artifact] if isinstance(artifact, (str, Path)) else list(artifact)
+            for f in files:  # an artifact made of parts: the entry file first, its parts by their path beside it
+                art.add_file(str(f), name=Path(f).relative_to(Path(files[0]).parent).as_posix())
             run.log_artifact(art)
         where = run.url if mode == "online" else str(Path(run.dir).parent)
         run.finish()

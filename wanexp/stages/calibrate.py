@@ -12,7 +12,8 @@ content-addressed calibration cache; a finished part is not recomputed on resume
 at most the pass in flight. Hessians are *transient* when ``store_hessians`` is false (the default
 at A14B size, where they are ~30 GB an expert): the pass builds that expert's GPTQ layers from them
 at once, writes them to ``artifact/parts/`` and saves its statistics without the Hessians; the
-quantize stage then assembles the artifact from the parts.
+quantize stage then swaps them in and writes the artifact as an entry file naming these parts
+(``wanexp.quant.artifact``): the layers are written once, here.
 """
 
 from __future__ import annotations

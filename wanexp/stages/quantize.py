@@ -5,7 +5,9 @@ Layers are built on the run's device (the GPU even when the pipeline is offloade
 placed where the layer was (``wanexp.quant.api``). Statistics reach each layer's build lazily, one
 layer at a time, so a full Hessian exists only for the layer being built. With transient Hessians
 (``wanexp.stages.calibrate``) the calibrate stage has already built every layer into
-``artifact/parts/``; this stage assembles them.
+``artifact/parts/``; this stage assembles them and writes an artifact made of those parts
+(``wanexp.quant.artifact``): the entry file names them, and holds only what changed since (nothing,
+unless the paper code's W4A4 clip search re-picked the clip tables), so the model is on disk once.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from wanexp.models import (boundary_timestep, experts, held_bytes, install_scope
 from wanexp.quant.attention import AttentionConfig, AttentionMode
 from wanexp.models.lora import lora_records
 from wanexp.quant.api import attach_context, build_timed, linear_on, quantize_, replace_module
-from wanexp.quant.artifact import artifact_digest, load_artifact, read_header, save_artifact, save_layers
+from wanexp.quant.artifact import (artifact_digest, check_artifact_files, load_artifact, read_artifact,
+                                   save_artifact, save_layers)
 from wanexp.quant.context import TimestepBins, TimestepContext
 from wanexp.quant.linear import QuantLinear
 from wanexp.quant.methods import MethodConfig, QuantRecipe, recipe_of
@@ -151,15 +154,17 @@ def quantize(state) -> dict:
                 **_size_info(pipe), **bf16}
     pipe = state.bf16_pipe()
     bf16 = _size_info(pipe, "bf16_")
-    parts = sorted(state.dir.artifact_parts.glob("*-part*-of*.safetensors"))
-    if transient_hessians(cfg):
+    transient = transient_hessians(cfg)
+    parts = sorted(state.dir.artifact_parts.glob("*-part*-of*.safetensors")) if transient else []
+    if transient:
         swapped, chosen, seconds, method = _assemble_parts(state, pipe, parts)
     else:
         swapped, chosen, seconds, method = _quantize_now(state, pipe)
     state._pipe_quantized = True
     if method.clip_search and method.clip_search_data == "w4a4_generation":
         _w4a4_clip_search(state, pipe, method, state.contexts(pipe), chosen)
-    save_artifact(state.dir.artifact, experts(pipe), _header(state, pipe, method))
+    # with parts, the artifact references them: only what no part holds as it is now is written again
+    save_artifact(state.dir.artifact, experts(pipe), _header(state, pipe, method), parts=parts)
     write_json(state.dir.choices, chosen)
     write_json(state.dir.layer_seconds, seconds)
     return {"layers": swapped, "artifact_sha256": artifact_digest(state.dir.artifact), **_size_info(pipe), **bf16}
@@ -191,8 +196,8 @@ def quantize_experts(cfg, pipe, recipe: QuantRecipe, stats, contexts: dict, comp
 
 
 def _assemble_parts(state, pipe, parts: list[Path]):
-    """The layers the calibrate stage built from transient Hessians, swapped into the pipeline."""
-    from safetensors.torch import load_file
+    """The layers the calibrate stage built from transient Hessians, swapped into the pipeline (each
+    part checked against its checksums: the artifact will reference these bytes)."""
     if not parts:
         raise WanexpError(f"{state.dir.artifact_parts} holds no quantized parts (run stage=calibrate first: with "
                           "transient Hessians it builds the GPTQ layers)")
@@ -200,10 +205,9 @@ def _assemble_parts(state, pipe, parts: list[Path]):
     swapped, chosen, seconds = ({e: 0 for e in experts(pipe)}, {e: {} for e in experts(pipe)},
                                 {e: {} for e in experts(pipe)})
     for path in parts:
-        header = read_header(path)
+        header, tensors, _ = read_artifact(path)
         expert = header["part"][0]
         model = experts(pipe)[expert]
-        tensors = load_file(str(path))
         built = {name: QuantLinear.from_description(desc, {k.rpartition("/")[2]: v for k, v in tensors.items()
                                                            if k.startswith(f"{expert}/{name}/")})
                  for name, desc in header["layers"][expert].items()}
@@ -244,6 +248,7 @@ def quantized_pipe(state):
         contexts = state.contexts(pipe)
     else:
         fingerprint = state.fingerprint
+        check_artifact_files(artifact_path(state))  # a missing or truncated part is named before the model loads
         pipe = state.bf16_pipe()
         header = load_artifact(artifact_path(state), experts(pipe), fingerprint,
                                expect=artifact_expect(state.cfg))  # every tensor checked against its SHA-256

@@ -15,6 +15,7 @@ from wanexp.evaluate.vbench import HIF4_DIMENSIONS as ALL_DIMENSIONS
 from wanexp.generate import done_records
 from wanexp.io import atomic_path, read_json, read_jsonl, write_json, write_text
 from wanexp.provenance import provenance
+from wanexp.quant.artifact import artifact_files
 from wanexp.report.html import record_versions, write_run_report
 from wanexp.report.results import write_row
 from wanexp.report.stats import Bootstrap, metric_intervals
@@ -51,7 +52,7 @@ def report(state: Run) -> dict:
     records = done_records(quant_dir)
     videos = [(f"{r['id']} ({r['category']})", quant_dir / r["video"])
               for r in (records[s.id] for s in state.splits.eval[: int(logger.get("videos") or 0)])]
-    artifact = artifact_path(state) if logger.get("log_artifact") and cfg.quant.name != "bf16" else None
+    artifact = artifact_files(artifact_path(state)) if logger.get("log_artifact") and cfg.quant.name != "bf16" else None
     wandb_where = log_run(logger, run_dir, OmegaConf.to_container(cfg, resolve=True),
                           {k: v for k, v in row.items() if k != "run_dir"},
                           {"per_sample": per_sample, "results": pd.DataFrame([row])}, videos=videos, artifact=artifact)
