@@ -1,0 +1,101 @@
+"""Calibration's GPU memory at A14B size (issue 13), on the CPU: the collector's per-channel
+statistics read their input in row chunks with the results of the unchunked code, and the
+calibration placement (``model.calib.offload``) changes where weights live, not what is recorded."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from wanexp.calib import ActivationCollector, CalibStats
+from wanexp.calib.collect import ALL_BINS, StepTrace, absmax_rows, observe_transient_bytes, sumsq_rows
+from wanexp.quant.context import TimestepBins, TimestepContext
+
+
+def test_chunked_absmax_and_sumsq_equal_the_whole_input_formulas():
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(1000, 24, generator=g) * torch.logspace(-2, 2, 24)).to(torch.bfloat16)
+    x[17, 3] = -40.0  # the max |x| from a negative value
+    whole_amax = x.abs().amax(dim=0).float()
+    whole_sumsq = x.float().square().sum(dim=0).double()  # the collector's formula before chunking
+    for chunk in (1, 7, 256, 1000, 4096):
+        assert torch.equal(absmax_rows(x, chunk), whole_amax), chunk
+    assert torch.equal(sumsq_rows(x, 1000), whole_sumsq) and torch.equal(sumsq_rows(x, 4096), whole_sumsq)
+    exact = x.double().square().sum(dim=0)
+    for chunk in (1, 7, 256):  # only the fp32 summation order changes: within fp32 rounding of the exact sum
+        torch.testing.assert_close(sumsq_rows(x, chunk), exact, rtol=2e-6, atol=0)
+    assert float(absmax_rows(x, 7)[3]) == 40.0
+    # an fp32 input is not squared in place
+    xf = x.float()
+    before = xf.clone()
+    sumsq_rows(xf, 7)
+    assert torch.equal(xf, before)
+    # NaN still reaches the maximum (the collector's non-finite check reads it)
+    bad = x.clone()
+    bad[999, 5] = float("nan")
+    assert torch.isnan(absmax_rows(bad, 7)[5]) and not torch.isnan(absmax_rows(bad, 7)[4])
+
+
+def test_the_step_trace_of_a_bf16_input_equals_that_of_its_fp32_copy():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3000, 40, generator=g).to(torch.bfloat16)
+    a, b = StepTrace(99.0, max_tokens=512, chunk=16), StepTrace(99.0, max_tokens=512, chunk=16)
+    a.observe(500.0, x)
+    b.observe(500.0, x.float())
+    ta, tb = a.tensors(), b.tensors()
+    for key in ("absmax", "pct", "count", "timestep"):
+        assert torch.equal(ta[key], tb[key]), key
+
+
+def test_the_transient_bound_at_a14b_size():
+    # ffn.net.2 at 720x1280x61: 57,600 tokens a forward (the CFG passes are separate forwards), 13,824 channels
+    rows, channels = 57_600, 13_824
+    assert observe_transient_bytes(rows, channels) == 8192 * channels * 4 + rows * 25  # 0.454 GB
+    before = rows * channels * 4 * 2  # x.float() and its square, both alive: 6.37 GB
+    assert before / observe_transient_bytes(rows, channels) > 14
+
+
+def _collect(model, chunk_rows: int, needs=("absmax", "sumsq", "hessian", "tokens")):
+    layers = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("blocks.0.")]
+    ctx = TimestepContext(bins=TimestepBins((500.0,)))
+    stats = CalibStats()
+    col = ActivationCollector("high_noise", model, layers, ctx, list(needs), stats, max_tokens=16,
+                              trace_layers=["blocks.0.ffn.net.2", "blocks.0.attn1.to_k"], trace_tokens=64,
+                              chunk_rows=chunk_rows)
+    g = torch.Generator().manual_seed(0)
+    for t in (900.0, 300.0, 300.0):
+        ctx.set_timestep(t)
+        x = torch.randn(1, 36, 2, 8, 8, generator=g).to(torch.bfloat16)
+        text = torch.randn(1, 12, 64, generator=g).to(torch.bfloat16)
+        with torch.no_grad():
+            model(hidden_states=x, timestep=torch.tensor([t]), encoder_hidden_states=text, return_dict=False)
+    col.check()
+    col.remove()
+    return stats, layers
+
+
+@pytest.fixture(scope="module")
+def expert(tiny_pipe):
+    return copy.deepcopy(tiny_pipe.transformer).float().to(torch.bfloat16)
+
+
+def test_the_collector_records_the_same_statistics_in_chunks_of_5_rows(expert):
+    chunked, layers = _collect(expert, chunk_rows=5)   # 32 tokens a forward: 7 chunks
+    whole, _ = _collect(expert, chunk_rows=1 << 30)
+    for layer in layers:
+        for b in (ALL_BINS, 0, 1):
+            c, w = chunked.get("high_noise", layer, b), whole.get("high_noise", layer, b)
+            assert c.keys() == w.keys()
+            for key in c:
+                if key == "sumsq":
+                    torch.testing.assert_close(c[key], w[key], rtol=2e-6, atol=0)
+                else:
+                    assert torch.equal(c[key], w[key]), (layer, b, key)
+    assert chunked.trace.keys() == whole.trace.keys() and len(chunked.trace) == 2
+    for k in chunked.trace:
+        tc, tw = chunked.trace[k].tensors(), whole.trace[k].tensors()
+        assert all(torch.equal(tc[s], tw[s]) for s in tc), k
+    with pytest.raises(ValueError, match="chunk_rows"):
+        _collect(expert, chunk_rows=0)
