@@ -99,3 +99,34 @@ def test_the_collector_records_the_same_statistics_in_chunks_of_5_rows(expert):
         assert all(torch.equal(tc[s], tw[s]) for s in tc), k
     with pytest.raises(ValueError, match="chunk_rows"):
         _collect(expert, chunk_rows=0)
+
+
+def test_the_skipped_expert_still_offloads_the_component_before_it():
+    """Under offload=model the high-noise expert's hook moves the text encoder off the GPU; in the
+    low-noise pass that expert is a stand-in, which must do the same."""
+    from wanexp.calib.trajectory import _skipped
+
+    class Previous:
+        offloads = 0
+
+        def offload(self):
+            self.offloads += 1
+
+    class Hook:
+        prev_module_hook = Previous()
+
+    class Expert(torch.nn.Module):
+        class config:
+            out_channels = 2
+
+        def forward(self, hidden_states, **kwargs):
+            raise AssertionError("the skipped expert ran")
+
+    module = Expert()
+    module._hf_hook = Hook()
+    with _skipped(module):
+        out = module(torch.ones(1, 5, 3), return_dict=False)[0]
+    assert Hook.prev_module_hook.offloads == 1 and out.shape == (1, 2, 3) and not out.any()
+    plain = Expert()  # no accelerate hook (offload=none): the stand-in alone
+    with _skipped(plain):
+        assert plain(torch.ones(1, 5, 3)).sample.shape == (1, 2, 3)
