@@ -5,6 +5,7 @@ calibration placement (``model.calib.offload``) changes where weights live, not 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ import torch
 from wanexp.calib import ActivationCollector, CalibStats
 from wanexp.calib.collect import ALL_BINS, StepTrace, absmax_rows, observe_transient_bytes, sumsq_rows
 from wanexp.quant.context import TimestepBins, TimestepContext
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_chunked_absmax_and_sumsq_equal_the_whole_input_formulas():
@@ -130,3 +133,61 @@ def test_the_skipped_expert_still_offloads_the_component_before_it():
     plain = Expert()  # no accelerate hook (offload=none): the stand-in alone
     with _skipped(plain):
         assert plain(torch.ones(1, 5, 3)).sample.shape == (1, 2, 3)
+
+
+def _pipe_stats(pipe, steps=2):
+    from PIL import Image
+    ctx = TimestepContext(bins=TimestepBins((500.0,)))
+    stats = CalibStats()
+    layers = [n for n, m in pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear) and ".0." in n]
+    col = ActivationCollector("high_noise", pipe.transformer, layers, ctx, ["absmax", "sumsq", "hessian", "tokens"],
+                              stats, max_tokens=8)
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, kw: ctx.set_timestep(float(kw["timestep"].flatten()[0])), with_kwargs=True)
+    try:
+        pipe(image=Image.new("RGB", (32, 32), (90, 30, 200)), prompt="a cat", height=32, width=32, num_frames=5,
+             num_inference_steps=steps, guidance_scale=3.5, output_type="latent",
+             generator=torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+        col.remove()
+    return stats, layers
+
+
+def test_group_offloaded_calibration_records_what_the_placed_pipeline_records(tiny_pipe):
+    from wanexp.models.offload import calib_offload_of, calibration_placement, group_offloaded
+    from omegaconf import OmegaConf
+
+    pipe = copy.deepcopy(tiny_pipe)
+    plain, layers = _pipe_stats(pipe)
+    with calibration_placement(pipe, "group", torch.device("cpu"), "none"):
+        # diffusers' hooks on each expert's blocks and on the text encoder; the VAE is left alone
+        for module in (pipe.transformer, pipe.transformer_2):
+            assert group_offloaded(module)
+            assert all(b._diffusers_hook.get_hook("group_offloading") is not None for b in module.blocks)
+        assert group_offloaded(pipe.text_encoder) and not group_offloaded(pipe.vae)
+        grouped, _ = _pipe_stats(pipe)
+    assert not any(group_offloaded(m) for m in (pipe.transformer, pipe.transformer_2, pipe.text_encoder))
+    again, _ = _pipe_stats(pipe)  # placed again: the later stages run as before
+    for layer in layers:
+        for b in (ALL_BINS, 0, 1):
+            p = plain.get("high_noise", layer, b)
+            for other in (grouped, again):
+                o = other.get("high_noise", layer, b)
+                assert p.keys() == o.keys() and all(torch.equal(p[k], o[k]) for k in p), (layer, b)
+    assert "hessian" in plain.get("high_noise", layers[0], ALL_BINS)
+    # the setting: parsed from model.calib, refused when unknown
+    cfg = OmegaConf.create({"model": {"calib": {"offload": "group"}}})
+    assert calib_offload_of(cfg) == "group" and calib_offload_of(OmegaConf.create({"model": {}})) == "pipeline"
+    from wanexp.errors import WanexpError
+    with pytest.raises(WanexpError, match="model.calib.offload"):
+        calib_offload_of(OmegaConf.create({"model": {"calib": {"offload": "layer"}}}))
+    from hydra import compose, initialize_config_dir
+
+    from wanexp.run import validate
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        good = compose("config", overrides=["model=a14b_random", "model.calib.offload=group"])
+        bad = compose("config", overrides=["model=a14b_random", "model.calib.offload=layer"])
+    validate(good)
+    with pytest.raises(WanexpError, match="model.calib.offload"):  # before any model is built
+        validate(bad)
