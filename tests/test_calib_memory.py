@@ -191,3 +191,41 @@ def test_group_offloaded_calibration_records_what_the_placed_pipeline_records(ti
     validate(good)
     with pytest.raises(WanexpError, match="model.calib.offload"):  # before any model is built
         validate(bad)
+
+
+def _result(name, L, gpu, host, fit=True, **setting):
+    step = 0.06 + 0.46 * L
+    marks = [[0.0, 18.0, 18.0 + step, 18.0 + 2 * step, 20.0 + 2 * step]]
+    out = {"setting": {"name": name, "num_layers": L, "steps": 4, "samples": 1, "fit": fit, **setting},
+           "calibrate": {"seconds": 100.0, "gpu_peak_bytes": gpu, "host_peak_bytes": host, "bytes_written": 10**9},
+           "calibrate_info": {"step_times": {"high_noise/0": marks, "low_noise/0": marks}}}
+    if fit:
+        out["bf16_video"] = {"video_seconds": 37.0, "step_s": 0.3 + 0.5 * L, "overhead_s": 31.0}
+    return out
+
+
+def test_the_bench_projects_memory_from_the_default_path_settings_and_checks_the_gpu_peak():
+    from wanexp.bench.calib import GB, project, to_markdown
+    results = [_result("L1", 1, 6 * 10**9, 19 * 10**9), _result("L2", 2, 7.5 * 10**9, 20.4 * 10**9),
+               _result("L4_check", 4, 10.4 * 10**9, 30 * 10**9, fit=False, store_hessians=True)]
+    p = project(results, {"num_layers": 40, "steps": 40, "samples": 16})
+    assert p["memory_base_setting"] == "L2"
+    assert p["gpu_peak_per_block_bytes"] == pytest.approx(1.5e9) and p["host_peak_per_block_bytes"] == pytest.approx(1.4e9)
+    assert p["calibrate_gpu_peak_bytes"] == pytest.approx(7.5e9 + 38 * 1.5e9)  # 64.5 GB
+    assert p["calibrate_host_peak_bytes"] == pytest.approx(20.4e9 + 38 * 1.4e9)
+    assert p["memory_checks"]["L4_check"]["predicted_gpu_bytes"] == pytest.approx(10.5e9)
+    md = to_markdown({"gpu": "cpu", "date": "d", "torch": "t", "diffusers": "x", "overrides": [], "settings": results,
+                      "projection": p}, {"paper": {"num_layers": 40, "steps": 40, "samples": 16}})
+    assert "GPU peak = 7.5 GB at 2 blocks (L2) + (L − 2) × 1.500 GB a block" in md
+    assert f"{p['calibrate_gpu_peak_bytes'] / GB:.1f} GB | ≤ 75 GB" in md and "| 4 | 6 |" not in md
+
+
+def test_the_calibration_bench_configs_compose():
+    from hydra import compose, initialize_config_dir
+    with initialize_config_dir(config_dir=str(REPO / "bench_conf"), version_base=None):
+        main = compose("bench", overrides=["bench=calib_a14b"])
+        group = compose("bench", overrides=["bench=calib_a14b_group"])
+    names = [s.name for s in main.bench.calib.settings]
+    assert names == ["L1", "L2", "L4_check"] and not any(s.get("store_hessians") for s in main.bench.calib.settings if s.fit)
+    assert [s.get("calib_offload") for s in group.bench.calib.settings] == [None, None, "group"]
+    assert group.bench.calib.overrides == main.bench.calib.overrides
