@@ -119,6 +119,7 @@ SETTINGS: dict[str, Rule] = {
     "progress": boolean(),
     "model.dtype": choice("bf16", "bfloat16", "fp16", "float16", "fp32", "float32"),
     "model.offload": choice("none", "model"),
+    "model.calib.offload": choice(None, "pipeline", "group", what="where the weights live during calibration"),
     "attention.block": integer(1),
     "attention.smooth_k": boolean(),
     "attention.pv": choice("fp16", "fp8"),

@@ -115,6 +115,7 @@ class ModelCalibSchema:
     hessian_token_stride: int = MISSING
     share_inputs: bool = MISSING
     lowrank_solver: str = MISSING
+    offload: Optional[str] = None  # during calibration: pipeline (as model.offload) | group (wanexp.models.offload)
 
 
 @dataclass

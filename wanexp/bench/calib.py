@@ -103,9 +103,6 @@ def compose_run(overrides: list[str]):
 
 def one_setting(setting: dict, common: list[str], work: Path, log: Callable[[str], None], quantize: bool) -> dict:
     """Calibrate (and quantize) one setting through the runner's stages; one BF16 video beside it."""
-    from omegaconf import OmegaConf
-
-    from wanexp.generate import generate_one
     from wanexp.run import Run, validate
     from wanexp.stages.calibrate import calibrate
     from wanexp.stages.quantize import quantize as quantize_stage
@@ -115,6 +112,7 @@ def one_setting(setting: dict, common: list[str], work: Path, log: Callable[[str
     shutil.rmtree(root, ignore_errors=True)
     overrides = [*common, f"++model.num_layers={setting['num_layers']}",
                  f"++quant.store_hessians={str(bool(setting.get('store_hessians', False))).lower()}",
+                 *([f"model.calib.offload={setting['calib_offload']}"] if setting.get("calib_offload") else []),
                  f"model.generation.num_inference_steps={setting['steps']}",
                  f"data.calib.num_samples={setting['samples']}", f"paths.output_root={root}"]
     cfg = compose_run(overrides)
@@ -123,23 +121,8 @@ def one_setting(setting: dict, common: list[str], work: Path, log: Callable[[str
     state = Run(cfg, run_dir)
     out: dict[str, Any] = {"setting": setting, "overrides": overrides}
     _, out["build"] = measure(state.bf16_pipe, (root,))
-    gen = OmegaConf.to_container(cfg.model.generation, resolve=True)
-    sample = state.splits.eval[0]
-    marks: list[float] = []
-
-    def step_mark():
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        marks.append(time.perf_counter())
-    t0 = time.perf_counter()
-    _, out["bf16_video"] = measure(lambda: generate_one(state.bf16_pipe(), sample, gen, int(cfg.seed), on_step=step_mark),
-                                   (root,))
-    steps = [b - a for a, b in zip(marks, marks[1:])]
-    out["bf16_video"].update(video_seconds=out["bf16_video"]["seconds"], step_marks=[m - t0 for m in marks],
-                             step_s=sum(steps) / len(steps) if steps else float("nan"))
-    out["bf16_video"]["overhead_s"] = out["bf16_video"]["seconds"] - len(marks) * out["bf16_video"]["step_s"]
-    log(f"{name}: BF16 video {out['bf16_video']['seconds']:.1f} s, {out['bf16_video']['step_s']:.2f} s a step "
-        f"(peak {out['bf16_video']['gpu_peak_bytes'] / GB:.1f} GB)")
+    if setting.get("video", True):
+        bf16_video(state, cfg, out, log)
     info, out["calibrate"] = measure(lambda: calibrate(state), (root,))
     out["calibrate_info"] = {k: info[k] for k in ("parts", "pass_seconds", "step_times", "hessians") if k in info}
     log(f"{name}: calibrate {out['calibrate']['seconds']:.1f} s, GPU peak {out['calibrate']['gpu_peak_bytes'] / GB:.1f} GB, "
@@ -154,6 +137,31 @@ def one_setting(setting: dict, common: list[str], work: Path, log: Callable[[str
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return out
+
+
+def bf16_video(state, cfg, out: dict, log: Callable[[str], None]) -> None:
+    """One BF16 video at the setting, timed step by step, into ``out["bf16_video"]``."""
+    from omegaconf import OmegaConf
+
+    from wanexp.generate import generate_one
+    gen = OmegaConf.to_container(cfg.model.generation, resolve=True)
+    sample = state.splits.eval[0]
+    marks: list[float] = []
+    name, root = out["setting"]["name"], Path(str(cfg.paths.output_root))
+
+    def step_mark():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        marks.append(time.perf_counter())
+    t0 = time.perf_counter()
+    _, out["bf16_video"] = measure(lambda: generate_one(state.bf16_pipe(), sample, gen, int(cfg.seed), on_step=step_mark),
+                                   (root,))
+    steps = [b - a for a, b in zip(marks, marks[1:])]
+    out["bf16_video"].update(video_seconds=out["bf16_video"]["seconds"], step_marks=[m - t0 for m in marks],
+                             step_s=sum(steps) / len(steps) if steps else float("nan"))
+    out["bf16_video"]["overhead_s"] = out["bf16_video"]["seconds"] - len(marks) * out["bf16_video"]["step_s"]
+    log(f"{name}: BF16 video {out['bf16_video']['seconds']:.1f} s, {out['bf16_video']['step_s']:.2f} s a step "
+        f"(peak {out['bf16_video']['gpu_peak_bytes'] / GB:.1f} GB)")
 
 
 def step_costs(result: dict) -> dict:
@@ -184,6 +192,14 @@ def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
     return my - b * mx, b
 
 
+PAPER_TOKENS = 57_600  # one expert forward at 720x1280x61 (45 x 80 x 16 latent patches; the CFG passes are separate forwards)
+
+
+def _stage_peak(r: dict, key: str) -> int:
+    """The peak of calibrate and (when run) quantize: the default builds the GPTQ layers inside calibrate."""
+    return max(r["calibrate"][key], r.get("quantize", {}).get(key, 0))
+
+
 def project(results: list[dict], paper: dict) -> dict:
     """The cost model of the module docstring, fitted on the settings marked ``fit``."""
     fit = [r for r in results if r["setting"].get("fit", True)]
@@ -193,8 +209,9 @@ def project(results: list[dict], paper: dict) -> dict:
     # building GPTQ layers inside calibrate (transient Hessians) is counted with quantize below
     outside_per_block = [costs[r["setting"]["name"]]["outside_trajectories_s"] / r["setting"]["num_layers"] for r in fit]
     # generation: one video per setting, timed step by step: o_gen (encoders, VAE decode) + S·(a_gen + b_gen·L)
-    a_gen, b_gen = fit_line([(r["setting"]["num_layers"], r["bf16_video"]["step_s"]) for r in fit])
-    o_gen = sum(r["bf16_video"]["overhead_s"] for r in fit) / len(fit)
+    videos = [r for r in fit if "bf16_video" in r]
+    a_gen, b_gen = fit_line([(r["setting"]["num_layers"], r["bf16_video"]["step_s"]) for r in videos])
+    o_gen = sum(r["bf16_video"]["overhead_s"] for r in videos) / len(videos)
     L, S, N = paper["num_layers"], paper["steps"], paper["samples"]
     step = a_cal + b_cal * L
     cal = N * (o_cal + S * step)
@@ -207,20 +224,25 @@ def project(results: list[dict], paper: dict) -> dict:
         per_block = sum(v for e in r["layer_seconds"].values() for v in e.values() if v) / (2 * r["setting"]["num_layers"])
         out["quantize_s"] = 2 * L * per_block
         out["quantize_per_block_s"] = per_block
-    # memory and disk of the default (transient Hessians: the setting that also quantizes), grown by
-    # what one more block adds to a calibration pass (the slope over the settings that store them)
-    default = next(r for r in results if "quantize" in r)
-    L0 = default["setting"]["num_layers"]
-    stored = [r for r in results if r["setting"].get("store_hessians")]
-    slope = (lambda key: fit_line([(r["setting"]["num_layers"], r["calibrate"][key]) for r in stored])[1]
-             if len(stored) >= 2 else 0.0)
+    # memory and disk of the default path (transient Hessians, calibration placed as the model's default),
+    # grown by what one more block adds, the slope over the fit settings on that same path
+    default = [r for r in fit if not r["setting"].get("store_hessians") and not r["setting"].get("calib_offload")] or fit
+    base = max(default, key=lambda r: r["setting"]["num_layers"])
+    L0 = base["setting"]["num_layers"]
+    out["memory_base_setting"] = base["setting"]["name"]
+    slope = (lambda key: fit_line([(r["setting"]["num_layers"], _stage_peak(r, key)) for r in default])[1]
+             if len({r["setting"]["num_layers"] for r in default}) >= 2 else float("nan"))
     out["gpu_peak_per_block_bytes"], out["host_peak_per_block_bytes"] = slope("gpu_peak_bytes"), slope("host_peak_bytes")
-    peak0 = max(default["calibrate"]["gpu_peak_bytes"], default.get("quantize", {}).get("gpu_peak_bytes", 0))
-    host0 = max(default["calibrate"]["host_peak_bytes"], default.get("quantize", {}).get("host_peak_bytes", 0))
-    out["calibrate_gpu_peak_bytes"] = peak0 + (L - L0) * out["gpu_peak_per_block_bytes"]
-    out["calibrate_host_peak_bytes"] = host0 + (L - L0) * out["host_peak_per_block_bytes"]
-    written = default["calibrate"]["bytes_written"] + default.get("quantize", {}).get("bytes_written", 0)
+    out["calibrate_gpu_peak_bytes"] = _stage_peak(base, "gpu_peak_bytes") + (L - L0) * out["gpu_peak_per_block_bytes"]
+    out["calibrate_host_peak_bytes"] = _stage_peak(base, "host_peak_bytes") + (L - L0) * out["host_peak_per_block_bytes"]
+    written = base["calibrate"]["bytes_written"] + base.get("quantize", {}).get("bytes_written", 0)
     out["calibrate_bytes_written"] = written * L / L0  # all of it scales with the blocks (an upper bound)
+    out["memory_checks"] = {r["setting"]["name"]: {
+        "predicted_gpu_bytes": _stage_peak(base, "gpu_peak_bytes") + (r["setting"]["num_layers"] - L0) * out["gpu_peak_per_block_bytes"],
+        "measured_gpu_bytes": r["calibrate"]["gpu_peak_bytes"]} for r in results if not r["setting"].get("fit", True)}
+    # the largest temporary of the collector's per-channel statistics, at the papers' resolution
+    from wanexp.calib.collect import observe_transient_bytes
+    out["observe_transient_bytes"] = observe_transient_bytes(PAPER_TOKENS, 13824)
     out["outside_trajectories_per_block_s"] = sum(outside_per_block) / len(outside_per_block)
     checks = {}
     for r in results:
@@ -229,7 +251,8 @@ def project(results: list[dict], paper: dict) -> dict:
         s = r["setting"]
         predicted = s["samples"] * (o_cal + s["steps"] * (a_cal + b_cal * s["num_layers"]))
         measured = costs[s["name"]]["trajectory_s"]
-        checks[s["name"]] = {"predicted_s": predicted, "measured_s": measured, "error": predicted / measured - 1}
+        checks[s["name"]] = {"predicted_s": predicted, "measured_s": measured, "error": predicted / measured - 1,
+                             "calib_offload": s.get("calib_offload") or "default"}
     out["checks"] = checks
     return out
 
@@ -262,20 +285,26 @@ def run_calib_bench(cfg: dict, out_dir: Path, log: Callable[[str], None] = print
     return result
 
 
+def _peak_of(r: dict, name: str, key: str) -> int:
+    return _stage_peak(next(x for x in r["settings"] if x["setting"]["name"] == name), key)
+
+
 def to_markdown(r: dict, cfg: dict) -> str:
     p = r["projection"]
     paper = cfg["paper"]
     lines = [f"# Calibration at A14B size ({r['gpu']}, {r['date']}; torch {r['torch']}, diffusers {r['diffusers']})", "",
              "The runner's calibrate and quantize stages, in process; common overrides: "
              f"`{' '.join(r['overrides'])}`.", "",
-             "| setting | blocks | steps | samples | BF16 video s | calibrate s | step s | GPU peak GB | host peak GB | written GB | quantize s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| setting | blocks | steps | samples | Hessians | calib offload | BF16 video s | calibrate s | step s | GPU peak GB | host peak GB | written GB | quantize s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in r["settings"]:
         st = s["setting"]
         c = s["calibrate"]
         q = s.get("quantize", {})
-        lines.append(f"| {st['name']}{'' if st.get('fit', True) else ' (check)'} | {st['num_layers']} | {st['steps']} | "
-                     f"{st['samples']} | {s['bf16_video']['video_seconds']:.1f} | {c['seconds']:.1f} | "
+        video = s.get("bf16_video", {}).get("video_seconds", float("nan"))
+        lines.append(f"| {st['name']}{'' if st.get('fit', True) else ' (not fitted)'} | {st['num_layers']} | {st['steps']} | "
+                     f"{st['samples']} | {'stored' if st.get('store_hessians') else 'transient'} | "
+                     f"{st.get('calib_offload') or 'default'} | {video:.1f} | {c['seconds']:.1f} | "
                      f"{step_costs(s)['step_s']:.2f} | {c['gpu_peak_bytes'] / GB:.1f} | {c['host_peak_bytes'] / GB:.1f} | "
                      f"{c['bytes_written'] / GB:.2f} | {q.get('seconds', float('nan')):.1f} |")
     lines += ["", "Calibrate's seconds include building the GPTQ layers from the transient Hessians (the A14B default); "
@@ -283,9 +312,21 @@ def to_markdown(r: dict, cfg: dict) -> str:
               f"Fit: one calibration step (both CFG passes) = {p['a_cal']:.3f} + {p['b_cal']:.4f}·L s; per-sample "
               f"overhead {p['o_cal']:.1f} s; BF16 video = {p['o_gen']:.1f} + S·({p['a_gen']:.3f} + {p['b_gen']:.4f}·L) s "
               "(its steps timed the same way; o: text and image encoding, VAE decode).", ""]
+    base = p["memory_base_setting"]
+    L0 = next(x["setting"]["num_layers"] for x in r["settings"] if x["setting"]["name"] == base)
+    lines += [f"Memory (the default path: transient Hessians, calibration placed by the model's default): GPU peak = "
+              f"{_peak_of(r, base, 'gpu_peak_bytes') / GB:.1f} GB at {L0} blocks ({base}) + (L − {L0}) × "
+              f"{p['gpu_peak_per_block_bytes'] / GB:.3f} GB a block; host peak = {_peak_of(r, base, 'host_peak_bytes') / GB:.1f} GB "
+              f"+ (L − {L0}) × {p['host_peak_per_block_bytes'] / GB:.3f} GB a block (slopes over the fitted settings on that "
+              f"path; peaks of calibrate and quantize). The collector's largest temporary at 720p: "
+              f"{p['observe_transient_bytes'] / GB:.2f} GB (ffn.net.2, {PAPER_TOKENS} tokens, 8192 rows at a time).", ""]
+    for name, c in p.get("memory_checks", {}).items():
+        lines.append(f"GPU peak at {name}: by the formula {c['predicted_gpu_bytes'] / GB:.1f} GB, measured "
+                     f"{c['measured_gpu_bytes'] / GB:.1f} GB (a stored-Hessian or group-offloaded setting: no GPTQ "
+                     "layers built inside calibrate, or blocks offloaded).")
     for name, c in p["checks"].items():
-        lines.append(f"Check at {name}: predicted {c['predicted_s']:.1f} s, measured {c['measured_s']:.1f} s "
-                     f"({c['error']:+.1%}).")
+        lines.append(f"Check at {name} (calibration offload {c.get('calib_offload', 'default')}): trajectories predicted "
+                     f"{c['predicted_s']:.1f} s by the fit on the default, measured {c['measured_s']:.1f} s ({c['error']:+.1%}).")
     lines += ["", f"## Projected to the papers' setting ({paper['samples']} samples, {paper['steps']} steps, CFG, "
               f"{paper['num_layers']} blocks)", "",
               "| quantity | projected | target |", "|---|---|---|",

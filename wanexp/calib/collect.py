@@ -48,6 +48,38 @@ ALL_BINS = -1  # the bin key of statistics pooled over every bin
 TRACE_PREFIX = "trace"  # saved keys of the per-step traces: ``trace|<expert>|<layer>|<stat>``
 GRAM_KEY = "hessian"      # packed panels are saved as ``hessian@<tile>#<panel>``
 _SHARED = (("attn1.to_q", "attn1.to_k", "attn1.to_v"), ("attn2.to_k", "attn2.to_v"))
+# rows of a layer input read at a time by the per-channel statistics: bounds their temporaries to
+# CHUNK_ROWS x channels x 4 B (0.45 GB for ffn.net.2 at A14B size) instead of a whole fp32 copy of the
+# input (57,600 x 13,824 x 4 B = 3.2 GB at 720p, twice over for Σx²)
+CHUNK_ROWS = 8192
+
+
+def absmax_rows(x: torch.Tensor, chunk: int = CHUNK_ROWS) -> torch.Tensor:
+    """Per-channel max |x| of ``x [n, k]`` in fp32, ``chunk`` rows at a time (a max: the same bits
+    whatever the chunking)."""
+    out = None
+    for i in range(0, max(x.shape[0], 1), chunk):
+        part = x[i:i + chunk].abs().amax(dim=0).float()
+        out = part if out is None else torch.maximum(out, part)
+    return out
+
+
+def sumsq_rows(x: torch.Tensor, chunk: int = CHUNK_ROWS) -> torch.Tensor:
+    """Per-channel Σ x² of ``x [n, k]`` in fp64: fp32 sums of ``chunk`` rows (squares of bf16 values
+    are exact in fp32), added in fp64. With ``chunk >= n`` this is exactly the unchunked
+    ``x.float().square().sum(0).double()``; smaller chunks change only the fp32 summation order."""
+    out = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    for i in range(0, x.shape[0], chunk):
+        out += x[i:i + chunk].to(torch.float32, copy=True).square_().sum(dim=0).double()  # a copy: never square the input
+    return out
+
+
+def observe_transient_bytes(rows: int, channels: int, chunk: int = CHUNK_ROWS, itemsize: int = 2) -> int:
+    """The largest temporary one ``observe`` makes for an input of ``rows x channels`` (dtype of
+    ``itemsize`` bytes): the fp32 chunk of Σx² (squared in place) or the |x| chunk, whichever is
+    larger; plus the reservoir's per-row draws (int64 index, fp64 uniform, int64 slot, bool)."""
+    per_chunk = min(rows, chunk) * channels * max(4, itemsize)
+    return per_chunk + rows * (8 + 8 + 8 + 1)
 
 
 def input_groups(layers: Iterable[str]) -> dict[str, str]:
@@ -222,13 +254,15 @@ class StepTrace:
 
     @torch.no_grad()
     def observe(self, t: float, x: torch.Tensor) -> None:
-        """``x`` [tokens, channels] (float) seen at timestep ``t``."""
+        """``x`` [tokens, channels] seen at timestep ``t``. Read in its own dtype (a max and an order
+        statistic pick one of its values, so the float results are those of an fp32 copy, which at
+        A14B size would be GBs)."""
         amax = torch.maximum(x.amax(dim=0), -x.amin(dim=0)).float().cpu()  # max |x| without an |x| copy
         stride = max(1, -(-x.shape[0] // self.max_tokens))
         sub = x[::stride]
         k = min(sub.shape[0], max(1, math.ceil(self.percentile / 100.0 * sub.shape[0])))
-        pct = torch.cat([sub[:, c:c + self.chunk].abs().kthvalue(k, dim=0).values
-                         for c in range(0, sub.shape[1], self.chunk)]).float().cpu()
+        pct = torch.cat([sub[:, c:c + self.chunk].abs().kthvalue(k, dim=0).values.float()
+                         for c in range(0, sub.shape[1], self.chunk)]).cpu()
         rec = self.steps.get(t)
         if rec is None:
             self.steps[t] = {"absmax": amax, "pct_sum": pct.double(), "count": 1}
@@ -260,7 +294,8 @@ class ActivationCollector:
                  needs: Iterable[str], stats: CalibStats, max_tokens: int = CALIB_TOKENS, seed: int = 0,
                  trace_layers: Iterable[str] = (), trace_percentile: float = PERCENTILE, trace_tokens: int = 16384,
                  hessian_stride: int = 1, share_inputs: bool = True, gram_tile: int = 512,
-                 hessian_input: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None):
+                 hessian_input: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+                 chunk_rows: int = CHUNK_ROWS):
         unknown = set(needs) - set(STATS)
         if unknown:
             raise ValueError(f"unknown calibration statistics {sorted(unknown)}; known: {STATS}")
@@ -268,6 +303,9 @@ class ActivationCollector:
             raise ValueError(f"hessian_stride must be >= 1, got {hessian_stride}")
         self.expert, self.context, self.needs, self.stats = expert, context, set(needs), stats
         self.max_tokens, self.seed, self.hessian_stride, self.gram_tile = max_tokens, seed, int(hessian_stride), gram_tile
+        if int(chunk_rows) < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+        self.chunk_rows = int(chunk_rows)
         # per-layer transform of the input before its Hessian (the paper code's Q_A(x / s)): each layer
         # has its own, so layers then keep records of their own
         self.hessian_input = dict(hessian_input or {})
@@ -303,7 +341,7 @@ class ActivationCollector:
     def _trace_hook(self, layer: str):
         def hook(module, args):
             if self.context.timestep is not None:
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                x = args[0].detach().reshape(-1, args[0].shape[-1])
                 self.traces[layer].observe(float(self.context.timestep), x)
                 self.stats.trace[(self.expert, layer)] = self.traces[layer]
         return hook
@@ -329,7 +367,7 @@ class ActivationCollector:
         key = (self.expert, layer, self.context.bin)
         d = self.stats.data.setdefault(key, {})
         pooled = self.stats.data.setdefault((self.expert, layer, ALL_BINS), {})
-        amax = x.abs().amax(dim=0).float()  # max |x| per channel; NaN/Inf propagate into it
+        amax = absmax_rows(x, self.chunk_rows)  # max |x| per channel; NaN/Inf propagate into it
         finite = torch.isfinite(amax).all()
         prev = self.bad.get(layer)
         if prev is None or prev[1] is None:  # remember the first timestep a layer went non-finite
@@ -342,7 +380,7 @@ class ActivationCollector:
             d["absmax"] = amax if "absmax" not in d else torch.maximum(d["absmax"], amax)
         d["count"] = d.get("count", torch.zeros((), dtype=torch.float64)) + x.shape[0]
         if "sumsq" in self.needs:
-            d["sumsq"] = d.get("sumsq", 0) + x.float().square().sum(dim=0).double()
+            d["sumsq"] = d.get("sumsq", 0) + sumsq_rows(x, self.chunk_rows)
         if "hessian" in self.needs:  # pooled over bins: GPTQ uses one Hessian, and [in, in] per bin would not fit at A14B size
             h = self.hessian_input[layer](x) if layer in self.hessian_input else x
             gram = pooled.get("hessian")
@@ -354,7 +392,7 @@ class ActivationCollector:
             self._reservoir(key, d, x)
         if layer in self.traces and self.context.timestep is not None:
             trace = self.traces[layer]
-            trace.observe(float(self.context.timestep), x.float())
+            trace.observe(float(self.context.timestep), x)
             self.stats.trace[(self.expert, layer)] = trace  # turned into tensors when saved
 
     def check(self) -> None:

@@ -124,7 +124,11 @@ class _nothing:
 
 
 class _skipped:
-    """The expert's forward replaced by zeros of the right shape (its weights are not touched)."""
+    """The expert's forward replaced by zeros of the right shape (its weights are not touched).
+
+    Under ``offload=model`` the skipped expert's accelerate hook would have moved the component
+    before it (the text encoder, 11.4 GB at A14B size) off the GPU; the stand-in does that part of
+    its job, or the text encoder stays on the GPU through every low-noise step."""
 
     def __init__(self, module):
         self.module = module
@@ -132,8 +136,11 @@ class _skipped:
     def __enter__(self):
         out_channels = int(self.module.config.out_channels)
         self.saved = self.module.__dict__.get("forward")  # accelerate's offload wrapper, if any
+        previous = getattr(getattr(self.module, "_hf_hook", None), "prev_module_hook", None)
 
         def zeros(hidden_states, *args, return_dict=True, **kwargs):
+            if previous is not None:
+                previous.offload()  # accelerate's UserCpuOffloadHook: the component to the CPU (no-op there)
             out = torch.zeros_like(hidden_states[:, :out_channels])
             return (out,) if not return_dict else type("Out", (), {"sample": out})()
 

@@ -37,6 +37,7 @@ from wanexp.errors import WanexpError
 from wanexp.generate import sample_seed
 from wanexp.io import write_json
 from wanexp.models import boundary_timestep, experts, install_timestep_hooks
+from wanexp.models.offload import calib_offload_of, calibration_placement
 from wanexp.quant.context import TimestepContext, step_fraction_bins
 from wanexp.quant.methods import QuantRecipe, recipe_of
 from wanexp.quant.targets import block_index, targeted_linears
@@ -208,38 +209,40 @@ def calibrate(state) -> dict:
     entries, reused, passes, seconds, reused_ranks = 0, 0, 0, {}, 0
     # per pass and sample: [start, end of each denoising step, end] in seconds from the pass start
     step_times: dict[str, list[list[float]]] = {}
-    for expert, model in experts(pipe).items():
-        parts = calib_parts(cfg, model)
-        for k, layers in enumerate(parts):
-            path = part_path(where, expert, k, len(parts))
-            done = path.is_file() and (not transient or quant_part_done(state, expert, k, len(parts)))
-            if done:  # finished by an earlier attempt, or by another run with the same key
-                reused += 1
-                continue
-            start = time.perf_counter()
-            own = rank_part_path(path, world)
-            if own is not None and not transient and own.is_file():  # this rank's share survived a crash
-                stats = reduce_stats(CalibStats.load(own), world, int(cfg.quant.calib_tokens),
-                                     int(cfg.seed))
-                _finish_pass(state, pipe, expert, layers, stats, path, transient, k, len(parts))
-                reused_ranks += 1
+    # model.calib.offload=group: block-level group offloading of the experts for this stage only
+    with calibration_placement(pipe, calib_offload_of(cfg), state.device, str(cfg.model.get("offload", "none"))):
+        for expert, model in experts(pipe).items():
+            parts = calib_parts(cfg, model)
+            for k, layers in enumerate(parts):
+                path = part_path(where, expert, k, len(parts))
+                done = path.is_file() and (not transient or quant_part_done(state, expert, k, len(parts)))
+                if done:  # finished by an earlier attempt, or by another run with the same key
+                    reused += 1
+                    continue
+                start = time.perf_counter()
+                own = rank_part_path(path, world)
+                if own is not None and not transient and own.is_file():  # this rank's share survived a crash
+                    stats = reduce_stats(CalibStats.load(own), world, int(cfg.quant.calib_tokens),
+                                         int(cfg.seed))
+                    _finish_pass(state, pipe, expert, layers, stats, path, transient, k, len(parts))
+                    reused_ranks += 1
+                    passes += 1
+                    continue
+                stats = collect_pass(pipe, expert, layers, contexts, first_needs, mine, split, steps, settings,
+                                     lambda it: state.progress(it, f"calibrate {expert} {k + 1}/{len(parts)}"),
+                                     step_times.setdefault(f"{expert}/{k}", []))
+                if second:
+                    act_quant_hessian_pass(cfg, pipe, split, expert, layers, contexts, stats, mine, steps,
+                                           lambda it: state.progress(it, f"calibrate {expert}: Hessian of Q_A(x/s)"))
+                if own is not None and not transient:  # kept until the pass is reduced: a crash redoes only the lost ranks
+                    stats.save(own)
+                    if os.environ.get("WANEXP_FAULT_DIE_AFTER_SHARE") == str(world.rank):
+                        _die_once_the_others_saved(path, world)
+                stats = reduce_stats(stats, world, int(cfg.quant.calib_tokens), int(cfg.seed))
+                entries += _finish_pass(state, pipe, expert, layers, stats, path, transient, k, len(parts))
                 passes += 1
-                continue
-            stats = collect_pass(pipe, expert, layers, contexts, first_needs, mine, split, steps, settings,
-                                 lambda it: state.progress(it, f"calibrate {expert} {k + 1}/{len(parts)}"),
-                                 step_times.setdefault(f"{expert}/{k}", []))
-            if second:
-                act_quant_hessian_pass(cfg, pipe, split, expert, layers, contexts, stats, mine, steps,
-                                       lambda it: state.progress(it, f"calibrate {expert}: Hessian of Q_A(x/s)"))
-            if own is not None and not transient:  # kept until the pass is reduced: a crash redoes only the lost ranks
-                stats.save(own)
-                if os.environ.get("WANEXP_FAULT_DIE_AFTER_SHARE") == str(world.rank):
-                    _die_once_the_others_saved(path, world)
-            stats = reduce_stats(stats, world, int(cfg.quant.calib_tokens), int(cfg.seed))
-            entries += _finish_pass(state, pipe, expert, layers, stats, path, transient, k, len(parts))
-            passes += 1
-            seconds[f"{expert}/{k}"] = round(time.perf_counter() - start, 3)
-            del stats
+                seconds[f"{expert}/{k}"] = round(time.perf_counter() - start, 3)
+                del stats
     return {"samples": [s.id for s in samples], "needs": needs, "parts": passes + reused, "entries": entries,
             "parts_reused": reused, "stats_dir": str(where), "traced": trace.get("layers", []),
             "hessians": key.get("hessians"), "pass_seconds": seconds, "step_times": step_times,
