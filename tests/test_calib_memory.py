@@ -229,3 +229,27 @@ def test_the_calibration_bench_configs_compose():
     assert names == ["L1", "L2", "L4_check"] and not any(s.get("store_hessians") for s in main.bench.calib.settings if s.fit)
     assert [s.get("calib_offload") for s in group.bench.calib.settings] == [None, None, "group"]
     assert group.bench.calib.overrides == main.bench.calib.overrides
+
+
+def test_calibrates_gpu_peak_is_split_by_phase_and_each_phase_grows_by_its_own_slope():
+    """At few blocks the encoders' phase (UMT5-XXL on the GPU) is the stage's peak, so one slope over the
+    stage's peak would see only the Hessians grow; by phase, the denoising steps' slope (weights and
+    Hessians) takes over at 40 blocks."""
+    from wanexp.bench.calib import gpu_phases, project, to_markdown
+    assert gpu_phases({"a/0": [[12, 5, 6]], "b/0": [[13, 7]]}, 4) == {"encode": 13, "denoise": 7, "after": 4}
+    assert gpu_phases({}, 9) == {"encode": 0, "denoise": 0, "after": 9}
+    results = []
+    for L in (1, 2):
+        r = _result(f"L{L}", L, 0, 20 * 10**9)
+        r["calibrate"]["gpu_phases"] = {"encode": (12 + 0.77 * L) * 10**9, "denoise": (5 + 1.47 * L) * 10**9,
+                                        "after": (3 + 0.8 * L) * 10**9}
+        r["calibrate"]["gpu_peak_bytes"] = max(r["calibrate"]["gpu_phases"].values())
+        results.append(r)
+    p = project(results, {"num_layers": 40, "steps": 40, "samples": 16})
+    assert p["gpu_peak_per_block_bytes"] == pytest.approx(0.77e9)  # the stage's peak alone: the encoders' slope
+    phases = p["gpu_peak_by_phase"]
+    assert phases["denoise"]["per_block_bytes"] == pytest.approx(1.47e9)
+    assert p["calibrate_gpu_peak_bytes"] == pytest.approx((5 + 1.47 * 40) * 1e9)  # 63.8 GB, not 12 + 0.77·40
+    md = to_markdown({"gpu": "cpu", "date": "d", "torch": "t", "diffusers": "x", "overrides": [], "settings": results,
+                      "projection": p}, {"paper": {"num_layers": 40, "steps": 40, "samples": 16}})
+    assert "denoise 7.9 GB at 2 blocks + (L − 2) × 1.470 GB → 63.8 GB" in md

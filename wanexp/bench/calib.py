@@ -124,7 +124,13 @@ def one_setting(setting: dict, common: list[str], work: Path, log: Callable[[str
     if setting.get("video", True):
         bf16_video(state, cfg, out, log)
     info, out["calibrate"] = measure(lambda: calibrate(state), (root,))
-    out["calibrate_info"] = {k: info[k] for k in ("parts", "pass_seconds", "step_times", "hessians") if k in info}
+    out["calibrate_info"] = {k: info[k] for k in ("parts", "pass_seconds", "step_times", "hessians", "step_gpu_peaks")
+                             if k in info}
+    # calibrate resets the GPU peak at every step end (recording each step's): the stage's peak is the max of
+    # those and what measure() saw after the last step (building the GPTQ layers, saving)
+    phases = gpu_phases(out["calibrate_info"].get("step_gpu_peaks") or {}, out["calibrate"]["gpu_peak_bytes"])
+    out["calibrate"]["gpu_phases"] = phases
+    out["calibrate"]["gpu_peak_bytes"] = max(phases.values())
     log(f"{name}: calibrate {out['calibrate']['seconds']:.1f} s, GPU peak {out['calibrate']['gpu_peak_bytes'] / GB:.1f} GB, "
         f"host peak {out['calibrate']['host_peak_bytes'] / GB:.1f} GB, wrote {out['calibrate']['bytes_written'] / GB:.2f} GB")
     if quantize:
@@ -162,6 +168,15 @@ def bf16_video(state, cfg, out: dict, log: Callable[[str], None]) -> None:
     out["bf16_video"]["overhead_s"] = out["bf16_video"]["seconds"] - len(marks) * out["bf16_video"]["step_s"]
     log(f"{name}: BF16 video {out['bf16_video']['seconds']:.1f} s, {out['bf16_video']['step_s']:.2f} s a step "
         f"(peak {out['bf16_video']['gpu_peak_bytes'] / GB:.1f} GB)")
+
+
+def gpu_phases(step_peaks: dict[str, list[list[int]]], after_last_step: int) -> dict[str, int]:
+    """Calibrate's GPU peak by phase: ``encode`` (each sample's text and image encoding and first step),
+    ``denoise`` (the other steps: the expert's weights, the Hessians and one step's activations) and
+    ``after`` (after the last step: building the GPTQ layers from transient Hessians, saving)."""
+    first = [p[0] for per_pass in step_peaks.values() for p in per_pass if p]
+    rest = [x for per_pass in step_peaks.values() for p in per_pass for x in p[1:]]
+    return {"encode": max(first, default=0), "denoise": max(rest, default=0), "after": int(after_last_step)}
 
 
 def step_costs(result: dict) -> dict:
@@ -234,11 +249,28 @@ def project(results: list[dict], paper: dict) -> dict:
              if len({r["setting"]["num_layers"] for r in default}) >= 2 else float("nan"))
     out["gpu_peak_per_block_bytes"], out["host_peak_per_block_bytes"] = slope("gpu_peak_bytes"), slope("host_peak_bytes")
     out["calibrate_gpu_peak_bytes"] = _stage_peak(base, "gpu_peak_bytes") + (L - L0) * out["gpu_peak_per_block_bytes"]
+    # by phase (encoders, denoising steps, after the steps): each grown by its own per-block slope; the peak
+    # at L blocks is the largest of them (at few blocks the encoders' phase can hide the others' slopes)
+    phased = [r for r in default if r["calibrate"].get("gpu_phases", {}).get("denoise")]
+    if len({r["setting"]["num_layers"] for r in phased}) >= 2:
+        by_phase = {}
+        for ph in ("encode", "denoise", "after"):
+            pts = [(r["setting"]["num_layers"], max(r["calibrate"]["gpu_phases"][ph],
+                                                     r.get("quantize", {}).get("gpu_peak_bytes", 0) if ph == "after" else 0))
+                   for r in phased]
+            a, b = fit_line(pts)
+            by_phase[ph] = {"at_L0_bytes": a + b * L0, "per_block_bytes": b, "projected_bytes": a + b * L}
+        out["gpu_peak_by_phase"] = by_phase
+        out["calibrate_gpu_peak_bytes"] = max(v["projected_bytes"] for v in by_phase.values())
     out["calibrate_host_peak_bytes"] = _stage_peak(base, "host_peak_bytes") + (L - L0) * out["host_peak_per_block_bytes"]
     written = base["calibrate"]["bytes_written"] + base.get("quantize", {}).get("bytes_written", 0)
     out["calibrate_bytes_written"] = written * L / L0  # all of it scales with the blocks (an upper bound)
+    def predicted_gpu(n: int) -> float:
+        if "gpu_peak_by_phase" in out:
+            return max(v["at_L0_bytes"] + (n - L0) * v["per_block_bytes"] for v in out["gpu_peak_by_phase"].values())
+        return _stage_peak(base, "gpu_peak_bytes") + (n - L0) * out["gpu_peak_per_block_bytes"]
     out["memory_checks"] = {r["setting"]["name"]: {
-        "predicted_gpu_bytes": _stage_peak(base, "gpu_peak_bytes") + (r["setting"]["num_layers"] - L0) * out["gpu_peak_per_block_bytes"],
+        "predicted_gpu_bytes": predicted_gpu(r["setting"]["num_layers"]),
         "measured_gpu_bytes": r["calibrate"]["gpu_peak_bytes"]} for r in results if not r["setting"].get("fit", True)}
     # the largest temporary of the collector's per-channel statistics, at the papers' resolution
     from wanexp.calib.collect import observe_transient_bytes
@@ -320,6 +352,11 @@ def to_markdown(r: dict, cfg: dict) -> str:
               f"+ (L − {L0}) × {p['host_peak_per_block_bytes'] / GB:.3f} GB a block (slopes over the fitted settings on that "
               f"path; peaks of calibrate and quantize). The collector's largest temporary at 720p: "
               f"{p['observe_transient_bytes'] / GB:.2f} GB (ffn.net.2, {PAPER_TOKENS} tokens, 8192 rows at a time).", ""]
+    if p.get("gpu_peak_by_phase"):
+        lines.append("GPU peak by phase of calibrate, each grown by its own slope (the projection takes the largest): "
+                     + "; ".join(f"{ph} {v['at_L0_bytes'] / GB:.1f} GB at {L0} blocks + (L − {L0}) × "
+                                 f"{v['per_block_bytes'] / GB:.3f} GB → {v['projected_bytes'] / GB:.1f} GB"
+                                 for ph, v in p["gpu_peak_by_phase"].items()) + ".")
     for name, c in p.get("memory_checks", {}).items():
         lines.append(f"GPU peak at {name}: by the formula {c['predicted_gpu_bytes'] / GB:.1f} GB, measured "
                      f"{c['measured_gpu_bytes'] / GB:.1f} GB (a stored-Hessian or group-offloaded setting: no GPTQ "

@@ -143,22 +143,31 @@ def first_pass_needs(cfg) -> list[str]:
 
 
 def collect_pass(pipe, expert: str, layers: list[str], contexts: dict, needs: list[str], samples, split: ExpertSplit,
-                 steps: int, settings: dict, progress=iter, marks: list | None = None) -> CalibStats:
+                 steps: int, settings: dict, progress=iter, marks: list | None = None,
+                 gpu_peaks: list | None = None) -> CalibStats:
     """One calibration pass: collectors on ``layers`` of ``expert`` while every sample runs that
     expert's steps (``split``). ``marks`` gets, per sample, [start, end of each step, end] in seconds
-    from the pass start."""
+    from the pass start; ``gpu_peaks`` (on a GPU), per sample, the peak allocated bytes of each step
+    (the first step's also covers the sample's text and image encoding): the peak statistics are
+    reset at every step end, so a caller timing the whole stage takes the max with these."""
     start = time.perf_counter()
     stats = CalibStats()
     collector = ActivationCollector(expert, experts(pipe)[expert], layers, contexts[expert], needs, stats, **settings)
     hooks = install_timestep_hooks(pipe, lambda e, t: contexts[e].set_timestep(t))
     marks = [] if marks is None else marks
+    cuda = torch.cuda.is_available()
 
     def on_step():  # one host sync a step (the NaN check), which also makes the marks true
         collector.check()
         marks[-1].append(round(time.perf_counter() - start, 4))
+        if cuda and gpu_peaks is not None:  # each step's GPU peak (the first also holds the encoders'), then reset
+            gpu_peaks[-1].append(int(torch.cuda.max_memory_allocated()))
+            torch.cuda.reset_peak_memory_stats()
     try:
         for sample in progress(samples):
             marks.append([round(time.perf_counter() - start, 4)])
+            if gpu_peaks is not None:
+                gpu_peaks.append([])
             split.run(expert, sample, on_step=on_step, steps=int(steps))
             marks[-1].append(round(time.perf_counter() - start, 4))
     finally:
@@ -209,6 +218,7 @@ def calibrate(state) -> dict:
     entries, reused, passes, seconds, reused_ranks = 0, 0, 0, {}, 0
     # per pass and sample: [start, end of each denoising step, end] in seconds from the pass start
     step_times: dict[str, list[list[float]]] = {}
+    step_gpu_peaks: dict[str, list[list[int]]] = {}  # the same, the GPU peak of each step (on a GPU)
     # model.calib.offload=group: block-level group offloading of the experts for this stage only
     with calibration_placement(pipe, calib_offload_of(cfg), state.device, str(cfg.model.get("offload", "none"))):
         for expert, model in experts(pipe).items():
@@ -230,7 +240,8 @@ def calibrate(state) -> dict:
                     continue
                 stats = collect_pass(pipe, expert, layers, contexts, first_needs, mine, split, steps, settings,
                                      lambda it: state.progress(it, f"calibrate {expert} {k + 1}/{len(parts)}"),
-                                     step_times.setdefault(f"{expert}/{k}", []))
+                                     step_times.setdefault(f"{expert}/{k}", []),
+                                     step_gpu_peaks.setdefault(f"{expert}/{k}", []))
                 if second:
                     act_quant_hessian_pass(cfg, pipe, split, expert, layers, contexts, stats, mine, steps,
                                            lambda it: state.progress(it, f"calibrate {expert}: Hessian of Q_A(x/s)"))
@@ -246,6 +257,7 @@ def calibrate(state) -> dict:
     return {"samples": [s.id for s in samples], "needs": needs, "parts": passes + reused, "entries": entries,
             "parts_reused": reused, "stats_dir": str(where), "traced": trace.get("layers", []),
             "hessians": key.get("hessians"), "pass_seconds": seconds, "step_times": step_times,
+            "step_gpu_peaks": step_gpu_peaks,
             "ranks": world.size, "rank_shares_reused": reused_ranks}
 
 
