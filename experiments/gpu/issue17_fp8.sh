@@ -58,8 +58,9 @@ round5)  # session 4: the current FP8 path timed (after the fold revert), what i
   echo "recompiles: $(grep -c 'Recompiling function' "$OUT/bench_round5.log")"
   grep -v "__recompiles" "$OUT/bench_round5.log" | grep "s/forward\|profile\|Error\|error\|quantized" | tail -24 ;;
 video)  # the whole video at the papers' setting, BF16 and W4A4 (FP8 path), compiled (bench_conf/bench/video_a14b.yaml)
-  timeout 570 python3 -m wanexp.bench bench=video_a14b bench.out_dir="$OUT" > "$OUT/bench_video.log" 2>&1
-  grep "video\|Error\|error" "$OUT/bench_video.log" | tail -20 ;;
+  TORCH_LOGS=recompiles timeout 570 python3 -m wanexp.bench bench=video_a14b bench.out_dir="$OUT" "${@:2}" > "$OUT/bench_video.log" 2>&1
+  echo "recompiles: $(grep -c 'Recompiling function' "$OUT/bench_video.log")"
+  grep -v "__recompiles" "$OUT/bench_video.log" | grep "video\|Error\|error\|Killed" | tail -20 ;;
 formats)
   for f in nvfp4 int4 hif4; do
     timeout 170 python3 -m wanexp.bench bench=fp8_a14b bench.name=bench_$f bench.quant.format=$f \

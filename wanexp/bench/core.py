@@ -34,7 +34,7 @@ from wanexp.bench.pipeline import to_markdown as pipeline_md
 from wanexp.bench.synthetic import SyntheticTSClip, make_inputs  # noqa: F401 (re-exported)
 from wanexp.models import held_bytes
 from wanexp.models.a14b_random import A14B_TRANSFORMER, build_expert
-from wanexp.quant.api import quantize_
+from wanexp.quant.api import fallback_counts, quantize_
 from wanexp.quant.context import TimestepBins, TimestepContext
 from wanexp.quant.linear import QuantLinear
 from wanexp.quant.targets import select_targets
@@ -146,16 +146,6 @@ def compiled_blocks(model: nn.Module) -> Iterator[None]:
         for block in model.blocks:
             block._compiled_call_impl = None
         torch._dynamo.reset()
-
-
-def fallback_counts(model: nn.Module) -> dict[str, int]:
-    """The FP8 fold's exact-fallback rows (activations) and columns (weights), summed over layers."""
-    total = {"fp8_rows": 0, "fp8_cols": 0}
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            for k in total:
-                total[k] += m.fallbacks[k]
-    return total
 
 
 def _free(*objs) -> None:

@@ -22,14 +22,14 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
+from wanexp import kernels
 from wanexp.bench.synthetic import SyntheticTSClip
 from wanexp.generate import decode_latents
-from wanexp import kernels
 from wanexp.models import experts, install_timestep_hooks, pipeline_bytes
 from wanexp.models.compiled import compile_denoisers
 from wanexp.models.a14b_random import build_random_pipeline
 from wanexp.models.loading import place_pipeline
-from wanexp.quant.api import quantize_
+from wanexp.quant.api import fallback_counts, quantize_
 from wanexp.quant.context import TimestepBins, TimestepContext
 from wanexp.quant.targets import select_targets
 
@@ -216,10 +216,13 @@ def run_whole_video(cfg: dict, device: torch.device, log: Callable[[str], None] 
             run["warmup_s"] = time.perf_counter() - t1
             log(f"video {precision}: warm-up ({warmup_steps} steps, compile) {run['warmup_s']:.1f} s")
             for steps in [fit_steps] + ([check_steps] if precision in check else []):
+                before = fallback_counts(*experts(pipe).values())
                 v = timed_video(pipe, gen, steps, device)
+                after = fallback_counts(*experts(pipe).values())
+                v["fp8_fallbacks"] = {k: after[k] - before[k] for k in after}  # rows the FP8 fold could not hold
                 run[f"steps_{steps}"] = v
                 log(f"video {precision}: {steps} steps {v['seconds']:.1f} s (steps "
-                    + ", ".join(f"{x:.2f}" for x in v["step_seconds"]) + " s)")
+                    + ", ".join(f"{x:.2f}" for x in v["step_seconds"]) + f" s; FP8 fallbacks {v['fp8_fallbacks']})")
                 save(result)
         fit = video_fit(run[f"steps_{fit_steps}"])
         run.update(fit, projected_s=fit["overhead_s"] + paper_steps * fit["step_s"])

@@ -122,6 +122,17 @@ def path_calls(*models: nn.Module) -> dict[str, int]:
     return total
 
 
+def fallback_counts(*models: nn.Module) -> dict[str, int]:
+    """The FP8 fold's exact-fallback rows (activations) and columns (weights), summed over the
+    models' QuantLinears."""
+    total = {"fp8_rows": 0, "fp8_cols": 0}
+    for model in models:
+        for layer in quant_layers(model).values():
+            for k, n in layer.fallbacks.items():
+                total[k] += n
+    return total
+
+
 def attach_context(model: nn.Module, context: TimestepContext) -> None:
     for layer in quant_layers(model).values():
         layer.context = context
