@@ -173,7 +173,8 @@ class _GroupScales:
 
     def compute(self, g: int, values: torch.Tensor) -> None:
         self.states[g] = self.fmt.block_state(values, self.clip_ratio, name=f"W[:, group {g}]", **self.kw)
-        self.columns[g] = self.states[g].columns()
+        # each scale tensor split into its columns once (views), so a column's scales are a list lookup
+        self.columns[g] = {k: v if v.dim() == 0 else v.unbind(-1) for k, v in self.states[g].columns().items()}
 
     def compute_all(self, W0: torch.Tensor) -> None:
         for g in range(len(self.states)):
@@ -192,7 +193,7 @@ class _GroupScales:
         if self.states[g] is None:
             self.compute(g, current(self.inv[self.columns_of(g)]))
         j = c - g * self.width
-        s = {k: v if v.dim() == 0 else v[..., j] for k, v in self.columns[g].items()}
+        s = {k: v if isinstance(v, torch.Tensor) else v[j] for k, v in self.columns[g].items()}
         return self.fmt._dequantize(self.fmt._quantize(w, s), s)
 
     def joined(self) -> BlockState:
@@ -226,13 +227,14 @@ def _gptq_loop(W: torch.Tensor, U: torch.Tensor, block_size: int, groups: _Group
         i2 = min(i1 + block_size, n)
         E = torch.empty(out, i2 - i1, dtype=W.dtype, device=W.device)  # (w_j − q_j) / U_jj per column
         Ublock = U[i1:i2, i1:i2]
+        # the block's columns, E's columns, U's rows and diagonal as views, made once per block
+        w_cols, e_cols, u_rows, u_diag = W[:, i1:i2].unbind(1), E.unbind(1), Ublock.unbind(0), Ublock.diagonal().unbind(0)
         for k in range(i2 - i1):
             p = i1 + k
-            w = W[:, p]
-            q = groups.quantize(p, w, lambda pos: _pending_values(W, E, U, i1, i2, p, pos))
-            err = torch.div(w - q, Ublock[k, k], out=E[:, k])
+            q = groups.quantize(p, w_cols[k], lambda pos: _pending_values(W, E, U, i1, i2, p, pos))
+            err = torch.div(w_cols[k] - q, u_diag[k], out=e_cols[k])
             if k + 1 < i2 - i1:
-                W[:, p + 1: i2].sub_(err[:, None] * Ublock[k, k + 1:][None, :])  # eq. 2 inside the block
+                W[:, p + 1: i2].sub_(torch.outer(err, u_rows[k][k + 1:]))  # eq. 2 inside the block
         # ‖w − q‖² / (2 [H_F⁻¹]_jj) per column, eq. 2's error (each column's sum over contiguous rows)
         losses[i1:i2] = E.T.contiguous().square().sum(dim=1) / 2
         if i2 < n:
