@@ -172,7 +172,10 @@ class _GroupScales:
         return slice(g * self.width, min((g + 1) * self.width, self.n))
 
     def compute(self, g: int, values: torch.Tensor) -> None:
-        self.states[g] = self.fmt.block_state(values, self.clip_ratio, name=f"W[:, group {g}]", **self.kw)
+        # no finiteness check (a host sync per group): W and H were checked, and the final encode
+        # checks Q, so a value that compensation made non-finite is still refused, once
+        self.states[g] = self.fmt.block_state(values, self.clip_ratio, name=f"W[:, group {g}]",
+                                              check_finite=False, **self.kw)
         # each scale tensor split into its columns once (views), so a column's scales are a list lookup
         self.columns[g] = {k: v if v.dim() == 0 else v.unbind(-1) for k, v in self.states[g].columns().items()}
 
