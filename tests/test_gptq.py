@@ -4,6 +4,7 @@ paper, full H⁻¹ downdate, no lazy batches, no Cholesky), act-order, storage, 
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -289,3 +290,62 @@ def test_the_format_supplies_what_every_block_of_a_weight_shares():
     assert float(r.packed.data["tensor_scale"]) == pytest.approx(9.0 / (6 * 448), rel=1e-6)
     assert torch.equal(fmt.decode(r.packed).float(), r.dequantized)
     assert get_format("mxfp4").shared_state_options(W) == {} and get_format("hif4").shared_state_options(W) == {}
+
+
+def _per_column_gptq(W, H, fmt, block_size=128, damp=0.01):
+    """The column loop as the module had it before the launch-count work (issue 13): every column
+    through ``quantize_dequantize_with_state``, its loss and the in-block update one op at a time,
+    Q kept column by column; for checking the lean loop bit for bit."""
+    from wanexp.quant.gptq import _drop_dead_inputs, _inverse_cholesky
+    W = W.clone().float()
+    H = (H.float() + H.float().T) / 2
+    _drop_dead_inputs(W, H)
+    U, _ = _inverse_cholesky(H, damp)
+    out, n = W.shape
+    width = n if fmt.block_size < 0 else fmt.block_size
+    kw = fmt.shared_state_options(W)
+    Q, losses, states = torch.zeros_like(W), torch.zeros(n), {}
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        E = torch.zeros(out, i2 - i1)
+        for p in range(i1, i2):
+            g = p // width
+            if g not in states:
+                states[g] = fmt.block_state(W[:, g * width: min((g + 1) * width, n)], **kw)
+            w = W[:, p]
+            q = fmt.quantize_dequantize_with_state(w, states[g], start=p - g * width, check_finite=False)
+            err = (w - q) / U[p, p]
+            losses[p] = err.square().sum() / 2
+            W[:, p + 1: i2] -= err[:, None] * U[p, p + 1: i2][None, :]
+            E[:, p - i1] = err
+            Q[:, p] = q
+        W[:, i2:] -= E @ U[i1:i2, i2:]
+    return Q, float(losses.double().sum())
+
+
+@pytest.mark.parametrize("name,opts", GROUPED + [("mxfp4", {"ties": "toward_zero"})],
+                         ids=ids(GROUPED + [("mxfp4", {"ties": "toward_zero"})]))
+def test_lean_column_loop_equals_the_per_column_one_bit_for_bit(name, opts):
+    fmt = get_format(name, **opts)
+    W, H = problem(11, out=32, n=256, spread=1.0)
+    H[5], H[:, 5] = 0, 0  # a dead input
+    Q, loss = _per_column_gptq(W, H, fmt)
+    r = gptq(W, H, fmt, block_size=128)
+    assert torch.equal(r.dequantized, Q)
+    assert r.loss == loss
+
+
+def test_e2m1_lookup_rounding_equals_the_arithmetic_one_bit_for_bit():
+    from wanexp.formats.e2m1 import E2M1_GRID, round_e2m1, round_e2m1_lookup
+    grid = torch.tensor(E2M1_GRID)
+    edges = torch.cat([grid, (grid[1:] + grid[:-1]) / 2, torch.tensor([7.0, 1e30, 1e-40, 0.0, math.inf, math.nan])])
+    edges = torch.cat([edges, -edges])
+    near = torch.cat([torch.nextafter(edges, torch.full_like(edges, math.inf)),
+                      torch.nextafter(edges, torch.full_like(edges, -math.inf))])
+    x = torch.cat([edges, near, torch.randn(20000, generator=torch.Generator().manual_seed(0)) * 4])
+    for ties in ("even", "toward_zero"):
+        a, b = round_e2m1(x.clone(), ties), round_e2m1_lookup(x, ties)
+        assert torch.equal(a.isnan(), b.isnan())
+        keep = ~a.isnan()
+        assert torch.equal(a[keep].view(torch.int32), b[keep].view(torch.int32))  # -0 stays -0
+    assert round_e2m1_lookup(torch.tensor([0.75, 1.75, 3.5, 0.25, 2.5, 5.0]), "even").tolist() == [1, 2, 4, 0, 2, 4]

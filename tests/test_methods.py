@@ -230,3 +230,24 @@ def test_a_recipe_is_pure_parameters_and_quantize_returns_its_choices():
     built = quant_layers(model)["0.0"]
     for (k, a), (_, b) in zip(sorted(built.state_dict().items()), sorted(again.state_dict().items())):
         assert torch.equal(a, b), k
+
+
+def test_batched_clip_errors_equal_the_layer_at_each_ratio():
+    """The TS-clip search's errors (one smoothed input, weight and branch for all ratios) are the
+    layer's own outputs at each clip ratio, bit for bit, bf16 GEMMs and the low-rank branch included."""
+    from wanexp.quant.methods import clip_output_errors
+    lin, tokens = _planted_problem(0)
+    x_all = torch.cat(list(tokens.values()))
+    stats = LayerStats(absmax=x_all.abs().amax(0), tokens=tokens)
+    m = MethodConfig("tsclip", MX, MX, smoothing="max", alpha=0.5, rank=4, clip_search=True,
+                     clip_candidates=[0.6, 0.8, 1.0], num_bins=2, stats={"l": stats})
+    layer = m.build("l", lin)
+    w = lin.weight.detach()
+    for b, x in tokens.items():
+        with layer.at_bin(b):
+            got = clip_output_errors(layer, x, w, [0.6, 0.8, 1.0]).tolist()
+            want = []
+            for rho in (0.6, 0.8, 1.0):
+                layer.set_clip_table([rho, rho])
+                want.append(layer_error(layer, x, w))
+        assert got == want

@@ -12,6 +12,8 @@ differ only on the three midpoints whose even neighbour is the larger one: 0.75,
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .base import NumberFormat, pack_nibbles, unpack_nibbles
@@ -19,6 +21,7 @@ from .base import NumberFormat, pack_nibbles, unpack_nibbles
 E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 E2M1_MAX = 6.0
 TIES = ("even", "toward_zero")
+LOOKUP_NUMEL = 1 << 16  # up to this size a CPU tensor is rounded by the lookup too
 
 
 def round_e2m1(x: torch.Tensor, ties: str = "even") -> torch.Tensor:
@@ -41,6 +44,33 @@ def round_e2m1(x: torch.Tensor, ties: str = "even") -> torch.Tensor:
         # of v's ulp); below 1/2 it lies in [-1/2, 0) and ceils to -0; above 2**23 saturation decides
         a = a.sub_(0.5).ceil_()
     return a.mul_(step).clamp_(max=E2M1_MAX).copysign_(x)
+
+
+def _boundaries(ties: str) -> list[float]:
+    """Upper bucket edges of the E2M1 magnitudes for ``bucketize(|x|, edges, right=False)`` (bucket i
+    holds the |x| with edge[i-1] < |x| <= edge[i]): the midpoints between grid values, a midpoint
+    that rounds up (ties to even: 0.75, 1.75, 3.5) moved one fp32 ulp down so it lands above, and
+    +inf last so that only NaN falls past every edge."""
+    mids = [(a + b) / 2 for a, b in zip(E2M1_GRID, E2M1_GRID[1:])]
+    up = {0.75, 1.75, 3.5} if ties == "even" else set()
+    below = lambda m: float(torch.nextafter(torch.tensor(m), torch.tensor(0.0)))
+    return [below(m) if m in up else m for m in mids] + [math.inf]
+
+
+_LOOKUP: dict = {}
+
+
+def round_e2m1_lookup(x: torch.Tensor, ties: str = "even") -> torch.Tensor:
+    """:func:`round_e2m1` in four kernels instead of ten (abs, bucketize, take, copysign), bit for bit
+    the same values, NaN and ±inf included: what a launch-bound caller (GPTQ's column loop on a GPU)
+    wants. ``x`` is float32."""
+    key = (ties, x.device)
+    if key not in _LOOKUP:
+        edges = torch.tensor(_boundaries(ties), dtype=torch.float32, device=x.device)
+        values = torch.tensor(E2M1_GRID + (math.nan,), dtype=torch.float32, device=x.device)
+        _LOOKUP[key] = edges, values
+    edges, values = _LOOKUP[key]
+    return values.take(torch.bucketize(x.abs(), edges)).copysign_(x)
 
 
 def e2m1_codes(q: torch.Tensor) -> torch.Tensor:
@@ -71,6 +101,11 @@ class E2M1Format(NumberFormat):
         self.ties = ties
 
     def _round(self, v: torch.Tensor) -> torch.Tensor:
+        # the same values either way: the lookup's four kernels where launches cost (a GPU, or a
+        # small tensor such as one GPTQ column), the vectorised arithmetic for large CPU tensors and
+        # inside torch.compile (whose graphs fuse the arithmetic anyway)
+        if (v.is_cuda or v.numel() <= LOOKUP_NUMEL) and not torch.compiler.is_compiling():
+            return round_e2m1_lookup(v, self.ties)
         return round_e2m1(v, self.ties)
 
     def grid_values(self) -> torch.Tensor:

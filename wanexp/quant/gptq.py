@@ -166,26 +166,38 @@ class _GroupScales:
         self.perm = perm.tolist()
         self.inv = torch.argsort(perm).to(torch.long)  # original column -> position
         self.states: list[BlockState | None] = [None] * (-(-n // self.width))
+        self.columns: list[dict | None] = [None] * len(self.states)  # a state's scales, one per column
 
     def columns_of(self, g: int) -> slice:
         return slice(g * self.width, min((g + 1) * self.width, self.n))
 
     def compute(self, g: int, values: torch.Tensor) -> None:
-        self.states[g] = self.fmt.block_state(values, self.clip_ratio, name=f"W[:, group {g}]", **self.kw)
+        # no finiteness check (a host sync per group): W and H were checked, and the final encode
+        # checks Q, so a value that compensation made non-finite is still refused, once
+        self.states[g] = self.fmt.block_state(values, self.clip_ratio, name=f"W[:, group {g}]",
+                                              check_finite=False, **self.kw)
+        # each scale tensor split into its columns once (views), so a column's scales are a list lookup
+        self.columns[g] = {k: v if v.dim() == 0 else v.unbind(-1) for k, v in self.states[g].columns().items()}
 
     def compute_all(self, W0: torch.Tensor) -> None:
         for g in range(len(self.states)):
             self.compute(g, W0[:, self.columns_of(g)])
 
     def quantize(self, p: int, w: torch.Tensor, current: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """q for column position p (values w); ``current(positions)`` gives the present values of
-        columns at those positions, for a group reached for the first time."""
+        """q for column position p (values w, ``[out]``); ``current(positions)`` gives the present values
+        of columns at those positions, for a group reached for the first time.
+
+        The format's element hooks on the column and its scales, as ``quantize_dequantize_with_state``
+        computes them (the same values), without its per-call checks and shape plumbing: this runs
+        once per column, where every kernel launch counts on a GPU. W and H were checked finite, so
+        the output clamp of ``cast_out`` (which only changes ±inf) is left out too."""
         c = self.perm[p]
         g = c // self.width
         if self.states[g] is None:
             self.compute(g, current(self.inv[self.columns_of(g)]))
-        return self.fmt.quantize_dequantize_with_state(w, self.states[g], start=c - g * self.width,
-                                                       check_finite=False)
+        j = c - g * self.width
+        s = {k: v if isinstance(v, torch.Tensor) else v[j] for k, v in self.columns[g].items()}
+        return self.fmt._dequantize(self.fmt._quantize(w, s), s)
 
     def joined(self) -> BlockState:
         return BlockState.cat(self.states)
@@ -204,26 +216,33 @@ def _pending_values(W: torch.Tensor, E: torch.Tensor, U: torch.Tensor, i1: int, 
     return W[:, pos] - E[:, : p - i1] @ (U[i1:p][:, pos] * later)
 
 
-def _gptq_loop(W: torch.Tensor, U: torch.Tensor, block_size: int,
-               groups: _GroupScales) -> tuple[torch.Tensor, torch.Tensor]:
-    """Algorithm 1 on W (processing order, float32, modified in place); returns (Q, per-column loss)."""
+def _gptq_loop(W: torch.Tensor, U: torch.Tensor, block_size: int, groups: _GroupScales) -> torch.Tensor:
+    """Algorithm 1 on W (processing order, float32, modified in place); returns the per-column loss.
+
+    On return column p of W holds the value it had when it was quantized (later steps only update
+    the columns after it), so Q is the format's rounding of W with the joined group scales (the
+    caller's one batched call, equal to the q of each step). Per column: the format's element
+    kernels, ``err = (w − q) / U_pp`` written straight into E, and eq. 2's rank-1 update of the rest
+    of the block, in place; the loss of a block comes from E once the block is done."""
     out, n = W.shape
-    Q = torch.zeros_like(W)
-    losses = torch.zeros(n, dtype=torch.float32, device=W.device)
+    losses = torch.empty(n, dtype=torch.float32, device=W.device)
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
-        E = torch.zeros(out, i2 - i1, dtype=W.dtype, device=W.device)  # (w_j − q_j) / U_jj per column
-        for p in range(i1, i2):
-            w = W[:, p]
-            q = groups.quantize(p, w, lambda pos: _pending_values(W, E, U, i1, i2, p, pos))
-            d = U[p, p]
-            err = (w - q) / d
-            losses[p] = err.square().sum() / 2  # ‖w − q‖² / (2 [H_F⁻¹]_jj), eq. 2's error
-            W[:, p + 1: i2] -= err[:, None] * U[p, p + 1: i2][None, :]  # eq. 2 inside the block
-            E[:, p - i1] = err
-            Q[:, p] = q
-        W[:, i2:] -= E @ U[i1:i2, i2:]  # eq. 4: the block's batched update of later columns
-    return Q, losses
+        E = torch.empty(out, i2 - i1, dtype=W.dtype, device=W.device)  # (w_j − q_j) / U_jj per column
+        Ublock = U[i1:i2, i1:i2]
+        # the block's columns, E's columns, U's rows and diagonal as views, made once per block
+        w_cols, e_cols, u_rows, u_diag = W[:, i1:i2].unbind(1), E.unbind(1), Ublock.unbind(0), Ublock.diagonal().unbind(0)
+        for k in range(i2 - i1):
+            p = i1 + k
+            q = groups.quantize(p, w_cols[k], lambda pos: _pending_values(W, E, U, i1, i2, p, pos))
+            err = torch.div(w_cols[k] - q, u_diag[k], out=e_cols[k])
+            if k + 1 < i2 - i1:
+                W[:, p + 1: i2].sub_(torch.outer(err, u_rows[k][k + 1:]))  # eq. 2 inside the block
+        # ‖w − q‖² / (2 [H_F⁻¹]_jj) per column, eq. 2's error (each column's sum over contiguous rows)
+        losses[i1:i2] = E.T.contiguous().square().sum(dim=1) / 2
+        if i2 < n:
+            W[:, i2:] -= E @ U[i1:i2, i2:]  # eq. 4: the block's batched update of later columns
+    return losses
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -252,10 +271,12 @@ def gptq(W: torch.Tensor, H: torch.Tensor, fmt: NumberFormat, *, block_size: int
 
     p_dev = perm.to(W0.device)
     U, rel_damp = _inverse_cholesky(Hf[p_dev][:, p_dev], damp)
-    Qp, losses = _gptq_loop(W0[:, p_dev], U, block_size, groups)  # indexing copies: W0 stays
-    Q = Qp[:, torch.argsort(p_dev)]
+    Wp = W0[:, p_dev]  # indexing copies: W0 stays
+    losses = _gptq_loop(Wp, U, block_size, groups)
+    state = groups.joined()
+    Q = fmt.quantize_dequantize(Wp[:, torch.argsort(p_dev)], state=state, check_finite=False)
 
-    packed = fmt.encode(Q, state=groups.joined(), name="GPTQ result")
+    packed = fmt.encode(Q, state=state, name="GPTQ result")
     deq = fmt.decode(packed).float()
     if not torch.equal(deq, Q):
         bad = int((deq != Q).sum())

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from wanexp.errors import WanexpError
@@ -257,8 +258,9 @@ class QuantRecipe:
             raise ValueError("searching the migration strength needs a calibration token sample")
         # α minimising this layer's output error with an RTN residual and no clipping (cheap, and
         # the ordering of α it gives is what matters; GPTQ and clipping only lower every error).
-        errors = {alpha: self._rtn_output_error(tokens, w, scales(a, w, alpha)) for alpha in grid}
-        best = min(errors, key=errors.get)
+        # the errors stay on the device until all are in: one host sync for the whole grid
+        errors = torch.stack([self._rtn_output_error(tokens, w, scales(a, w, alpha)) for alpha in grid])
+        best = grid[int(torch.argmin(errors))]  # the first of equal errors, as min() over the grid
         return scales(a, w, best), best
 
     def _smoothing_per_bin(self, w: torch.Tensor, stats: LayerStats) -> tuple[torch.Tensor, list[float]]:
@@ -314,15 +316,16 @@ class QuantRecipe:
         chosen["weight_clipped"] = round(float((ratios < 1).float().mean()), 6)  # share of groups clipped
         return fmt.encode(residual, clip_ratio=ratio_shape(fmt, ratios))
 
-    def _rtn_output_error(self, tokens: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> float:
-        """‖X Wᵀ − Ŷ(X)‖² for a candidate smoothing, with an RTN residual and no clipping."""
+    def _rtn_output_error(self, tokens: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """‖X Wᵀ − Ŷ(X)‖² (fp32, 0-dim, on the weight's device) for a candidate smoothing, with an RTN
+        residual and no clipping."""
         ws = w if s is None else apply_to_weight(w, s)
         l1, l2, r = self._lowrank(ws)
         packed = self._wfmt().encode(r)
         layer = QuantLinear(w.shape[1], w.shape[0], weight=packed, bias=None, act_format=self.act_format,
                             smooth=s, lowrank=None if l1 is None else (l1, l2), compute_dtype=self.compute_dtype,
                             clip_table=torch.ones(1, device=w.device))
-        return layer_error(layer, tokens, w)
+        return layer_error(layer, tokens, w, sync=False)
 
     def _clip_table(self, name: str, layer: QuantLinear, w: torch.Tensor, stats: LayerStats) -> torch.Tensor:
         """TS-clip (paper A, step 4): per bin, the candidate ρ · 2**k with the least output error on that
@@ -334,28 +337,58 @@ class QuantRecipe:
         if not self.searches(name) or layer.act_format is None or self.clip_search_data != "calib_tokens":
             return torch.tensor(table, device="cpu")
         ratios = [ratio(c) for c in self.search_candidates()]
+        errors = {}
         for b in range(self.num_bins):
             tokens = stats.tokens.get(b)
             if tokens is None or tokens.shape[0] == 0:
                 continue  # a bin calibration never visited keeps ρ = 1 (no clipping)
             with layer.at_bin(b):  # the bin's own smoothing, where the layer has one per bin
                 if self.clip_metric == "wq_output_rel":
-                    errors = relative_errors(layer, tokens, ratios).tolist()
+                    errors[b] = relative_errors(layer, tokens, ratios)
                 else:
-                    errors = []
-                    for rho in ratios:
-                        layer.set_clip_table([float(rho)] * self.num_bins)
-                        errors.append(layer_error(layer, tokens, w))
-            table[b] = float(ratios[min(range(len(errors)), key=errors.__getitem__)])
+                    errors[b] = clip_output_errors(layer, tokens, w, ratios)
+        if errors:  # every bin's pick in one host sync; argmin keeps the first of equal errors
+            picks = torch.stack([torch.argmin(e) for e in errors.values()]).tolist()
+            for b, i in zip(errors, picks):
+                table[b] = float(ratios[i])
         layer.set_clip_table(table)
         return torch.tensor(table, device="cpu")
 
 
 @torch.no_grad()
-def layer_error(layer: QuantLinear, tokens: torch.Tensor, w: torch.Tensor) -> float:
-    """Σ‖x Wᵀ − layer(x)‖² over a token sample (bias cancels, so both sides omit it)."""
+def layer_error(layer: QuantLinear, tokens: torch.Tensor, w: torch.Tensor, sync: bool = True) -> float | torch.Tensor:
+    """Σ‖x Wᵀ − layer(x)‖² over a token sample (bias cancels, so both sides omit it); ``sync=False``:
+    as a 0-dim fp32 tensor on the layer's device (no host sync)."""
     ref, out = _outputs(layer, tokens, w)
-    return float((out - ref).square().sum())
+    err = (out - ref).square().sum()
+    return float(err) if sync else err
+
+
+@torch.no_grad()
+def clip_output_errors(layer: QuantLinear, tokens: torch.Tensor, w: torch.Tensor, ratios) -> torch.Tensor:
+    """:func:`layer_error` at each clip ratio of ``ratios`` (in the layer's current bin), as one fp32
+    tensor on the layer's device: the same numbers as setting the clip table to each ratio and
+    calling the layer, with what does not depend on the ratio (the reference output, the smoothed
+    input, the dequantized weight, the low-rank branch) computed once, and no host sync (nor the
+    forward's finiteness check: the build's sensitivity pass runs the layer on the same tokens and
+    refuses non-finite inputs there)."""
+    ref = tokens.float() @ w.float().T
+    x = tokens.to(layer.compute_dtype)
+    xs = layer.smoothed(x)
+    weight = layer.dequantized_weight()
+    branch = None
+    if layer.lowrank_up is not None:
+        branch = F.linear(F.linear(xs, layer.lowrank_down), layer.lowrank_up)
+    # each ratio as the layer's fp32 clip table holds it
+    table = torch.tensor([float(r) for r in ratios], dtype=torch.float32)
+    errors = []
+    for rho in table.tolist():
+        xq = layer.act_format.quantize_dequantize(xs, clip_ratio=rho, check_finite=False)
+        y = F.linear(xq, weight)
+        if branch is not None:
+            y = y + branch
+        errors.append((y.to(x.dtype).float() - ref).square().sum())
+    return torch.stack(errors)
 
 
 def _outputs(layer: QuantLinear, tokens: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
