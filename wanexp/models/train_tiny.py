@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,7 +43,7 @@ class TrainConfig:
     # The VAE trains in two phases. Wan's VAE is causal: frame 0 of a clip is encoded and decoded
     # alone, so 1-frame clips (any frame of any clip) train the spatial path at full size cheaply;
     # then whole clips train the temporal path on top of it.
-    vae_image_steps: int = 600
+    vae_image_steps: int = 800
     vae_image_batch: int = 16
     vae_steps: int = 150          # whole-clip steps
     vae_batch: int = 4
@@ -55,7 +56,10 @@ class TrainConfig:
     expert_lr: float = 1e-3
     caption_dropout: float = 0.1
     flow_shift: float = 5.0       # training sigmas are shifted as the sampling sigmas are
-    threads: int = 2
+    # One thread per process: on a 2-core machine the experts train in two processes at once, and a
+    # one-thread process loses far less than a two-thread one when others share the cores.
+    threads: int = 1
+    parallel_experts: bool = True
     height: int = 64
     width: int = 64
     frames: int = 5
@@ -228,6 +232,40 @@ def train_expert(expert, name: str, data: dict, cfg: TrainConfig, boundary_ratio
     return losses
 
 
+EXPERT_MODULES = {"high_noise": "transformer", "low_noise": "transformer_2"}
+
+
+def train_experts(pipe, data: dict, cfg: TrainConfig, boundary_ratio: float, echo: bool = True) -> dict:
+    """Train both experts (in place), each from its own seeded generator, so they are independent:
+    with ``cfg.parallel_experts`` in two processes at once (one core each), else one after the other;
+    the weights are the same either way. Returns each expert's training losses."""
+    jobs = [(getattr(pipe, attr), name, data, cfg, boundary_ratio, echo) for name, attr in EXPERT_MODULES.items()]
+    if cfg.parallel_experts:
+        ctx = torch.multiprocessing.get_context("spawn")  # fork would copy the parent's OpenMP state
+        with ctx.Pool(len(jobs)) as pool:
+            results = pool.starmap(_expert_job, jobs)
+    else:
+        results = [_expert_job(*job) for job in jobs]
+    out = {}
+    for (name, attr), (state, losses) in zip(EXPERT_MODULES.items(), results):
+        getattr(pipe, attr).load_state_dict(state)
+        out[name] = losses
+    return out
+
+
+def _expert_job(expert, name: str, data: dict, cfg: TrainConfig, boundary_ratio: float, echo: bool):
+    torch.set_num_threads(cfg.threads)
+    gen = torch.Generator().manual_seed(expert_seed(cfg.seed, name))
+    start = time.perf_counter()
+    log = (lambda m: print(f"[{name} {time.perf_counter() - start:7.1f}s] {m}", flush=True)) if echo else (lambda m: None)
+    losses = train_expert(expert, name, data, cfg, boundary_ratio, gen, log)
+    return {k: v.detach().clone() for k, v in expert.state_dict().items()}, losses
+
+
+def expert_seed(seed: int, name: str) -> int:
+    return seed * 10 + 1 + list(EXPERT_MODULES).index(name)
+
+
 def _step(opt, loss: torch.Tensor, params) -> None:
     """One optimiser step on ``loss``, gradients clipped to norm 1 (both stages train this way)."""
     opt.zero_grad(set_to_none=True)
@@ -325,9 +363,10 @@ def build_untrained(seed: int):
 
 def train(cfg: TrainConfig, log=print, evaluate_heldout: bool = True) -> tuple[object, dict]:
     """Train everything; return the pipeline (fp32) and a record of losses, timings and (unless
-    ``evaluate_heldout`` is off) the held-out evaluation."""
+    ``evaluate_heldout`` is off) the held-out evaluation. ``log=None`` is quiet."""
     torch.set_num_threads(cfg.threads)
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
+    echo, log = log is not None, log or (lambda m: None)
     train_seed, heldout_seed = split_seeds(cfg.seed)
     dims = dict(height=cfg.height, width=cfg.width, frames=cfg.frames)
     train_clips = procedural.make_clips(train_seed, cfg.train_clips, **dims)
@@ -348,11 +387,15 @@ def train(cfg: TrainConfig, log=print, evaluate_heldout: bool = True) -> tuple[o
     data = prepare_expert_data(pipe, videos, [c.caption for c in train_clips])
     held = prepare_expert_data(pipe, heldout_videos, [c.caption for c in heldout_clips])
     record["seconds"]["encode"] = time.perf_counter() - t
-    for name, expert in (("high_noise", pipe.transformer), ("low_noise", pipe.transformer_2)):
-        t = time.perf_counter()
-        record[f"{name}_loss"] = _ends(train_expert(expert, name, data, cfg, boundary, gen, log))
-        record["seconds"][name] = time.perf_counter() - t
+    t = time.perf_counter()
+    for name, losses in train_experts(pipe, data, cfg, boundary, echo=echo).items():
+        record[f"{name}_loss"] = _ends(losses)
+    record["seconds"]["experts"] = time.perf_counter() - t
     record["seconds"]["total"] = time.perf_counter() - t_start
+    # CPU seconds of this process and its finished children (the expert processes)
+    children = os.times()
+    record["cpu_seconds"] = time.process_time() - cpu_start + children.children_user + children.children_system
+    record["load_average"] = list(os.getloadavg())
     if evaluate_heldout:
         record["heldout"] = evaluate(pipe, data, held, heldout_videos, boundary, cfg.seed)
     return pipe, record
@@ -396,7 +439,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="where the weights go (default: the package's)")
     parser.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test)")
     for f, v in asdict(TrainConfig()).items():
-        parser.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=None)
+        kind = (lambda text: text.lower() in ("1", "true", "yes")) if isinstance(v, bool) else type(v)
+        parser.add_argument(f"--{f.replace('_', '-')}", type=kind, default=None)
     args = parser.parse_args(argv)
     cfg = TrainConfig().quick() if args.quick else TrainConfig()
     cfg = TrainConfig(**{**asdict(cfg), **{f: getattr(args, f) for f in asdict(cfg) if getattr(args, f) is not None}})
@@ -404,7 +448,7 @@ def main(argv: list[str] | None = None) -> None:
     pipe, record = train(cfg, log=lambda m: print(f"[{time.perf_counter() - start:7.1f}s] {m}", flush=True))
     out = args.out or TRAINED_WEIGHTS
     save(pipe, record, out)
-    print(json.dumps({"seconds": record["seconds"], "heldout": record.get("heldout")}, indent=1))
+    print(json.dumps({k: record.get(k) for k in ("seconds", "cpu_seconds", "load_average", "heldout")}, indent=1))
     print(f"wrote {out}")
 
 
