@@ -43,15 +43,15 @@ class TrainConfig:
     # The VAE trains in two phases. Wan's VAE is causal: frame 0 of a clip is encoded and decoded
     # alone, so 1-frame clips (any frame of any clip) train the spatial path at full size cheaply;
     # then whole clips train the temporal path on top of it.
-    vae_image_steps: int = 600
+    vae_image_steps: int = 1200
     vae_image_batch: int = 16
-    vae_steps: int = 120          # whole-clip steps
+    vae_steps: int = 200          # whole-clip steps
     vae_batch: int = 4
     vae_crop: int = 64            # whole-clip steps see random crops of this size (64 = the full frame)
     vae_lr: float = 2e-3
     vae_l1: float = 1.0           # weight of the L1 term beside the MSE (sharper edges than MSE alone)
     vae_mean_penalty: float = 1e-4  # weight of the mean square latent (keeps its scale bounded)
-    expert_steps: int = 300
+    expert_steps: int = 600
     expert_batch: int = 48
     expert_lr: float = 1e-3
     caption_dropout: float = 0.1
