@@ -5,7 +5,7 @@
 Writes experiments/results/tiny_proxy_cpu.md (the tables, with the training record's timings) and
 experiments/results/tiny_proxy_frames.png (per held-out prompt: the clip as drawn, then what the
 trained model and the random model generate from its first frame and caption, through the pipeline
-exactly as ``model=tiny_trained`` / ``model=tiny`` run it: bf16, 8 UniPC steps, CFG 3.5).
+exactly as ``model=tiny`` / ``model=tiny_random`` run it: bf16, 8 UniPC steps, CFG 3.5).
 """
 
 from __future__ import annotations
@@ -82,6 +82,12 @@ def main() -> None:
     write_report(record, clips, mae, gen_s)
 
 
+def _phases(seconds: dict) -> str:
+    names = {"data": "data", "vae": "VAE", "encode": "encoding", "experts": "both experts",
+             "high_noise": "high-noise expert", "low_noise": "low-noise expert"}
+    return ", ".join(f"{label} {seconds[k]:.0f} s" for k, label in names.items() if k in seconds)
+
+
 def write_report(record: dict, clips, mae: dict, gen_s: float) -> None:
     h, s, cfg = record["heldout"], record["seconds"], record["config"]
     lines = [
@@ -89,14 +95,18 @@ def write_report(record: dict, clips, mae: dict, gen_s: float) -> None:
         f"Machine: {platform.processor() or platform.machine()}, 2 CPU cores shared with other jobs; torch "
         f"{torch.__version__}; date {time.strftime('%Y-%m-%d')}.", "",
         "Training: `PYTHONPATH=$PWD python -m wanexp.models.train_tiny` (seed "
-        f"{cfg['seed']}: {cfg['train_clips']} procedural clips, VAE {cfg['vae_steps']} steps x {cfg['vae_batch']} "
-        f"crops {cfg['vae_crop']}px, each expert {cfg['expert_steps']} steps x {cfg['expert_batch']}). "
-        f"Wall time {s['total'] / 60:.1f} min (data {s['data']:.0f} s, VAE {s['vae']:.0f} s, encoding "
-        f"{s['encode']:.0f} s, high-noise expert {s['high_noise']:.0f} s, low-noise expert {s['low_noise']:.0f} s) "
-        "on the shared 2-core CPU.", "",
+        f"{cfg['seed']}: {cfg['train_clips']} procedural clips; VAE {cfg.get('vae_image_steps', 0)} single-frame "
+        f"steps x {cfg.get('vae_image_batch', 0)} frames at 64x64, then {cfg['vae_steps']} clip steps x "
+        f"{cfg['vae_batch']} clips, crops {cfg['vae_crop']}px, MSE + {cfg.get('vae_l1', 0)} L1; each expert "
+        f"{cfg['expert_steps']} steps x {cfg['expert_batch']}, {cfg.get('threads', 2)} thread(s) per process"
+        f"{', the two experts in two processes at once' if cfg.get('parallel_experts') else ''}). "
+        f"Wall time {s['total'] / 60:.1f} min ({_phases(s)}) on the 2-core CPU shared with other jobs"
+        + (f"; CPU time of the training processes {record['cpu_seconds'] / 60:.1f} min, load average at the end "
+           f"{', '.join(f'{v:.1f}' for v in record['load_average'])} (1, 5, 15 min)" if "cpu_seconds" in record else "")
+        + ".", "",
         "Evidence: `PYTHONPATH=$PWD python experiments/tiny_proxy.py`.", "",
         f"## Held-out flow-matching loss ({cfg['heldout_clips']} unseen clips, 8 fixed sigmas per expert range, fixed noise)", "",
-        "| expert (sigma range) | trained | random tiny (model=tiny's experts) | predicting the training mean |",
+        "| expert (sigma range) | trained | random tiny (model=tiny_random's experts) | predicting the training mean |",
         "|---|---|---|---|",
     ]
     for name, rng in (("high_noise", "[0.9, 1]"), ("low_noise", "(0, 0.9)")):
@@ -104,7 +114,7 @@ def write_report(record: dict, clips, mae: dict, gen_s: float) -> None:
                      f"{h[name]['train_mean']:.4f} |")
     lines += ["", "Training loss (mean of the first / last 10 steps): " + ", ".join(
         f"{k} {record[k + '_loss']['first']:.4f} -> {record[k + '_loss']['last']:.4f}"
-        for k in ("vae", "high_noise", "low_noise")) + ".", "",
+        for k in ("vae_image", "vae", "high_noise", "low_noise") if record.get(k + "_loss", {}).get("steps")) + ".", "",
         "## VAE reconstruction (held-out clips, 64x64x5, encode mean -> decode)", "",
         f"PSNR trained **{h['vae_psnr_db']:.2f} dB**, random tiny VAE {h['random_vae_psnr_db']:.2f} dB.", "",
         "## Generated frames", "",

@@ -32,7 +32,7 @@ def test_tiny_build_is_deterministic_and_roundtrips_bit_identically(cache_dir, w
     assert not torch.equal(a["transformer.blocks.0.attn1.to_q.weight"], a["transformer_2.blocks.0.attn1.to_q.weight"])
 
 
-def test_model_tiny_is_the_random_one_and_tiny_trained_the_trained_one(cache_dir):
+def test_model_tiny_is_the_trained_one_and_tiny_random_the_random_one(cache_dir):
     import json
 
     from safetensors import safe_open
@@ -46,7 +46,7 @@ def test_model_tiny_is_the_random_one_and_tiny_trained_the_trained_one(cache_dir
     with safe_open(str(TRAINED_WEIGHTS / "vae.safetensors"), framework="pt") as f:
         trained_config = json.loads(f.metadata()["config"])
     random_vae_std = list(build_tiny_pipeline("random").vae.config.latents_std)
-    for name, expect_trained in (("tiny_trained", True), ("tiny", False)):
+    for name, expect_trained in (("tiny", True), ("tiny_random", False)):
         pipe = load_pipeline({"name": name, "dtype": "fp32"}, cache_dir)
         got = pipe.transformer.state_dict()
         same_as_shipped = all(torch.equal(got[k], shipped[k]) for k in shipped)

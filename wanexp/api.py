@@ -99,9 +99,10 @@ def compose(overrides: list[str]):
 
 
 def tiny_checkpoint() -> Path:
-    """The embedded tiny Wan2.2-I2V as a local diffusers directory (built offline once, in ``$WANEXP_CACHE``)."""
-    from wanexp.models.tiny import ensure_tiny_checkpoint
-    return ensure_tiny_checkpoint(os.environ.get("WANEXP_CACHE") or "~/.cache/wanexp")
+    """The embedded tiny Wan2.2-I2V of ``model=tiny`` (the trained proxy) as a local diffusers directory
+    (built offline once, in ``$WANEXP_CACHE``)."""
+    from wanexp.models.tiny import WEIGHTS, ensure_tiny_checkpoint
+    return ensure_tiny_checkpoint(os.environ.get("WANEXP_CACHE") or "~/.cache/wanexp", WEIGHTS["tiny"])
 
 
 @dataclass

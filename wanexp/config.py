@@ -434,7 +434,7 @@ def check_writable(cfg, run_dir: Path) -> None:
         where = OmegaConf.select(cfg, key)
         if where:
             probe_writable(Path(str(where)), what, f"set {key} (or paths.output_root) to a writable place")
-    if cfg.model.name in ("tiny", "tiny_trained") or cfg.data.name == "tiny":  # a read-only cache holding them is fine
+    if cfg.model.name in ("tiny", "tiny_random") or cfg.data.name == "tiny":  # a read-only cache holding them is fine
         cache = Path(str(cfg.paths.cache_dir)).expanduser()
         built = any(cache.glob("wan22-i2v-tiny-*/model_index.json")) and any(cache.glob("opens2v-eval-tiny-*/.complete"))
         if not built:

@@ -30,7 +30,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.ind
 def resolve_model_dir(cfg: Mapping[str, Any], cache_dir: str | Path) -> Path:
     """The local diffusers directory for ``cfg`` (the ``model`` group), checked for completeness."""
     from wanexp.models.tiny import WEIGHTS
-    if cfg["name"] in WEIGHTS:  # tiny (seeded random) | tiny_trained (shipped in the package)
+    if cfg["name"] in WEIGHTS:  # tiny (trained, shipped in the package) | tiny_random (seeded random)
         return ensure_tiny_checkpoint(cache_dir, WEIGHTS[cfg["name"]])
     env = cfg.get("path_env") or "WANEXP_WAN22_I2V_A14B"
     raw = cfg.get("path") or os.environ.get(env)

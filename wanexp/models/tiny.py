@@ -1,6 +1,6 @@
 """A tiny Wan2.2-I2V pipeline built offline from diffusers' own classes: trained weights shipped in the
-package (``model=tiny_trained``, trained by ``wanexp.models.train_tiny``) or seeded random ones (``model=tiny``,
-the default until the trained VAE is good enough).
+package (``model=tiny``, the default, trained by ``wanexp.models.train_tiny``) or seeded random ones
+(``model=tiny_random``, for what needs weights without learned structure).
 
 It has the real model's structure (two WanTransformer3DModel experts switched at ``boundary_ratio``,
 AutoencoderKLWan, a UMT5 text encoder, a tokenizer, the UniPC flow scheduler, no image encoder) at a
@@ -81,9 +81,9 @@ def _build_tokenizer(corpus=tuple(_TOKENIZER_CORPUS)):
                                    unk_token="<unk>", model_max_length=512)
 
 
-# model=tiny_trained loads these (trained by ``python -m wanexp.models.train_tiny``); model=tiny does not.
+# model=tiny loads these (trained by ``python -m wanexp.models.train_tiny``); model=tiny_random does not.
 TRAINED_WEIGHTS = Path(__file__).with_name("tiny_weights")
-WEIGHTS = {"tiny": "random", "tiny_trained": "trained"}  # model.name -> which weights
+WEIGHTS = {"tiny": "trained", "tiny_random": "random"}  # model.name -> which weights
 
 
 def build_tiny_pipeline(weights: str = "random"):

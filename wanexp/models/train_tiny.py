@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,25 +40,34 @@ class TrainConfig:
     seed: int = 0
     train_clips: int = 768
     heldout_clips: int = 64
-    vae_steps: int = 200
-    vae_batch: int = 8
-    vae_crop: int = 32            # VAE steps see random crops (it is convolutional): 4x cheaper than 64x64
+    # The VAE trains in two phases. Wan's VAE is causal: frame 0 of a clip is encoded and decoded
+    # alone, so 1-frame clips (any frame of any clip) train the spatial path at full size cheaply;
+    # then whole clips train the temporal path on top of it.
+    vae_image_steps: int = 1200
+    vae_image_batch: int = 16
+    vae_steps: int = 200          # whole-clip steps
+    vae_batch: int = 4
+    vae_crop: int = 64            # whole-clip steps see random crops of this size (64 = the full frame)
     vae_lr: float = 2e-3
+    vae_l1: float = 1.0           # weight of the L1 term beside the MSE (sharper edges than MSE alone)
     vae_mean_penalty: float = 1e-4  # weight of the mean square latent (keeps its scale bounded)
-    expert_steps: int = 300
+    expert_steps: int = 600
     expert_batch: int = 48
     expert_lr: float = 1e-3
     caption_dropout: float = 0.1
     flow_shift: float = 5.0       # training sigmas are shifted as the sampling sigmas are
-    threads: int = 2
+    # One thread per process: on a 2-core machine the experts train in two processes at once, and a
+    # one-thread process loses far less than a two-thread one when others share the cores.
+    threads: int = 1
+    parallel_experts: bool = True
     height: int = 64
     width: int = 64
     frames: int = 5
 
     def quick(self) -> "TrainConfig":
         """A few steps of everything (tests, smoke runs)."""
-        return TrainConfig(**{**asdict(self), "train_clips": 8, "heldout_clips": 4, "vae_steps": 2, "vae_batch": 2,
-                              "vae_crop": 16, "expert_steps": 2, "expert_batch": 4})
+        return TrainConfig(**{**asdict(self), "train_clips": 8, "heldout_clips": 4, "vae_image_steps": 2,
+                              "vae_image_batch": 2, "vae_steps": 2, "vae_batch": 2, "vae_crop": 16, "expert_steps": 2, "expert_batch": 4})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,28 +87,49 @@ def split_seeds(seed: int) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------
 # VAE
 # ---------------------------------------------------------------------------------------------
-def train_vae(vae, videos: torch.Tensor, cfg: TrainConfig, gen: torch.Generator, log) -> list[float]:
+def train_vae(vae, videos: torch.Tensor, cfg: TrainConfig, gen: torch.Generator, log) -> dict[str, list[float]]:
+    """Both VAE phases: single frames at full size, then whole clips (``TrainConfig``)."""
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    losses = {"image": _vae_phase(vae, opt, lambda: _frames_batch(videos, cfg.vae_image_batch, gen),
+                                  cfg.vae_image_steps, cfg, "vae frames", log),
+              "clip": _vae_phase(vae, opt, lambda: _clips_batch(videos, cfg, gen), cfg.vae_steps, cfg,
+                                 "vae clips", log)}
+    vae.eval()
+    return losses
+
+
+def _frames_batch(videos: torch.Tensor, batch: int, gen: torch.Generator) -> torch.Tensor:
+    """``batch`` random frames of random clips, each as a 1-frame clip [batch, 3, 1, H, W]."""
+    clip = torch.randint(len(videos), (batch,), generator=gen)
+    frame = torch.randint(videos.shape[2], (batch,), generator=gen)
+    return videos[clip, :, frame].unsqueeze(2)
+
+
+def _clips_batch(videos: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+    idx = torch.randint(len(videos), (cfg.vae_batch,), generator=gen)
+    c = min(cfg.vae_crop, cfg.height, cfg.width)
+    y0 = int(torch.randint(cfg.height - c + 1, (1,), generator=gen))
+    x0 = int(torch.randint(cfg.width - c + 1, (1,), generator=gen))
+    return videos[idx][..., y0:y0 + c, x0:x0 + c]
+
+
+def _vae_phase(vae, opt, batches, steps: int, cfg: TrainConfig, label: str, log) -> list[float]:
     losses = []
-    for step in range(cfg.vae_steps):
-        _set_lr(opt, cfg.vae_lr, step, cfg.vae_steps)
-        idx = torch.randint(len(videos), (cfg.vae_batch,), generator=gen)
-        c = min(cfg.vae_crop, cfg.height, cfg.width)
-        y0 = int(torch.randint(cfg.height - c + 1, (1,), generator=gen))
-        x0 = int(torch.randint(cfg.width - c + 1, (1,), generator=gen))
-        x = videos[idx][..., y0:y0 + c, x0:x0 + c]
+    for step in range(steps):
+        _set_lr(opt, cfg.vae_lr, step, steps)
+        x = batches()
         # decode the posterior mean: the pipeline only ever uses the mean (``sample_mode="argmax"``), and
         # sampling from a fresh encoder's unit-variance posterior drowns the latent in noise for
         # hundreds of steps; a small penalty on the mean keeps the latent's scale bounded instead of a KL
         mean = vae.encode(x).latent_dist.mode()
         recon = vae.decode(mean).sample
-        loss = F.mse_loss(recon, x) + cfg.vae_mean_penalty * mean.pow(2).mean()
+        loss = (F.mse_loss(recon, x) + cfg.vae_l1 * F.l1_loss(recon, x)
+                + cfg.vae_mean_penalty * mean.pow(2).mean())
         _step(opt, loss, vae.parameters())
         losses.append(loss.item())
-        if step % 25 == 0 or step == cfg.vae_steps - 1:
-            log(f"vae step {step + 1}/{cfg.vae_steps}: loss {loss.item():.4f}")
-    vae.eval()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"{label} step {step + 1}/{steps}: loss {loss.item():.4f}")
     return losses
 
 
@@ -201,6 +232,40 @@ def train_expert(expert, name: str, data: dict, cfg: TrainConfig, boundary_ratio
     return losses
 
 
+EXPERT_MODULES = {"high_noise": "transformer", "low_noise": "transformer_2"}
+
+
+def train_experts(pipe, data: dict, cfg: TrainConfig, boundary_ratio: float, echo: bool = True) -> dict:
+    """Train both experts (in place), each from its own seeded generator, so they are independent:
+    with ``cfg.parallel_experts`` in two processes at once (one core each), else one after the other;
+    the weights are the same either way. Returns each expert's training losses."""
+    jobs = [(getattr(pipe, attr), name, data, cfg, boundary_ratio, echo) for name, attr in EXPERT_MODULES.items()]
+    if cfg.parallel_experts:
+        ctx = torch.multiprocessing.get_context("spawn")  # fork would copy the parent's OpenMP state
+        with ctx.Pool(len(jobs)) as pool:
+            results = pool.starmap(_expert_job, jobs)
+    else:
+        results = [_expert_job(*job) for job in jobs]
+    out = {}
+    for (name, attr), (state, losses) in zip(EXPERT_MODULES.items(), results):
+        getattr(pipe, attr).load_state_dict(state)
+        out[name] = losses
+    return out
+
+
+def _expert_job(expert, name: str, data: dict, cfg: TrainConfig, boundary_ratio: float, echo: bool):
+    torch.set_num_threads(cfg.threads)
+    gen = torch.Generator().manual_seed(expert_seed(cfg.seed, name))
+    start = time.perf_counter()
+    log = (lambda m: print(f"[{name} {time.perf_counter() - start:7.1f}s] {m}", flush=True)) if echo else (lambda m: None)
+    losses = train_expert(expert, name, data, cfg, boundary_ratio, gen, log)
+    return {k: v.detach().clone() for k, v in expert.state_dict().items()}, losses
+
+
+def expert_seed(seed: int, name: str) -> int:
+    return seed * 10 + 1 + list(EXPERT_MODULES).index(name)
+
+
 def _step(opt, loss: torch.Tensor, params) -> None:
     """One optimiser step on ``loss``, gradients clipped to norm 1 (both stages train this way)."""
     opt.zero_grad(set_to_none=True)
@@ -298,9 +363,10 @@ def build_untrained(seed: int):
 
 def train(cfg: TrainConfig, log=print, evaluate_heldout: bool = True) -> tuple[object, dict]:
     """Train everything; return the pipeline (fp32) and a record of losses, timings and (unless
-    ``evaluate_heldout`` is off) the held-out evaluation."""
+    ``evaluate_heldout`` is off) the held-out evaluation. ``log=None`` is quiet."""
     torch.set_num_threads(cfg.threads)
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
+    echo, log = log is not None, log or (lambda m: None)
     train_seed, heldout_seed = split_seeds(cfg.seed)
     dims = dict(height=cfg.height, width=cfg.width, frames=cfg.frames)
     train_clips = procedural.make_clips(train_seed, cfg.train_clips, **dims)
@@ -312,7 +378,8 @@ def train(cfg: TrainConfig, log=print, evaluate_heldout: bool = True) -> tuple[o
     gen = torch.Generator().manual_seed(cfg.seed)
 
     t = time.perf_counter()
-    record["vae_loss"] = _ends(train_vae(pipe.vae, videos, cfg, gen, log))
+    vae_losses = train_vae(pipe.vae, videos, cfg, gen, log)
+    record["vae_image_loss"], record["vae_loss"] = _ends(vae_losses["image"]), _ends(vae_losses["clip"])
     set_latent_stats(pipe.vae, encode_means(pipe.vae, videos))
     record["seconds"]["vae"] = time.perf_counter() - t
 
@@ -320,11 +387,15 @@ def train(cfg: TrainConfig, log=print, evaluate_heldout: bool = True) -> tuple[o
     data = prepare_expert_data(pipe, videos, [c.caption for c in train_clips])
     held = prepare_expert_data(pipe, heldout_videos, [c.caption for c in heldout_clips])
     record["seconds"]["encode"] = time.perf_counter() - t
-    for name, expert in (("high_noise", pipe.transformer), ("low_noise", pipe.transformer_2)):
-        t = time.perf_counter()
-        record[f"{name}_loss"] = _ends(train_expert(expert, name, data, cfg, boundary, gen, log))
-        record["seconds"][name] = time.perf_counter() - t
+    t = time.perf_counter()
+    for name, losses in train_experts(pipe, data, cfg, boundary, echo=echo).items():
+        record[f"{name}_loss"] = _ends(losses)
+    record["seconds"]["experts"] = time.perf_counter() - t
     record["seconds"]["total"] = time.perf_counter() - t_start
+    # CPU seconds of this process and its finished children (the expert processes)
+    children = os.times()
+    record["cpu_seconds"] = time.process_time() - cpu_start + children.children_user + children.children_system
+    record["load_average"] = list(os.getloadavg())
     if evaluate_heldout:
         record["heldout"] = evaluate(pipe, data, held, heldout_videos, boundary, cfg.seed)
     return pipe, record
@@ -344,6 +415,8 @@ def evaluate(pipe, data: dict, held: dict, heldout_videos: torch.Tensor, boundar
 
 
 def _ends(losses: list[float], k: int = 10) -> dict:
+    if not losses:
+        return {"first": None, "last": None, "steps": 0}
     return {"first": float(np.mean(losses[:k])), "last": float(np.mean(losses[-k:])), "steps": len(losses)}
 
 
@@ -366,7 +439,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="where the weights go (default: the package's)")
     parser.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test)")
     for f, v in asdict(TrainConfig()).items():
-        parser.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=None)
+        kind = (lambda text: text.lower() in ("1", "true", "yes")) if isinstance(v, bool) else type(v)
+        parser.add_argument(f"--{f.replace('_', '-')}", type=kind, default=None)
     args = parser.parse_args(argv)
     cfg = TrainConfig().quick() if args.quick else TrainConfig()
     cfg = TrainConfig(**{**asdict(cfg), **{f: getattr(args, f) for f in asdict(cfg) if getattr(args, f) is not None}})
@@ -374,7 +448,7 @@ def main(argv: list[str] | None = None) -> None:
     pipe, record = train(cfg, log=lambda m: print(f"[{time.perf_counter() - start:7.1f}s] {m}", flush=True))
     out = args.out or TRAINED_WEIGHTS
     save(pipe, record, out)
-    print(json.dumps({"seconds": record["seconds"], "heldout": record.get("heldout")}, indent=1))
+    print(json.dumps({k: record.get(k) for k in ("seconds", "cpu_seconds", "load_average", "heldout")}, indent=1))
     print(f"wrote {out}")
 
 
