@@ -53,7 +53,7 @@ def _boundaries(ties: str) -> list[float]:
     +inf last so that only NaN falls past every edge."""
     mids = [(a + b) / 2 for a, b in zip(E2M1_GRID, E2M1_GRID[1:])]
     up = {0.75, 1.75, 3.5} if ties == "even" else set()
-    below = lambda m: float(torch.nextafter(torch.tensor(m), torch.tensor(0.0)))
+    below = lambda m: float(torch.nextafter(torch.tensor(m, device="cpu"), torch.tensor(0.0, device="cpu")))
     return [below(m) if m in up else m for m in mids] + [math.inf]
 
 

@@ -380,7 +380,7 @@ def clip_output_errors(layer: QuantLinear, tokens: torch.Tensor, w: torch.Tensor
     if layer.lowrank_up is not None:
         branch = F.linear(F.linear(xs, layer.lowrank_down), layer.lowrank_up)
     # each ratio as the layer's fp32 clip table holds it
-    table = torch.tensor([float(r) for r in ratios], dtype=torch.float32)
+    table = torch.tensor([float(r) for r in ratios], dtype=torch.float32, device="cpu")  # host values: no sync
     errors = []
     for rho in table.tolist():
         xq = layer.act_format.quantize_dequantize(xs, clip_ratio=rho, check_finite=False)
