@@ -210,18 +210,13 @@ def _run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None]) -> di
     if calib.get("enabled"):  # the calibration bench: the runner's own stages (wanexp.bench.calib)
         from wanexp.bench.calib import run_calib_bench
         return run_calib_bench(dict(calib, name=stem), out_dir, log)
-    pm = dict(cfg.get("pipeline_memory") or {})
-    if pm.get("enabled"):
-        result["pipeline_memory"] = {}
-        result["pipeline_memory"] = run_pipeline_memory(
-            pm, device, log, save=lambda r: (result.__setitem__("pipeline_memory", r), save(result)))
-        save(result)
-    wv = dict(cfg.get("whole_video") or {})
-    if wv.get("enabled"):
-        result["whole_video"] = {}
-        result["whole_video"] = run_whole_video(
-            wv, device, log, save=lambda r: (result.__setitem__("whole_video", r), save(result)))
-        save(result)
+    for key, run_section in (("pipeline_memory", run_pipeline_memory), ("whole_video", run_whole_video)):
+        section = dict(cfg.get(key) or {})
+        if section.get("enabled"):  # the whole-pipeline sections, each saved as it grows
+            result[key] = {}
+            result[key] = run_section(section, device, log,
+                                      save=lambda r, key=key: (result.__setitem__(key, r), save(result)))
+            save(result)
     if not paths:
         md = to_markdown(result)
         (out_dir / f"{stem}.md").write_text(md)

@@ -112,25 +112,25 @@ def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-def path_calls(*models: nn.Module) -> dict[str, int]:
-    """Forwards of the models' QuantLinears by path (``fused``: the GPU kernels; ``reference``: torch)."""
-    total = {"fused": 0, "reference": 0}
+def _summed(models, counts: Callable[[QuantLinear], dict[str, int]]) -> dict[str, int]:
+    """``counts(layer)`` summed key by key over the models' QuantLinears."""
+    total: dict[str, int] = {}
     for model in models:
         for layer in quant_layers(model).values():
-            for path, n in layer.calls.items():
-                total[path] += n
+            for key, n in counts(layer).items():
+                total[key] = total.get(key, 0) + n
     return total
+
+
+def path_calls(*models: nn.Module) -> dict[str, int]:
+    """Forwards of the models' QuantLinears by path (``fused``: the GPU kernels; ``reference``: torch)."""
+    return {"fused": 0, "reference": 0, **_summed(models, lambda layer: layer.calls)}
 
 
 def fallback_counts(*models: nn.Module) -> dict[str, int]:
     """The FP8 fold's exact-fallback rows (activations) and columns (weights), summed over the
     models' QuantLinears."""
-    total = {"fp8_rows": 0, "fp8_cols": 0}
-    for model in models:
-        for layer in quant_layers(model).values():
-            for k, n in layer.fallbacks.items():
-                total[k] += n
-    return total
+    return {"fp8_rows": 0, "fp8_cols": 0, **_summed(models, lambda layer: layer.fallbacks)}
 
 
 def attach_context(model: nn.Module, context: TimestepContext) -> None:
