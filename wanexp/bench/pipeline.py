@@ -60,6 +60,16 @@ def quantize_experts(pipe, device: torch.device, rank: int = 32, home: torch.dev
     return swapped
 
 
+def bench_latents(pipe, gen: dict, steps: int, guidance_scale: float, on_step_end=None) -> torch.Tensor:
+    """The benches' one video: a grey first frame and a fixed prompt, seed 0, ``steps`` steps with
+    CFG, latents out (``on_step_end``: diffusers' step-end callback)."""
+    return pipe(image=Image.new("RGB", (gen["width"], gen["height"]), (128, 128, 128)),
+                prompt="a cat jumps onto a wooden table next to a glass of water", negative_prompt="",
+                height=gen["height"], width=gen["width"], num_frames=gen["frames"], num_inference_steps=steps,
+                guidance_scale=guidance_scale, output_type="latent", generator=torch.Generator().manual_seed(0),
+                callback_on_step_end=on_step_end).frames
+
+
 @torch.no_grad()
 def one_video(pipe, policy: str, device: torch.device, gen: dict) -> dict[str, Any]:
     """Generate and decode one video under ``policy``; peak GPU memory over all of it."""
@@ -70,11 +80,7 @@ def one_video(pipe, policy: str, device: torch.device, gen: dict) -> dict[str, A
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     try:
-        latents = pipe(image=Image.new("RGB", (gen["width"], gen["height"]), (128, 128, 128)),
-                       prompt="a cat jumps onto a wooden table next to a glass of water", negative_prompt="",
-                       height=gen["height"], width=gen["width"], num_frames=gen["frames"],
-                       num_inference_steps=gen["steps"], guidance_scale=3.5, output_type="latent",
-                       generator=torch.Generator().manual_seed(0)).frames
+        latents = bench_latents(pipe, gen, gen["steps"], 3.5)
         video = decode_latents(pipe, latents.to(pipe._execution_device))
         out = {"seconds": time.perf_counter() - start, "frames": int(video.shape[0])}
     except torch.OutOfMemoryError as err:
@@ -147,18 +153,15 @@ def timed_video(pipe, gen: dict, steps: int, device: torch.device, decode: bool 
     marks: list[float] = []
 
     def on_step_end(p, i, t, kwargs):
-        torch.cuda.synchronize(device) if device.type == "cuda" else None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         marks.append(time.perf_counter())
         return kwargs
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    latents = pipe(image=Image.new("RGB", (gen["width"], gen["height"]), (128, 128, 128)),
-                   prompt="a cat jumps onto a wooden table next to a glass of water", negative_prompt="",
-                   height=gen["height"], width=gen["width"], num_frames=gen["frames"], num_inference_steps=steps,
-                   guidance_scale=gen["guidance_scale"], output_type="latent",
-                   generator=torch.Generator().manual_seed(0), callback_on_step_end=on_step_end).frames
+    latents = bench_latents(pipe, gen, steps, gen["guidance_scale"], on_step_end)
     if decode:
         decode_latents(pipe, latents.to(pipe._execution_device))
     if device.type == "cuda":
