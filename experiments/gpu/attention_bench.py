@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 
 SHAPES = {"720p": 57600, "480p": 24960}
 VARIANTS = [("fp8", "fp16"), ("int8_sage", "fp16"), ("int8_sage", "fp8")]
+CUDNN_ONLY = os.environ.get("WANEXP_ATTN_BENCH_CUDNN_ONLY") == "1"   # skip the Triton variants
 
 
 def _inputs(s: int, h: int = 40, d: int = 128):
@@ -69,9 +70,11 @@ def bench_shape(name: str, repeats: int, entry: dict, save) -> None:
     entry["sdpa_cudnn_bf16"] = {"ms": ms, "tflops": flops / ms / 1e9}
     print(f"{name} S={s}: SDPA cuDNN bf16 {ms:.2f} ms, {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
     save()
+    cudnn_fp8(q, k, v, ref, ms, flops, repeats, name, entry)
+    save()
     assert supports(q, k, v, 128, 64)
     mean = k_mean(k)
-    for att, pv in VARIANTS:
+    for att, pv in VARIANTS if not CUDNN_ONLY else ():
         key = att if att == "fp8" else f"{att}_pv_{pv}"
         km = mean if att == "int8_sage" else None
         try:
@@ -88,6 +91,31 @@ def bench_shape(name: str, repeats: int, entry: dict, save) -> None:
             entry[key] = {"error": f"{type(exc).__name__}: {exc}"}
             traceback.print_exc()
         save()
+
+
+def cudnn_fp8(q, k, v, ref, ms, flops, repeats, name, entry) -> None:
+    """cuDNN's FP8 SDPA (``wanexp.kernels.attention_cudnn``), and its error against the plain-torch
+    reference on the first 1,024 queries of two heads (the reference's S x S scores do not fit whole)."""
+    from wanexp.kernels import attention_cudnn
+    if not attention_cudnn.available(q.device):
+        entry["cudnn_fp8"] = {"error": "cudnn-frontend or Hopper missing"}
+        return
+    try:
+        fn = lambda: attention_cudnn.fp8_attention(q, k, v)  # noqa: E731
+        out = fn()
+        err = float((out.float() - ref.float()).norm() / ref.float().norm())
+        sub = attention_cudnn.fp8_attention_reference(q[:, :2], k[:, :2], v[:, :2])[:, :, :1024]
+        kernel_sub = attention_cudnn.fp8_attention(q[:, :2], k[:, :2], v[:, :2])[:, :, :1024]
+        err_ref = float((kernel_sub.float() - sub.float()).norm() / sub.float().norm())
+        del out, sub, kernel_sub
+        ms_k = _time(fn, repeats)
+        entry["cudnn_fp8"] = {"ms": ms_k, "tflops": flops / ms_k / 1e9, "ratio_to_sdpa": ms_k / ms,
+                              "rel_err_vs_sdpa": err, "rel_err_vs_reference": err_ref}
+        print(f"{name}: cudnn_fp8 {ms_k:.2f} ms, {flops / ms_k / 1e9:.0f} TFLOP/s, {ms_k / ms:.3f}x SDPA, "
+              f"rel err vs SDPA {err:.4f}, vs its reference {err_ref:.4f}", flush=True)
+    except Exception as exc:  # noqa: BLE001  (keep the other variants' numbers)
+        entry["cudnn_fp8"] = {"error": f"{type(exc).__name__}: {exc}"}
+        traceback.print_exc()
 
 
 def autotuned() -> dict:
