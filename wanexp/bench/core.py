@@ -73,8 +73,9 @@ def timed_forward(model: nn.Module, inputs: dict, warmup: int, repeats: int) -> 
 _CATEGORIES: list[tuple[str, Callable[[str], bool]]] = [
     ("attention (flash/SDPA)", lambda n: any(s in n.lower() for s in ("flash", "fmha", "attention", "sdpa", "cudnn"))),
     ("fused W4A4 GEMM (Triton)", lambda n: "_mxfp4_gemm_kernel" in n),
-    ("activation quantizer (Triton)", lambda n: "_act_quant_kernel" in n or "_row_absmax_kernel" in n),
-    ("FP8 fold of the weight (Triton)", lambda n: "_fold_weight_kernel" in n),
+    ("activation quantizer (Triton)", lambda n: any(s in n for s in ("_act_quant_kernel", "_row_absmax_kernel",
+                                                                      "_act_rows_kernel"))),
+    ("FP8 fold of the weight and the activations' codes (Triton)", lambda n: "_fold_weight_kernel" in n),
     ("cuBLAS GEMMs (bf16 linears, low-rank)", lambda n: any(s in n.lower() for s in ("gemm", "xmma", "cutlass", "cublas", "nvjet", "matmul"))),
 ]
 
@@ -116,8 +117,9 @@ def profile_forward(model: nn.Module, inputs: dict) -> dict[str, Any]:
 # The W4A4 paths the bench can time, each eager or with every block compiled ("_compiled")
 W4A4_PATHS = ("reference", "fused", "fused_triton", "fused_fp8", "fused_compiled", "fused_triton_compiled",
               "fused_fp8_compiled", "fused_fp8_unchecked", "fused_fp8_unchecked_compiled")
-# ... and with quantized attention (wanexp.quant.attention, its Triton kernels): "<path>+attn_<name>[_compiled]"
-ATTENTION_PATHS = tuple(f"fused_fp8+attn_{a}{c}" for c in ("", "_compiled") for a in ("fp8", "int8_sage"))
+# ... and with quantized attention (wanexp.quant.attention: its Triton kernels, cuDNN's FP8 SDPA):
+# "<path>+attn_<name>[_compiled]"
+ATTENTION_PATHS = tuple(f"fused_fp8+attn_{a}{c}" for c in ("", "_compiled") for a in ("fp8", "int8_sage", "fp8_cudnn"))
 W4A4_PATHS += ATTENTION_PATHS
 
 
@@ -359,7 +361,8 @@ def to_markdown(r: dict[str, Any]) -> str:
               "fused_fp8": "W4A4 fused on FP8 tensor cores (row-folded E4M3, torch._scaled_mm)",
               "fused_fp8_unchecked": "the same without the exact-fallback check (diagnostic: its host sync's cost)"}
     labels.update({"fused_fp8+attn_fp8": f"{labels['fused_fp8']} + FP8 attention (Triton)",
-                   "fused_fp8+attn_int8_sage": f"{labels['fused_fp8']} + INT8 SageAttention, fp16 P·V (Triton)"})
+                   "fused_fp8+attn_int8_sage": f"{labels['fused_fp8']} + INT8 SageAttention, fp16 P·V (Triton)",
+                   "fused_fp8+attn_fp8_cudnn": f"{labels['fused_fp8']} + FP8 attention, per tensor (cuDNN sdpa_fp8)"})
     labels.update({f"{k}_compiled": f"{v}, blocks compiled" for k, v in list(labels.items()) if k != "reference"})
     for fmt in {p.split("_")[1] for p in r["paths"] if p.startswith("fused_") and p.split("_")[1] not in
                 ("triton", "fp8", "compiled")}:
