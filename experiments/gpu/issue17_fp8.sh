@@ -57,6 +57,16 @@ round5)  # session 4: the current FP8 path timed (after the fold revert), what i
     "bench.resolutions=[{name: 720p, height: 720, width: 1280, frames: 61}]" bench.out_dir="$OUT" > "$OUT/bench_round5.log" 2>&1
   echo "recompiles: $(grep -c 'Recompiling function' "$OUT/bench_round5.log")"
   grep -v "__recompiles" "$OUT/bench_round5.log" | grep "s/forward\|profile\|Error\|error\|quantized" | tail -24 ;;
+round7)  # session 5: the one-read activation path (codes + S + spread + T, then the fold): GPU bit-exactness
+  # tests, one linear piece by piece (experiments/gpu/linear_bench.py), then the expert at 720p, profiled
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_compile.py -m gpu \
+    -k "fp8 or tiles or layers_equal" 2>&1 | tee "$OUT/gpu_tests.log" | tail -6
+  timeout 90 python3 experiments/gpu/linear_bench.py --out "$OUT" 2>&1 | tee "$OUT/linear_bench.log" | tail -4
+  TORCH_LOGS=recompiles timeout 330 python3 -m wanexp.bench bench=fp8_a14b bench.name=bench_round7_720p \
+    "bench.paths=[bf16_compiled,fused_fp8_compiled]" "bench.profile.paths=[fused_fp8_compiled]" \
+    "bench.resolutions=[{name: 720p, height: 720, width: 1280, frames: 61}]" bench.out_dir="$OUT" > "$OUT/bench_round7.log" 2>&1
+  echo "recompiles: $(grep -c 'Recompiling function' "$OUT/bench_round7.log")"
+  grep -v "__recompiles" "$OUT/bench_round7.log" | grep "s/forward\|profile\|Error\|error\|quantized" | tail -24 ;;
 video)  # the whole video at the papers' setting, BF16 and W4A4 (FP8 path), compiled (bench_conf/bench/video_a14b.yaml)
   TORCH_LOGS=recompiles timeout 570 python3 -m wanexp.bench bench=video_a14b bench.out_dir="$OUT" "${@:2}" > "$OUT/bench_video.log" 2>&1
   echo "recompiles: $(grep -c 'Recompiling function' "$OUT/bench_video.log")"

@@ -1,0 +1,82 @@
+"""One A14B linear at 720p (57,600 tokens): BF16 cuBLAS against the W4A4 MXFP4 FP8 path, piece by piece.
+
+    python experiments/gpu/linear_bench.py [--out DIR] [--tokens 57600]
+
+For each of Wan's linear shapes (K -> N: 5120 -> 5120, 5120 -> 13824, 13824 -> 5120) it builds a
+TS-clip-shaped layer (wanexp.bench.synthetic: smoothing, rank 32, clip table) and times, with
+``triton.testing.do_bench`` (median): the BF16 ``F.linear``; the FP8 layer's forward; its activation
+path alone (``act_quant_fp8``: codes, S, spread, T, then the fold); the row-scaled FP8 GEMM alone
+(``torch._scaled_mm``); the low-rank up-projection (``addmm_``). The activation path's traffic
+(read x, write and read the codes, write the E4M3 operand) is printed as GB/s. Results go to
+``linear_bench.json`` in ``--out`` (default ``$OUT`` or ``.``), rewritten after each shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
+
+SHAPES = [(5120, 5120), (5120, 13824), (13824, 5120)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--tokens", type=int, default=57600)
+    args = ap.parse_args()
+    import triton
+    from triton.testing import do_bench
+
+    from wanexp import kernels
+    from wanexp.bench.synthetic import SyntheticTSClip
+    from wanexp.kernels.mxfp4_fp8 import HEADROOM, act_quant_fp8, fold_weight
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {"gpu": torch.cuda.get_device_name(), "date": str(datetime.datetime.now(datetime.timezone.utc)),
+              "torch": torch.__version__, "triton": triton.__version__, "tokens": args.tokens, "shapes": {}}
+    m = args.tokens
+    bench = lambda fn: do_bench(fn, warmup=10, rep=60, return_mode="median")  # noqa: E731
+    for k, n in SHAPES:
+        lin = torch.nn.Linear(k, n, device="cuda", dtype=torch.bfloat16)
+        layer = SyntheticTSClip().build(f"bench.{k}x{n}", lin).cuda()
+        kernels.prepare(layer)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        rows = kernels.weight_rows(layer)
+        w8 = fold_weight(layer.wq_codes, layer.wq_scales, rows["exponent"])
+        w_scale = torch.ldexp(torch.ones(n, device="cuda"), (rows["exponent"] - HEADROOM).float())
+        a = act_quant_fp8(x, layer.clip_table, 1, layer.smooth, down=layer.lowrank_down)
+        y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+        with kernels.gemm_backend("fp8"):
+            fp8_forward = bench(lambda: kernels.fused_forward(layer, x))
+        entry = {
+            "bf16_linear_ms": bench(lambda: torch.nn.functional.linear(x, lin.weight, lin.bias)),
+            "fp8_layer_ms": fp8_forward,
+            "act_path_ms": bench(lambda: act_quant_fp8(x, layer.clip_table, 1, layer.smooth, down=layer.lowrank_down)),
+            "scaled_mm_ms": bench(lambda: torch._scaled_mm(a["values"], w8.t(), scale_a=a["scale"][:, None],
+                                                           scale_b=w_scale[None, :], bias=lin.bias,
+                                                           out_dtype=torch.bfloat16)),
+            "weight_fold_ms": bench(lambda: fold_weight(layer.wq_codes, layer.wq_scales, rows["exponent"])),
+            "lowrank_up_ms": bench(lambda: y.addmm_(a["t"], layer.lowrank_up.t())),
+        }
+        traffic = m * k * 2 + 2 * m * (k // 2 + k // 32) + m * k   # x, codes + scales (write, read), E4M3 out
+        entry["act_path_GBps"] = traffic / entry["act_path_ms"] / 1e6
+        entry["fp8_layer_x_bf16"] = entry["fp8_layer_ms"] / entry["bf16_linear_ms"]
+        result["shapes"][f"{k}x{n}"] = entry
+        print(f"{k}->{n}: " + ", ".join(f"{key} {val:.3f}" for key, val in entry.items()), flush=True)
+        tmp = out_dir / "linear_bench.json.tmp"
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(out_dir / "linear_bench.json")
+        del layer, lin, x, a, w8, y
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
