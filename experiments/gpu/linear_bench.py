@@ -5,9 +5,10 @@
 For each of Wan's linear shapes (K -> N: 5120 -> 5120, 5120 -> 13824, 13824 -> 5120) it builds a
 TS-clip-shaped layer (wanexp.bench.synthetic: smoothing, rank 32, clip table) and times, with
 ``triton.testing.do_bench`` (median): the BF16 ``F.linear``; the FP8 layer's forward; its activation
-path alone (``act_quant_fp8``: codes, S, spread, T, then the fold); the row-scaled FP8 GEMM alone
+path alone (``act_quant_fp8``: the row maximum, then the quantizer writing E4M3 and x_s); the
+low-rank down-projection (``F.linear(x_s, L2)``); the row-scaled FP8 GEMM alone
 (``torch._scaled_mm``); the low-rank up-projection (``addmm_``). The activation path's traffic
-(read x, write and read the codes, write the E4M3 operand) is printed as GB/s. Results go to
+(read x twice, write the E4M3 operand and x_s) is printed as GB/s. Results go to
 ``linear_bench.json`` in ``--out`` (default ``$OUT`` or ``.``), rewritten after each shape.
 """
 
@@ -52,21 +53,23 @@ def main() -> None:
         rows = kernels.weight_rows(layer)
         w8 = fold_weight(layer.wq_codes, layer.wq_scales, rows["exponent"])
         w_scale = torch.ldexp(torch.ones(n, device="cuda"), (rows["exponent"] - HEADROOM).float())
-        a = act_quant_fp8(x, layer.clip_table, 1, layer.smooth, down=layer.lowrank_down)
+        a = act_quant_fp8(x, layer.clip_table, 1, layer.smooth, write_xs=True)
+        a["t"] = torch.nn.functional.linear(a["xs"], layer.lowrank_down)
         y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
         with kernels.gemm_backend("fp8"):
             fp8_forward = bench(lambda: kernels.fused_forward(layer, x))
         entry = {
             "bf16_linear_ms": bench(lambda: torch.nn.functional.linear(x, lin.weight, lin.bias)),
             "fp8_layer_ms": fp8_forward,
-            "act_path_ms": bench(lambda: act_quant_fp8(x, layer.clip_table, 1, layer.smooth, down=layer.lowrank_down)),
+            "act_path_ms": bench(lambda: act_quant_fp8(x, layer.clip_table, 1, layer.smooth, write_xs=True)),
+            "lowrank_down_ms": bench(lambda: torch.nn.functional.linear(a["xs"], layer.lowrank_down)),
             "scaled_mm_ms": bench(lambda: torch._scaled_mm(a["values"], w8.t(), scale_a=a["scale"][:, None],
                                                            scale_b=w_scale[None, :], bias=lin.bias,
                                                            out_dtype=torch.bfloat16)),
             "weight_fold_ms": bench(lambda: fold_weight(layer.wq_codes, layer.wq_scales, rows["exponent"])),
             "lowrank_up_ms": bench(lambda: y.addmm_(a["t"], layer.lowrank_up.t())),
         }
-        traffic = m * k * 2 + 2 * m * (k // 2 + k // 32) + m * k   # x, codes + scales (write, read), E4M3 out
+        traffic = m * k * 2 * 2 + m * k + m * k * 2   # x twice (row max, quantizer), E4M3 out, x_s out
         entry["act_path_GBps"] = traffic / entry["act_path_ms"] / 1e6
         entry["fp8_layer_x_bf16"] = entry["fp8_layer_ms"] / entry["bf16_linear_ms"]
         result["shapes"][f"{k}x{n}"] = entry

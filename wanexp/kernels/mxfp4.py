@@ -106,6 +106,25 @@ def _e4m3_bits(q, d, neg):
 
 
 @triton.jit
+def _row_absmax_kernel(x_ptr, smooth_ptr, out_ptr, M, K, stride_xm,
+                       HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """max_k |x_s[m, k]| (fp32) of each row, x_s = bf16(x / s) as the quantizer sees it."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        mask = (rm[:, None] < M) & (cols[None, :] < K)
+        x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+        if HAS_SMOOTH:
+            s = tl.load(smooth_ptr + cols, mask=cols < K, other=1.0)
+            v = _to_bf16_rne(tl.math.div_rn(x.to(tl.float32), s[None, :])).to(tl.float32)
+        else:
+            v = x.to(tl.float32)
+        acc = tl.maximum(acc, tl.max(tl.abs(v), axis=1))
+    tl.store(out_ptr + rm, acc, mask=rm < M)
+
+
+@triton.jit
 def _block_exponent(amax, CEIL: tl.constexpr):
     """The E8M0 exponent e of a block whose clipped absolute maximum is ``amax`` (fp32), from its bits."""
     bits = amax.to(tl.int32, bitcast=True)
@@ -119,47 +138,11 @@ def _block_exponent(amax, CEIL: tl.constexpr):
 
 
 @triton.jit
-def _mx_blocks(v, rho, CEIL: tl.constexpr):
-    """MXFP4 of fp32 ``v [BM, NB, 32]`` (steps 1-2 of the module docstring): the blocks' exponents e
-    ``[BM, NB]``, the E2M1 magnitudes q ``[BM, NB, 32]`` and the fp32 bits of v · 2^-e (their sign
-    bits are the codes' signs, -0 included)."""
-    amax = tl.max(tl.abs(v), axis=2) * rho
-    e = _block_exponent(amax, CEIL)
-    inv = tl.where(e == 127, 1 << 22, (127 - e) << 23).to(tl.float32, bitcast=True)   # 2^-e (2^-127 subnormal)
-    y = v * inv[:, :, None]
-    t = tl.minimum(tl.abs(y), 8.0)                                     # >= 7 saturates to 6 anyway
-    step = tl.where(t < 2.0, 0.5, tl.where(t < 4.0, 1.0, 2.0))
-    r = (t * (1.0 / step) + 8388608.0) - 8388608.0                     # round half to even
-    q = tl.minimum(r * step, 6.0)
-    return e, q, y.to(tl.int32, bitcast=True)
-
-
-@triton.jit
-def _e2m1_codes(q, neg):
-    """4-bit E2M1 codes (index of q in 0, 0.5, 1, 1.5, 2, 3, 4, 6; bit 3 the sign) as int32."""
-    idx = tl.where(q < 2.0, q * 2.0, tl.where(q < 4.0, q + 2.0, q * 0.5 + 4.0)).to(tl.int32)
-    return idx | (neg.to(tl.int32) << 3)
-
-
-@triton.jit
-def _store_codes(codes_ptr, scales_ptr, rm, rb, code, e, M, K, BLOCK_M: tl.constexpr, NB: tl.constexpr):
-    """Rows ``rm`` x 32-blocks ``rb`` of a packed MXFP4 matrix [M, K]: two codes a byte (element 2i
-    in the low nibble) and the E8M0 scales e + 127."""
-    lo, hi = tl.split(tl.reshape(code, [BLOCK_M, NB, 16, 2]))
-    byte = (lo | (hi << 4)).to(tl.uint8)
-    rows = rm[:, None, None]
-    bcols = rb[None, :, None] * 16 + tl.arange(0, 16)[None, None, :]
-    tl.store(codes_ptr + rows.to(tl.int64) * (K // 2) + bcols, byte, mask=(rows < M) & (bcols < K // 2))
-    srows = rm[:, None]
-    tl.store(scales_ptr + srows.to(tl.int64) * (K // 32) + rb[None, :], (e + 127).to(tl.uint8),
-             mask=(srows < M) & (rb[None, :] < K // 32))
-
-
-@triton.jit
 def _act_quant_kernel(x_ptr, smooth_ptr, clip_ptr, bin_idx, xq_ptr, xs_ptr, codes_ptr, scales_ptr,
+                      rowmax_ptr, a8_ptr, spread_ptr,
                       M, K, stride_xm, stride_qm,
                       HAS_SMOOTH: tl.constexpr, CEIL: tl.constexpr, WRITE_XQ: tl.constexpr,
-                      WRITE_XS: tl.constexpr, WRITE_CODES: tl.constexpr,
+                      WRITE_XS: tl.constexpr, WRITE_CODES: tl.constexpr, WRITE_FP8: tl.constexpr,
                       BLOCK_M: tl.constexpr, NB: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -179,21 +162,45 @@ def _act_quant_kernel(x_ptr, smooth_ptr, clip_ptr, bin_idx, xq_ptr, xs_ptr, code
     else:
         v = x.to(tl.float32)
     rho = tl.load(clip_ptr + bin_idx)
-    e, q, ybits = _mx_blocks(v, rho, CEIL)
-    X = tl.where(e == -127, 1 << 22, (127 + e) << 23).to(tl.float32, bitcast=True)   # 2^e
+    amax = tl.max(tl.abs(v), axis=2) * rho                            # [BLOCK_M, NB]
+    e = _block_exponent(amax, CEIL)
+    # 2^-e and 2^e as fp32 from their bits (2^-127 is subnormal: mantissa bit 22)
+    inv = tl.where(e == 127, 1 << 22, (127 - e) << 23).to(tl.float32, bitcast=True)
+    X = tl.where(e == -127, 1 << 22, (127 + e) << 23).to(tl.float32, bitcast=True)
+    y = v * inv[:, :, None]
+    t = tl.minimum(tl.abs(y), 8.0)                                     # >= 7 saturates to 6 anyway
+    step = tl.where(t < 2.0, 0.5, tl.where(t < 4.0, 1.0, 2.0))
+    r = (t * (1.0 / step) + 8388608.0) - 8388608.0                     # round half to even
+    q = tl.minimum(r * step, 6.0)
+    ybits = y.to(tl.int32, bitcast=True)
     neg = ybits < 0                                                    # sign bit (-0 too)
     val = (q.to(tl.int32, bitcast=True) | (ybits & -2147483648)).to(tl.float32, bitcast=True)  # keeps -0
     if WRITE_XQ:
         tl.store(xq_ptr + rows.to(tl.int64) * stride_qm + cols, (val * X[:, :, None]).to(tl.bfloat16), mask=mask)
     if WRITE_CODES:
-        _store_codes(codes_ptr, scales_ptr, rm, rb, _e2m1_codes(q, neg), e, M, K, BLOCK_M, NB)
+        idx = tl.where(q < 2.0, q * 2.0, tl.where(q < 4.0, q + 2.0, q * 0.5 + 4.0)).to(tl.int32)
+        code = idx | (neg.to(tl.int32) << 3)
+        lo, hi = tl.split(tl.reshape(code, [BLOCK_M, NB, 16, 2]))
+        byte = (lo | (hi << 4)).to(tl.uint8)
+        bcols = rb[None, :, None] * 16 + tl.arange(0, 16)[None, None, :]
+        tl.store(codes_ptr + rows.to(tl.int64) * (K // 2) + bcols, byte, mask=(rows < M) & (bcols < K // 2))
+        srows = rm[:, None]
+        tl.store(scales_ptr + srows.to(tl.int64) * (K // 32) + rb[None, :], (e + 127).to(tl.uint8),
+                 mask=(srows < M) & (rb[None, :] < K // 32))
+    if WRITE_FP8:  # the row-folded E4M3 operand (wanexp.kernels.mxfp4_fp8): q · 2^(HEADROOM − (S − e))
+        S = _block_exponent(tl.load(rowmax_ptr + rm, mask=rm < M, other=0.0) * rho, CEIL)  # the row's top e
+        d = tl.maximum(S[:, None] - e, 0)                              # >= 0 on every block with a code
+        live = (tl.max(q, axis=2) > 0) & (rb[None, :] < K // 32)
+        tl.atomic_max(spread_ptr + rm, tl.max(tl.where(live, d, 0), axis=1), mask=rm < M)
+        tl.store(a8_ptr + rows.to(tl.int64) * K + cols, _e4m3_bits(q, d[:, :, None], neg), mask=mask)
 
 
 # Tiles of the memory-bound quantizer kernels, each element's result independent of them (so
-# every choice is bit-identical; tests run each): (BLOCK_M tokens, NB 32-blocks, warps) for
-# _act_quant_kernel. The first is the default (small M, the interpreter); above SMALL_M_TOKENS on a
-# GPU the fastest is timed once per shape.
+# every choice is bit-identical; tests run each). (BLOCK_M tokens, NB 32-blocks, warps) for
+# _act_quant_kernel; (BLOCK_M, BLOCK_K, warps) for _row_absmax_kernel. The first is the default
+# (small M, the interpreter); above SMALL_M_TOKENS on a GPU the fastest is timed once per shape.
 ACT_TILES = [(16, 8, 4), (32, 8, 4), (32, 4, 4), (64, 4, 8), (16, 16, 8), (64, 8, 8), (8, 16, 4), (128, 2, 8)]
+ROWMAX_TILES = [(16, 256, 4), (32, 256, 8), (8, 512, 4), (64, 128, 8), (4, 1024, 4), (32, 128, 4)]
 SMALL_M_TOKENS = 2048
 _tiles_tuned: dict[tuple, tuple] = {}
 
@@ -244,10 +251,10 @@ def act_quant(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int = 0, smoot
         block_m, nb, warps = tiles
         grid = (triton.cdiv(M, block_m), triton.cdiv(K // 32, nb))
         _act_quant_kernel[grid](x, smooth if smooth is not None else dummy, clip_table, int(bin_idx),
-                                xq, xs, codes, scales, M, K, x.stride(0),
+                                xq, xs, codes, scales, dummy, dummy, dummy, M, K, x.stride(0),
                                 xq.stride(0) if write_xq else K,
                                 HAS_SMOOTH=smooth is not None, CEIL=scale_rule == "ceil", WRITE_XQ=write_xq,
-                                WRITE_XS=write_xs, WRITE_CODES=write_codes, BLOCK_M=block_m,
+                                WRITE_XS=write_xs, WRITE_CODES=write_codes, WRITE_FP8=False, BLOCK_M=block_m,
                                 NB=nb, num_warps=warps)
     launch(tiles or pick_tiles(("act", M, K, smooth is not None, write_xq, write_xs, write_codes), ACT_TILES, launch, x))
     if write_xq:

@@ -32,13 +32,9 @@ computed by the bf16 path (exact upcast, as the reference), and the layer counts
 reports them).
 
 Everything here has its plain-torch reference (:func:`fold_reference`), against which the Triton
-activation path's FP8 output and the weight fold are bit-exact (tests/test_kernels.py, in Triton's
-interpreter on CPU and compiled on a GPU). The activations take two kernels and one read of x:
-``_act_rows_kernel`` quantizes whole rows to packed MXFP4 codes (4.25 bits an element), their
-top exponent S and spread, and computes the low-rank branch's T = x_s · L2ᵀ from the same
-registers; ``_fold_weight_kernel`` then folds those codes as it folds a weight. (The earlier path
-read x twice, a row maximum then the quantizer, and wrote x_s for the low-rank GEMM to read back:
-2.9x the traffic.) The weight is folded per call into a transient E4M3 buffer (N·K bytes, half
+activation quantizer's FP8 output (``_act_quant_kernel`` with ``WRITE_FP8``) and the weight fold
+(``_fold_weight_kernel``) are bit-exact (tests/test_kernels.py, in Triton's interpreter on CPU and
+compiled on a GPU). The weight is folded per call into a transient E4M3 buffer (N·K bytes, half
 the bf16 upcast path's), so the model still holds only the packed weight; the row exponents and
 spreads of the weight are computed once per layer (``wanexp.kernels.weight_rows``).
 """
@@ -49,12 +45,11 @@ import torch
 import triton
 import triton.language as tl
 
-from wanexp.kernels.mxfp4 import (_e2m1_codes, _e4m3_bits, _mx_blocks, _store_codes, _to_bf16_rne, act_quant,
+from wanexp.kernels.mxfp4 import (ACT_TILES, ROWMAX_TILES, _act_quant_kernel, _e4m3_bits, _row_absmax_kernel, act_quant,
                                   dequant_weight, pick_tiles)
 
 HEADROOM = 6      # H: 12 · 2^(H-1) = 384 <= 448, the E4M3 maximum
 MAX_SPREAD = 14   # H + 8: the widest block-exponent span of a row that folds exactly
-LOWRANK_MAX = 128  # the largest rank whose down-projection the activation kernel computes in registers
 _E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
@@ -115,135 +110,82 @@ def _fold_weight_kernel(w_ptr, ws_ptr, exp_ptr, out_ptr, N, K, BLOCK_N: tl.const
     k0 = tl.program_id(1) * BLOCK_K
     rows = rn.to(tl.int64)[:, None]
     m = rn[:, None] < N
-    kh = k0 // 2 + tl.arange(0, BLOCK_K // 2)[None, :]
-    packed = tl.load(w_ptr + rows * (K // 2) + kh, mask=m & (kh < K // 2), other=0)
+    packed = tl.load(w_ptr + rows * (K // 2) + k0 // 2 + tl.arange(0, BLOCK_K // 2)[None, :], mask=m, other=0)
     c = tl.reshape(tl.join(packed & 15, packed >> 4), [BLOCK_N, BLOCK_K]).to(tl.int32)
     c3 = tl.reshape(c, [BLOCK_N, BLOCK_K // 32, 32])
-    kb = k0 // 32 + tl.arange(0, BLOCK_K // 32)[None, :]
-    e = tl.load(ws_ptr + rows * (K // 32) + kb, mask=m & (kb < K // 32), other=127).to(tl.int32) - 127
+    e = tl.load(ws_ptr + rows * (K // 32) + k0 // 32 + tl.arange(0, BLOCK_K // 32)[None, :], mask=m,
+                other=127).to(tl.int32) - 127
     S = tl.load(exp_ptr + rn, mask=rn < N, other=0)
     d = tl.maximum(S[:, None] - e, 0)[:, :, None]
     idx = (c3 & 7).to(tl.float32)
     q = tl.where(idx < 4.0, idx * 0.5, tl.where(idx < 6.0, idx - 2.0, (idx - 4.0) * 2.0))
     bits = tl.reshape(_e4m3_bits(q, d, (c3 & 8) > 0), [BLOCK_N, BLOCK_K])
-    kc = k0 + tl.arange(0, BLOCK_K)[None, :]
-    tl.store(out_ptr + rows * K + kc, bits, mask=m & (kc < K))
+    tl.store(out_ptr + rows * K + k0 + tl.arange(0, BLOCK_K)[None, :], bits, mask=m)
 
 
-def fold_weight(codes: torch.Tensor, scales: torch.Tensor, exponent: torch.Tensor,
-                tiles: tuple[int, int, int] = (32, 128, 4)) -> torch.Tensor:
-    """float8_e4m3fn [N, K] fold of a packed MXFP4 matrix (a weight, or the activations' codes),
-    given its row exponents (:func:`row_exponents`); ``tiles`` (BLOCK_N, BLOCK_K, warps), one of
-    :data:`FOLD_TILES` (every one gives the same bits)."""
+def fold_weight(codes: torch.Tensor, scales: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn [N, K] fold of a packed weight, given its row exponents (:func:`row_exponents`)."""
     N, K = codes.shape[0], codes.shape[1] * 2
-    block_n, block_k, warps = tiles
     out = torch.empty(N, K, device=codes.device, dtype=torch.uint8)
-    _fold_weight_kernel[(triton.cdiv(N, block_n), triton.cdiv(K, block_k))](codes, scales, exponent, out, N, K,
-                                                                          BLOCK_N=block_n, BLOCK_K=block_k,
-                                                                          num_warps=warps)
+    _fold_weight_kernel[(triton.cdiv(N, 32), K // 128)](codes, scales, exponent, out, N, K,
+                                                        BLOCK_N=32, BLOCK_K=128, num_warps=4)
     return out.view(torch.float8_e4m3fn)
 
 
-@triton.jit
-def _act_rows_kernel(x_ptr, smooth_ptr, clip_ptr, bin_idx, down_ptr, codes_ptr, scales_ptr, exp_ptr, spread_ptr,
-                     t_ptr, xs_ptr, M, K, R, stride_xm,
-                     HAS_SMOOTH: tl.constexpr, CEIL: tl.constexpr, HAS_LR: tl.constexpr, WRITE_XS: tl.constexpr,
-                     R_PAD: tl.constexpr, LR_FP32: tl.constexpr, BLOCK_M: tl.constexpr, NB: tl.constexpr):
-    """One read of BLOCK_M whole rows of x: their MXFP4 codes and E8M0 scales (as act_quant writes
-    them), each row's top live block exponent S and spread (S − the lowest live exponent), and on
-    request the low-rank branch's T = x_s · L2ᵀ (fp32 accumulation, bf16) and x_s itself."""
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = rm[:, None, None]
-    rho = tl.load(clip_ptr + bin_idx)
-    top = tl.full((BLOCK_M,), -128, tl.int32)                        # -128: no live block yet
-    low = tl.full((BLOCK_M,), 128, tl.int32)
-    rr = tl.arange(0, R_PAD)
-    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for b0 in range(0, K // 32, NB):
-        rb = b0 + tl.arange(0, NB)
-        cols = rb[None, :, None] * 32 + tl.arange(0, 32)[None, None, :]
-        mask = (rows < M) & (cols < K)
-        x = tl.load(x_ptr + rows.to(tl.int64) * stride_xm + cols, mask=mask, other=0.0)
-        if HAS_SMOOTH:
-            s = tl.load(smooth_ptr + cols, mask=cols < K, other=1.0)
-            xs = _to_bf16_rne(tl.math.div_rn(x.to(tl.float32), s))      # reference: bf16(x.float() / s)
-            if WRITE_XS:
-                tl.store(xs_ptr + rows.to(tl.int64) * K + cols, xs, mask=mask)
-        else:
-            xs = x
-        e, q, ybits = _mx_blocks(xs.to(tl.float32), rho, CEIL)
-        _store_codes(codes_ptr, scales_ptr, rm, rb, _e2m1_codes(q, ybits < 0), e, M, K, BLOCK_M, NB)
-        live = (tl.max(q, axis=2) > 0) & (rb[None, :] < K // 32)
-        top = tl.maximum(top, tl.max(tl.where(live, e, -128), axis=1))
-        low = tl.minimum(low, tl.min(tl.where(live, e, 128), axis=1))
-        if HAS_LR:
-            kc = b0 * 32 + tl.arange(0, NB * 32)
-            l2 = tl.load(down_ptr + rr[:, None].to(tl.int64) * K + kc[None, :],
-                         mask=(rr[:, None] < R) & (kc[None, :] < K), other=0.0)
-            xs2 = tl.reshape(xs, [BLOCK_M, NB * 32])
-            if LR_FP32:     # Triton's CPU interpreter gets bf16 tl.dot wrong; it runs this in fp32
-                acc = tl.dot(xs2.to(tl.float32), tl.trans(l2.to(tl.float32)), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xs2, tl.trans(l2), acc)
-    dead = top == -128                                                 # an all-zero row: S = 0, spread 0
-    tl.store(exp_ptr + rm, tl.where(dead, 0, top), mask=rm < M)
-    tl.store(spread_ptr + rm, tl.where(dead, 0, top - low), mask=rm < M)
-    if HAS_LR:
-        tl.store(t_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :], _to_bf16_rne(acc),
-                 mask=(rm[:, None] < M) & (rr[None, :] < R))
-
-
-# Tiles of the two activation kernels, each element's result independent of them (tests run each):
-# (BLOCK_M rows, NB 32-blocks a step, warps) for _act_rows_kernel (BLOCK_M >= 16: the low-rank
-# tl.dot), (BLOCK_N, BLOCK_K, warps) for the fold. The first is the default (small M, the
-# interpreter); above wanexp.kernels.mxfp4.SMALL_M_TOKENS on a GPU the fastest is timed per shape.
-ROWS_TILES = [(16, 4, 4), (16, 8, 4), (32, 4, 8), (16, 8, 8), (32, 8, 8), (64, 4, 8), (16, 16, 8)]
-FOLD_TILES = [(32, 128, 4), (16, 256, 4), (64, 128, 8), (32, 256, 8), (8, 512, 4), (128, 64, 8)]
-
-
 def act_quant_fp8(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int = 0, smooth: torch.Tensor | None = None,
-                  *, scale_rule: str = "floor", down: torch.Tensor | None = None, write_xs: bool = False,
+                  *, scale_rule: str = "floor", write_xs: bool = False,
                   tiles: tuple[tuple, tuple] | None = None) -> dict[str, torch.Tensor]:
-    """MXFP4-quantize the rows of bf16 ``x [M, K]`` into the folded FP8 operand: ``values``
-    (float8_e4m3fn [M, K]), ``scale`` (fp32 [M], 2^(S − H)), ``spread`` (int32 [M]) and
-    ``exponent`` (S, int32 [M]); with ``down`` (bf16 [R, K], R <= :data:`LOWRANK_MAX`) also ``t``
-    = x_s · downᵀ (bf16 [M, R]), and on request ``xs`` (the smoothed bf16 input). Two kernels,
-    one read of x: whole rows to packed MXFP4 codes (4.25 bits an element) with S, the spread and
-    T; then the fold of those codes (:func:`fold_weight`'s kernel). ``tiles`` pins (one of
-    :data:`ROWS_TILES`, one of :data:`FOLD_TILES`); by default the fastest is picked per shape."""
+    """MXFP4-quantize the rows of bf16 ``x [M, K]`` straight into the folded FP8 operand: ``values``
+    (float8_e4m3fn [M, K]), ``scale`` (fp32 [M], 2^(S − H)), ``spread`` (int32 [M]) and, on
+    request, ``xs`` (the smoothed bf16 input). Two kernels: each row's max |x_s| (which fixes S,
+    the exponent rule being monotonic), then the quantizer writing E4M3 bits. ``tiles`` pins
+    (one of ROWMAX_TILES, one of ACT_TILES); by default the fastest is picked per shape."""
     assert x.dim() == 2 and x.dtype == torch.bfloat16 and x.stride(1) == 1
     M, K = x.shape
     assert K % 32 == 0, "the fused activation quantizer needs K % 32 == 0"
-    R = 0 if down is None else down.shape[0]
-    assert R <= LOWRANK_MAX, f"rank {R} > {LOWRANK_MAX}: compute the down-projection from xs instead"
     write_xs = write_xs and smooth is not None
     dummy = x.new_empty(1)
-    codes = torch.empty(M, K // 2, device=x.device, dtype=torch.uint8)
-    scales = torch.empty(M, K // 32, device=x.device, dtype=torch.uint8)
-    exponent = torch.empty(M, device=x.device, dtype=torch.int32)
-    spread = torch.empty(M, device=x.device, dtype=torch.int32)
-    t = x.new_empty(M, R) if R else dummy
-    xs = x.new_empty(M, K) if write_xs else dummy
-    down = down.contiguous() if R else dummy
+    sm = smooth if smooth is not None else dummy
+    rowmax = torch.empty(M, device=x.device, dtype=torch.float32)
 
-    def rows_launch(tl_):
-        block_m, nb, warps = tl_
-        _act_rows_kernel[(triton.cdiv(M, block_m),)](
-            x, smooth if smooth is not None else dummy, clip_table, int(bin_idx), down, codes, scales, exponent,
-            spread, t, xs, M, K, R, x.stride(0), HAS_SMOOTH=smooth is not None, CEIL=scale_rule == "ceil",
-            HAS_LR=R > 0, WRITE_XS=write_xs, R_PAD=max(16, triton.next_power_of_2(max(R, 1))),
-            LR_FP32=not x.is_cuda, BLOCK_M=block_m, NB=nb, num_warps=warps)
-    rows_launch(tiles[0] if tiles else pick_tiles(("act_rows", M, K, R, smooth is not None, write_xs), ROWS_TILES,
-                                                  rows_launch, x))
-    fold_tiles = tiles[1] if tiles else pick_tiles(("act_fold", M, K), FOLD_TILES,
-                                                   lambda f: fold_weight(codes, scales, exponent, f), x)
-    out = {"values": fold_weight(codes, scales, exponent, fold_tiles), "spread": spread, "exponent": exponent,
-           "scale": torch.ldexp(torch.ones(M, device=x.device), (exponent - HEADROOM).float())}
-    if R:
-        out["t"] = t
+    def rowmax_launch(t):
+        block_m, block_k, warps = t
+        _row_absmax_kernel[(triton.cdiv(M, block_m),)](x, sm, rowmax, M, K, x.stride(0), HAS_SMOOTH=smooth is not None,
+                                                       BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps)
+    rowmax_launch(tiles[0] if tiles else pick_tiles(("rowmax", M, K, smooth is not None), ROWMAX_TILES, rowmax_launch, x))
+    a8 = torch.empty(M, K, device=x.device, dtype=torch.uint8)
+    spread = torch.zeros(M, device=x.device, dtype=torch.int32)
+    xs = x.new_empty(M, K) if write_xs else dummy
+
+    def quant_launch(t):  # spread is an atomic max: a repeated launch leaves it as one launch does
+        block_m, nb, warps = t
+        grid = (triton.cdiv(M, block_m), triton.cdiv(K // 32, nb))
+        _act_quant_kernel[grid](x, sm, clip_table, int(bin_idx), dummy, xs, dummy, dummy, rowmax, a8, spread,
+                                M, K, x.stride(0), K, HAS_SMOOTH=smooth is not None, CEIL=scale_rule == "ceil",
+                                WRITE_XQ=False, WRITE_XS=write_xs, WRITE_CODES=False, WRITE_FP8=True,
+                                BLOCK_M=block_m, NB=nb, num_warps=warps)
+    quant_launch(tiles[1] if tiles else pick_tiles(("act_fp8", M, K, smooth is not None, write_xs), ACT_TILES,
+                                                   quant_launch, x))
+    # the row scale 2^(S − H) from S = e(rowmax · rho), as the kernel computes S
+    rho = clip_table[int(bin_idx)]
+    S = _exponent_torch(rowmax * rho, scale_rule)
+    out = {"values": a8.view(torch.float8_e4m3fn), "scale": torch.ldexp(torch.ones_like(rowmax), (S - HEADROOM).float()),
+           "spread": spread, "exponent": S}
     if write_xs:
         out["xs"] = xs
     return out
+
+
+def _exponent_torch(amax: torch.Tensor, scale_rule: str) -> torch.Tensor:
+    """The quantizer's block-exponent rule on fp32 values (see wanexp.kernels.mxfp4, step 1)."""
+    bits = amax.view(torch.int32)
+    field = (bits >> 23) & 255
+    e = field - 129
+    if scale_rule == "ceil":
+        e = e + ((bits & 0x7FFFFF) > 0x400000).to(torch.int32)
+    e = e.clamp(-127, 127)
+    e = torch.where(field == 0, torch.where(amax > 0, -127, 0), e)
+    return torch.where(field == 255, 127, e).to(torch.int32)
 
 
 def fp8_linear(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, clip_table: torch.Tensor, bin_: int,
@@ -259,9 +201,7 @@ def fp8_linear(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, clip
     reference rounds x/s: measured on the H200, the output then drifts further from an exact
     evaluation than the reference does, so it is not done.) ``check=False`` skips the search for
     rows beyond the bound and its host sync (the bench's diagnostic "fp8_unchecked" backend only)."""
-    fused_down = down is not None and down.shape[0] <= LOWRANK_MAX
-    a = act_quant_fp8(x2, clip_table, bin_, smooth, scale_rule=scale_rule, down=down if fused_down else None,
-                      write_xs=down is not None and not fused_down)
+    a = act_quant_fp8(x2, clip_table, bin_, smooth, scale_rule=scale_rule, write_xs=up is not None)
     w8 = fold_weight(codes, scales, w_exponent)
     w_scale = torch.ldexp(torch.ones_like(w_exponent, dtype=torch.float32), (w_exponent - HEADROOM).float())
     y = torch._scaled_mm(a["values"], w8.t(), scale_a=a["scale"][:, None], scale_b=w_scale[None, :],
@@ -274,9 +214,8 @@ def fp8_linear(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, clip
     if wide_rows.numel() or wide_cols.numel():
         _exact_fallback(x2, codes, scales, clip_table, bin_, smooth, bias, scale_rule, y, wide_rows, wide_cols)
         counters[:2] += torch.tensor([wide_rows.numel(), wide_cols.numel()], dtype=counters.dtype)
-    if up is not None:  # the 16-bit branch sees the smoothed, unquantized input: T from the quantizer's read
-        t = a["t"] if fused_down else torch.nn.functional.linear(a.get("xs", x2), down)
-        y.addmm_(t, up.t())
+    if up is not None:  # the 16-bit branch sees the smoothed, unquantized input
+        y.addmm_(torch.nn.functional.linear(a.get("xs", x2), down), up.t())
     return y
 
 

@@ -108,27 +108,9 @@ def _nvfp4_act_quant_kernel(x_ptr, smooth_ptr, clip_ptr, bin_idx, amax_ptr, xq_p
     tl.store(xq_ptr + rows.to(tl.int64) * K + cols, _to_bf16_rne(q * d), mask=mask)
 
 
-@triton.jit
-def _row_absmax_kernel(x_ptr, smooth_ptr, out_ptr, M, K, stride_xm,
-                       HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """max_k |x_s[m, k]| (fp32) of each row, x_s = bf16(x / s) as the quantizer sees it."""
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        mask = (rm[:, None] < M) & (cols[None, :] < K)
-        x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
-        if HAS_SMOOTH:
-            s = tl.load(smooth_ptr + cols, mask=cols < K, other=1.0)
-            v = _to_bf16_rne(tl.math.div_rn(x.to(tl.float32), s[None, :])).to(tl.float32)
-        else:
-            v = x.to(tl.float32)
-        acc = tl.maximum(acc, tl.max(tl.abs(v), axis=1))
-    tl.store(out_ptr + rm, acc, mask=rm < M)
-
-
 def nvfp4_act_quant(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int, smooth: torch.Tensor | None) -> torch.Tensor:
     """The NVFP4 fake-quantized bf16 values of bf16 ``x [M, K]``, the tensor scale from x itself."""
+    from wanexp.kernels.mxfp4 import _row_absmax_kernel
     assert x.dim() == 2 and x.dtype == torch.bfloat16 and x.stride(1) == 1
     M, K = x.shape
     assert K % 16 == 0
