@@ -44,6 +44,20 @@ def test_whole_video_dry_run_times_steps_projects_and_checks_the_projection():
     assert "| w4a4 |" in md and "955.1" in md
 
 
+def test_whole_video_runs_a_quantized_attention_precision_on_the_already_quantized_experts(monkeypatch):
+    """"w4a4+attn_<name>": the same quantized experts (quantized once), every SDPA call under AttentionMode."""
+    from wanexp.quant import attention as attn
+    calls = []
+    real = attn.attention
+    monkeypatch.setattr(attn, "attention", lambda config, *a, **k: calls.append(config.name) or real(config, *a, **k))
+    cfg = {"arch": "tiny", "height": 32, "width": 32, "frames": 5, "compile": False, "warmup_steps": 1,
+           "fit_steps": 2, "check": [], "paper_steps": 40, "rank": 4, "precisions": ["w4a4", "w4a4+attn_int8_sage"]}
+    r = run_whole_video(cfg, torch.device("cpu"), log=lambda m: None)
+    assert list(r["runs"]) == ["w4a4", "w4a4+attn_int8_sage"] and r["quantized_linears"] == 2 * 4 * 10
+    assert calls and set(calls) == {"int8_sage"}   # only the second precision's calls, each quantized
+    assert "| w4a4+attn_int8_sage |" in "\n".join(video_markdown(r))
+
+
 def test_forward_bench_dry_run_times_each_path_and_further_formats_and_keeps_json_after_each(tmp_path):
     """The forward bench's logic on the CPU at a small width (the GPU run is
     ``python -m wanexp.bench bench=fp8_a14b``): every path timed, a further format built and

@@ -31,7 +31,7 @@ from torch import nn
 from wanexp import kernels
 from wanexp.bench.pipeline import run_pipeline_memory, run_whole_video, video_markdown
 from wanexp.bench.pipeline import to_markdown as pipeline_md
-from wanexp.bench.synthetic import SyntheticTSClip, make_inputs  # noqa: F401 (re-exported)
+from wanexp.bench.synthetic import SyntheticTSClip, attention_scope, make_inputs  # noqa: F401 (re-exported)
 from wanexp.models import held_bytes
 from wanexp.models.a14b_random import A14B_TRANSFORMER, build_expert
 from wanexp.quant.api import fallback_counts, quantize_
@@ -121,15 +121,6 @@ W4A4_PATHS = ("reference", "fused", "fused_triton", "fused_fp8", "fused_compiled
 # "<path>+attn_<name>[_compiled]"
 ATTENTION_PATHS = tuple(f"fused_fp8+attn_{a}{c}" for c in ("", "_compiled") for a in ("fp8", "int8_sage", "fp8_cudnn"))
 W4A4_PATHS += ATTENTION_PATHS
-
-
-def attention_scope(path: str) -> contextlib.AbstractContextManager:
-    """``AttentionMode`` of a "+attn_<name>" path (every SDPA call of the expert quantized), else nothing."""
-    name = path.removesuffix("_compiled").partition("+attn_")[2]
-    if not name:
-        return contextlib.nullcontext()
-    from wanexp.quant.attention import AttentionConfig, AttentionMode
-    return AttentionMode(AttentionConfig(name))
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from wanexp import kernels
-from wanexp.bench.synthetic import SyntheticTSClip
+from wanexp.bench.synthetic import SyntheticTSClip, attention_scope
 from wanexp.generate import decode_latents
 from wanexp.models import experts, install_timestep_hooks, pipeline_bytes
 from wanexp.models.compiled import compile_denoisers
@@ -201,16 +201,18 @@ def run_whole_video(cfg: dict, device: torch.device, log: Callable[[str], None] 
     result["build_s"] = time.perf_counter() - t0
     contexts: dict[str, TimestepContext] = {}
     for precision in list(cfg.get("precisions", ["bf16", "w4a4"])):
+        base, _, attention = precision.partition("+attn_")   # e.g. "w4a4+attn_fp8_cudnn": quantized attention too
         hooks = []
-        if precision == "w4a4":
-            home = device if policy == "none" else "cpu"  # everything stays on the GPU between the two
-            result["quantized_linears"] = quantize_experts(pipe, device, int(cfg.get("rank", 32)), home=home,
-                                                           contexts=contexts)
+        if base == "w4a4":
+            if "quantized_linears" not in result:  # the experts stay quantized for any later W4A4 precision
+                home = device if policy == "none" else "cpu"  # everything stays on the GPU between the two
+                result["quantized_linears"] = quantize_experts(pipe, device, int(cfg.get("rank", 32)), home=home,
+                                                               contexts=contexts)
             hooks = install_timestep_hooks(pipe, lambda e, t: contexts[e].set_timestep(t))
         place_pipeline(pipe, policy, device, vae_tiling=policy != "none")
         run: dict[str, Any] = result["runs"].setdefault(precision, {"pipeline_bytes": pipeline_bytes(pipe)})
-        backend = kernels.gemm_backend(str(cfg.get("w4a4_backend", "fp8")) if precision == "w4a4" else "auto")
-        with backend, kernels.fused(True):
+        backend = kernels.gemm_backend(str(cfg.get("w4a4_backend", "fp8")) if base == "w4a4" else "auto")
+        with backend, kernels.fused(True), attention_scope(precision):
             if result["compile"]:
                 torch._dynamo.reset()
                 compile_denoisers(pipe)

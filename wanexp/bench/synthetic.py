@@ -4,6 +4,7 @@ Speed and memory do not depend on the values, so no calibration is needed."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -57,3 +58,13 @@ def make_inputs(height: int, width: int, frames: int, device: torch.device, seed
                   timestep=torch.tensor([950.0], device=device),
                   encoder_hidden_states=torch.randn(1, 512, 4096, device=device, dtype=torch.bfloat16, generator=g))
     return inputs, lat_f * (lat_h // 2) * (lat_w // 2)
+
+
+def attention_scope(path: str) -> contextlib.AbstractContextManager:
+    """``AttentionMode`` of a bench path or video precision "<name>+attn_<attention>[_compiled]" (every SDPA
+    call quantized), else nothing."""
+    name = path.removesuffix("_compiled").partition("+attn_")[2]
+    if not name:
+        return contextlib.nullcontext()
+    from wanexp.quant.attention import AttentionConfig, AttentionMode
+    return AttentionMode(AttentionConfig(name))
