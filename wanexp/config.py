@@ -120,6 +120,7 @@ SETTINGS: dict[str, Rule] = {
     "model.dtype": choice("bf16", "bfloat16", "fp16", "float16", "fp32", "float32"),
     "model.offload": choice("none", "model"),
     "model.calib.offload": choice(None, "pipeline", "group", what="where the weights live during calibration"),
+    "attention.name": choice("bf16", "fp8", "int8_sage", "fp8_cudnn"),   # wanexp.quant.attention.ATTENTION
     "attention.block": integer(1),
     "attention.smooth_k": boolean(),
     "attention.pv": choice("fp16", "fp8"),

@@ -97,6 +97,7 @@ def cudnn_fp8(q, k, v, ref, ms, flops, repeats, name, entry) -> None:
     """cuDNN's FP8 SDPA (``wanexp.kernels.attention_cudnn``), and its error against the plain-torch
     reference on the first 1,024 queries of two heads (the reference's S x S scores do not fit whole)."""
     from wanexp.kernels import attention_cudnn
+    from wanexp.quant.attention import cudnn_fp8_reference
     if not attention_cudnn.available(q.device):
         entry["cudnn_fp8"] = {"error": "cudnn-frontend or Hopper missing"}
         return
@@ -104,7 +105,7 @@ def cudnn_fp8(q, k, v, ref, ms, flops, repeats, name, entry) -> None:
         fn = lambda: attention_cudnn.fp8_attention(q, k, v)  # noqa: E731
         out = fn()
         err = float((out.float() - ref.float()).norm() / ref.float().norm())
-        sub = attention_cudnn.fp8_attention_reference(q[:, :2], k[:, :2], v[:, :2])[:, :, :1024]
+        sub = cudnn_fp8_reference(q[:, :2], k[:, :2], v[:, :2])[:, :, :1024]
         kernel_sub = attention_cudnn.fp8_attention(q[:, :2], k[:, :2], v[:, :2])[:, :, :1024]
         err_ref = float((kernel_sub.float() - sub.float()).norm() / sub.float().norm())
         del out, sub, kernel_sub

@@ -5,9 +5,10 @@ BF16 SDPA on the A14B shapes (the H200 bench), while cuDNN's FP8 forward is a wa
 TMA-fed kernel of FA3's class. cuDNN scales each FP8 operand by one fp32 number (a scalar per
 tensor), so the recipe here is per tensor, with SageAttention's key smoothing:
 
-    K'  = K - mean_tokens(K)                   (per head and channel; softmax is unchanged:
+    K'  = K - mean_tokens(K)                   (fp32, per head and channel; softmax is unchanged:
                                                 it subtracts q·mean from every score of a row)
-    s_X = 2^floor(log2(448 / max|X|))          X in Q, K', V (a power of two: descaling is exact)
+    s_X = 2^floor(log2(448 / max|X|))          X in Q, K', V, one fp32 scalar a tensor (a power
+                                                of two: descaling is exact)
     X8  = E4M3(X · s_X)                        (round to nearest even, saturating)
     S   = (Q8 K8ᵀ) / (s_Q s_K) · scale         (fp32)
     P8  = E4M3(P̃ · 256),  P̃ = exp(S − running max) the online softmax's unnormalised P
@@ -16,11 +17,16 @@ tensor), so the recipe here is per tensor, with SageAttention's key smoothing:
                                                 V's scale cannot overflow it)
     out = bf16(O8 / s_V)
 
-:func:`fp8_attention_reference` is the same computation in plain torch with one softmax over the
-whole row (cuDNN's online softmax rounds P̃ against the running maximum of its key tiles, so the
-two agree to FP8 rounding, not bit for bit; the tests state the bound). Needs the
-``nvidia-cudnn-frontend`` package and a GPU of compute capability 9.0 (Hopper); :func:`available`
-says whether this process has both.
+The plain-torch reference that defines these numerics is ``wanexp.quant.attention.cudnn_fp8_reference``
+(one softmax over the whole row: cuDNN's online softmax rounds P̃ against the running maximum of its
+key tiles, so the two agree to FP8 rounding, not bit for bit; the tests state the bound). The
+quantizer here, :func:`quantize_qkv`, is this module's own (kernels sit below quant and do not
+import it); a test checks its operands bit for bit against the reference's.
+
+:func:`cudnn_fp8_attention` is the call as one custom op (``wanexp::cudnn_fp8_attention``), so a
+compiled block keeps it whole. Needs the ``nvidia-cudnn-frontend`` package and a GPU of compute
+capability 9.0 (Hopper): :func:`available` says whether this process has both; :func:`supports`
+says whether cuDNN takes the shapes.
 """
 
 from __future__ import annotations
@@ -35,48 +41,69 @@ _GRAPHS: dict[tuple, tuple] = {}
 _HANDLES: dict[int, object] = {}
 
 
+# cudnn-frontend's FP8 forward checks (1.32, cudnn/_sdpa_validate.py and sdpa_support_surface.h): the
+# head dim a multiple of 16, at most 256 on Hopper; 128 is what was run on the H200 (Wan's D), and
+# the bound cuDNN keeps on Blackwell, so this module claims no more.
+HEAD_DIM_MULTIPLE = 16
+HEAD_DIM_MAX = 128
+_AVAILABLE: dict[int, bool] = {}
+
+
+@torch.compiler.assume_constant_result
+def _probe(index: int) -> bool:
+    """cudnn-frontend imports and device ``index`` is a Hopper GPU (run once a device; a compiled
+    caller takes the answer as a constant instead of tracing the import)."""
+    if index not in _AVAILABLE:
+        ok = torch.cuda.get_device_capability(index)[0] == 9
+        if ok:
+            try:
+                torch.backends.cudnn.version()   # loads torch's libcudnn first, which cudnn-frontend then finds
+                import cudnn  # noqa: F401
+            except Exception:  # noqa: BLE001  (missing or broken: the reference serves)
+                ok = False
+        _AVAILABLE[index] = ok
+    return _AVAILABLE[index]
+
+
 def available(device: torch.device | None = None) -> bool:
     """cudnn-frontend imports and the device is a Hopper GPU (where sdpa_fp8 writes FP8 O)."""
     device = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+    if device.type != "cuda":
         return False
-    try:
-        torch.backends.cudnn.version()   # loads torch's libcudnn first, which cudnn-frontend then finds
-        import cudnn  # noqa: F401
-    except Exception:  # noqa: BLE001  (missing or broken: the Triton kernels serve)
-        return False
-    return True
+    return _probe(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Inputs cuDNN's FP8 forward takes here: CUDA, bf16 ``[B, H, S, D]`` with the same B, H and D
+    for Q, K and V (Sq and Sk may differ), K and V of one length, D a multiple of
+    :data:`HEAD_DIM_MULTIPLE` up to :data:`HEAD_DIM_MAX`, unit stride on D."""
+    return (all(t.dim() == 4 and t.is_cuda and t.dtype == torch.bfloat16 and t.stride(-1) == 1 for t in (q, k, v))
+            and q.shape[:2] == k.shape[:2] == v.shape[:2] and k.shape[2] == v.shape[2]
+            and q.shape[3] == k.shape[3] == v.shape[3]
+            and q.shape[3] % HEAD_DIM_MULTIPLE == 0 and 0 < q.shape[3] <= HEAD_DIM_MAX
+            and q.shape[2] > 0 and k.shape[2] > 0)
 
 
 def tensor_scale(x: torch.Tensor) -> torch.Tensor:
-    """s = 2^floor(log2(448 / max|x|)) (fp32 scalar tensor, on x's device; 1 for an all-zero x)."""
+    """s = 2^floor(log2(448 / max|x|)), the largest power of two with max|x| · s <= 448 (fp32
+    scalar tensor on x's device; 1 for an all-zero x). From the exponent of max|x| (frexp), so no
+    rounding of a division or a log2 can move it across a power of two."""
     amax = x.abs().amax().float()
-    e = torch.floor(torch.log2(E4M3_MAX / amax.clamp_min(torch.finfo(torch.float32).tiny)))
-    return torch.where(amax > 0, torch.exp2(e.clamp(-126, 126)), torch.ones_like(amax))
+    mantissa, exponent = torch.frexp(amax)             # amax = m · 2^E, m in [0.5, 1)
+    e = 9 - exponent - (mantissa > E4M3_MAX / 512).to(exponent.dtype)   # 448 = 0.875 · 2^9
+    return torch.where(amax > 0, torch.exp2(e.clamp(-126, 126).float()), torch.ones_like(amax))
 
 
 def to_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """E4M3(x · s), round to nearest even, saturating at ±448 (the product is exact: s is 2^n)."""
-    return (x.float() * scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return (x.float() * scale).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
 
 
 def quantize_qkv(q, k, v):
-    """(q8, k8, v8, s_q, s_k, s_v): K smoothed by its mean over the tokens, each per tensor."""
-    k = k - k.float().mean(dim=-2, keepdim=True).to(k.dtype)
+    """(q8, k8, v8, s_q, s_k, s_v): K minus its fp32 mean over the tokens (in fp32), each per tensor."""
+    k = k.float() - k.mean(dim=-2, keepdim=True, dtype=torch.float32)
     s_q, s_k, s_v = tensor_scale(q), tensor_scale(k), tensor_scale(v)
     return to_e4m3(q, s_q), to_e4m3(k, s_k), to_e4m3(v, s_v), s_q, s_k, s_v
-
-
-def fp8_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """The recipe of the module docstring in plain torch, softmax over the whole row (fp32)."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    q8, k8, v8, s_q, s_k, s_v = quantize_qkv(q, k, v)
-    s = (q8.float() @ k8.float().transpose(-1, -2)) / (s_q * s_k) * scale
-    p = torch.exp(s - s.amax(-1, keepdim=True))
-    p8 = (p * P_SCALE).to(torch.float8_e4m3fn).float()
-    o = (p8 @ v8.float()) / (P_SCALE * s_v) / p.sum(-1, keepdim=True)
-    o8 = to_e4m3(o, s_v)
-    return (o8.float() / s_v).to(q.dtype)
 
 
 def _handle(device: torch.device):
@@ -139,5 +166,24 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     return (o8.float() / s_v).to(q.dtype)
 
 
-__all__ = ["E4M3_MAX", "P_SCALE", "available", "fp8_attention", "fp8_attention_reference", "quantize_qkv",
-           "tensor_scale", "to_e4m3"]
+@torch.library.custom_op("wanexp::cudnn_fp8_attention", mutates_args=())
+def _cudnn_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """:func:`fp8_attention` as an op (``torch.compile`` keeps it whole; cuDNN's graph is no traceable code)."""
+    return fp8_attention(q, k, v, scale)
+
+
+@_cudnn_fp8_attention.register_fake
+def _(q, k, v, scale):
+    b, h, sq, d = q.shape
+    return q.new_empty(b, sq, h, d, dtype=torch.bfloat16).transpose(1, 2)   # the real output's strides
+
+
+def cudnn_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """``attention=fp8_cudnn`` on cuDNN (the custom op ``wanexp::cudnn_fp8_attention``); the caller
+    checks :func:`available` and :func:`supports`."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return torch.ops.wanexp.cudnn_fp8_attention(q, k, v, float(scale))
+
+
+__all__ = ["E4M3_MAX", "HEAD_DIM_MAX", "HEAD_DIM_MULTIPLE", "P_SCALE", "available", "cudnn_fp8_attention",
+           "fp8_attention", "quantize_qkv", "supports", "tensor_scale", "to_e4m3"]

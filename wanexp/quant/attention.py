@@ -1,4 +1,4 @@
-"""Quantized attention as an experiment axis (``attention=bf16 | fp8 | int8_sage``).
+"""Quantized attention as an experiment axis (``attention=bf16 | fp8 | int8_sage | fp8_cudnn``).
 
 Every attention call of a denoiser, O = softmax(scale · Q Kᵀ) V, with its operands in low
 precision, composable with every weight/activation method and format. The numerics are those of a
@@ -25,10 +25,18 @@ Variants:
   the result does not change while K's outliers shared by every token stop costing INT8 range);
   Q and K in INT8 per block, Q Kᵀ on INT8 tensor cores; P V in fp16 (``pv: fp16``) or with P and V
   in E4M3 (``pv: fp8``).
+* ``fp8_cudnn`` (cuDNN's FP8 SDPA on Hopper, :mod:`wanexp.kernels.attention_cudnn`): one scale
+  per tensor, as cuDNN takes them. K smoothed by its mean over the tokens (fp32), then Q, K and V
+  each with one power-of-two scale s = 2^floor(log2(448 / amax)) (the largest with amax · s <=
+  448) in E4M3 (RNE, saturating); scores in fp32, one softmax over the whole row; P8 = E4M3(256 · P̃);
+  O = (P8 V8) / (256 s_V) / rowsum(P̃), written as E4M3(O · s_V) (Hopper's cuDNN stores O in FP8)
+  and returned as bf16. cuDNN rounds P̃ against the running max of its key tiles instead, so the
+  kernel agrees with :func:`cudnn_fp8_reference` to FP8 rounding (:data:`CUDNN_RTOL`), not bit for bit.
 
 The functions here are the plain-torch references: they define the numerics and run on the CPU
 (and wherever the fused kernel does not apply). :func:`attention` dispatches to the Triton kernels
-of :mod:`wanexp.kernels.attention` on a CUDA input when the fused path is enabled; those produce
+of :mod:`wanexp.kernels.attention` (``fp8_cudnn``: to cuDNN) on a CUDA input when the fused path is
+enabled; the Triton kernels produce
 bit-exactly the quantized operands and agree with the references up to accumulation order, ``exp2``
 rounding and the bf16 output rounding (relative Frobenius error below :data:`KERNEL_RTOL`, tested).
 :class:`AttentionMode` applies :func:`attention` to every ``scaled_dot_product_attention`` call
@@ -48,7 +56,7 @@ from torch.overrides import TorchFunctionMode
 
 from wanexp.quant import linear as _linear  # noqa: F401  (registers the wanexp::count_ op the mode counts with)
 
-ATTENTION = ("bf16", "fp8", "int8_sage")
+ATTENTION = ("bf16", "fp8", "int8_sage", "fp8_cudnn")
 E4M3_MAX = 448.0
 LOG2E = math.log2(math.e)
 # Fused kernel vs reference, relative Frobenius error of the bf16 outputs: Triton's interpreter
@@ -59,6 +67,14 @@ LOG2E = math.log2(math.e)
 # approximate exp2 moves some P values across an E4M3 rounding boundary, and FP8 MMAs accumulate
 # at reduced precision (2026-12-01)
 KERNEL_RTOL = {"interpreter": 2e-3, "gpu": 2e-2}
+# cuDNN's fp8 SDPA vs cudnn_fp8_reference, relative Frobenius: the H200 probe of 2026-12-01 measured
+# 0.041 at the A14B 720p shape (P̃ rounded against the running max of cuDNN's key tiles, not the
+# row's max, and O written in E4M3 from a differently rounded accumulator)
+CUDNN_RTOL = 0.06
+CUDNN_P_SCALE = 256.0        # P̃ in [0, 1] to E4M3: a power of two, so the descale is exact
+# The reference's scores are processed a chunk of queries at a time, each chunk at most this many
+# fp32 scores over all batches and heads (256 MiB), so a 720p call on the GPU fallback fits too.
+CUDNN_CHUNK_SCORES = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -175,6 +191,49 @@ def sage_attention(q, k, v, scale: float | None = None, block: int = 128, smooth
     return flash_reference(qc, qs, kc, ks, _PV(v, pv, block), scale, block, block_n, q.dtype)
 
 
+def pow2_tensor_scale(x: torch.Tensor) -> torch.Tensor:
+    """The largest power of two s with max|x| · s <= 448 (fp32 scalar tensor; 1 for an all-zero x):
+    2^floor(log2(448 / amax)) by fp32 log2, then corrected by one step either way where the
+    division and the log2 rounded across a power of two."""
+    amax = x.abs().amax().float()
+    e = torch.floor(torch.log2(E4M3_MAX / amax.clamp_min(torch.finfo(torch.float32).tiny))).clamp(-126, 126)
+    e = torch.where(amax * torch.exp2(e) > E4M3_MAX, e - 1, e)
+    e = torch.where((amax * torch.exp2(e + 1) <= E4M3_MAX) & (e < 126), e + 1, e)
+    return torch.where(amax > 0, torch.exp2(e), torch.ones_like(amax))
+
+
+def e4m3_tensor(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn of x · scale, round to nearest even, saturating at ±448."""
+    return torch.clamp(x.float() * scale, -E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def cudnn_fp8_operands(q, k, v):
+    """``fp8_cudnn``'s quantized operands: (q8, k8, v8) in float8_e4m3fn and their scales
+    (s_q, s_k, s_v), K smoothed by :func:`k_mean` in fp32 first."""
+    ks = k.float() - k_mean(k)
+    scales = [pow2_tensor_scale(t) for t in (q, ks, v)]
+    return tuple(e4m3_tensor(t, s) for t, s in zip((q, ks, v), scales)) + tuple(scales)
+
+
+def cudnn_fp8_reference(q, k, v, scale: float | None = None, chunk: int | None = None) -> torch.Tensor:
+    """``fp8_cudnn`` (see the module docstring) in plain torch, ``q [B, H, Sq, D]``, ``k, v [B, H, Sk, D]``;
+    the queries ``chunk`` rows at a time (default: :data:`CUDNN_CHUNK_SCORES` scores a chunk), so no
+    score matrix larger than chunk x Sk per head is held; each row still sees all its keys."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q8, k8, v8, s_q, s_k, s_v = cudnn_fp8_operands(q, k, v)
+    b, h, sq, _ = q.shape
+    chunk = chunk or max(1, CUDNN_CHUNK_SCORES // max(1, b * h * k.shape[-2]))
+    kt, vf = k8.float().transpose(-1, -2), v8.float()
+    score_scale = scale / (s_q * s_k)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    for i0 in range(0, sq, chunk):
+        s = (q8[..., i0:i0 + chunk, :].float() @ kt) * score_scale
+        p = torch.exp(s - s.amax(dim=-1, keepdim=True))
+        o = (_e4m3(p * CUDNN_P_SCALE) @ vf) / (CUDNN_P_SCALE * s_v) / p.sum(dim=-1, keepdim=True)
+        out[..., i0:i0 + chunk, :] = (e4m3_tensor(o, s_v).float() / s_v).to(q.dtype)
+    return out
+
+
 def _fused(config: AttentionConfig, q, k, v) -> bool:
     """The Triton kernel runs this call (:mod:`wanexp.kernels.attention`)."""
     if not q.is_cuda:
@@ -186,12 +245,29 @@ def _fused(config: AttentionConfig, q, k, v) -> bool:
     return supports(q, k, v, config.block, config.block_n)
 
 
+def _on_cudnn(q, k, v) -> bool:
+    """cuDNN's FP8 SDPA runs this ``fp8_cudnn`` call (:mod:`wanexp.kernels.attention_cudnn`)."""
+    if not q.is_cuda:
+        return False
+    from wanexp import kernels
+    if not kernels.fused_enabled():
+        return False
+    from wanexp.kernels import attention_cudnn
+    return attention_cudnn.available(q.device) and attention_cudnn.supports(q, k, v)
+
+
 def attention(config: AttentionConfig, q, k, v, scale: float | None = None) -> torch.Tensor:
     """``config``'s attention of ``q, k, v [B, H, S, D]`` (bf16: PyTorch's SDPA): the Triton kernel
-    on a CUDA input it supports while the fused path is enabled, the reference otherwise."""
+    (``fp8_cudnn``: cuDNN's) on a CUDA input it supports while the fused path is enabled, the
+    reference otherwise."""
     if config.name == "bf16":
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if config.name == "fp8_cudnn":
+        if _on_cudnn(q, k, v):
+            from wanexp.kernels.attention_cudnn import cudnn_fp8_attention
+            return cudnn_fp8_attention(q, k, v, scale)
+        return cudnn_fp8_reference(q, k, v, scale)
     if _fused(config, q, k, v):
         from wanexp.kernels.attention import quantized_attention
         mean = k_mean(k) if config.name == "int8_sage" and config.smooth_k else None
