@@ -352,7 +352,7 @@ def test_gpu_dispatch_runs_the_kernel_and_compiles_without_graph_breaks():
 
 def test_the_bench_paths_with_quantized_attention_apply_its_mode():
     from wanexp.bench.core import ATTENTION_PATHS, W4A4_PATHS, attention_scope
-    assert set(ATTENTION_PATHS) <= set(W4A4_PATHS) and len(ATTENTION_PATHS) == 4
+    assert set(ATTENTION_PATHS) <= set(W4A4_PATHS) and len(ATTENTION_PATHS) == 6
     for path in ATTENTION_PATHS:
         scope = attention_scope(path)
         assert isinstance(scope, AttentionMode) and scope.config.name == path.split("+attn_")[1].removesuffix("_compiled")

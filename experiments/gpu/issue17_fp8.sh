@@ -67,6 +67,20 @@ round7)  # session 5: the one-read activation path (codes + S + spread + T, then
     "bench.resolutions=[{name: 720p, height: 720, width: 1280, frames: 61}]" bench.out_dir="$OUT" > "$OUT/bench_round7.log" 2>&1
   echo "recompiles: $(grep -c 'Recompiling function' "$OUT/bench_round7.log")"
   grep -v "__recompiles" "$OUT/bench_round7.log" | grep "s/forward\|profile\|Error\|error\|quantized" | tail -24 ;;
+round8)  # session 5: attention=fp8_cudnn (cuDNN's FP8 SDPA) on the GPU: its tests, the one-call micro-bench,
+  # then the expert at 720p and 480p: BF16 eager and compiled, W4A4 MXFP4 FP8 compiled, + fp8_cudnn attention
+  timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py -m gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -4
+  WANEXP_ATTN_BENCH_CUDNN_ONLY=1 timeout 60 python3 experiments/gpu/attention_bench.py --out "$OUT" --repeats 5 2>&1 \
+    | grep -v '^ \|^{\|^}' | tail -4
+  TORCH_LOGS=recompiles timeout 400 python3 -m wanexp.bench bench=fp8_a14b bench.name=bench_round8 bench.profile.enabled=false \
+    "bench.paths=[bf16,bf16_compiled,fused_fp8_compiled,fused_fp8+attn_fp8_cudnn_compiled]" bench.out_dir="$OUT" > "$OUT/bench_round8.log" 2>&1
+  echo "recompiles: $(grep -c 'Recompiling function' "$OUT/bench_round8.log")"
+  grep -v "__recompiles" "$OUT/bench_round8.log" | grep "s/forward\|Error\|error\|quantized" | tail -24 ;;
+video2)  # session 5: the W4A4 video checked against a measured 5-step video, and W4A4 + fp8_cudnn attention
+  TORCH_LOGS=recompiles timeout 570 python3 -m wanexp.bench bench=video_a14b bench.name=video_a14b_w4a4 bench.out_dir="$OUT" \
+    "bench.whole_video.precisions=[w4a4,w4a4+attn_fp8_cudnn]" "bench.whole_video.check=[w4a4]" > "$OUT/bench_video.log" 2>&1
+  echo "recompiles: $(grep -c 'Recompiling function' "$OUT/bench_video.log")"
+  grep -v "__recompiles" "$OUT/bench_video.log" | grep "video\|Error\|error\|Killed" | tail -20 ;;
 video)  # the whole video at the papers' setting, BF16 and W4A4 (FP8 path), compiled (bench_conf/bench/video_a14b.yaml)
   TORCH_LOGS=recompiles timeout 570 python3 -m wanexp.bench bench=video_a14b bench.out_dir="$OUT" "${@:2}" > "$OUT/bench_video.log" 2>&1
   echo "recompiles: $(grep -c 'Recompiling function' "$OUT/bench_video.log")"
