@@ -440,15 +440,16 @@ def test_the_mode_with_fp8_cudnn_on_cpu_runs_the_reference():
 
 
 def test_the_cudnn_op_is_registered_with_the_real_outputs_layout():
-    """The fake (what torch.compile plans with) gives bf16 [B, H, Sq, D] stored as [B, Sq, H, D],
-    the layout cuDNN writes."""
+    """The fake (what torch.compile plans with) gives E4M3 [B, H, Sq, D] stored as [B, Sq, H, D], the
+    layout cuDNN writes; the composition around it returns bf16 in that layout."""
     import wanexp.kernels.attention_cudnn  # noqa: F401  (registers the op)
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
-        q = torch.empty(2, 3, 50, 64, dtype=torch.bfloat16)
-        k = torch.empty(2, 3, 20, 64, dtype=torch.bfloat16)
-        out = torch.ops.wanexp.cudnn_fp8_attention(q, k, k, 0.125)
-    assert out.shape == (2, 3, 50, 64) and out.dtype == torch.bfloat16
+        q8 = torch.empty(2, 3, 50, 64, dtype=torch.float8_e4m3fn)
+        k8 = torch.empty(2, 3, 20, 64, dtype=torch.float8_e4m3fn)
+        s = torch.ones(())
+        out = torch.ops.wanexp.cudnn_fp8_sdpa(q8, k8, k8, s, s, s, 0.125)
+    assert out.shape == (2, 3, 50, 64) and out.dtype == torch.float8_e4m3fn
     assert out.stride() == torch.empty(2, 50, 3, 64).transpose(1, 2).stride()
 
 
@@ -493,7 +494,7 @@ def test_gpu_cudnn_fp8_attention_matches_its_reference_eager_and_compiled():
         return gm.forward
     compiled = torch.compile(lambda a, b, c: attention(cfg, a, b, c), fullgraph=True, backend=counting)
     out = compiled(q, k, v)
-    assert len(graphs) == 1 and "wanexp.cudnn_fp8_attention" in str(graphs[0].graph)
+    assert len(graphs) == 1 and "wanexp.cudnn_fp8_sdpa" in str(graphs[0].graph)
     assert _rel(out, eager) <= CUDNN_RTOL
     inductor = torch.compile(lambda a, b, c: attention(cfg, a, b, c))
     assert _rel(inductor(q, k, v), eager) <= CUDNN_RTOL

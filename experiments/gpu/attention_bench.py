@@ -102,11 +102,11 @@ def cudnn_fp8(q, k, v, ref, ms, flops, repeats, name, entry) -> None:
         entry["cudnn_fp8"] = {"error": "cudnn-frontend or Hopper missing"}
         return
     try:
-        fn = lambda: attention_cudnn.fp8_attention(q, k, v)  # noqa: E731
+        fn = lambda: attention_cudnn.cudnn_fp8_attention(q, k, v)  # noqa: E731
         out = fn()
         err = float((out.float() - ref.float()).norm() / ref.float().norm())
         sub = cudnn_fp8_reference(q[:, :2], k[:, :2], v[:, :2])[:, :, :1024]
-        kernel_sub = attention_cudnn.fp8_attention(q[:, :2], k[:, :2], v[:, :2])[:, :, :1024]
+        kernel_sub = attention_cudnn.cudnn_fp8_attention(q[:, :2], k[:, :2], v[:, :2])[:, :, :1024]
         err_ref = float((kernel_sub.float() - sub.float()).norm() / sub.float().norm())
         del out, sub, kernel_sub
         ms_k = _time(fn, repeats)

@@ -81,6 +81,15 @@ video2)  # session 5: the W4A4 video checked against a measured 5-step video, an
     "bench.whole_video.precisions=[w4a4,w4a4+attn_fp8_cudnn]" "bench.whole_video.check=[w4a4]" > "$OUT/bench_video.log" 2>&1
   echo "recompiles: $(grep -c 'Recompiling function' "$OUT/bench_video.log")"
   grep -v "__recompiles" "$OUT/bench_video.log" | grep "video\|Error\|error\|Killed" | tail -20 ;;
+round9)  # session 5, last device minutes: fp8_cudnn with its quantization outside the op (inductor fuses it):
+  # the cuDNN GPU test, the one-call micro-bench, then the expert at 720p beside compiled BF16
+  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py -m gpu -k cudnn 2>&1 | tail -2
+  WANEXP_ATTN_BENCH_CUDNN_ONLY=1 timeout 30 python3 experiments/gpu/attention_bench.py --out "$OUT" --shapes 720p --repeats 5 2>&1 \
+    | grep -v '^ \|^{\|^}' | tail -3
+  timeout 170 python3 -m wanexp.bench bench=fp8_a14b bench.name=bench_round9_720p bench.profile.enabled=false \
+    "bench.paths=[bf16_compiled,fused_fp8+attn_fp8_cudnn_compiled]" \
+    "bench.resolutions=[{name: 720p, height: 720, width: 1280, frames: 61}]" bench.out_dir="$OUT" > "$OUT/bench_round9.log" 2>&1
+  grep "s/forward\|Error\|error" "$OUT/bench_round9.log" | tail -8 ;;
 video)  # the whole video at the papers' setting, BF16 and W4A4 (FP8 path), compiled (bench_conf/bench/video_a14b.yaml)
   TORCH_LOGS=recompiles timeout 570 python3 -m wanexp.bench bench=video_a14b bench.out_dir="$OUT" "${@:2}" > "$OUT/bench_video.log" 2>&1
   echo "recompiles: $(grep -c 'Recompiling function' "$OUT/bench_video.log")"

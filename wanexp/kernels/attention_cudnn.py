@@ -23,8 +23,9 @@ key tiles, so the two agree to FP8 rounding, not bit for bit; the tests state th
 quantizer here, :func:`quantize_qkv`, is this module's own (kernels sit below quant and do not
 import it); a test checks its operands bit for bit against the reference's.
 
-:func:`cudnn_fp8_attention` is the call as one custom op (``wanexp::cudnn_fp8_attention``), so a
-compiled block keeps it whole. Needs the ``nvidia-cudnn-frontend`` package and a GPU of compute
+:func:`cudnn_fp8_attention` is the call: the quantization in plain torch (in a compiled block
+inductor fuses its passes over Q, K, V and O), cuDNN's SDPA as one custom op
+(``wanexp::cudnn_fp8_sdpa``) that a compiled block keeps whole. Needs the ``nvidia-cudnn-frontend`` package and a GPU of compute
 capability 9.0 (Hopper): :func:`available` says whether this process has both; :func:`supports`
 says whether cuDNN takes the shapes.
 """
@@ -146,44 +147,47 @@ def _graph(q8, k8, v8, o8, scale: float, handle):
     return _GRAPHS[key]
 
 
-def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """bf16 ``[B, H, S, D]`` Q, K, V (any strides, unit stride on D) -> bf16 ``[B, H, Sq, D]``, on
-    cuDNN's FP8 SDPA, the recipe of the module docstring. The output's storage is ``[B, Sq, H, D]``
-    (what the output projection reads)."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    q8, k8, v8, s_q, s_k, s_v = quantize_qkv(q, k, v)
-    b, h, sq, d = q.shape
-    o8 = torch.empty(b, sq, h, d, device=q.device, dtype=torch.float8_e4m3fn).transpose(1, 2)
-    handle = _handle(q.device)
+def _sdpa_fp8(q8, k8, v8, s_q, s_k, s_v, scale: float) -> torch.Tensor:
+    """cuDNN's FP8 SDPA on quantized operands (E4M3 ``[B, H, S, D]``, any strides with unit stride on D,
+    and their fp32 scalar scales) -> O8, E4M3 ``[B, H, Sq, D]`` stored as ``[B, Sq, H, D]``, scaled by s_V."""
+    b, h, sq, d = q8.shape
+    o8 = torch.empty(b, sq, h, d, device=q8.device, dtype=torch.float8_e4m3fn).transpose(1, 2)
+    handle = _handle(q8.device)
     graph, (tq, tk, tv, to, tas, tao), scalars, workspace = _graph(q8, k8, v8, o8, scale, handle)
-    one = torch.ones((), device=q.device, dtype=torch.float32)
+    one = torch.ones((), device=q8.device, dtype=torch.float32)
     values = (1.0 / s_q, 1.0 / s_k, 1.0 / s_v, one / P_SCALE, one * P_SCALE, s_v)
-    amax_s = torch.empty(1, 1, 1, 1, device=q.device, dtype=torch.float32)
+    amax_s = torch.empty(1, 1, 1, 1, device=q8.device, dtype=torch.float32)
     amax_o = torch.empty_like(amax_s)
     pack = {tq: q8, tk: k8, tv: v8, to: o8, tas: amax_s, tao: amax_o}
     pack.update({t: val.reshape(1, 1, 1, 1).contiguous() for t, val in zip(scalars, values)})
     graph.execute(pack, workspace, handle=handle)
-    return (o8.float() / s_v).to(q.dtype)
+    return o8
 
 
-@torch.library.custom_op("wanexp::cudnn_fp8_attention", mutates_args=())
-def _cudnn_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """:func:`fp8_attention` as an op (``torch.compile`` keeps it whole; cuDNN's graph is no traceable code)."""
-    return fp8_attention(q, k, v, scale)
+@torch.library.custom_op("wanexp::cudnn_fp8_sdpa", mutates_args=())
+def _cudnn_fp8_sdpa(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, s_q: torch.Tensor, s_k: torch.Tensor,
+                    s_v: torch.Tensor, scale: float) -> torch.Tensor:
+    """:func:`_sdpa_fp8` as an op (``torch.compile`` keeps it whole; cuDNN's graph is no traceable code)."""
+    return _sdpa_fp8(q8, k8, v8, s_q, s_k, s_v, scale)
 
 
-@_cudnn_fp8_attention.register_fake
-def _(q, k, v, scale):
-    b, h, sq, d = q.shape
-    return q.new_empty(b, sq, h, d, dtype=torch.bfloat16).transpose(1, 2)   # the real output's strides
+@_cudnn_fp8_sdpa.register_fake
+def _(q8, k8, v8, s_q, s_k, s_v, scale):
+    b, h, sq, d = q8.shape
+    return q8.new_empty(b, sq, h, d).transpose(1, 2)   # the real output's dtype and strides
 
 
 def cudnn_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """``attention=fp8_cudnn`` on cuDNN (the custom op ``wanexp::cudnn_fp8_attention``); the caller
-    checks :func:`available` and :func:`supports`."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return torch.ops.wanexp.cudnn_fp8_attention(q, k, v, float(scale))
+    """``attention=fp8_cudnn`` of bf16 ``[B, H, S, D]`` Q, K, V (any strides, unit stride on D) -> bf16
+    ``[B, H, Sq, D]`` stored as ``[B, Sq, H, D]`` (what the output projection reads): the recipe of the
+    module docstring. The quantization and the dequantization are plain torch, so in a compiled block
+    inductor fuses their passes over Q, K, V and O; cuDNN's part is the op ``wanexp::cudnn_fp8_sdpa``.
+    The caller checks :func:`available` and :func:`supports`."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    q8, k8, v8, s_q, s_k, s_v = quantize_qkv(q, k, v)
+    o8 = torch.ops.wanexp.cudnn_fp8_sdpa(q8, k8, v8, s_q, s_k, s_v, scale)
+    return (o8.float() / s_v).to(q.dtype)
 
 
 __all__ = ["E4M3_MAX", "HEAD_DIM_MAX", "HEAD_DIM_MULTIPLE", "P_SCALE", "available", "cudnn_fp8_attention",
-           "fp8_attention", "quantize_qkv", "supports", "tensor_scale", "to_e4m3"]
+           "quantize_qkv", "supports", "tensor_scale", "to_e4m3"]
