@@ -146,8 +146,8 @@ def write_report(record: dict, clips, mae: dict, frame_mae: dict, gen_s: float) 
               "the clip as its caption says): " + ", ".join(f"{k} {np.mean(v):.1f}" for k, v in mae.items()) + ".", "",
               "Per frame (1-5), mean absolute error (8-bit) against the drawn clip, over the 4 prompts: "
               + "; ".join(f"{k} {' / '.join(f'{x:.1f}' for x in np.mean(v, axis=0))}" for k, v in frame_mae.items())
-              + ". Where the generated frames come as close as the VAE's round trip of the clip itself, the "
-              "denoisers are not what limits the picture: the VAE is.", ""]
+              + ". The round trip is what the VAE loses; the gap from it to the generated frames is what the "
+              "denoisers lose.", ""]
     (RESULTS / "tiny_proxy_cpu.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
