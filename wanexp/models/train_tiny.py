@@ -42,16 +42,20 @@ class TrainConfig:
     heldout_clips: int = 64
     # The VAE trains in two phases. Wan's VAE is causal: frame 0 of a clip is encoded and decoded
     # alone, so 1-frame clips (any frame of any clip) train the spatial path at full size cheaply;
-    # then whole clips train the temporal path on top of it.
-    vae_image_steps: int = 1200
-    vae_image_batch: int = 16
-    vae_steps: int = 200          # whole-clip steps
-    vae_batch: int = 4
+    # then whole clips train the temporal path on top of it. Small batches, many steps: at the same
+    # compute, 1200 steps x 4 frames reach 20.1 dB held-out where 300 x 16 reach 19.1 (and 2400 x 2, 19.4).
+    vae_image_steps: int = 3600
+    vae_image_batch: int = 4
+    vae_steps: int = 600          # whole-clip steps
+    vae_batch: int = 2
     vae_crop: int = 64            # whole-clip steps see random crops of this size (64 = the full frame)
     vae_lr: float = 2e-3
     vae_l1: float = 1.0           # weight of the L1 term beside the MSE (sharper edges than MSE alone)
     vae_mean_penalty: float = 1e-4  # weight of the mean square latent (keeps its scale bounded)
-    expert_steps: int = 600
+    # noise added to the latent before decoding in training, relative to the latent's own std: the decoder
+    # must tolerate latents that are a little off, as a denoiser's are (scale-free, unlike a KL)
+    vae_latent_noise: float = 0.15
+    expert_steps: int = 1000
     expert_batch: int = 48
     expert_lr: float = 1e-3
     caption_dropout: float = 0.1
@@ -92,8 +96,8 @@ def train_vae(vae, videos: torch.Tensor, cfg: TrainConfig, gen: torch.Generator,
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     losses = {"image": _vae_phase(vae, opt, lambda: _frames_batch(videos, cfg.vae_image_batch, gen),
-                                  cfg.vae_image_steps, cfg, "vae frames", log),
-              "clip": _vae_phase(vae, opt, lambda: _clips_batch(videos, cfg, gen), cfg.vae_steps, cfg,
+                                  cfg.vae_image_steps, cfg, gen, "vae frames", log),
+              "clip": _vae_phase(vae, opt, lambda: _clips_batch(videos, cfg, gen), cfg.vae_steps, cfg, gen,
                                  "vae clips", log)}
     vae.eval()
     return losses
@@ -114,7 +118,8 @@ def _clips_batch(videos: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -
     return videos[idx][..., y0:y0 + c, x0:x0 + c]
 
 
-def _vae_phase(vae, opt, batches, steps: int, cfg: TrainConfig, label: str, log) -> list[float]:
+def _vae_phase(vae, opt, batches, steps: int, cfg: TrainConfig, gen: torch.Generator, label: str,
+               log) -> list[float]:
     losses = []
     for step in range(steps):
         _set_lr(opt, cfg.vae_lr, step, steps)
@@ -123,7 +128,8 @@ def _vae_phase(vae, opt, batches, steps: int, cfg: TrainConfig, label: str, log)
         # sampling from a fresh encoder's unit-variance posterior drowns the latent in noise for
         # hundreds of steps; a small penalty on the mean keeps the latent's scale bounded instead of a KL
         mean = vae.encode(x).latent_dist.mode()
-        recon = vae.decode(mean).sample
+        noise = torch.randn(mean.shape, generator=gen) * (cfg.vae_latent_noise * mean.detach().std())
+        recon = vae.decode(mean + noise).sample
         loss = (F.mse_loss(recon, x) + cfg.vae_l1 * F.l1_loss(recon, x)
                 + cfg.vae_mean_penalty * mean.pow(2).mean())
         _step(opt, loss, vae.parameters())
