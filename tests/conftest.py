@@ -31,6 +31,38 @@ def tiny_pipe(cache_dir):
     return load_pipeline({"name": "tiny", "dtype": "bf16"}, cache_dir)
 
 
+@pytest.fixture(scope="module")
+def tiny_expert(tiny_pipe):
+    """A bf16 copy of the tiny high-noise transformer (one per test module), for collector tests."""
+    import copy
+    return copy.deepcopy(tiny_pipe.transformer).float().to(torch.bfloat16)
+
+
+@pytest.fixture(scope="session")
+def collect_block0():
+    """``collect(model, needs, timesteps, **collector_options) -> (stats, layers)``: an
+    ActivationCollector on block 0's linears of a tiny expert (two bins, split at t = 500), one
+    seeded tiny forward per timestep."""
+    def collect(model, needs, timesteps, **options):
+        from wanexp.calib import ActivationCollector, CalibStats
+        from wanexp.quant.context import TimestepBins, TimestepContext
+        layers = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("blocks.0.")]
+        ctx = TimestepContext(bins=TimestepBins((500.0,)))
+        stats = CalibStats()
+        col = ActivationCollector("high_noise", model, layers, ctx, list(needs), stats, max_tokens=16, **options)
+        g = torch.Generator().manual_seed(0)
+        for t in timesteps:
+            ctx.set_timestep(t)
+            x = torch.randn(1, 36, 2, 8, 8, generator=g).to(torch.bfloat16)
+            text = torch.randn(1, 12, 64, generator=g).to(torch.bfloat16)
+            with torch.no_grad():
+                model(hidden_states=x, timestep=torch.tensor([t]), encoder_hidden_states=text, return_dict=False)
+        col.check()
+        col.remove()
+        return stats, layers
+    return collect
+
+
 @pytest.fixture
 def cli(cache_dir, tmp_path):
     """Run ``python -m wanexp ARGS`` in a subprocess with outputs under tmp_path; returns CompletedProcess."""

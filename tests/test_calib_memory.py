@@ -60,33 +60,18 @@ def test_the_transient_bound_at_a14b_size():
     assert before / observe_transient_bytes(rows, channels) > 14
 
 
-def _collect(model, chunk_rows: int, needs=("absmax", "sumsq", "hessian", "tokens")):
-    layers = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("blocks.0.")]
-    ctx = TimestepContext(bins=TimestepBins((500.0,)))
-    stats = CalibStats()
-    col = ActivationCollector("high_noise", model, layers, ctx, list(needs), stats, max_tokens=16,
+@pytest.fixture
+def collect(collect_block0, tiny_expert):
+    def run(chunk_rows: int):
+        return collect_block0(tiny_expert, ("absmax", "sumsq", "hessian", "tokens"), (900.0, 300.0, 300.0),
                               trace_layers=["blocks.0.ffn.net.2", "blocks.0.attn1.to_k"], trace_tokens=64,
                               chunk_rows=chunk_rows)
-    g = torch.Generator().manual_seed(0)
-    for t in (900.0, 300.0, 300.0):
-        ctx.set_timestep(t)
-        x = torch.randn(1, 36, 2, 8, 8, generator=g).to(torch.bfloat16)
-        text = torch.randn(1, 12, 64, generator=g).to(torch.bfloat16)
-        with torch.no_grad():
-            model(hidden_states=x, timestep=torch.tensor([t]), encoder_hidden_states=text, return_dict=False)
-    col.check()
-    col.remove()
-    return stats, layers
+    return run
 
 
-@pytest.fixture(scope="module")
-def expert(tiny_pipe):
-    return copy.deepcopy(tiny_pipe.transformer).float().to(torch.bfloat16)
-
-
-def test_the_collector_records_the_same_statistics_in_chunks_of_5_rows(expert):
-    chunked, layers = _collect(expert, chunk_rows=5)   # 32 tokens a forward: 7 chunks
-    whole, _ = _collect(expert, chunk_rows=1 << 30)
+def test_the_collector_records_the_same_statistics_in_chunks_of_5_rows(collect):
+    chunked, layers = collect(chunk_rows=5)   # 32 tokens a forward: 7 chunks
+    whole, _ = collect(chunk_rows=1 << 30)
     for layer in layers:
         for b in (ALL_BINS, 0, 1):
             c, w = chunked.get("high_noise", layer, b), whole.get("high_noise", layer, b)
@@ -101,7 +86,7 @@ def test_the_collector_records_the_same_statistics_in_chunks_of_5_rows(expert):
         tc, tw = chunked.trace[k].tensors(), whole.trace[k].tensors()
         assert all(torch.equal(tc[s], tw[s]) for s in tc), k
     with pytest.raises(ValueError, match="chunk_rows"):
-        _collect(expert, chunk_rows=0)
+        collect(chunk_rows=0)
 
 
 def test_the_skipped_expert_still_offloads_the_component_before_it():

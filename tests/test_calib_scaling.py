@@ -17,7 +17,7 @@ from wanexp.calib.collect import ALL_BINS, PackedGram, input_groups
 from wanexp.calib.trajectory import ExpertSplit, expert_steps
 from wanexp.formats import get_format
 from wanexp.models import experts, install_timestep_hooks
-from wanexp.quant.context import TimestepBins, TimestepContext
+from wanexp.quant.context import TimestepContext
 from wanexp.quant.gptq import gptq
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,33 +58,17 @@ def test_expert_by_expert_trajectories_equal_the_uninterrupted_one(tiny_pipe, tm
     assert (tmp_path / "boundary" / "s0.pt").is_file()
 
 
-def _block_collect(model, share: bool, stride: int = 1, seed=0):
-    layers = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("blocks.0.")]
-    ctx = TimestepContext(bins=TimestepBins((500.0,)))
-    stats = CalibStats()
-    col = ActivationCollector("high_noise", model, layers, ctx, ["absmax", "hessian", "tokens"], stats,
-                              max_tokens=16, share_inputs=share, hessian_stride=stride)
-    g = torch.Generator().manual_seed(seed)
-    inputs = []
-    for t in (900.0, 300.0):
-        ctx.set_timestep(t)
-        x = torch.randn(1, 36, 2, 8, 8, generator=g).to(torch.bfloat16)
-        text = torch.randn(1, 12, 64, generator=g).to(torch.bfloat16)
-        model(hidden_states=x, timestep=torch.tensor([t]), encoder_hidden_states=text, return_dict=False)
-        inputs.append((x, text))
-    col.check()
-    col.remove()
-    return stats, layers
+@pytest.fixture
+def block_collect(collect_block0, tiny_expert):
+    def run(share: bool, stride: int = 1):
+        return collect_block0(tiny_expert, ("absmax", "hessian", "tokens"), (900.0, 300.0), share_inputs=share,
+                              hessian_stride=stride)
+    return run
 
 
-@pytest.fixture(scope="module")
-def expert(tiny_pipe):
-    return copy.deepcopy(tiny_pipe.transformer).float().to(torch.bfloat16)
-
-
-def test_layers_reading_one_tensor_share_one_record_equal_to_separate_ones(expert):
-    shared, layers = _block_collect(expert, share=True)
-    separate, _ = _block_collect(expert, share=False)
+def test_layers_reading_one_tensor_share_one_record_equal_to_separate_ones(block_collect):
+    shared, layers = block_collect(share=True)
+    separate, _ = block_collect(share=False)
     groups = input_groups(layers)
     assert groups["blocks.0.attn1.to_k"] == groups["blocks.0.attn1.to_v"] == "blocks.0.attn1.to_q"
     assert groups["blocks.0.attn2.to_v"] == "blocks.0.attn2.to_k" and groups["blocks.0.attn2.to_q"] == "blocks.0.attn2.to_q"
@@ -115,8 +99,8 @@ def test_packed_gram_is_the_full_symmetric_matrix_in_about_half_the_memory():
     assert gram.nbytes / (1100 * 1100 * 4) < 0.62  # 5 panels of 256 rows: 15 of 25 tiles
 
 
-def test_saved_statistics_round_trip_with_aliases_and_packed_hessians(expert, tmp_path):
-    stats, layers = _block_collect(expert, share=True)
+def test_saved_statistics_round_trip_with_aliases_and_packed_hessians(block_collect, tmp_path):
+    stats, layers = block_collect(share=True)
     stats.save(tmp_path / "s.safetensors")
     back = CalibStats.load(tmp_path / "s.safetensors")
     for layer in layers:
@@ -166,13 +150,13 @@ def test_a_hessian_of_one_token_in_four_keeps_gptqs_error_within_3_percent_of_th
     assert sub <= 1.03 * full, (sub, full, rtn)
 
 
-def test_the_collector_subsamples_hessian_tokens_uniformly(expert):
+def test_the_collector_subsamples_hessian_tokens_uniformly(block_collect, tiny_expert):
     """hessian_stride=4: every 4th token of each call, the offset rotating from call to call."""
     seen = []
-    handle = expert.get_submodule("blocks.0.ffn.net.2").register_forward_pre_hook(
+    handle = tiny_expert.get_submodule("blocks.0.ffn.net.2").register_forward_pre_hook(
         lambda m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1]).float()))
     try:
-        sub, _ = _block_collect(expert, share=True, stride=4)
+        sub, _ = block_collect(share=True, stride=4)
     finally:
         handle.remove()
     want = torch.zeros(128, 128)
