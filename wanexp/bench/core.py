@@ -36,7 +36,6 @@ from wanexp.models import held_bytes
 from wanexp.models.a14b_random import A14B_TRANSFORMER, build_expert
 from wanexp.quant.api import fallback_counts, quantize_
 from wanexp.quant.context import TimestepBins, TimestepContext
-from wanexp.quant.linear import QuantLinear
 from wanexp.quant.targets import select_targets
 
 GB = 1e9

@@ -201,7 +201,7 @@ def run_whole_video(cfg: dict, device: torch.device, log: Callable[[str], None] 
     result["build_s"] = time.perf_counter() - t0
     contexts: dict[str, TimestepContext] = {}
     for precision in list(cfg.get("precisions", ["bf16", "w4a4"])):
-        base, _, attention = precision.partition("+attn_")   # e.g. "w4a4+attn_fp8_cudnn": quantized attention too
+        base = precision.partition("+attn_")[0]   # e.g. "w4a4+attn_fp8_cudnn": quantized attention too (attention_scope)
         hooks = []
         if base == "w4a4":
             if "quantized_linears" not in result:  # the experts stay quantized for any later W4A4 precision
