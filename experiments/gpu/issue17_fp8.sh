@@ -90,6 +90,14 @@ round9)  # session 5, last device minutes: fp8_cudnn with its quantization outsi
     "bench.paths=[bf16_compiled,fused_fp8+attn_fp8_cudnn_compiled]" \
     "bench.resolutions=[{name: 720p, height: 720, width: 1280, frames: 61}]" bench.out_dir="$OUT" > "$OUT/bench_round9.log" 2>&1
   grep "s/forward\|Error\|error" "$OUT/bench_round9.log" | tail -8 ;;
+round10)  # session 6: what bounds the activation quantizer (experiments/gpu/act_quant_probe.py: division, tiles,
+  # a whole-rows kernel), the current linear piece by piece, then the whole video with round 9's fp8_cudnn
+  timeout 170 python3 experiments/gpu/act_quant_probe.py --out "$OUT" 2>&1 | tee "$OUT/act_quant_probe.log" | grep -v "^  tile" | tail -24
+  timeout 80 python3 experiments/gpu/linear_bench.py --out "$OUT" 2>&1 | tee "$OUT/linear_bench.log" | tail -4
+  TORCH_LOGS=recompiles timeout 300 python3 -m wanexp.bench bench=video_a14b bench.name=video_a14b_fp8_cudnn bench.out_dir="$OUT" \
+    "bench.whole_video.precisions=[w4a4+attn_fp8_cudnn]" "bench.whole_video.check=[]" > "$OUT/bench_video.log" 2>&1
+  echo "recompiles: $(grep -c 'Recompiling function' "$OUT/bench_video.log")"
+  grep -v "__recompiles" "$OUT/bench_video.log" | grep "video\|Error\|error\|Killed" | tail -20 ;;
 video)  # the whole video at the papers' setting, BF16 and W4A4 (FP8 path), compiled (bench_conf/bench/video_a14b.yaml)
   TORCH_LOGS=recompiles timeout 570 python3 -m wanexp.bench bench=video_a14b bench.out_dir="$OUT" "${@:2}" > "$OUT/bench_video.log" 2>&1
   echo "recompiles: $(grep -c 'Recompiling function' "$OUT/bench_video.log")"
