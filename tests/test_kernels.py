@@ -229,6 +229,9 @@ def _check_fp8_fold(m, k, n, device):
             ref = fold_reference(pk.data["codes"], pk.data["scales"])
             assert torch.equal(out["values"].view(torch.uint8), ref["values"].view(torch.uint8)), (rule, rho)
             assert torch.equal(out["spread"], ref["spread"]) and torch.equal(out["scale"], ref["scale"]), (rule, rho)
+            assert torch.equal(out["exponent"], ref["exponent"]), (rule, rho)
+            if sm is not None:
+                assert torch.equal(out["xs"].view(torch.int16), xs.view(torch.int16)), (rule, rho)
             assert int((ref["spread"] <= 14).sum()) >= 4 and int((ref["spread"] > 14).sum()) >= 1  # both kinds
 
 
@@ -498,23 +501,22 @@ def test_gpu_quantizer_tiles_are_bit_identical_and_the_picked_one_is_a_candidate
     """Every tile of the memory-bound quantizers gives the same bits (the default tile's, which the
     tests above check against the formats), above SMALL_M_TOKENS where the picker times them."""
     from wanexp.kernels import mxfp4
-    from wanexp.kernels.mxfp4_fp8 import act_quant_fp8
+    from wanexp.kernels.mxfp4_fp8 import FP8_ACT_TILES, act_quant_fp8
     m, k = mxfp4.SMALL_M_TOKENS + 1000, 5120
     x = _act_input(m, k, "cuda")
     smooth = (torch.rand(k, generator=torch.Generator().manual_seed(1)) * 4 + 0.25).cuda()
     table = torch.tensor([0.5, 0.8], device="cuda")
-    default = (mxfp4.ROWMAX_TILES[0], mxfp4.ACT_TILES[0])
-    ref8 = act_quant_fp8(x, table, 1, smooth, write_xs=True, tiles=default)
+    ref8 = act_quant_fp8(x, table, 1, smooth, write_xs=True, tiles=FP8_ACT_TILES[0])
     ref = mxfp4.act_quant(x, table, 1, smooth, write_xs=True, write_codes=True, tiles=mxfp4.ACT_TILES[0])
-    for i, tiles in enumerate(mxfp4.ACT_TILES):
-        out8 = act_quant_fp8(x, table, 1, smooth, write_xs=True,
-                             tiles=(mxfp4.ROWMAX_TILES[i % len(mxfp4.ROWMAX_TILES)], tiles))
-        out = mxfp4.act_quant(x, table, 1, smooth, write_xs=True, write_codes=True, tiles=tiles)
-        for key in ("values", "scale", "spread", "xs"):
+    for tiles in FP8_ACT_TILES:
+        out8 = act_quant_fp8(x, table, 1, smooth, write_xs=True, tiles=tiles)
+        for key in ("values", "scale", "spread", "exponent", "xs"):
             assert torch.equal(out8[key].view(torch.uint8), ref8[key].view(torch.uint8)), (tiles, key)
+    for tiles in mxfp4.ACT_TILES:
+        out = mxfp4.act_quant(x, table, 1, smooth, write_xs=True, write_codes=True, tiles=tiles)
         for key in ("xq", "xs", "codes", "scales"):
             assert torch.equal(out[key].view(torch.uint8), ref[key].view(torch.uint8)), (tiles, key)
     picked = act_quant_fp8(x, table, 1, smooth, write_xs=True)
     assert all(torch.equal(picked[key].view(torch.uint8), ref8[key].view(torch.uint8)) for key in ("values", "spread"))
     chosen = [v for kk, v in mxfp4._tiles_tuned.items() if kk[1] == m]
-    assert chosen and all(v in mxfp4.ACT_TILES or v in mxfp4.ROWMAX_TILES for v in chosen)
+    assert chosen and all(v in mxfp4.ACT_TILES or v in FP8_ACT_TILES for v in chosen)

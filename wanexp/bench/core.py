@@ -73,7 +73,7 @@ _CATEGORIES: list[tuple[str, Callable[[str], bool]]] = [
     ("attention (flash/SDPA)", lambda n: any(s in n.lower() for s in ("flash", "fmha", "attention", "sdpa", "cudnn"))),
     ("fused W4A4 GEMM (Triton)", lambda n: "_mxfp4_gemm_kernel" in n),
     ("activation quantizer (Triton)", lambda n: any(s in n for s in ("_act_quant_kernel", "_row_absmax_kernel",
-                                                                      "_act_rows_kernel"))),
+                                                                      "_act_fp8_kernel"))),
     ("FP8 fold of the weight (Triton)", lambda n: "_fold_weight_kernel" in n),
     ("cuBLAS GEMMs (bf16 linears, low-rank)", lambda n: any(s in n.lower() for s in ("gemm", "xmma", "cutlass", "cublas", "nvjet", "matmul"))),
 ]

@@ -115,7 +115,7 @@ def _smooth_div(x, s, FAST_DIV: tl.constexpr):
     if FAST_DIV:
         r = tl.math.div_rn(1.0, s)
         q = x * r
-        return tl.fma(tl.fma(-q, s, x), r, q)
+        return tl.where(tl.abs(q) == float("inf"), q, tl.fma(tl.fma(-q, s, x), r, q))  # overflow stays inf
     else:
         return tl.math.div_rn(x, s)
 
@@ -155,10 +155,9 @@ def _block_exponent(amax, CEIL: tl.constexpr):
 
 @triton.jit
 def _act_quant_kernel(x_ptr, smooth_ptr, clip_ptr, bin_idx, xq_ptr, xs_ptr, codes_ptr, scales_ptr,
-                      rowmax_ptr, a8_ptr, spread_ptr,
                       M, K, stride_xm, stride_qm,
                       HAS_SMOOTH: tl.constexpr, CEIL: tl.constexpr, WRITE_XQ: tl.constexpr,
-                      WRITE_XS: tl.constexpr, WRITE_CODES: tl.constexpr, WRITE_FP8: tl.constexpr,
+                      WRITE_XS: tl.constexpr, WRITE_CODES: tl.constexpr,
                       BLOCK_M: tl.constexpr, NB: tl.constexpr, FAST_DIV: tl.constexpr = False):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -203,12 +202,6 @@ def _act_quant_kernel(x_ptr, smooth_ptr, clip_ptr, bin_idx, xq_ptr, xs_ptr, code
         srows = rm[:, None]
         tl.store(scales_ptr + srows.to(tl.int64) * (K // 32) + rb[None, :], (e + 127).to(tl.uint8),
                  mask=(srows < M) & (rb[None, :] < K // 32))
-    if WRITE_FP8:  # the row-folded E4M3 operand (wanexp.kernels.mxfp4_fp8): q · 2^(HEADROOM − (S − e))
-        S = _block_exponent(tl.load(rowmax_ptr + rm, mask=rm < M, other=0.0) * rho, CEIL)  # the row's top e
-        d = tl.maximum(S[:, None] - e, 0)                              # >= 0 on every block with a code
-        live = (tl.max(q, axis=2) > 0) & (rb[None, :] < K // 32)
-        tl.atomic_max(spread_ptr + rm, tl.max(tl.where(live, d, 0), axis=1), mask=rm < M)
-        tl.store(a8_ptr + rows.to(tl.int64) * K + cols, _e4m3_bits(q, d[:, :, None], neg), mask=mask)
 
 
 # Tiles of the memory-bound quantizer kernels, each element's result independent of them (so
@@ -267,10 +260,10 @@ def act_quant(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int = 0, smoot
         block_m, nb, warps = tiles
         grid = (triton.cdiv(M, block_m), triton.cdiv(K // 32, nb))
         _act_quant_kernel[grid](x, smooth if smooth is not None else dummy, clip_table, int(bin_idx),
-                                xq, xs, codes, scales, dummy, dummy, dummy, M, K, x.stride(0),
+                                xq, xs, codes, scales, M, K, x.stride(0),
                                 xq.stride(0) if write_xq else K,
                                 HAS_SMOOTH=smooth is not None, CEIL=scale_rule == "ceil", WRITE_XQ=write_xq,
-                                WRITE_XS=write_xs, WRITE_CODES=write_codes, WRITE_FP8=False, BLOCK_M=block_m,
+                                WRITE_XS=write_xs, WRITE_CODES=write_codes, BLOCK_M=block_m,
                                 NB=nb, num_warps=warps)
     launch(tiles or pick_tiles(("act", M, K, smooth is not None, write_xq, write_xs, write_codes), ACT_TILES, launch, x))
     if write_xq:

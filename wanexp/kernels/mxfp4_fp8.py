@@ -32,7 +32,7 @@ computed by the bf16 path (exact upcast, as the reference), and the layer counts
 reports them).
 
 Everything here has its plain-torch reference (:func:`fold_reference`), against which the Triton
-activation quantizer's FP8 output (``_act_quant_kernel`` with ``WRITE_FP8``) and the weight fold
+activation quantizer's FP8 output (``_act_fp8_kernel``) and the weight fold
 (``_fold_weight_kernel``) are bit-exact (tests/test_kernels.py, in Triton's interpreter on CPU and
 compiled on a GPU). The weight is folded per call into a transient E4M3 buffer (N·K bytes, half
 the bf16 upcast path's), so the model still holds only the packed weight; the row exponents and
@@ -45,8 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
-from wanexp.kernels.mxfp4 import (ACT_TILES, ROWMAX_TILES, _act_quant_kernel, _e4m3_bits, _row_absmax_kernel, act_quant,
-                                  dequant_weight, pick_tiles)
+from wanexp.kernels.mxfp4 import (_block_exponent, _e4m3_bits, _smooth_div, _to_bf16_rne, act_quant, dequant_weight,
+                                  pick_tiles)
 
 HEADROOM = 6      # H: 12 · 2^(H-1) = 384 <= 448, the E4M3 maximum
 MAX_SPREAD = 14   # H + 8: the widest block-exponent span of a row that folds exactly
@@ -132,60 +132,109 @@ def fold_weight(codes: torch.Tensor, scales: torch.Tensor, exponent: torch.Tenso
     return out.view(torch.float8_e4m3fn)
 
 
+@triton.jit
+def _bf16(v, HW: tl.constexpr):
+    """fp32 -> bf16, RNE: the hardware cast on a GPU, the bit-built one in Triton's interpreter (whose casts truncate)."""
+    if HW:
+        return v.to(tl.bfloat16)
+    else:
+        return _to_bf16_rne(v)
+
+
+@triton.jit
+def _act_fp8_kernel(x_ptr, smooth_ptr, clip_ptr, bin_idx, xs_ptr, a8_ptr, scale_ptr, spread_ptr, exp_ptr,
+                    M, K, stride_xm, HAS_SMOOTH: tl.constexpr, WRITE_XS: tl.constexpr, CEIL: tl.constexpr,
+                    HW: tl.constexpr, BLOCK_M: tl.constexpr, NB: tl.constexpr):
+    """BLOCK_M whole rows of x, two passes over K: the row maximum of |x_s| (which fixes S), then the
+    quantizer writing E4M3 bits, x_s on request, and each row's spread, S and scale 2^(S − H). The
+    second pass reads x mostly from L2, so HBM sees one read. HW (on a GPU): the hardware bf16 and
+    E4M3 casts (both RNE, as the bit-built ones of the interpreter) and the reciprocal division."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = rm[:, None, None]
+    rb = tl.arange(0, NB)
+    re = tl.arange(0, 32)
+    rho = tl.load(clip_ptr + bin_idx)
+    top = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, NB * 32):                                   # pass 1: max_k |x / s| in fp32
+        cols = k0 + rb[None, :, None] * 32 + re[None, None, :]
+        mask = (rows < M) & (cols < K)
+        v = tl.load(x_ptr + rows.to(tl.int64) * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SMOOTH:
+            v = _smooth_div(v, tl.load(smooth_ptr + cols, mask=cols < K, other=1.0), HW)
+        top = tl.maximum(top, tl.max(tl.max(tl.abs(v), axis=2), axis=1))
+    if HAS_SMOOTH:   # rounding is monotonic: the largest |bf16(x / s)| is bf16 of the largest |x / s|
+        top = _bf16(top, HW).to(tl.float32)
+    S = _block_exponent(top * rho, CEIL)                              # the row's top block exponent
+    spread = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    for k0 in range(0, K, NB * 32):                                   # pass 2: the quantizer
+        cols = k0 + rb[None, :, None] * 32 + re[None, None, :]
+        mask = (rows < M) & (cols < K)
+        x = tl.load(x_ptr + rows.to(tl.int64) * stride_xm + cols, mask=mask, other=0.0)
+        if HAS_SMOOTH:
+            xs = _bf16(_smooth_div(x.to(tl.float32), tl.load(smooth_ptr + cols, mask=cols < K, other=1.0), HW), HW)
+            if WRITE_XS:
+                tl.store(xs_ptr + rows.to(tl.int64) * K + cols, xs, mask=mask)
+            v = xs.to(tl.float32)
+        else:
+            v = x.to(tl.float32)
+        e = _block_exponent(tl.max(tl.abs(v), axis=2) * rho, CEIL)    # [BLOCK_M, NB], as _act_quant_kernel
+        inv = tl.where(e == 127, 1 << 22, (127 - e) << 23).to(tl.float32, bitcast=True)
+        y = v * inv[:, :, None]
+        t = tl.minimum(tl.abs(y), 8.0)
+        step = tl.where(t < 2.0, 0.5, tl.where(t < 4.0, 1.0, 2.0))
+        q = tl.minimum(((t * (1.0 / step) + 8388608.0) - 8388608.0) * step, 6.0)   # E2M1, RNE
+        neg = y.to(tl.int32, bitcast=True) < 0
+        d = tl.maximum(S[:, None] - e, 0)                             # >= 0 on every block with a code
+        live = (tl.max(q, axis=2) > 0) & ((k0 // 32 + rb)[None, :] < K // 32)
+        spread = tl.maximum(spread, tl.max(tl.where(live, d, 0), axis=1))
+        if HW:   # ±q · 2^(H − d), exact while d <= MAX_SPREAD, RNE beyond (the cast); -0 written as +0
+            p = ((127 + 6 - tl.minimum(d, 40)) << 23).to(tl.float32, bitcast=True)[:, :, None]
+            mag = q * p
+            bits = tl.where(neg & (q > 0), -mag, mag).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+        else:
+            bits = _e4m3_bits(q, d[:, :, None], neg)
+        tl.store(a8_ptr + rows.to(tl.int64) * K + cols, bits, mask=mask)
+    live_rows = rm < M
+    tl.store(spread_ptr + rm, spread, mask=live_rows)
+    tl.store(exp_ptr + rm, S, mask=live_rows)
+    g = S - 6                                                         # 2^(S − H) from its bits; subnormal below 2^-126
+    scale_bits = tl.where(g >= -126, (g + 127) << 23, 1 << tl.maximum(g + 149, 0))
+    tl.store(scale_ptr + rm, scale_bits.to(tl.float32, bitcast=True), mask=live_rows)
+
+
+# (BLOCK_M rows, NB 32-blocks a step, warps) of _act_fp8_kernel; every choice gives the same bits (tested).
+FP8_ACT_TILES = [(4, 16, 4), (2, 32, 4), (8, 8, 4), (8, 16, 8), (16, 8, 8), (4, 8, 4), (16, 4, 4)]
+
+
 def act_quant_fp8(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int = 0, smooth: torch.Tensor | None = None,
                   *, scale_rule: str = "floor", write_xs: bool = False,
-                  tiles: tuple[tuple, tuple] | None = None) -> dict[str, torch.Tensor]:
+                  tiles: tuple[int, int, int] | None = None) -> dict[str, torch.Tensor]:
     """MXFP4-quantize the rows of bf16 ``x [M, K]`` straight into the folded FP8 operand: ``values``
-    (float8_e4m3fn [M, K]), ``scale`` (fp32 [M], 2^(S − H)), ``spread`` (int32 [M]) and, on
-    request, ``xs`` (the smoothed bf16 input). Two kernels: each row's max |x_s| (which fixes S,
-    the exponent rule being monotonic), then the quantizer writing E4M3 bits. ``tiles`` pins
-    (one of ROWMAX_TILES, one of ACT_TILES); by default the fastest is picked per shape."""
+    (float8_e4m3fn [M, K]), ``scale`` (fp32 [M], 2^(S − H)), ``spread`` and ``exponent`` (S) (int32
+    [M]) and, on request, ``xs`` (the smoothed bf16 input). One kernel (``_act_fp8_kernel``: whole
+    rows, two passes over K). ``tiles`` pins one of :data:`FP8_ACT_TILES`; by default the fastest
+    is picked per shape."""
     assert x.dim() == 2 and x.dtype == torch.bfloat16 and x.stride(1) == 1
     M, K = x.shape
     assert K % 32 == 0, "the fused activation quantizer needs K % 32 == 0"
     write_xs = write_xs and smooth is not None
-    dummy = x.new_empty(1)
-    sm = smooth if smooth is not None else dummy
-    rowmax = torch.empty(M, device=x.device, dtype=torch.float32)
+    out = {"values": torch.empty(M, K, device=x.device, dtype=torch.uint8),
+           "scale": torch.empty(M, device=x.device, dtype=torch.float32),
+           "spread": torch.empty(M, device=x.device, dtype=torch.int32),
+           "exponent": torch.empty(M, device=x.device, dtype=torch.int32)}
+    xs = x.new_empty(M, K) if write_xs else x
 
-    def rowmax_launch(t):
-        block_m, block_k, warps = t
-        _row_absmax_kernel[(triton.cdiv(M, block_m),)](x, sm, rowmax, M, K, x.stride(0), HAS_SMOOTH=smooth is not None,
-                                                       BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps)
-    rowmax_launch(tiles[0] if tiles else pick_tiles(("rowmax", M, K, smooth is not None), ROWMAX_TILES, rowmax_launch, x))
-    a8 = torch.empty(M, K, device=x.device, dtype=torch.uint8)
-    spread = torch.zeros(M, device=x.device, dtype=torch.int32)
-    xs = x.new_empty(M, K) if write_xs else dummy
-
-    def quant_launch(t):  # spread is an atomic max: a repeated launch leaves it as one launch does
+    def launch(t):
         block_m, nb, warps = t
-        grid = (triton.cdiv(M, block_m), triton.cdiv(K // 32, nb))
-        _act_quant_kernel[grid](x, sm, clip_table, int(bin_idx), dummy, xs, dummy, dummy, rowmax, a8, spread,
-                                M, K, x.stride(0), K, HAS_SMOOTH=smooth is not None, CEIL=scale_rule == "ceil",
-                                WRITE_XQ=False, WRITE_XS=write_xs, WRITE_CODES=False, WRITE_FP8=True,
-                                BLOCK_M=block_m, NB=nb, num_warps=warps)
-    quant_launch(tiles[1] if tiles else pick_tiles(("act_fp8", M, K, smooth is not None, write_xs), ACT_TILES,
-                                                   quant_launch, x))
-    # the row scale 2^(S − H) from S = e(rowmax · rho), as the kernel computes S
-    rho = clip_table[int(bin_idx)]
-    S = _exponent_torch(rowmax * rho, scale_rule)
-    out = {"values": a8.view(torch.float8_e4m3fn), "scale": torch.ldexp(torch.ones_like(rowmax), (S - HEADROOM).float()),
-           "spread": spread, "exponent": S}
+        _act_fp8_kernel[(triton.cdiv(M, block_m),)](
+            x, smooth if smooth is not None else x, clip_table, int(bin_idx), xs, out["values"], out["scale"],
+            out["spread"], out["exponent"], M, K, x.stride(0), HAS_SMOOTH=smooth is not None, WRITE_XS=write_xs,
+            CEIL=scale_rule == "ceil", HW=x.is_cuda, BLOCK_M=block_m, NB=nb, num_warps=warps)
+    launch(tiles or pick_tiles(("act_fp8", M, K, smooth is not None, write_xs), FP8_ACT_TILES, launch, x))
+    out["values"] = out["values"].view(torch.float8_e4m3fn)
     if write_xs:
         out["xs"] = xs
     return out
-
-
-def _exponent_torch(amax: torch.Tensor, scale_rule: str) -> torch.Tensor:
-    """The quantizer's block-exponent rule on fp32 values (see wanexp.kernels.mxfp4, step 1)."""
-    bits = amax.view(torch.int32)
-    field = (bits >> 23) & 255
-    e = field - 129
-    if scale_rule == "ceil":
-        e = e + ((bits & 0x7FFFFF) > 0x400000).to(torch.int32)
-    e = e.clamp(-127, 127)
-    e = torch.where(field == 0, torch.where(amax > 0, -127, 0), e)
-    return torch.where(field == 255, 127, e).to(torch.int32)
 
 
 def fp8_linear(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, clip_table: torch.Tensor, bin_: int,
