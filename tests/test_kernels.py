@@ -232,6 +232,8 @@ def _check_fp8_fold(m, k, n, device):
             assert torch.equal(out["exponent"], ref["exponent"]), (rule, rho)
             if sm is not None:
                 assert torch.equal(out["xs"].view(torch.int16), xs.view(torch.int16)), (rule, rho)
+                bare = act_quant_fp8(x, torch.tensor([0.5, rho], device=device), 1, sm, scale_rule=rule)
+                assert "xs" not in bare and torch.equal(bare["values"].view(torch.uint8), ref["values"].view(torch.uint8))
             assert int((ref["spread"] <= 14).sum()) >= 4 and int((ref["spread"] > 14).sum()) >= 1  # both kinds
 
 

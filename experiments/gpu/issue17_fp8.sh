@@ -108,6 +108,17 @@ round11)  # session 6: the one-kernel FP8 activation quantizer (hardware casts, 
     "bench.paths=[bf16_compiled,fused_fp8_compiled,fused_fp8+attn_fp8_cudnn_compiled]" bench.out_dir="$OUT" > "$OUT/bench_round11.log" 2>&1
   echo "recompiles: $(grep -c 'Recompiling function' "$OUT/bench_round11.log")"
   grep -v "__recompiles" "$OUT/bench_round11.log" | grep "s/forward\|Error\|error\|quantized" | tail -12 ;;
+round12)  # session 6: the FP8 quantizer with the division once an element (x_s read back): GPU bit-exactness
+  # tests, the probe, the expert at 720p and 480p, then the whole video, fp8_cudnn first (each part cut by its timeout)
+  timeout 80 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_compile.py -m gpu \
+    -k "fp8 or tiles or layers_equal" 2>&1 | tee "$OUT/gpu_tests.log" | tail -2
+  timeout 50 python3 experiments/gpu/act_quant_probe.py --out "$OUT" 2>&1 | tee "$OUT/act_quant_probe.log" | grep -v "^  tile" | tail -8
+  TORCH_LOGS=recompiles timeout 160 python3 -m wanexp.bench bench=fp8_a14b bench.name=bench_round12 bench.profile.enabled=false \
+    "bench.paths=[bf16_compiled,fused_fp8_compiled,fused_fp8+attn_fp8_cudnn_compiled]" bench.out_dir="$OUT" > "$OUT/bench_round12.log" 2>&1
+  grep -v "__recompiles" "$OUT/bench_round12.log" | grep "s/forward\|Error\|error" | tail -8
+  TORCH_LOGS=recompiles timeout 300 python3 -m wanexp.bench bench=video_a14b bench.name=video_a14b_round12 bench.out_dir="$OUT" \
+    "bench.whole_video.precisions=[w4a4+attn_fp8_cudnn,w4a4]" "bench.whole_video.check=[]" > "$OUT/bench_video.log" 2>&1
+  grep -v "__recompiles" "$OUT/bench_video.log" | grep "video\|Error\|error\|Killed" | tail -8 ;;
 video)  # the whole video at the papers' setting, BF16 and W4A4 (FP8 path), compiled (bench_conf/bench/video_a14b.yaml)
   TORCH_LOGS=recompiles timeout 570 python3 -m wanexp.bench bench=video_a14b bench.out_dir="$OUT" "${@:2}" > "$OUT/bench_video.log" 2>&1
   echo "recompiles: $(grep -c 'Recompiling function' "$OUT/bench_video.log")"

@@ -106,24 +106,8 @@ def _e4m3_bits(q, d, neg):
 
 
 @triton.jit
-def _smooth_div(x, s, FAST_DIV: tl.constexpr):
-    """fp32 x / s, correctly rounded. FAST_DIV: one reciprocal per column (r = RN(1/s)), then
-    q = RN(x·r) corrected by one exact residual, q + RN(x − q·s)·r (Markstein's step, two FMAs),
-    which rounds as the IEEE division does (checked against ``div_rn`` over every finite bf16 x on
-    the GPU: experiments/gpu/act_quant_probe.py). Triton's CPU interpreter has no exact FMA, so
-    callers pass FAST_DIV only on a GPU."""
-    if FAST_DIV:
-        r = tl.math.div_rn(1.0, s)
-        q = x * r
-        return tl.where(tl.abs(q) == float("inf"), q, tl.fma(tl.fma(-q, s, x), r, q))  # overflow stays inf
-    else:
-        return tl.math.div_rn(x, s)
-
-
-@triton.jit
 def _row_absmax_kernel(x_ptr, smooth_ptr, out_ptr, M, K, stride_xm,
-                       HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                       FAST_DIV: tl.constexpr = False):
+                       HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """max_k |x_s[m, k]| (fp32) of each row, x_s = bf16(x / s) as the quantizer sees it."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -133,7 +117,7 @@ def _row_absmax_kernel(x_ptr, smooth_ptr, out_ptr, M, K, stride_xm,
         x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
         if HAS_SMOOTH:
             s = tl.load(smooth_ptr + cols, mask=cols < K, other=1.0)
-            v = _to_bf16_rne(_smooth_div(x.to(tl.float32), s[None, :], FAST_DIV)).to(tl.float32)
+            v = _to_bf16_rne(tl.math.div_rn(x.to(tl.float32), s[None, :])).to(tl.float32)
         else:
             v = x.to(tl.float32)
         acc = tl.maximum(acc, tl.max(tl.abs(v), axis=1))
@@ -158,7 +142,7 @@ def _act_quant_kernel(x_ptr, smooth_ptr, clip_ptr, bin_idx, xq_ptr, xs_ptr, code
                       M, K, stride_xm, stride_qm,
                       HAS_SMOOTH: tl.constexpr, CEIL: tl.constexpr, WRITE_XQ: tl.constexpr,
                       WRITE_XS: tl.constexpr, WRITE_CODES: tl.constexpr,
-                      BLOCK_M: tl.constexpr, NB: tl.constexpr, FAST_DIV: tl.constexpr = False):
+                      BLOCK_M: tl.constexpr, NB: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                       # tokens
@@ -170,7 +154,7 @@ def _act_quant_kernel(x_ptr, smooth_ptr, clip_ptr, bin_idx, xq_ptr, xs_ptr, code
     x = tl.load(x_ptr + rows.to(tl.int64) * stride_xm + cols, mask=mask, other=0.0)
     if HAS_SMOOTH:
         s = tl.load(smooth_ptr + cols, mask=cols < K, other=1.0)
-        xs = _to_bf16_rne(_smooth_div(x.to(tl.float32), s, FAST_DIV))   # reference: bf16(x.float() / s)
+        xs = _to_bf16_rne(tl.math.div_rn(x.to(tl.float32), s))          # reference: bf16(x.float() / s)
         if WRITE_XS:
             tl.store(xs_ptr + rows.to(tl.int64) * K + cols, xs, mask=mask)
         v = xs.to(tl.float32)

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from wanexp.kernels.mxfp4 import (_block_exponent, _e4m3_bits, _smooth_div, _to_bf16_rne, act_quant, dequant_weight,
+from wanexp.kernels.mxfp4 import (_block_exponent, _e4m3_bits, _to_bf16_rne, act_quant, dequant_weight,
                                   pick_tiles)
 
 HEADROOM = 6      # H: 12 · 2^(H-1) = 384 <= 448, the E4M3 maximum
@@ -145,38 +145,39 @@ def _bf16(v, HW: tl.constexpr):
 def _act_fp8_kernel(x_ptr, smooth_ptr, clip_ptr, bin_idx, xs_ptr, a8_ptr, scale_ptr, spread_ptr, exp_ptr,
                     M, K, stride_xm, HAS_SMOOTH: tl.constexpr, WRITE_XS: tl.constexpr, CEIL: tl.constexpr,
                     HW: tl.constexpr, BLOCK_M: tl.constexpr, NB: tl.constexpr):
-    """BLOCK_M whole rows of x, two passes over K: the row maximum of |x_s| (which fixes S), then the
-    quantizer writing E4M3 bits, x_s on request, and each row's spread, S and scale 2^(S − H). The
-    second pass reads x mostly from L2, so HBM sees one read. HW (on a GPU): the hardware bf16 and
-    E4M3 casts (both RNE, as the bit-built ones of the interpreter) and the reciprocal division."""
+    """BLOCK_M whole rows of x, two passes over K: the row maximum of |x_s| (which fixes S; x_s is
+    written here when asked for), then the quantizer writing E4M3 bits and each row's spread, S and
+    scale 2^(S − H). The second pass reads x_s (or x) back mostly from L2, so HBM sees one read,
+    and the IEEE division runs once an element where x_s is written. HW (on a GPU): the hardware
+    bf16 and E4M3 casts, both RNE, as the interpreter's bit-built ones."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = rm[:, None, None]
     rb = tl.arange(0, NB)
     re = tl.arange(0, 32)
     rho = tl.load(clip_ptr + bin_idx)
     top = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, NB * 32):                                   # pass 1: max_k |x / s| in fp32
+    for k0 in range(0, K, NB * 32):                                   # pass 1: max_k |x_s| (x_s written)
         cols = k0 + rb[None, :, None] * 32 + re[None, None, :]
         mask = (rows < M) & (cols < K)
-        v = tl.load(x_ptr + rows.to(tl.int64) * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SMOOTH:
-            v = _smooth_div(v, tl.load(smooth_ptr + cols, mask=cols < K, other=1.0), HW)
-        top = tl.maximum(top, tl.max(tl.max(tl.abs(v), axis=2), axis=1))
-    if HAS_SMOOTH:   # rounding is monotonic: the largest |bf16(x / s)| is bf16 of the largest |x / s|
-        top = _bf16(top, HW).to(tl.float32)
+        v = tl.load(x_ptr + rows.to(tl.int64) * stride_xm + cols, mask=mask, other=0.0)
+        if HAS_SMOOTH:   # reference: bf16(x.float() / s)
+            v = _bf16(tl.math.div_rn(v.to(tl.float32), tl.load(smooth_ptr + cols, mask=cols < K, other=1.0)), HW)
+            if WRITE_XS:
+                tl.store(xs_ptr + rows.to(tl.int64) * K + cols, v, mask=mask)
+        top = tl.maximum(top, tl.max(tl.max(tl.abs(v.to(tl.float32)), axis=2), axis=1))
     S = _block_exponent(top * rho, CEIL)                              # the row's top block exponent
+    if WRITE_XS:
+        tl.debug_barrier()                                            # pass 2 reads back what pass 1 wrote
     spread = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for k0 in range(0, K, NB * 32):                                   # pass 2: the quantizer
         cols = k0 + rb[None, :, None] * 32 + re[None, None, :]
         mask = (rows < M) & (cols < K)
-        x = tl.load(x_ptr + rows.to(tl.int64) * stride_xm + cols, mask=mask, other=0.0)
-        if HAS_SMOOTH:
-            xs = _bf16(_smooth_div(x.to(tl.float32), tl.load(smooth_ptr + cols, mask=cols < K, other=1.0), HW), HW)
-            if WRITE_XS:
-                tl.store(xs_ptr + rows.to(tl.int64) * K + cols, xs, mask=mask)
-            v = xs.to(tl.float32)
+        if WRITE_XS:
+            v = tl.load(xs_ptr + rows.to(tl.int64) * K + cols, mask=mask, other=0.0).to(tl.float32)
         else:
-            v = x.to(tl.float32)
+            v = tl.load(x_ptr + rows.to(tl.int64) * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SMOOTH:
+                v = _bf16(tl.math.div_rn(v, tl.load(smooth_ptr + cols, mask=cols < K, other=1.0)), HW).to(tl.float32)
         e = _block_exponent(tl.max(tl.abs(v), axis=2) * rho, CEIL)    # [BLOCK_M, NB], as _act_quant_kernel
         inv = tl.where(e == 127, 1 << 22, (127 - e) << 23).to(tl.float32, bitcast=True)
         y = v * inv[:, :, None]
