@@ -119,6 +119,11 @@ round12)  # session 6: the FP8 quantizer with the division once an element (x_s 
   TORCH_LOGS=recompiles timeout 300 python3 -m wanexp.bench bench=video_a14b bench.name=video_a14b_round12 bench.out_dir="$OUT" \
     "bench.whole_video.precisions=[w4a4+attn_fp8_cudnn,w4a4]" "bench.whole_video.check=[]" > "$OUT/bench_video.log" 2>&1
   grep -v "__recompiles" "$OUT/bench_video.log" | grep "video\|Error\|error\|Killed" | tail -8 ;;
+round13)  # session 6, last device minutes: the compiled FP8 path profiled at 720p beside compiled BF16, then 480p
+  TORCH_LOGS=recompiles timeout 230 python3 -m wanexp.bench bench=fp8_a14b bench.name=bench_round13 \
+    "bench.paths=[bf16_compiled,fused_fp8_compiled,fused_fp8+attn_fp8_cudnn_compiled]" "bench.profile.paths=[fused_fp8_compiled]" \
+    bench.out_dir="$OUT" > "$OUT/bench_round13.log" 2>&1
+  grep -v "__recompiles" "$OUT/bench_round13.log" | grep "s/forward\|Error\|error\|profile\|quantizer\|attention\|GEMM\|fold\|other\|total" | tail -24 ;;
 video)  # the whole video at the papers' setting, BF16 and W4A4 (FP8 path), compiled (bench_conf/bench/video_a14b.yaml)
   TORCH_LOGS=recompiles timeout 570 python3 -m wanexp.bench bench=video_a14b bench.out_dir="$OUT" "${@:2}" > "$OUT/bench_video.log" 2>&1
   echo "recompiles: $(grep -c 'Recompiling function' "$OUT/bench_video.log")"
