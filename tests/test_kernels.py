@@ -299,6 +299,22 @@ def test_interp_fp8_fold_bit_exact():
 
 
 @interp_only
+def test_interp_fp8_quantizer_tiles_and_readback_give_the_same_bits():
+    """x_s read back (one division an element) or recomputed, and rows split across programs or a
+    partial last K step (NB * 32 not dividing K): the same bits as the default tile."""
+    from wanexp.kernels.mxfp4_fp8 import FP8_ACT_TILES, act_quant_fp8
+    x = _act_input(21, 1536, "cpu")
+    smooth = torch.rand(1536, generator=torch.Generator().manual_seed(2)) * 4 + 0.25
+    table = torch.tensor([0.5, 0.8])
+    ref = act_quant_fp8(x, table, 1, smooth, write_xs=True, tiles=FP8_ACT_TILES[0])
+    assert FP8_ACT_TILES[0][3] and int(ref["spread"].max()) > 14 >= int(ref["spread"].min())
+    for tiles in ((4, 8, 4, False), (2, 32, 4, True), (8, 16, 8, False), (16, 8, 8, True)):
+        out = act_quant_fp8(x, table, 1, smooth, write_xs=True, tiles=tiles)
+        for key in ("values", "scale", "spread", "exponent", "xs"):
+            assert torch.equal(out[key].view(torch.uint8), ref[key].view(torch.uint8)), (tiles, key)
+
+
+@interp_only
 def test_interp_quantlinear_fp8_matches_reference():
     _check_fp8_layer(36, 256, 48, "cpu")
 

@@ -10,9 +10,9 @@ reciprocal division was not exact (6 of 535 million bf16 quotients in fp32's nor
 so it was dropped. This version probes what replaced them, ``_act_fp8_kernel``
 (wanexp.kernels.mxfp4_fp8; the division once an element, x_s read back in the second pass): at
 57,600 tokens and K = 5120 and 13824, with the TS-clip layer's smoothing (wanexp.bench.synthetic),
-it times (``triton.testing.do_bench``, median) every tile of :data:`FP8_ACT_TILES` with the GPU's
-casts (HW) and without smoothing, beside a bf16 clone of x (the bandwidth yardstick), and compares
-HW's bytes with the interpreter's math compiled on the GPU (bit-built casts).
+it times (``triton.testing.do_bench``, median) every tile of :data:`FP8_ACT_TILES` (READBACK on and off
+among them) with the GPU's casts (HW) and without smoothing, beside a bf16 clone of x (the bandwidth
+yardstick), and compares HW's bytes with the interpreter's math compiled on the GPU (bit-built casts).
 Results: ``act_quant_probe.json`` in ``--out`` (default ``$OUT``).
 """
 
@@ -36,7 +36,7 @@ from wanexp.kernels.mxfp4_fp8 import FP8_ACT_TILES, _act_fp8_kernel  # noqa: E40
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--tokens", type=int, default=57600)
+    ap.add_argument("--tokens", type=int, default=57600, help="24,960 for 480p")
     args = ap.parse_args()
     from triton.testing import do_bench
 
@@ -56,10 +56,11 @@ def main() -> None:
             bufs = {"a8": torch.empty(M, K, device="cuda", dtype=torch.uint8), "xs": torch.empty_like(x),
                     "scale": torch.empty(M, device="cuda"), "spread": torch.empty(M, device="cuda", dtype=torch.int32),
                     "exponent": torch.empty(M, device="cuda", dtype=torch.int32)}
-            bm, nb, w = t
+            bm, nb, w, readback = t
             _act_fp8_kernel[(triton.cdiv(M, bm),)](x, sm, clip, 1, bufs["xs"], bufs["a8"], bufs["scale"], bufs["spread"],
                                                    bufs["exponent"], M, K, x.stride(0), HAS_SMOOTH=smooth,
-                                                   WRITE_XS=smooth, CEIL=False, HW=hw, BLOCK_M=bm, NB=nb, num_warps=w)
+                                                   WRITE_XS=smooth, CEIL=False, HW=hw, READBACK=readback and smooth,
+                                                   BLOCK_M=bm, NB=nb, num_warps=w)
             return bufs
 
         entry = {"copy_ms": do_bench(lambda: x.clone(), warmup=5, rep=30, return_mode="median")}
