@@ -92,20 +92,6 @@ def _to_bf16_rne(v):
 
 
 @triton.jit
-def _e4m3_bits(q, d, neg):
-    """E4M3 bits of ±q · 2^(6 − d) for an E2M1 magnitude q (fp32) and a block's exponent gap d >= 0:
-    exact while d <= 14 (see wanexp.kernels.mxfp4_fp8); beyond, round to nearest even like a cast."""
-    p = ((127 + 6 - tl.minimum(d, 40)) << 23).to(tl.float32, bitcast=True)   # 2^(6 - d), exact
-    mag = q * p
-    mb = mag.to(tl.int32, bitcast=True)
-    ex = ((mb >> 23) & 255) - 127
-    normal = (((ex + 7) << 3) | ((mb >> 20) & 7))                    # 3 mantissa bits suffice (q has 2)
-    sub = ((mag * 512.0 + 8388608.0) - 8388608.0).to(tl.int32)       # multiples of 2^-9, RNE
-    bits = tl.where(ex >= -6, normal, sub)
-    return (bits | tl.where(neg & (q > 0), 128, 0)).to(tl.uint8)
-
-
-@triton.jit
 def _row_absmax_kernel(x_ptr, smooth_ptr, out_ptr, M, K, stride_xm,
                        HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """max_k |x_s[m, k]| (fp32) of each row, x_s = bf16(x / s) as the quantizer sees it."""

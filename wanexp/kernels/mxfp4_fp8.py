@@ -45,8 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from wanexp.kernels.mxfp4 import (_block_exponent, _e4m3_bits, _to_bf16_rne, act_quant, dequant_weight,
-                                  pick_tiles)
+from wanexp.kernels.mxfp4 import _block_exponent, _to_bf16_rne, act_quant, dequant_weight, pick_tiles
 
 HEADROOM = 6      # H: 12 · 2^(H-1) = 384 <= 448, the E4M3 maximum
 MAX_SPREAD = 14   # H + 8: the widest block-exponent span of a row that folds exactly
@@ -101,6 +100,20 @@ def linear_reference(a: dict[str, torch.Tensor], w: dict[str, torch.Tensor]) -> 
 
 
 # ---------------------------------------------------------------------------- the kernels
+
+
+@triton.jit
+def _e4m3_bits(q, d, neg):
+    """E4M3 bits of ±q · 2^(6 − d) for an E2M1 magnitude q (fp32) and a block's exponent gap d >= 0:
+    exact while d <= 14 (MAX_SPREAD, the module docstring); beyond, round to nearest even like a cast."""
+    p = ((127 + 6 - tl.minimum(d, 40)) << 23).to(tl.float32, bitcast=True)   # 2^(6 - d), exact
+    mag = q * p
+    mb = mag.to(tl.int32, bitcast=True)
+    ex = ((mb >> 23) & 255) - 127
+    normal = (((ex + 7) << 3) | ((mb >> 20) & 7))                    # 3 mantissa bits suffice (q has 2)
+    sub = ((mag * 512.0 + 8388608.0) - 8388608.0).to(tl.int32)       # multiples of 2^-9, RNE
+    bits = tl.where(ex >= -6, normal, sub)
+    return (bits | tl.where(neg & (q > 0), 128, 0)).to(tl.uint8)
 
 
 @triton.jit
@@ -216,7 +229,7 @@ FP8_ACT_TILES = [(4, 8, 4, True), (4, 16, 4, True), (2, 32, 4, True), (8, 8, 4, 
 
 def act_quant_fp8(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int = 0, smooth: torch.Tensor | None = None,
                   *, scale_rule: str = "floor", write_xs: bool = False,
-                  tiles: tuple[int, int, int] | None = None) -> dict[str, torch.Tensor]:
+                  tiles: tuple[int, int, int, bool] | None = None) -> dict[str, torch.Tensor]:
     """MXFP4-quantize the rows of bf16 ``x [M, K]`` straight into the folded FP8 operand: ``values``
     (float8_e4m3fn [M, K]), ``scale`` (fp32 [M], 2^(S − H)), ``spread`` and ``exponent`` (S) (int32
     [M]) and, on request, ``xs`` (the smoothed bf16 input). One kernel (``_act_fp8_kernel``: whole
