@@ -13,6 +13,8 @@ so it was dropped. This version probes what replaced them, ``_act_fp8_kernel``
 it times (``triton.testing.do_bench``, median) every tile of :data:`FP8_ACT_TILES` (READBACK on and off
 among them) with the GPU's casts (HW) and without smoothing, beside a bf16 clone of x (the bandwidth
 yardstick), and compares HW's bytes with the interpreter's math compiled on the GPU (bit-built casts).
+It also times the low-rank branch's input two ways (``lowrank``): the first pass writing x_s, then
+``F.linear(x_s, L2)``, against the first pass computing T = x_s · L2ᵀ itself with ``tl.dot``.
 Results: ``act_quant_probe.json`` in ``--out`` (default ``$OUT``).
 """
 
@@ -27,10 +29,71 @@ from pathlib import Path
 
 import torch
 import triton
+import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
 from wanexp.kernels.mxfp4_fp8 import FP8_ACT_TILES, _act_fp8_kernel  # noqa: E402
+
+LOWRANK_TILES = [(16, 8, 4), (16, 4, 4), (32, 4, 8), (16, 16, 8)]
+
+
+@triton.jit
+def _first_pass_kernel(x_ptr, smooth_ptr, down_ptr, xs_ptr, t_ptr, top_ptr, M, K, stride_xm,
+                       R: tl.constexpr, LOWRANK: tl.constexpr, BLOCK_M: tl.constexpr, NB: tl.constexpr):
+    """The quantizer's first pass alone (x_s = bf16(x / s) and each row's max |x_s|), either writing x_s
+    for the low-rank GEMM (LOWRANK False) or computing the low-rank input T = x_s · L2ᵀ (R columns)
+    from the same registers with ``tl.dot`` (LOWRANK True), which would spare x_s's write and the
+    GEMM's read of it. An experiment: is the dot in the loop cheap enough (round 7's one-read path
+    with a dot was latency-bound)?"""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, NB * 32)
+    top = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
+    for k0 in range(0, K, NB * 32):
+        cols = k0 + rk
+        mask = (rm[:, None] < M) & (cols[None, :] < K)
+        x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+        s = tl.load(smooth_ptr + cols, mask=cols < K, other=1.0)
+        xs = tl.math.div_rn(x.to(tl.float32), s[None, :]).to(tl.bfloat16)
+        top = tl.maximum(top, tl.max(tl.abs(xs.to(tl.float32)), axis=1))
+        if LOWRANK:
+            l2t = tl.load(down_ptr + tl.arange(0, R)[None, :] * K + cols[:, None], mask=cols[:, None] < K, other=0.0)
+            acc = tl.dot(xs, l2t, acc)
+        else:
+            tl.store(xs_ptr + rm.to(tl.int64)[:, None] * K + cols[None, :], xs, mask=mask)
+    tl.store(top_ptr + rm, top, mask=rm < M)
+    if LOWRANK:
+        tl.store(t_ptr + rm[:, None] * R + tl.arange(0, R)[None, :], acc.to(tl.bfloat16), mask=rm[:, None] < M)
+
+
+def lowrank_in_quantizer(x, smooth, down, do_bench) -> dict:
+    """Times the first pass writing x_s + F.linear(x_s, L2) against the first pass computing T itself."""
+    M, K = x.shape
+    R = down.shape[0]
+    xs, top = torch.empty_like(x), torch.empty(M, device=x.device)
+    t = torch.empty(M, R, device=x.device, dtype=torch.bfloat16)
+
+    def first(tiles, lowrank):
+        bm, nb, w = tiles
+        _first_pass_kernel[(triton.cdiv(M, bm),)](x, smooth, down, xs, t, top, M, K, x.stride(0), R=R, LOWRANK=lowrank,
+                                                  BLOCK_M=bm, NB=nb, num_warps=w)
+    out = {}
+    for label, fn in (("xs_then_gemm", lambda tiles: (first(tiles, False), torch.nn.functional.linear(xs, down))),
+                      ("t_in_kernel", lambda tiles: first(tiles, True))):
+        timed = {}
+        for tiles in LOWRANK_TILES:
+            try:
+                timed[str(list(tiles))] = do_bench(lambda: fn(tiles), warmup=5, rep=30, return_mode="median")
+            except Exception as exc:  # noqa: BLE001
+                print(f"  tile {tiles} failed: {type(exc).__name__}", flush=True)
+        best = min(timed, key=timed.get)
+        out[label] = {"ms": timed[best], "tile": json.loads(best), "all": timed}
+    first(tuple(out["xs_then_gemm"]["tile"]), False)
+    t_ref = torch.nn.functional.linear(xs, down).float()
+    first(tuple(out["t_in_kernel"]["tile"]), True)
+    out["t_rel_err"] = float((t.float() - t_ref).norm() / t_ref.norm())
+    return out
 
 
 def main() -> None:
@@ -67,13 +130,16 @@ def main() -> None:
         exact = launch(FP8_ACT_TILES[0], hw=False)
         for label, kw in (("hw", {}), ("hw_nosmooth", {"smooth": False}), ("interp_math", {"hw": False})):
             timed = {}
-            for t in FP8_ACT_TILES:
+            # the other variants try hw's two fastest tiles (every compile costs a second or two)
+            tiles = FP8_ACT_TILES if label == "hw" else [tuple(t) for t in entry["hw"]["ranked"][:2]]
+            for t in tiles:
                 try:
                     timed[str(list(t))] = do_bench(lambda: launch(t, **kw), warmup=5, rep=30, return_mode="median")
                 except Exception as exc:  # noqa: BLE001
                     print(f"  tile {t} failed: {type(exc).__name__}", flush=True)
             tile = min(timed, key=timed.get)
-            entry[label] = {"ms": timed[tile], "tile": json.loads(tile), "all": timed}
+            entry[label] = {"ms": timed[tile], "tile": json.loads(tile), "all": timed,
+                            "ranked": [json.loads(t) for t in sorted(timed, key=timed.get)]}
             if label == "hw":
                 outs = [launch(tuple(json.loads(t))) for t in timed]
                 entry[label]["equal_to_interp_math"] = all(
@@ -81,6 +147,10 @@ def main() -> None:
                 entry[label]["max_spread"] = int(exact["spread"].max())
             print(f"K={K} {label}: {timed[tile]:.3f} ms tile {tile} equal {entry[label].get('equal_to_interp_math')}",
                   flush=True)
+        entry["lowrank"] = lowrank_in_quantizer(x, sm, layer.lowrank_down.contiguous(), do_bench)
+        print(f"K={K} low-rank input: first pass + GEMM {entry['lowrank']['xs_then_gemm']['ms']:.3f} ms, "
+              f"T in the kernel {entry['lowrank']['t_in_kernel']['ms']:.3f} ms (rel. err {entry['lowrank']['t_rel_err']:.1e})",
+              flush=True)
         entry["copy_GBps"] = M * K * 4 / 1e6 / entry["copy_ms"]
         entry["hw_GBps"] = M * K * 5 / 1e6 / entry["hw"]["ms"]   # HBM: x once, E4M3 and x_s out
         print(f"K={K}: copy {entry['copy_GBps']:.0f} GB/s; quantizer {entry['hw']['ms']:.3f} ms ({entry['hw_GBps']:.0f} GB/s)",

@@ -124,15 +124,17 @@ round13)  # session 6, last device minutes: the compiled FP8 path profiled at 72
     "bench.paths=[bf16_compiled,fused_fp8_compiled,fused_fp8+attn_fp8_cudnn_compiled]" "bench.profile.paths=[fused_fp8_compiled]" \
     bench.out_dir="$OUT" > "$OUT/bench_round13.log" 2>&1
   grep -v "__recompiles" "$OUT/bench_round13.log" | grep "s/forward\|Error\|error\|profile\|quantizer\|attention\|GEMM\|fold\|other\|total" | tail -24 ;;
-round14)  # next: READBACK as a tuned choice (the 480p question of rounds 11-13), probe at 720p and 480p token counts,
-  # the expert at both resolutions with 2 timed forwards a cell, then the fp8_cudnn video checked at 5 steps
+round14)  # next: READBACK as a tuned choice (the 480p question of rounds 11-13) and T computed in the quantizer
+  # (act_quant_probe.py "lowrank"), probed at the 720p and 480p token counts, then the expert at both resolutions
+  # with 2 timed forwards a cell
   timeout 80 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -m gpu -k "fp8 or tiles" 2>&1 | tail -2
-  for t in 57600 24960; do timeout 45 python3 experiments/gpu/act_quant_probe.py --tokens $t --out "$OUT/probe_$t" 2>&1 \
-    | grep -v "^  tile" | tail -4; done
-  timeout 200 python3 -m wanexp.bench bench=fp8_a14b bench.name=bench_round14 bench.profile.enabled=false bench.repeats=2 \
+  for t in 57600 24960; do timeout 70 python3 experiments/gpu/act_quant_probe.py --tokens $t --out "$OUT/probe_$t" 2>&1 \
+    | grep -v "^  tile" | tail -6; done
+  timeout 240 python3 -m wanexp.bench bench=fp8_a14b bench.name=bench_round14 bench.profile.enabled=false bench.repeats=2 \
     "bench.paths=[bf16_compiled,fused_fp8_compiled,fused_fp8+attn_fp8_cudnn_compiled]" bench.out_dir="$OUT" > "$OUT/bench_round14.log" 2>&1
-  grep "s/forward\|Error\|error" "$OUT/bench_round14.log" | tail -8
-  timeout 240 python3 -m wanexp.bench bench=video_a14b bench.name=video_a14b_round14 bench.out_dir="$OUT" \
+  grep "s/forward\|Error\|error" "$OUT/bench_round14.log" | tail -8 ;;
+video14)  # next: the fp8_cudnn video's projection checked against a measured 5-step video
+  timeout 300 python3 -m wanexp.bench bench=video_a14b bench.name=video_a14b_round14 bench.out_dir="$OUT" \
     "bench.whole_video.precisions=[w4a4+attn_fp8_cudnn]" "bench.whole_video.check=[w4a4+attn_fp8_cudnn]" > "$OUT/bench_video.log" 2>&1
   grep -v "__recompiles" "$OUT/bench_video.log" | grep "video\|Error\|error\|Killed" | tail -8 ;;
 video)  # the whole video at the papers' setting, BF16 and W4A4 (FP8 path), compiled (bench_conf/bench/video_a14b.yaml)
