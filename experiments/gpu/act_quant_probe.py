@@ -21,7 +21,6 @@ Results: ``act_quant_probe.json`` in ``--out`` (default ``$OUT``).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -32,6 +31,9 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from records import gpu_record, save_record  # noqa: E402
 
 from wanexp.kernels.mxfp4_fp8 import FP8_ACT_TILES, _act_fp8_kernel  # noqa: E402
 
@@ -105,9 +107,7 @@ def main() -> None:
 
     from wanexp.bench.synthetic import SyntheticTSClip
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result = {"gpu": torch.cuda.get_device_name(), "date": str(datetime.datetime.now(datetime.timezone.utc)),
-              "torch": torch.__version__, "triton": triton.__version__, "tokens": args.tokens, "shapes": {}}
+    result = gpu_record(tokens=args.tokens, shapes={})
     M = args.tokens
     for K in (5120, 13824):
         lin = torch.nn.Linear(K, 5120, device="cuda", dtype=torch.bfloat16)
@@ -156,9 +156,7 @@ def main() -> None:
         print(f"K={K}: copy {entry['copy_GBps']:.0f} GB/s; quantizer {entry['hw']['ms']:.3f} ms ({entry['hw_GBps']:.0f} GB/s)",
               flush=True)
         result["shapes"][str(K)] = entry
-        tmp = out_dir / "act_quant_probe.json.tmp"
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(out_dir / "act_quant_probe.json")
+        save_record(result, out_dir, "act_quant_probe.json")
         del layer, lin, exact
         torch.cuda.empty_cache()
 

@@ -15,8 +15,6 @@ low-rank down-projection (``F.linear(x_s, L2)``); the row-scaled FP8 GEMM alone
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import sys
 from pathlib import Path
@@ -24,6 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from records import gpu_record, save_record  # noqa: E402
 
 SHAPES = [(5120, 5120), (5120, 13824), (13824, 5120)]
 
@@ -33,16 +34,13 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--tokens", type=int, default=57600)
     args = ap.parse_args()
-    import triton
     from triton.testing import do_bench
 
     from wanexp import kernels
     from wanexp.bench.synthetic import SyntheticTSClip
     from wanexp.kernels.mxfp4_fp8 import HEADROOM, act_quant_fp8, fold_weight
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result = {"gpu": torch.cuda.get_device_name(), "date": str(datetime.datetime.now(datetime.timezone.utc)),
-              "torch": torch.__version__, "triton": triton.__version__, "tokens": args.tokens, "shapes": {}}
+    result = gpu_record(tokens=args.tokens, shapes={})
     m = args.tokens
     bench = lambda fn: do_bench(fn, warmup=10, rep=60, return_mode="median")  # noqa: E731
     for k, n in SHAPES:
@@ -74,9 +72,7 @@ def main() -> None:
         entry["fp8_layer_x_bf16"] = entry["fp8_layer_ms"] / entry["bf16_linear_ms"]
         result["shapes"][f"{k}x{n}"] = entry
         print(f"{k}->{n}: " + ", ".join(f"{key} {val:.3f}" for key, val in entry.items()), flush=True)
-        tmp = out_dir / "linear_bench.json.tmp"
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(out_dir / "linear_bench.json")
+        save_record(result, out_dir, "linear_bench.json")
         del layer, lin, x, a, w8, y
         torch.cuda.empty_cache()
 
