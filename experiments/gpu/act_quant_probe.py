@@ -14,7 +14,9 @@ it times (``triton.testing.do_bench``, median) every tile of :data:`FP8_ACT_TILE
 among them) with the GPU's casts (HW) and without smoothing, beside a bf16 clone of x (the bandwidth
 yardstick), and compares HW's bytes with the interpreter's math compiled on the GPU (bit-built casts).
 It also times the low-rank branch's input two ways (``lowrank``): the first pass writing x_s, then
-``F.linear(x_s, L2)``, against the first pass computing T = x_s · L2ᵀ itself with ``tl.dot``.
+``F.linear(x_s, L2)``, against the first pass computing T = x_s · L2ᵀ itself with ``tl.dot``; and
+the low-rank up-projection ``y += T · L1ᵀ`` as cuBLAS's ``addmm_`` against a Triton kernel reading
+and writing y once (``lowrank_up``; into N = 13,824 and 5,120 outputs, Wan's two widths).
 Results: ``act_quant_probe.json`` in ``--out`` (default ``$OUT``).
 """
 
@@ -98,6 +100,54 @@ def lowrank_in_quantizer(x, smooth, down, do_bench) -> dict:
     return out
 
 
+UP_TILES = [(128, 128, 4), (128, 256, 8), (64, 256, 4), (256, 128, 8), (64, 128, 4)]
+
+
+@triton.jit
+def _lowrank_up_kernel(y_ptr, t_ptr, up_ptr, M, N, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y += T · L1ᵀ in place (T [M, R], L1 [N, R], bf16; fp32 sum, one rounding): the low-rank
+    up-projection as one read and one write of y, against cuBLAS's ``addmm_``."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, R)
+    t = tl.load(t_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :], mask=rm[:, None] < M, other=0.0)
+    u = tl.load(up_ptr + rn[None, :] * R + rr[:, None], mask=rn[None, :] < N, other=0.0)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    ptrs = y_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
+    y = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptrs, (y + tl.dot(t, u)).to(tl.bfloat16), mask=mask)
+
+
+def lowrank_up(M: int, N: int, R: int, do_bench) -> dict:
+    """cuBLAS ``y.addmm_(T, L1ᵀ)`` against :func:`_lowrank_up_kernel`, timed, and both against fp32."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    t = torch.randn(M, R, device="cuda", generator=g).bfloat16()
+    up = (torch.randn(N, R, device="cuda", generator=g) * 0.1).bfloat16()
+    y0 = torch.randn(M, N, device="cuda", generator=g).bfloat16()
+    y = y0.clone()
+    exact = y0.float() + t.float() @ up.float().T
+
+    def triton_up(tiles):
+        bm, bn, w = tiles
+        _lowrank_up_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](y, t, up, M, N, R=R, BLOCK_M=bm, BLOCK_N=bn,
+                                                                     num_warps=w)
+    out = {"addmm_ms": do_bench(lambda: y.addmm_(t, up.t()), warmup=5, rep=30, return_mode="median")}
+    y.copy_(y0).addmm_(t, up.t())
+    out["addmm_rel_err"] = float((y.float() - exact).norm() / exact.norm())
+    timed = {}
+    for tiles in UP_TILES:
+        try:
+            timed[str(list(tiles))] = do_bench(lambda: triton_up(tiles), warmup=5, rep=30, return_mode="median")
+        except Exception as exc:  # noqa: BLE001
+            print(f"  tile {tiles} failed: {type(exc).__name__}", flush=True)
+    best = min(timed, key=timed.get)
+    y.copy_(y0)
+    triton_up(tuple(json.loads(best)))
+    out.update({"triton_ms": timed[best], "triton_tile": json.loads(best), "triton_all": timed,
+                "triton_rel_err": float((y.float() - exact).norm() / exact.norm())})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -150,6 +200,11 @@ def main() -> None:
         entry["lowrank"] = lowrank_in_quantizer(x, sm, layer.lowrank_down.contiguous(), do_bench)
         print(f"K={K} low-rank input: first pass + GEMM {entry['lowrank']['xs_then_gemm']['ms']:.3f} ms, "
               f"T in the kernel {entry['lowrank']['t_in_kernel']['ms']:.3f} ms (rel. err {entry['lowrank']['t_rel_err']:.1e})",
+              flush=True)
+        entry["lowrank_up"] = lowrank_up(M, 5120 if K == 13824 else 13824, layer.lowrank_down.shape[0], do_bench)
+        print(f"K={K} low-rank up-projection into N={5120 if K == 13824 else 13824}: addmm_ "
+              f"{entry['lowrank_up']['addmm_ms']:.3f} ms, Triton {entry['lowrank_up']['triton_ms']:.3f} ms "
+              f"(rel. err {entry['lowrank_up']['addmm_rel_err']:.1e} / {entry['lowrank_up']['triton_rel_err']:.1e})",
               flush=True)
         entry["copy_GBps"] = M * K * 4 / 1e6 / entry["copy_ms"]
         entry["hw_GBps"] = M * K * 5 / 1e6 / entry["hw"]["ms"]   # HBM: x once, E4M3 and x_s out

@@ -129,7 +129,7 @@ round14)  # next: READBACK as a tuned choice (the 480p question of rounds 11-13)
   # with 2 timed forwards a cell
   timeout 80 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -m gpu -k "fp8 or tiles" 2>&1 | tail -2
   for t in 57600 24960; do timeout 70 python3 experiments/gpu/act_quant_probe.py --tokens $t --out "$OUT/probe_$t" 2>&1 \
-    | grep -v "^  tile" | tail -6; done
+    | grep -v "^  tile" | tail -9; done
   timeout 240 python3 -m wanexp.bench bench=fp8_a14b bench.name=bench_round14 bench.profile.enabled=false bench.repeats=2 \
     "bench.paths=[bf16_compiled,fused_fp8_compiled,fused_fp8+attn_fp8_cudnn_compiled]" bench.out_dir="$OUT" > "$OUT/bench_round14.log" 2>&1
   grep "s/forward\|Error\|error" "$OUT/bench_round14.log" | tail -8 ;;
