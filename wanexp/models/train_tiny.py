@@ -55,6 +55,10 @@ class TrainConfig:
     # noise added to the latent before decoding in training, relative to the latent's own std: the decoder
     # must tolerate latents that are a little off, as a denoiser's are (scale-free, unlike a KL)
     vae_latent_noise: float = 0.15
+    # Start the VAE as a per-frame autoencoder (``init_vae_per_frame``): single-frame steps never reach the
+    # causal convolutions' taps on past frames or the temporal resampling, so left at their random
+    # initialisation they scramble frames 2-5 when the clip steps begin
+    vae_per_frame_init: bool = True
     expert_steps: int = 1000
     expert_batch: int = 48
     expert_lr: float = 1e-3
@@ -91,8 +95,34 @@ def split_seeds(seed: int) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------
 # VAE
 # ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def init_vae_per_frame(vae) -> None:
+    """Make the VAE's time axis start as the identity: every causal 3x3x3 convolution's taps on the two
+    previous frames are zeroed (the current-frame tap is what single frames train), the decoder's
+    temporal upsampling starts by duplicating each frame and the encoder's temporal downsampling by
+    averaging the frames it merges. The untrained VAE then codes each latent frame like an image, and
+    the clip steps learn motion from there (as an inflated 2D network is initialised; Wan2.2's VAE
+    keeps duplicate/average shortcuts for the same reason). Frame 0's path is unchanged."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResample
+
+    for m in vae.modules():
+        if isinstance(m, WanResample) and m.mode in ("upsample3d", "downsample3d"):
+            w = m.time_conv.weight  # [out, in, 3, 1, 1], causal: tap 2 is the current frame
+            w.zero_()
+            m.time_conv.bias.zero_()
+            eye = torch.eye(w.shape[1])
+            if m.mode == "upsample3d":  # out channels = the two output frames' channels, one after the other
+                w[:, :, 2, 0, 0] = torch.cat([eye, eye])
+            else:
+                w[:, :, :, 0, 0] = eye.unsqueeze(-1) / 3
+        elif isinstance(m, WanCausalConv3d) and tuple(m.kernel_size) == (3, 3, 3):
+            m.weight[:, :, :2] = 0.0
+
+
 def train_vae(vae, videos: torch.Tensor, cfg: TrainConfig, gen: torch.Generator, log) -> dict[str, list[float]]:
     """Both VAE phases: single frames at full size, then whole clips (``TrainConfig``)."""
+    if cfg.vae_per_frame_init:
+        init_vae_per_frame(vae)
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     losses = {"image": _vae_phase(vae, opt, lambda: _frames_batch(videos, cfg.vae_image_batch, gen),
