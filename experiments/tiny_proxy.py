@@ -77,13 +77,16 @@ def moving_pixel_errors(frames: np.ndarray, clip: procedural.Clip, threshold: in
     """Does a video move as the clip does? On the pixels of frames 2-5 that the drawn clip changes from
     its frame 1 (some channel by more than ``threshold``), the mean absolute error (8-bit) of ``frames``
     against the drawn frame at that time, and against the drawn frame 1. A video that moves as drawn has
-    the first below the second; one that holds still has them the other way round, however blurred."""
+    the first below the second; one that holds still has them the other way round, however blurred.
+    NaN for a clip where nothing moves."""
     to_truth, to_first = [], []
     for k in range(1, len(clip.frames)):
         moved = np.abs(clip.frames[k].astype(int) - clip.frames[0].astype(int)).max(axis=-1) > threshold
         if moved.any():
             to_truth.append(np.abs(frames[k].astype(float) - clip.frames[k])[moved].mean())
             to_first.append(np.abs(frames[k].astype(float) - clip.frames[0])[moved].mean())
+    if not to_truth:
+        return float("nan"), float("nan")
     return float(np.mean(to_truth)), float(np.mean(to_first))
 
 
@@ -170,7 +173,8 @@ def write_report(record: dict, clips, mae: dict, frame_mae: dict, moving: dict, 
               "Does it move? On the pixels of frames 2-5 that the drawn clip changes from its frame 1, the mean absolute "
               "error (8-bit) against the drawn frame at that time / against the drawn frame 1 (the first below the second: "
               "it moves as drawn; above: it holds still): "
-              + "; ".join(f"{k} {np.mean([a for a, _ in v]):.1f} / {np.mean([b for _, b in v]):.1f}" for k, v in moving.items())
+              + "; ".join(f"{k} {np.nanmean([a for a, _ in v]):.1f} / {np.nanmean([b for _, b in v]):.1f} (moves as "
+                          f"drawn in {sum(a < b for a, b in v)} of {sum(a == a for a, _ in v)} prompts)" for k, v in moving.items())
               + ".", ""]
     (RESULTS / "tiny_proxy_cpu.md").write_text("\n".join(lines))
     print("\n".join(lines))
