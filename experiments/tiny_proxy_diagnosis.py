@@ -9,6 +9,8 @@ Prints (markdown) on held-out clips of training's held-out seed:
 - the normalised training latents' mean and std (the pipeline's latents_mean/std should make them ~0/1);
 - per sigma, the expert's one-step x0 prediction decoded through the VAE: if its PSNR equals the
   VAE's own round trip, the denoiser is not the limit;
+- whether the experts read the caption: held-out flow loss with each clip's caption, with the empty
+  prompt and with another clip's caption (the caption alone says which way the objects move);
 - the full pipeline's per-frame error against the drawn clip at several step counts, CFG scales and
   dtypes, beside the VAE round trip's.
 """
@@ -89,6 +91,21 @@ def denoiser_section(pipe, videos: torch.Tensor, captions: list[str]) -> list[st
 
 
 @torch.no_grad()
+def caption_section(pipe, videos: torch.Tensor, captions: list[str]) -> list[str]:
+    held = tt.prepare_expert_data(pipe, videos, captions)
+    empty = dict(held, text=held["empty_text"], caption_index=torch.zeros(len(captions), dtype=torch.long))
+    other = dict(held, caption_index=held["caption_index"].roll(1))
+    boundary = float(pipe.config.boundary_ratio)
+    lines = ["## Do the experts read the caption?", "",
+             "Held-out flow loss (as training's held-out evaluation) with each clip's own caption, the empty prompt, "
+             "and the next clip's caption:", "", "| expert | own caption | empty | another clip's |", "|---|---|---|---|"]
+    for name, expert in (("high_noise", pipe.transformer), ("low_noise", pipe.transformer_2)):
+        lines.append(f"| {name} | " + " | ".join(f"{tt.heldout_losses(expert, name, d, boundary, 0):.4f}"
+                                              for d in (held, empty, other)) + " |")
+    return lines + [""]
+
+
+@torch.no_grad()
 def sampling_section(pipe, clips: list[procedural.Clip]) -> list[str]:
     from PIL import Image
     vae_rows = []
@@ -134,6 +151,7 @@ def main() -> None:
     lines += vae_section(pipe.vae, videos)
     lines += normalisation_section(pipe.vae, videos)
     lines += denoiser_section(pipe, videos, [c.caption for c in clips])
+    lines += caption_section(pipe, videos, [c.caption for c in clips])
     lines += sampling_section(pipe, [procedural.make_clip(s) for s in (2024, 2025, 2026, 2027)])
     print("\n".join(lines))
 

@@ -37,6 +37,33 @@ def test_same_seed_gives_bit_identical_weights_and_the_pipelines_condition():
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
+def test_per_frame_init_codes_a_still_clip_as_five_equal_frames_and_keeps_frame_0():
+    """After ``init_vae_per_frame`` an untrained VAE treats time as the identity: a clip of one frame
+    held five times encodes to two equal latent frames and decodes to five equal frames; a moving clip's
+    latent frames differ; and the first frame's path (what single-frame steps train) is untouched."""
+    from diffusers import AutoencoderKLWan
+
+    from wanexp.models.tiny import TINY_SPEC
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**TINY_SPEC["vae"]).eval()
+    clip = tt.clips_tensor([procedural.make_clip(5, height=32, width=32)])
+    with torch.no_grad():
+        before = vae.decode(vae.encode(clip[:, :, :1]).latent_dist.mode()).sample
+        tt.init_vae_per_frame(vae)
+        after = vae.decode(vae.encode(clip[:, :, :1]).latent_dist.mode()).sample
+        still = clip[:, :, :1].expand(-1, -1, 5, -1, -1).contiguous()
+        z = vae.encode(still).latent_dist.mode()
+        frames = vae.decode(z).sample
+        moving = vae.encode(clip).latent_dist.mode()
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    assert z.shape[2] == 2
+    torch.testing.assert_close(z[:, :, 1], z[:, :, 0], rtol=1e-5, atol=1e-5)
+    assert frames.shape[2] == 5
+    for k in range(1, 5):
+        torch.testing.assert_close(frames[:, :, k], frames[:, :, 0], rtol=1e-4, atol=1e-5)
+    assert float((moving[:, :, 1] - moving[:, :, 0]).abs().max()) > 1e-3
+
+
 def test_sigma_ranges_split_at_the_boundary():
     cfg, gen = tt.TrainConfig(), torch.Generator().manual_seed(0)
     high = tt.sample_sigmas(4000, "high_noise", cfg, 0.9, gen)

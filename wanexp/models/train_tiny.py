@@ -46,7 +46,9 @@ class TrainConfig:
     # compute, 1200 steps x 4 frames reach 20.1 dB held-out where 300 x 16 reach 19.1 (and 2400 x 2, 19.4).
     vae_image_steps: int = 3600
     vae_image_batch: int = 4
-    vae_steps: int = 600          # whole-clip steps
+    # whole-clip steps: a clip step costs what 10 frames as images cost (0.37 s against 0.15 s for 4 frames,
+    # 1 thread), so the same per frame
+    vae_steps: int = 600
     vae_batch: int = 2
     vae_crop: int = 64            # whole-clip steps see random crops of this size (64 = the full frame)
     vae_lr: float = 2e-3
@@ -55,6 +57,13 @@ class TrainConfig:
     # noise added to the latent before decoding in training, relative to the latent's own std: the decoder
     # must tolerate latents that are a little off, as a denoiser's are (scale-free, unlike a KL)
     vae_latent_noise: float = 0.15
+    # Start the VAE as a per-frame autoencoder (``init_vae_per_frame``): single-frame steps never reach the
+    # causal convolutions' taps on past frames or the temporal resampling, which otherwise meet the clip
+    # steps at their random initialisation. Off in the shipped recipe: with it and 1000 clip steps the VAE
+    # reaches 20.5 dB (shipped 19.5) and its round trip moves as drawn, but the experts predict its latent
+    # frames 2-5 worse and the generated frames come out further from the clip
+    # (experiments/results/tiny_proxy_diagnosis_cpu.md, "proxy19c").
+    vae_per_frame_init: bool = False
     expert_steps: int = 1000
     expert_batch: int = 48
     expert_lr: float = 1e-3
@@ -91,8 +100,34 @@ def split_seeds(seed: int) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------
 # VAE
 # ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def init_vae_per_frame(vae) -> None:
+    """Make the VAE's time axis start as the identity: every causal 3x3x3 convolution's taps on the two
+    previous frames are zeroed (the current-frame tap is what single frames train), the decoder's
+    temporal upsampling starts by duplicating each frame and the encoder's temporal downsampling by
+    averaging the frames it merges. The untrained VAE then codes each latent frame like an image, and
+    the clip steps learn motion from there (as an inflated 2D network is initialised; Wan2.2's VAE
+    keeps duplicate/average shortcuts for the same reason). Frame 0's path is unchanged."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResample
+
+    for m in vae.modules():
+        if isinstance(m, WanResample) and m.mode in ("upsample3d", "downsample3d"):
+            w = m.time_conv.weight  # [out, in, 3, 1, 1], causal: tap 2 is the current frame
+            w.zero_()
+            m.time_conv.bias.zero_()
+            eye = torch.eye(w.shape[1])
+            if m.mode == "upsample3d":  # out channels = the two output frames' channels, one after the other
+                w[:, :, 2, 0, 0] = torch.cat([eye, eye])
+            else:
+                w[:, :, :, 0, 0] = eye.unsqueeze(-1) / 3
+        elif isinstance(m, WanCausalConv3d) and tuple(m.kernel_size) == (3, 3, 3):
+            m.weight[:, :, :2] = 0.0
+
+
 def train_vae(vae, videos: torch.Tensor, cfg: TrainConfig, gen: torch.Generator, log) -> dict[str, list[float]]:
     """Both VAE phases: single frames at full size, then whole clips (``TrainConfig``)."""
+    if cfg.vae_per_frame_init:
+        init_vae_per_frame(vae)
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     losses = {"image": _vae_phase(vae, opt, lambda: _frames_batch(videos, cfg.vae_image_batch, gen),
