@@ -42,6 +42,18 @@ from wanexp.kernels.mxfp4_fp8 import FP8_ACT_TILES, _act_fp8_kernel  # noqa: E40
 LOWRANK_TILES = [(16, 8, 4), (16, 4, 4), (32, 4, 8), (16, 16, 8)]
 
 
+def time_tiles(fn, tiles, do_bench) -> dict[str, float]:
+    """Median milliseconds of ``fn(tile)`` for each tile, keyed by the tile as JSON; a tile that does
+    not compile or fit is reported and skipped."""
+    timed = {}
+    for tile in tiles:
+        try:
+            timed[json.dumps(list(tile))] = do_bench(lambda: fn(tile), warmup=5, rep=30, return_mode="median")
+        except Exception as exc:  # noqa: BLE001
+            print(f"  tile {tile} failed: {type(exc).__name__}", flush=True)
+    return timed
+
+
 @triton.jit
 def _first_pass_kernel(x_ptr, smooth_ptr, down_ptr, xs_ptr, t_ptr, top_ptr, M, K, stride_xm,
                        R: tl.constexpr, LOWRANK: tl.constexpr, BLOCK_M: tl.constexpr, NB: tl.constexpr):
@@ -85,12 +97,7 @@ def lowrank_in_quantizer(x, smooth, down, do_bench) -> dict:
     out = {}
     for label, fn in (("xs_then_gemm", lambda tiles: (first(tiles, False), torch.nn.functional.linear(xs, down))),
                       ("t_in_kernel", lambda tiles: first(tiles, True))):
-        timed = {}
-        for tiles in LOWRANK_TILES:
-            try:
-                timed[str(list(tiles))] = do_bench(lambda: fn(tiles), warmup=5, rep=30, return_mode="median")
-            except Exception as exc:  # noqa: BLE001
-                print(f"  tile {tiles} failed: {type(exc).__name__}", flush=True)
+        timed = time_tiles(fn, LOWRANK_TILES, do_bench)
         best = min(timed, key=timed.get)
         out[label] = {"ms": timed[best], "tile": json.loads(best), "all": timed}
     first(tuple(out["xs_then_gemm"]["tile"]), False)
@@ -134,12 +141,7 @@ def lowrank_up(M: int, N: int, R: int, do_bench) -> dict:
     out = {"addmm_ms": do_bench(lambda: y.addmm_(t, up.t()), warmup=5, rep=30, return_mode="median")}
     y.copy_(y0).addmm_(t, up.t())
     out["addmm_rel_err"] = float((y.float() - exact).norm() / exact.norm())
-    timed = {}
-    for tiles in UP_TILES:
-        try:
-            timed[str(list(tiles))] = do_bench(lambda: triton_up(tiles), warmup=5, rep=30, return_mode="median")
-        except Exception as exc:  # noqa: BLE001
-            print(f"  tile {tiles} failed: {type(exc).__name__}", flush=True)
+    timed = time_tiles(triton_up, UP_TILES, do_bench)
     best = min(timed, key=timed.get)
     y.copy_(y0)
     triton_up(tuple(json.loads(best)))
@@ -179,14 +181,9 @@ def main() -> None:
         entry = {"copy_ms": do_bench(lambda: x.clone(), warmup=5, rep=30, return_mode="median")}
         exact = launch(FP8_ACT_TILES[0], hw=False)
         for label, kw in (("hw", {}), ("hw_nosmooth", {"smooth": False}), ("interp_math", {"hw": False})):
-            timed = {}
             # the other variants try hw's two fastest tiles (every compile costs a second or two)
             tiles = FP8_ACT_TILES if label == "hw" else [tuple(t) for t in entry["hw"]["ranked"][:2]]
-            for t in tiles:
-                try:
-                    timed[str(list(t))] = do_bench(lambda: launch(t, **kw), warmup=5, rep=30, return_mode="median")
-                except Exception as exc:  # noqa: BLE001
-                    print(f"  tile {t} failed: {type(exc).__name__}", flush=True)
+            timed = time_tiles(lambda t: launch(t, **kw), tiles, do_bench)
             tile = min(timed, key=timed.get)
             entry[label] = {"ms": timed[tile], "tile": json.loads(tile), "all": timed,
                             "ranked": [json.loads(t) for t in sorted(timed, key=timed.get)]}
