@@ -124,6 +124,18 @@ def _block_exponent(amax, CEIL: tl.constexpr):
 
 
 @triton.jit
+def _e2m1_magnitude(v, e):
+    """The E2M1 magnitude q of each v [BLOCK_M, NB, 32] in units of its block's 2^e (e [BLOCK_M, NB]),
+    round half to even, saturating at 6; and y = v · 2^-e, whose sign bit (−0 too) is the code's."""
+    inv = tl.where(e == 127, 1 << 22, (127 - e) << 23).to(tl.float32, bitcast=True)   # 2^-e (2^-127: subnormal)
+    y = v * inv[:, :, None]
+    t = tl.minimum(tl.abs(y), 8.0)                                     # >= 7 saturates to 6 anyway
+    step = tl.where(t < 2.0, 0.5, tl.where(t < 4.0, 1.0, 2.0))
+    r = (t * (1.0 / step) + 8388608.0) - 8388608.0                     # round half to even
+    return tl.minimum(r * step, 6.0), y
+
+
+@triton.jit
 def _act_quant_kernel(x_ptr, smooth_ptr, clip_ptr, bin_idx, xq_ptr, xs_ptr, codes_ptr, scales_ptr,
                       M, K, stride_xm, stride_qm,
                       HAS_SMOOTH: tl.constexpr, CEIL: tl.constexpr, WRITE_XQ: tl.constexpr,
@@ -149,14 +161,8 @@ def _act_quant_kernel(x_ptr, smooth_ptr, clip_ptr, bin_idx, xq_ptr, xs_ptr, code
     rho = tl.load(clip_ptr + bin_idx)
     amax = tl.max(tl.abs(v), axis=2) * rho                            # [BLOCK_M, NB]
     e = _block_exponent(amax, CEIL)
-    # 2^-e and 2^e as fp32 from their bits (2^-127 is subnormal: mantissa bit 22)
-    inv = tl.where(e == 127, 1 << 22, (127 - e) << 23).to(tl.float32, bitcast=True)
-    X = tl.where(e == -127, 1 << 22, (127 + e) << 23).to(tl.float32, bitcast=True)
-    y = v * inv[:, :, None]
-    t = tl.minimum(tl.abs(y), 8.0)                                     # >= 7 saturates to 6 anyway
-    step = tl.where(t < 2.0, 0.5, tl.where(t < 4.0, 1.0, 2.0))
-    r = (t * (1.0 / step) + 8388608.0) - 8388608.0                     # round half to even
-    q = tl.minimum(r * step, 6.0)
+    X = tl.where(e == -127, 1 << 22, (127 + e) << 23).to(tl.float32, bitcast=True)  # 2^e (2^-127: subnormal)
+    q, y = _e2m1_magnitude(v, e)
     ybits = y.to(tl.int32, bitcast=True)
     neg = ybits < 0                                                    # sign bit (-0 too)
     val = (q.to(tl.int32, bitcast=True) | (ybits & -2147483648)).to(tl.float32, bitcast=True)  # keeps -0

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from wanexp.kernels.mxfp4 import _block_exponent, _to_bf16_rne, act_quant, dequant_weight, pick_tiles
+from wanexp.kernels.mxfp4 import _block_exponent, _e2m1_magnitude, _to_bf16_rne, act_quant, dequant_weight, pick_tiles
 
 HEADROOM = 6      # H: 12 · 2^(H-1) = 384 <= 448, the E4M3 maximum
 MAX_SPREAD = 14   # H + 8: the widest block-exponent span of a row that folds exactly
@@ -196,11 +196,7 @@ def _act_fp8_kernel(x_ptr, smooth_ptr, clip_ptr, bin_idx, xs_ptr, a8_ptr, scale_
                     tl.store(xs_ptr + rows.to(tl.int64) * K + cols, v, mask=mask)
             v = v.to(tl.float32)
         e = _block_exponent(tl.max(tl.abs(v), axis=2) * rho, CEIL)    # [BLOCK_M, NB], as _act_quant_kernel
-        inv = tl.where(e == 127, 1 << 22, (127 - e) << 23).to(tl.float32, bitcast=True)
-        y = v * inv[:, :, None]
-        t = tl.minimum(tl.abs(y), 8.0)
-        step = tl.where(t < 2.0, 0.5, tl.where(t < 4.0, 1.0, 2.0))
-        q = tl.minimum(((t * (1.0 / step) + 8388608.0) - 8388608.0) * step, 6.0)   # E2M1, RNE
+        q, y = _e2m1_magnitude(v, e)
         neg = y.to(tl.int32, bitcast=True) < 0
         d = tl.maximum(S[:, None] - e, 0)                             # >= 0 on every block with a code
         live = (tl.max(q, axis=2) > 0) & ((k0 // 32 + rb)[None, :] < K // 32)
