@@ -103,17 +103,22 @@ def linear_reference(a: dict[str, torch.Tensor], w: dict[str, torch.Tensor]) -> 
 
 
 @triton.jit
-def _e4m3_bits(q, d, neg):
+def _e4m3_bits(q, d, neg, HW: tl.constexpr = False):
     """E4M3 bits of ±q · 2^(6 − d) for an E2M1 magnitude q (fp32) and a block's exponent gap d >= 0:
-    exact while d <= 14 (MAX_SPREAD, the module docstring); beyond, round to nearest even like a cast."""
+    exact while d <= 14 (MAX_SPREAD, the module docstring); beyond, round to nearest even like a cast;
+    −0 written as +0. HW (on a GPU): the hardware cast, which rounds the same way; otherwise built on
+    the bits, as Triton's interpreter (whose casts truncate) needs."""
     p = ((127 + 6 - tl.minimum(d, 40)) << 23).to(tl.float32, bitcast=True)   # 2^(6 - d), exact
     mag = q * p
-    mb = mag.to(tl.int32, bitcast=True)
-    ex = ((mb >> 23) & 255) - 127
-    normal = (((ex + 7) << 3) | ((mb >> 20) & 7))                    # 3 mantissa bits suffice (q has 2)
-    sub = ((mag * 512.0 + 8388608.0) - 8388608.0).to(tl.int32)       # multiples of 2^-9, RNE
-    bits = tl.where(ex >= -6, normal, sub)
-    return (bits | tl.where(neg & (q > 0), 128, 0)).to(tl.uint8)
+    if HW:
+        bits = tl.where(neg & (q > 0), -mag, mag).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    else:
+        mb = mag.to(tl.int32, bitcast=True)
+        ex = ((mb >> 23) & 255) - 127
+        normal = (((ex + 7) << 3) | ((mb >> 20) & 7))                # 3 mantissa bits suffice (q has 2)
+        sub = ((mag * 512.0 + 8388608.0) - 8388608.0).to(tl.int32)   # multiples of 2^-9, RNE
+        bits = (tl.where(ex >= -6, normal, sub) | tl.where(neg & (q > 0), 128, 0)).to(tl.uint8)
+    return bits
 
 
 @triton.jit
@@ -201,13 +206,7 @@ def _act_fp8_kernel(x_ptr, smooth_ptr, clip_ptr, bin_idx, xs_ptr, a8_ptr, scale_
         d = tl.maximum(S[:, None] - e, 0)                             # >= 0 on every block with a code
         live = (tl.max(q, axis=2) > 0) & ((k0 // 32 + rb)[None, :] < K // 32)
         spread = tl.maximum(spread, tl.max(tl.where(live, d, 0), axis=1))
-        if HW:   # ±q · 2^(H − d), exact while d <= MAX_SPREAD, RNE beyond (the cast); -0 written as +0
-            p = ((127 + 6 - tl.minimum(d, 40)) << 23).to(tl.float32, bitcast=True)[:, :, None]
-            mag = q * p
-            bits = tl.where(neg & (q > 0), -mag, mag).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-        else:
-            bits = _e4m3_bits(q, d[:, :, None], neg)
-        tl.store(a8_ptr + rows.to(tl.int64) * K + cols, bits, mask=mask)
+        tl.store(a8_ptr + rows.to(tl.int64) * K + cols, _e4m3_bits(q, d[:, :, None], neg, HW), mask=mask)
     live_rows = rm < M
     tl.store(spread_ptr + rm, spread, mask=live_rows)
     tl.store(exp_ptr + rm, S, mask=live_rows)
