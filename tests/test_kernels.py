@@ -237,10 +237,30 @@ def _check_fp8_fold(m, k, n, device):
             assert int((ref["spread"] <= 14).sum()) >= 4 and int((ref["spread"] > 14).sum()) >= 1  # both kinds
 
 
+def _check_lowrank_add(m, n, device):
+    """y += T·L1ᵀ in one rounding: on operands whose fp32 sum is exact, exactly bf16(y + T·L1ᵀ);
+    ragged tiles; a rank the kernel does not take (24) goes to addmm_."""
+    from wanexp.kernels.mxfp4_fp8 import lowrank_add_
+    g = torch.Generator().manual_seed(5)
+    for r in (16, 32, 24):
+        t = (torch.randint(-8, 9, (m, r), generator=g) / 8).to(torch.bfloat16).to(device)     # multiples of 1/8
+        up = (torch.randint(-8, 9, (n, r), generator=g) / 8).to(torch.bfloat16).to(device)
+        y0 = torch.randn(m, n, generator=g).clamp(-4, 4)
+        y0 = torch.where(y0.abs() < 2 ** -8, 0.0, y0).to(torch.bfloat16).to(device)         # spans fit fp32
+        y0[0, 0] = -0.0
+        exact = (y0.double() + t.double() @ up.double().T).to(torch.bfloat16)                # exact, rounded once
+        y = lowrank_add_(y0.clone(), t, up)
+        if r == 24:
+            assert (y.float() - exact.float()).abs().max() <= 2 ** -6 * exact.float().abs().max()
+        else:
+            assert torch.equal(y.view(torch.int16), exact.view(torch.int16)), r
+
+
 def _check_fp8_layer(m, k, n, device):
     """QuantLinear through gemm_backend("fp8") against the reference and fp64, fallbacks counted."""
     from wanexp.kernels import fused_forward, gemm_backend
     _check_layer(m, k, n, 8, device, backends=("fp8",))
+    _check_layer(m, k, n, 16, device, backends=("fp8",))   # rank 16: the low-rank branch in lowrank_add_
     _check_layer(m, k, n, 0, device, backends=("fp8",), smooth=False, bias=False, rule="ceil")
     layer = _quant_layer(k, n, 4, device)
     wide = _act_input(m, k, device)                       # rows spanning > 14 octaves: the exact fallback
@@ -312,6 +332,11 @@ def test_interp_fp8_quantizer_tiles_and_readback_give_the_same_bits():
         out = act_quant_fp8(x, table, 1, smooth, write_xs=True, tiles=tiles)
         for key in ("values", "scale", "spread", "exponent", "xs"):
             assert torch.equal(out[key].view(torch.uint8), ref[key].view(torch.uint8)), (tiles, key)
+
+
+@interp_only
+def test_interp_lowrank_add_one_rounding():
+    _check_lowrank_add(70, 200, "cpu")
 
 
 @interp_only
@@ -414,7 +439,7 @@ def test_interpreter_suite():
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interp"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "9 passed" in proc.stdout, proc.stdout[-2000:]
+    assert "10 passed" in proc.stdout, proc.stdout[-2000:]
 
 
 # ----------------------------------------------------------------------------- dispatch (CPU, no triton run)
@@ -499,12 +524,30 @@ def test_gpu_dispatch_switches():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(INTERP, reason="compiled kernels")
+def test_gpu_auto_backend_takes_fp8_above_the_upcast_threshold_on_hopper(monkeypatch):
+    from wanexp import kernels
+    from wanexp.kernels import mxfp4_fp8
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("auto takes FP8 on Hopper and newer")
+    calls, real = [], mxfp4_fp8.fp8_linear
+    monkeypatch.setattr(mxfp4_fp8, "fp8_linear", lambda x2, *a, **k: calls.append(x2.shape[0]) or real(x2, *a, **k))
+    layer = _quant_layer(256, 64, 8, "cuda")
+    with kernels.gemm_backend("auto"):
+        for m in (kernels.UPCAST_MIN_TOKENS, kernels.UPCAST_MIN_TOKENS + 1):
+            x = torch.randn(m, 256, device="cuda").to(torch.bfloat16)
+            assert _rel(layer(x), layer.reference_forward(x)) < 1e-2
+    assert calls == [kernels.UPCAST_MIN_TOKENS + 1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(INTERP, reason="compiled kernels")
 def test_gpu_fp8_fold_bit_exact_and_layer_at_wan_shapes():
     if not torch.cuda.get_device_capability() >= (8, 9):
         pytest.skip("no FP8 tensor cores")
     _check_fp8_fold(300, 5120, 640, "cuda")
     _check_fp8_layer(4100, 5120, 1280, "cuda")
     _check_layer(57, 13824, 5120, 32, "cuda", backends=("fp8",))   # ffn.net.2's K, a ragged M
+    _check_lowrank_add(3000, 13824, "cuda")                          # ffn.net.0's outputs, a ragged M
 
 
 @pytest.mark.gpu

@@ -133,6 +133,14 @@ round14)  # next: READBACK as a tuned choice (the 480p question of rounds 11-13)
   timeout 240 python3 -m wanexp.bench bench=fp8_a14b bench.name=bench_round14 bench.profile.enabled=false bench.repeats=2 \
     "bench.paths=[bf16_compiled,fused_fp8_compiled,fused_fp8+attn_fp8_cudnn_compiled]" bench.out_dir="$OUT" > "$OUT/bench_round14.log" 2>&1
   grep "s/forward\|Error\|error" "$OUT/bench_round14.log" | tail -8 ;;
+round15)  # session 7: the low-rank up-projection in one pass over y (lowrank_add_) and auto = FP8 on Hopper: the GPU
+  # tests, then the expert at 720p and 480p, 2 timed forwards a cell: upcast + cuBLAS, auto (now FP8), + fp8_cudnn
+  timeout 110 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_compile.py -m gpu \
+    -k "fp8 or tiles or lowrank or auto or layers_equal" 2>&1 | tee "$OUT/gpu_tests.log" | tail -3
+  timeout 330 python3 -m wanexp.bench bench=fp8_a14b bench.name=bench_round15 bench.profile.enabled=false bench.repeats=2 \
+    "bench.paths=[bf16_compiled,fused_cublas_compiled,fused_compiled,fused_fp8+attn_fp8_cudnn_compiled]" \
+    bench.out_dir="$OUT" > "$OUT/bench_round15.log" 2>&1
+  grep -v "__recompiles" "$OUT/bench_round15.log" | grep "s/forward\|Error\|error" | tail -10 ;;
 video14)  # next: the fp8_cudnn video's projection checked against a measured 5-step video
   timeout 300 python3 -m wanexp.bench bench=video_a14b bench.name=video_a14b_round14 bench.out_dir="$OUT" \
     "bench.whole_video.precisions=[w4a4+attn_fp8_cudnn]" "bench.whole_video.check=[w4a4+attn_fp8_cudnn]" > "$OUT/bench_video.log" 2>&1

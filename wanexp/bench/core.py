@@ -114,8 +114,8 @@ def profile_forward(model: nn.Module, inputs: dict) -> dict[str, Any]:
 
 
 # The W4A4 paths the bench can time, each eager or with every block compiled ("_compiled")
-W4A4_PATHS = ("reference", "fused", "fused_triton", "fused_fp8", "fused_compiled", "fused_triton_compiled",
-              "fused_fp8_compiled", "fused_fp8_unchecked", "fused_fp8_unchecked_compiled")
+W4A4_PATHS = ("reference", "fused", "fused_triton", "fused_cublas", "fused_fp8", "fused_compiled", "fused_triton_compiled",
+              "fused_cublas_compiled", "fused_fp8_compiled", "fused_fp8_unchecked", "fused_fp8_unchecked_compiled")
 # ... and with quantized attention (wanexp.quant.attention: its Triton kernels, cuDNN's FP8 SDPA):
 # "<path>+attn_<name>[_compiled]"
 ATTENTION_PATHS = tuple(f"fused_fp8+attn_{a}{c}" for c in ("", "_compiled") for a in ("fp8", "int8_sage", "fp8_cudnn"))
@@ -268,12 +268,13 @@ def _run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None]) -> di
     log(f"quantized {len(swapped)} linears in {result['quantize_s']:.1f} s: {result['bytes_w4a4'] / GB:.2f} GB held")
     for path in [p for p in W4A4_PATHS if p in paths]:
         base = path.removesuffix("_compiled").partition("+attn_")[0]
-        backend = {"fused_triton": "triton", "fused_fp8": "fp8", "fused_fp8_unchecked": "fp8_unchecked"}.get(base, "auto")
+        backend = {"fused_triton": "triton", "fused_cublas": "cublas", "fused_fp8": "fp8",
+                   "fused_fp8_unchecked": "fp8_unchecked"}.get(base, "auto")
         with kernels.fused(base != "reference"), kernels.gemm_backend(backend), attention_scope(path), \
                 (compiled_blocks(model) if path in compiled else contextlib.nullcontext()):
             before = fallback_counts(model)
             measure(path)
-            if base == "fused_fp8":  # rows the FP8 fold could not hold exactly, recomputed by the bf16 path
+            if base in ("fused_fp8", "fused"):  # rows the FP8 fold could not hold exactly, recomputed by the bf16 path
                 after = fallback_counts(model)
                 result.setdefault("fp8_fallbacks", {})[path] = {k: after[k] - before[k] for k in after}
     # each further format: the expert built again and quantized in it, its fused path eager and compiled
@@ -346,7 +347,8 @@ def to_markdown(r: dict[str, Any]) -> str:
         sep += "---|---|---|---|"
     lines += [head, sep]
     labels = {"bf16": "BF16", "reference": "W4A4 reference (torch, unfused)",
-              "fused": "W4A4 fused (Triton act-quant; GEMM auto: upcast + cuBLAS above 4096 tokens)",
+              "fused": "W4A4 fused (Triton act-quant; GEMM auto: above 4096 tokens FP8 on Hopper, else upcast + cuBLAS)",
+              "fused_cublas": "W4A4 fused (Triton act-quant; upcast + cuBLAS)",
               "fused_triton": "W4A4 fused (Triton act-quant + Triton packed-weight GEMM)",
               "fused_fp8": "W4A4 fused on FP8 tensor cores (row-folded E4M3, torch._scaled_mm)",
               "fused_fp8_unchecked": "the same without the exact-fallback check (diagnostic: its host sync's cost)"}

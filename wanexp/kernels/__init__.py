@@ -15,9 +15,11 @@ Switches, so one process can time both paths:
 * ``WANEXP_FUSED=0`` in the environment starts with it off;
 * ``layer.fused = False`` on one QuantLinear keeps that layer on the reference path;
 * ``with gemm_backend("triton" | "cublas" | "fp8" | "auto")`` (env ``WANEXP_FUSED_GEMM``) picks the GEMM
-  after the fused activation quantizer: the Triton GEMM that reads the packed weight, or an
-  exact upcast of the weight into a transient bf16 buffer + one cuBLAS GEMM (``auto``: the latter
-  above :data:`UPCAST_MIN_TOKENS` tokens, where it is faster on Hopper).
+  after the fused activation quantizer: the Triton GEMM that reads the packed weight, an exact
+  upcast of the weight into a transient bf16 buffer + one cuBLAS GEMM, or the FP8 tensor cores
+  (:mod:`wanexp.kernels.mxfp4_fp8`). ``auto``: above :data:`UPCAST_MIN_TOKENS` tokens the FP8 path
+  on Hopper and newer (:func:`fp8_preferred`; measured faster than the upcast at 720p and 480p on
+  an H200) and the upcast elsewhere; the Triton GEMM at or below it.
 
 The kernels and their math: :mod:`wanexp.kernels.mxfp4`; the FP8 fold: :mod:`wanexp.kernels.mxfp4_fp8`.
 """
@@ -32,8 +34,9 @@ import torch
 
 _STATE = {"enabled": os.environ.get("WANEXP_FUSED", "1") != "0", "triton": None,
           "gemm": os.environ.get("WANEXP_FUSED_GEMM", "auto")}
-# Above this many tokens, "auto" runs the GEMM as upcast-to-scratch + cuBLAS (faster on Hopper, see
-# wanexp.kernels.mxfp4.upcast_linear); at or below it, the Triton GEMM on the packed weight.
+# Above this many tokens, "auto" runs the GEMM on FP8 tensor cores (Hopper and newer) or as
+# upcast-to-scratch + cuBLAS (wanexp.kernels.mxfp4.upcast_linear); at or below it, the Triton GEMM on
+# the packed weight.
 UPCAST_MIN_TOKENS = 4096
 
 
@@ -41,10 +44,10 @@ GEMM_BACKENDS = ("auto", "triton", "cublas", "fp8", "fp8_unchecked")
 
 
 def set_gemm_backend(backend: str) -> None:
-    """"auto" (default), "triton" (always the fused packed-weight GEMM), "cublas" (always
-    upcast-to-scratch + cuBLAS) or "fp8" (block scales folded per row into E4M3 operands, one
-    row-wise-scaled FP8 GEMM: :mod:`wanexp.kernels.mxfp4_fp8`; where the device has no FP8 tensor
-    cores, or a shape does not suit, "auto"). "fp8_unchecked" is a diagnostic for the bench only:
+    """"auto" (default: see the module docstring), "triton" (always the fused packed-weight GEMM),
+    "cublas" (always upcast-to-scratch + cuBLAS) or "fp8" (block scales folded per row into E4M3
+    operands, one row-wise-scaled FP8 GEMM: :mod:`wanexp.kernels.mxfp4_fp8`; where the device has no
+    FP8 tensor cores, or a shape does not suit, the upcast or Triton GEMM as "auto" would pick without FP8). "fp8_unchecked" is a diagnostic for the bench only:
     the FP8 path without its exact-fallback check (one host sync a call), to measure what that
     sync costs; rows beyond the fold's bound would then be rounded, so it never serves a run."""
     if backend not in GEMM_BACKENDS:
@@ -124,6 +127,12 @@ def fp8_capable(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+def fp8_preferred(device: torch.device) -> bool:
+    """Whether ``auto`` takes the FP8 path on ``device``: a GPU of compute capability 9.0+ (Hopper;
+    row-wise scaled ``torch._scaled_mm``), where it was measured faster than the bf16 upcast."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
     """QuantLinear's forward through the fused kernels (same numerics as the reference, up to the
     final rounding; see :mod:`wanexp.kernels.mxfp4`), as one custom op (``wanexp::mxfp4_w4a4``)
@@ -142,6 +151,8 @@ def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
         from wanexp.kernels.upcast import upcast_forward
         return upcast_forward(layer, x2, bin_index).reshape(*lead, layer.out_features).to(x.dtype)
     backend = _STATE["gemm"]
+    if backend == "auto" and x2.shape[0] > UPCAST_MIN_TOKENS and fp8_preferred(x2.device):
+        backend = "fp8"
     fp8 = backend in ("fp8", "fp8_unchecked")
     if fp8 and not (fp8_capable(x2.device) and layer.out_features % 16 == 0):
         backend, fp8 = "auto", False
