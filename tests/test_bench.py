@@ -1,6 +1,7 @@
 """The whole-pipeline memory bench's logic, dry-run on the CPU with the tiny architecture (the GPU
 run at full A14B size is `python -m wanexp.bench bench=pipeline_h100`)."""
 
+import pytest
 import torch
 
 from wanexp.bench.pipeline import run_pipeline_memory, run_whole_video, to_markdown, video_fit, video_markdown
@@ -84,3 +85,10 @@ def test_forward_bench_dry_run_times_each_path_and_further_formats_and_keeps_jso
     assert 0 < e["fused_int4_vs_bf16_rel_err"] < 1 and e["fused_vs_reference_rel_err"] == 0  # no GPU: one path
     assert max(seen) >= 3 and json.loads((tmp_path / "smoke.json").read_text())["paths"] == r["paths"]
     assert "W4A4 INT4 fused" in to_markdown(r)
+
+
+def test_forward_bench_rejects_an_unknown_path_before_building_anything(tmp_path):
+    from wanexp.bench.core import run_bench
+    with pytest.raises(ValueError, match=r"bench.paths: unknown \['fused_fp9'\]"):
+        run_bench({"device": "cpu", "paths": ["bf16", "fused_fp9"], "resolutions": []}, tmp_path)
+    assert not any(tmp_path.iterdir())

@@ -150,6 +150,9 @@ def run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None] = print
     """Run the benchmark described by ``cfg`` (the ``bench`` config group) and write
     ``<name>.json`` and ``<name>.md`` into ``out_dir``. TF32 is off and ``gemm_variant`` pins the
     fused GEMM while it runs; both are as they were afterwards."""
+    unknown = [p for p in cfg.get("paths") or [] if p not in ("bf16", "bf16_compiled", *W4A4_PATHS)]
+    if unknown:  # before any model is built: a misspelt path would otherwise be skipped in silence
+        raise ValueError(f"bench.paths: unknown {unknown}; known: bf16, bf16_compiled, {', '.join(W4A4_PATHS)}")
     if cfg.get("device", "cuda") == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("wanexp.bench needs a CUDA GPU")
     with contextlib.ExitStack() as scope:
