@@ -360,7 +360,7 @@ def to_markdown(r: dict[str, Any]) -> str:
                    "fused_fp8+attn_fp8_cudnn": f"{labels['fused_fp8']} + FP8 attention, per tensor (cuDNN sdpa_fp8)"})
     labels.update({f"{k}_compiled": f"{v}, blocks compiled" for k, v in list(labels.items()) if k != "reference"})
     for fmt in {p.split("_")[1] for p in r["paths"] if p.startswith("fused_") and p.split("_")[1] not in
-                ("triton", "fp8", "compiled")}:
+                ("triton", "cublas", "fp8", "compiled")}:
         labels[f"fused_{fmt}"] = f"W4A4 {fmt.upper()} fused (Triton act-quant; upcast weight + cuBLAS)"
         labels[f"fused_{fmt}_compiled"] = labels[f"fused_{fmt}"] + ", blocks compiled"
     for path in r["paths"]:
