@@ -115,14 +115,17 @@ def _group_gemm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, bias_ptr, c_ptr, M, N, K,
         tl.store(c_ptrs, _to_bf16_rne(acc), mask=mask)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg) timed once per shape by pick_tiles (the first one
-# off the GPU and at small M). Why these (read off ptxas for sm_90a, no GPU timing yet): the s32 tile
-# and the fp32 accumulator both live in registers, 2 × BM·BN / threads, so a warpgroup holds at most
-# 64×128 (~170-200 registers); bigger tiles spill. The MMA waits for its result within a warp, so
-# the overlap of MMA and epilogue comes from other CTAs on the SM: 64×128 on 4 warps fits 2 CTAs an
-# SM, 3 with maxnreg 168 (it needs 169). 128×128 and 64×256 on 8 warps: two warpgroups, one CTA.
-TILES = [(64, 128, 4, 4, None), (64, 128, 4, 4, 168), (128, 64, 4, 4, 168), (128, 128, 8, 3, None),
-         (64, 256, 8, 3, None), (64, 128, 4, 3, 168)]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg), timed once per shape by pick_tiles (the first
+# one off the GPU and at small M). Chosen from ptxas's report for sm_90a (compiled offline, not yet
+# timed): the s32 tile and the fp32 accumulator both live in registers (2 · BM·BN / threads), so a
+# warpgroup holds at most 64×128 of each (169-209 registers; 128×128 on 4 warps, or two N halves of
+# it, spills). Each warp waits for its own MMA before scaling its result, so MMA and epilogue
+# overlap across CTAs: 64×128 on 4 warps runs 2 CTAs an SM, 3 under maxnreg 168 (smem permitting:
+# 3 stages at G = 128, 4 at G = 64). 128×128 and 64×256 on 8 warps are one CTA of two warpgroups.
+# Loop body per warp and group (G = 64): 128 FFMA + 64 moves (the magic into the s32 tile) + ~95
+# loads, addresses, barriers: ~290 issue cycles against 128 tensor-core cycles for a 64×128 tile.
+TILES = [(64, 128, 4, 4, None), (64, 128, 4, 3, 168), (64, 128, 4, 4, 168), (64, 128, 4, 2, 168),
+         (128, 128, 8, 3, None), (64, 256, 8, 3, None)]
 
 
 def _launch(tile, a, a_scale, b, b_scale, bias, out, group, magic):
@@ -276,13 +279,44 @@ def quantize_operands(x: torch.Tensor, fmt, clip_ratio: float | torch.Tensor = 1
     return operands_from_packed(fmt.encode(x, clip_ratio))
 
 
-def operands_from_values(xq: torch.Tensor, fmt) -> tuple[torch.Tensor, torch.Tensor]:
-    """The operands of an already fake-quantized tensor ``xq`` (what ``fmt.quantize_dequantize``
-    returned), re-encoded; raises ValueError unless they reproduce xq exactly. HiF4 re-encodes any of
-    its own values (the format keeps the sign bit for this); INT4 does from fp32 values (q · s exact)
-    but not always from bf16 ones, where bf16(7 · s) can move the group's scale."""
-    packed = fmt.encode(xq)
-    if not torch.equal(fmt.decode(packed), xq):
-        raise ValueError(f"operands_from_values: the tensor is not a set of exact {fmt.name} values; "
-                         f"quantize_operands(x, fmt) from the unquantized tensor instead")
-    return operands_from_packed(packed)
+def operands_from_values(xq: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 values, fp32 group scales, group-major) of an already fake-quantized 2-D tensor (what
+    ``fmt.quantize_dequantize`` returned): per group of ``group`` along the last dim, the largest scale
+    σ of which every value is an integer multiple, found exactly (σ = gcd of the values' integer
+    significands on the group's finest binary grid); raises ValueError unless all |v / σ| <= 127.
+
+    Passes: HiF4 values (σ a multiple of S/4, |q| <= 28) in fp32 or bf16, and INT4 values in fp32
+    (σ = the scale times the gcd of the codes, |q| <= 7), with ``q · σ`` equal to the values (−0
+    becomes +0); the σ are then short (<= 22 bits), as ``short_scales`` needs. INT4 values in bf16
+    are bf16(code · scale), rounded: generally no int8 multiples of one scale, they raise; their
+    exact operands come from the codes (:func:`operands_from_packed`, :func:`quantize_operands`).
+    Re-encoding with the format would not do for HiF4: its scale recomputed from its own values
+    differs in about a fifth of random groups."""
+    if xq.dim() != 2 or xq.shape[1] % group:
+        raise ValueError(f"operands_from_values: a 2-D tensor of whole groups of {group}, got {tuple(xq.shape)}")
+    rows, k = xq.shape
+    v = xq.float().double().reshape(rows, k // group, group)         # at most 24 significant bits each
+    if not bool(torch.isfinite(v).all()):
+        raise ValueError("operands_from_values: the tensor holds NaN or Inf")
+    mant, exp = torch.frexp(v)                                        # v = mant · 2^exp, 0.5 <= |mant| < 1
+    live = v != 0
+    top = torch.where(live, exp, torch.iinfo(torch.int32).min).amax(-1, keepdim=True)
+    bottom = torch.where(live, exp, torch.iinfo(torch.int32).max).amin(-1, keepdim=True)
+    bottom = torch.where(live.any(-1, keepdim=True), bottom, 0)      # an all-zero group: σ = 1
+    if bool((top - bottom > 7).any()):                                # |q| in 1..127 spans 7 octaves at most
+        raise ValueError("operands_from_values: a group spans more octaves than int8 multiples of one scale can")
+    shift = torch.where(live, exp - bottom, 0)
+    n = torch.ldexp(mant, torch.full_like(exp, 24)).long() << shift   # v / 2^(bottom - 24): exact, < 2^31
+    g = n[..., 0].abs()
+    for j in range(1, group):
+        g = torch.gcd(g, n[..., j])
+    g = torch.where(g > 0, g, 1)[..., None]
+    q = n // g                                                        # exact: g divides every n
+    if int(q.abs().max()) > 127:
+        raise ValueError("operands_from_values: the tensor is not int8 values times a group scale "
+                         "(quantize_operands(x, fmt) quantizes an unquantized tensor)")
+    scale = torch.ldexp(g.double(), bottom - 24).float()
+    if not torch.equal(q.float() * scale, v.float()):                 # σ out of fp32's range
+        raise ValueError("operands_from_values: the group scales do not fit fp32")
+    scale = scale.squeeze(-1)
+    return q.reshape(rows, k).to(torch.int8), group_major(scale)
