@@ -274,6 +274,22 @@ def test_interp_tiles_agree_and_formats_end_to_end():
     _check_formats_end_to_end(24, 40, 256, "cpu")
 
 
+@interp_only
+def test_interp_probe_dry_run_completes(tmp_path):
+    """experiments/gpu/group_gemm_probe.py --dry: every yardstick, tile and check runs and is recorded."""
+    import json
+    sys.path.insert(0, str(REPO / "experiments" / "gpu"))
+    import group_gemm_probe
+    group_gemm_probe.main(["--dry", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "group_gemm_probe.json").read_text())
+    assert record["skipped"] == [] and len(record["shapes"]) == 2 and set(record["act_quant_proxy"]) == {"256", "512"}
+    for entry in record["shapes"].values():
+        assert "bf16_ms" in entry and set(entry["groups"]) == {"64", "128"}
+        for ge in entry["groups"].values():
+            assert ge["all_tiles_same_bits"] and ge["check"]["within_bound"] and ge["check"]["rel_err_bf16"] < 4e-3
+            assert len(ge["tiles"]) == 2 and ge["i2f_ms"] > 0 and ge["row_major_scales_ms"] > 0
+
+
 @pytest.mark.skipif(INTERP, reason="already inside the interpreter run")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the compiled kernels are tested instead")
 def test_interpreter_suite():
@@ -282,7 +298,7 @@ def test_interpreter_suite():
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interp"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "4 passed" in proc.stdout, proc.stdout[-2000:]
+    assert "5 passed" in proc.stdout, proc.stdout[-2000:]
 
 
 # ----------------------------------------------------------------------------- GPU checks
