@@ -82,6 +82,14 @@ def _check_exact_sums(device):
     assert torch.equal(gg.group_scaled_mm(a, sa, b, sb, group, out_dtype=torch.float32, short_scales=False), y)
     sb[:, 3] *= 2                                                      # one group's scale off: no longer equal
     assert not torch.equal(gg.group_scaled_mm(a, sa, b, sb, group, out_dtype=torch.float32), y)
+    # the conversion's edges: group sums of 2^22 (int8 -128 · -128 over G = 256) and -2^22 + 2^15 (-128 · 127)
+    a = torch.full((16, 512), -128, dtype=torch.int8, device=device)
+    b = torch.full((32, 512), -128, dtype=torch.int8, device=device)
+    b[1] = 127
+    ones_a, ones_b = torch.ones(16, 2, device=device), torch.ones(32, 2, device=device)
+    y = gg.group_scaled_mm(a, ones_a, b, ones_b, 256, out_dtype=torch.float32)
+    assert torch.equal(y.double(), gg.group_scaled_mm_reference(a, ones_a, b, ones_b, 256))
+    assert float(y[0, 0]) == 2 * 2**22 and float(y[0, 1]) == 2 * (-(2**22) + 2**15)
 
 
 def _check_tiles_agree(m, n, k, group, device):

@@ -96,7 +96,7 @@ def check_slices(a, sa, b, sb, group, tile) -> dict:
     return {"rel_err_bf16": worst_rel, "max_err_over_bound_fp32": worst_bound, "within_bound": worst_bound <= 1.0}
 
 
-def time_group_gemm(m, n, k, group, bench, dry, tiles, device) -> dict:
+def time_group_gemm(m, n, k, group, bench, tiles, device) -> dict:
     g = torch.Generator(device=device).manual_seed(group)
     q = GROUP_RANGES[group]
     a = torch.randint(-q, q + 1, (m, k), dtype=torch.int8, device=device, generator=g)
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
                 result["skipped"].append(f"{label},G={group}")
                 continue
             print(f"{label} G={group}:", flush=True)
-            ge = time_group_gemm(m, n, k, group, bench, dry, tiles, device)
+            ge = time_group_gemm(m, n, k, group, bench, tiles, device)
             if "best_ms" in ge and base:
                 ge["ratio_to_bf16"] = ge["best_ms"] / base
                 print(f"{label} G={group}: best {ge['best_tile']} {ge['best_ms']:.3f} ms = {ge['ratio_to_bf16']:.2f}x bf16; "
