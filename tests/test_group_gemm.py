@@ -252,7 +252,7 @@ def test_interp_int8_dot_is_exact():
         rm, rn, rk = tl.arange(0, M), tl.arange(0, N), tl.arange(0, K)
         a = tl.load(a_ptr + rm[:, None] * K + rk[None, :])
         b = tl.load(b_ptr + rn[:, None] * K + rk[None, :])
-        tl.store(c_ptr + rm[:, None] * N + rn[None, :], tl.dot(a, tl.trans(b), tl.full((M, N), 7, tl.int32)))
+        tl.store(c_ptr + rm[:, None] * N + rn[None, :], tl.dot(a, tl.trans(b), tl.full((M, N), 7, tl.int32), out_dtype=tl.int32))
 
     g = torch.Generator().manual_seed(0)
     a = torch.randint(-128, 128, (32, 256), dtype=torch.int8, generator=g)

@@ -66,13 +66,14 @@ GROUPS = (32, 64, 128, 256)             # G: a power of two (tl.arange), >= wgmm
 def _scale_group(a, b, sa, sb, acc, MAGIC: tl.constexpr, INTERP: tl.constexpr):
     """acc + D · sa[:, None] · sb[None, :] with D = a · bᵀ (int8 tiles, exact s32 MMA)."""
     if MAGIC:
-        f = tl.dot(a, tl.trans(b), tl.full((a.shape[0], b.shape[0]), _MAGIC, tl.int32)).to(tl.float32, bitcast=True)
+        f = tl.dot(a, tl.trans(b), tl.full((a.shape[0], b.shape[0]), _MAGIC, tl.int32),
+                   out_dtype=tl.int32).to(tl.float32, bitcast=True)   # Triton 3.6 wants out_dtype with an int acc
         if INTERP:   # the interpreter's fma rounds twice; (f - C) is exact, then one rounding like the fma
             return acc + ((f - _MAGIC_F) * sa[:, None]) * sb[None, :]
         u = tl.fma(f, sa[:, None], (sa * -_MAGIC_F)[:, None])
         return tl.fma(u, sb[None, :], acc)
     else:
-        d = tl.dot(a, tl.trans(b)).to(tl.float32)
+        d = tl.dot(a, tl.trans(b), out_dtype=tl.int32).to(tl.float32)
         return acc + (d * sa[:, None]) * sb[None, :]
 
 
