@@ -143,9 +143,9 @@ round15)  # session 7: the low-rank up-projection in one pass over y (lowrank_ad
   grep -v "__recompiles" "$OUT/bench_round15.log" | grep "s/forward\|Error\|error" | tail -10 ;;
 ggemm15)  # session 7: the group-scaled INT8 GEMM (wanexp.kernels.group_gemm; INT4 G=128, HiF4 G=64): GPU tests, then
   # the probe at the 720p and 480p token counts beside bf16 F.linear and FP8 _scaled_mm
-  timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_group_gemm.py -m gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -3
-  timeout 130 python3 experiments/gpu/group_gemm_probe.py --out "$OUT/probe_57600" 2>&1 | tee "$OUT/probe_57600.log" | tail -25
-  timeout 75 python3 experiments/gpu/group_gemm_probe.py --tokens 24960 --budget 55 --out "$OUT/probe_24960" 2>&1 \
+  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_group_gemm.py -m gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -3
+  timeout 120 python3 experiments/gpu/group_gemm_probe.py --budget 100 --out "$OUT/probe_57600" 2>&1 | tee "$OUT/probe_57600.log" | tail -25
+  timeout 50 python3 experiments/gpu/group_gemm_probe.py --tokens 24960 --budget 35 --out "$OUT/probe_24960" 2>&1 \
     | tee "$OUT/probe_24960.log" | tail -12 ;;
 video14)  # next: the fp8_cudnn video's projection checked against a measured 5-step video
   timeout 300 python3 -m wanexp.bench bench=video_a14b bench.name=video_a14b_round14 bench.out_dir="$OUT" \
