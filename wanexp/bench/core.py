@@ -372,10 +372,10 @@ def to_markdown(r: dict[str, Any]) -> str:
             if not e:
                 row += " – | – | – | – |"
                 continue
-            ratio = e.get("time_ratio", 1.0)
+            ratio = 1.0 if path == "bf16" else e.get("time_ratio")   # None: no eager BF16 in this run
             fast = e.get("time_ratio_compiled_bf16")
-            row += (f" {e['seconds']:.3f} | {ratio:.2f}× | {'–' if fast is None else f'{fast:.2f}×'} |"
-                    f" {e['peak_bytes'] / GB:.2f} |")
+            show = lambda v: "–" if v is None else f"{v:.2f}×"  # noqa: E731
+            row += f" {e['seconds']:.3f} | {show(ratio)} | {show(fast)} | {e['peak_bytes'] / GB:.2f} |"
         lines.append(row)
     lines.append("")
     for n in names:
