@@ -123,7 +123,6 @@ def test_caption_attribute_labels_bind_each_token_to_its_object_and_the_caption(
 def test_text_encoder_pretraining_learns_is_seeded_and_ships_through_model_tiny(tmp_path, monkeypatch):
     """A short caption-attribute pre-training lowers its loss, gives the same weights for the same seed, and
     ``save`` + ``model=tiny``'s loader carry the trained UMT5 (absent without pre-training)."""
-    from wanexp.models import tiny
     cfg = replace(tt.TrainConfig(), text_pretrain_steps=60, text_pretrain_batch=32, text_pretrain_captions=512)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)  # as train() runs it: tiny steps on two threads of a shared CPU crawl
