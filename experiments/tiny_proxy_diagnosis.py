@@ -10,7 +10,8 @@ Prints (markdown) on held-out clips of training's held-out seed:
 - per sigma, the expert's one-step x0 prediction decoded through the VAE: if its PSNR equals the
   VAE's own round trip, the denoiser is not the limit;
 - whether the experts read the caption: held-out flow loss with each clip's caption, with the empty
-  prompt and with another clip's caption (the caption alone says which way the objects move);
+  prompt, with another clip's caption and with the motion words swapped (the caption alone says which
+  way the objects move);
 - the full pipeline's per-frame error against the drawn clip at several step counts, CFG scales and
   dtypes, beside the VAE round trip's.
 """
@@ -90,18 +91,33 @@ def denoiser_section(pipe, videos: torch.Tensor, captions: list[str]) -> list[st
     return lines + [""]
 
 
+# each motion for another: a direction for its opposite, still -> grows -> shrinks -> still
+MOTION_SWAP = {"moves left": "moves right", "moves right": "moves left", "moves up": "moves down", "moves down": "moves up",
+               "stays still": "grows", "grows": "shrinks", "shrinks": "stays still"}
+
+
+def motion_swapped(scene: procedural.Scene) -> str:
+    """The scene's caption with every object's motion swapped (``MOTION_SWAP``), the rest unchanged."""
+    from dataclasses import replace
+    return replace(scene, things=tuple(replace(t, motion=MOTION_SWAP[t.motion]) for t in scene.things)).caption
+
+
 @torch.no_grad()
-def caption_section(pipe, videos: torch.Tensor, captions: list[str]) -> list[str]:
-    held = tt.prepare_expert_data(pipe, videos, captions)
-    empty = dict(held, text=held["empty_text"], caption_index=torch.zeros(len(captions), dtype=torch.long))
+def caption_section(pipe, videos: torch.Tensor, clips: list[procedural.Clip]) -> list[str]:
+    held = tt.prepare_expert_data(pipe, videos, [c.caption for c in clips])
+    empty = dict(held, text=held["empty_text"], caption_index=torch.zeros(len(clips), dtype=torch.long))
     other = dict(held, caption_index=held["caption_index"].roll(1))
+    text, index, _ = tt.text_embeddings(pipe, [motion_swapped(c.scene) for c in clips])
+    swapped = dict(held, text=text, caption_index=index)
     boundary = float(pipe.config.boundary_ratio)
     lines = ["## Do the experts read the caption?", "",
              "Held-out flow loss (as training's held-out evaluation) with each clip's own caption, the empty prompt, "
-             "and the next clip's caption:", "", "| expert | own caption | empty | another clip's |", "|---|---|---|---|"]
+             "the next clip's caption, and its own caption with every motion swapped (left for right, up for down, "
+             "still -> grows -> shrinks -> still):", "",
+             "| expert | own caption | empty | another clip's | motion words swapped |", "|---|---|---|---|---|"]
     for name, expert in (("high_noise", pipe.transformer), ("low_noise", pipe.transformer_2)):
         lines.append(f"| {name} | " + " | ".join(f"{tt.heldout_losses(expert, name, d, boundary, 0):.4f}"
-                                              for d in (held, empty, other)) + " |")
+                                              for d in (held, empty, other, swapped)) + " |")
     return lines + [""]
 
 
@@ -151,7 +167,7 @@ def main() -> None:
     lines += vae_section(pipe.vae, videos)
     lines += normalisation_section(pipe.vae, videos)
     lines += denoiser_section(pipe, videos, [c.caption for c in clips])
-    lines += caption_section(pipe, videos, [c.caption for c in clips])
+    lines += caption_section(pipe, videos, clips)
     lines += sampling_section(pipe, [procedural.make_clip(s) for s in (2024, 2025, 2026, 2027)])
     print("\n".join(lines))
 

@@ -117,6 +117,8 @@ def build_tiny_pipeline(weights: str = "random"):
 
 
 EXPERT_FILES = {"high_noise": "transformer.safetensors", "low_noise": "transformer_2.safetensors"}
+# present only where train_tiny pre-trained the UMT5 (``text_pretrain_steps``); else the seeded random one stays
+TEXT_ENCODER_FILE = "text_encoder.safetensors"
 
 
 def tokenizer_corpus() -> tuple[str, ...]:
@@ -126,22 +128,27 @@ def tokenizer_corpus() -> tuple[str, ...]:
 
 
 def _build_trained_pipeline():
-    """The random pipeline (its frozen UMT5, scheduler and boundary) with the shipped VAE and experts."""
+    """The random pipeline (its frozen UMT5, scheduler and boundary) with the shipped VAE and experts, and the
+    shipped UMT5 where one was trained."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from safetensors import safe_open
     from safetensors.torch import load_file
+    from transformers import UMT5Config, UMT5EncoderModel
 
     pipe = build_tiny_pipeline(weights="random")
     pipe.tokenizer = _build_tokenizer(tokenizer_corpus())
-    for attr, cls, fname in (("vae", AutoencoderKLWan, "vae.safetensors"),
-                             ("transformer", WanTransformer3DModel, EXPERT_FILES["high_noise"]),
-                             ("transformer_2", WanTransformer3DModel, EXPERT_FILES["low_noise"])):
+    parts = [("vae", AutoencoderKLWan.from_config, "vae.safetensors"),
+             ("transformer", WanTransformer3DModel.from_config, EXPERT_FILES["high_noise"]),
+             ("transformer_2", WanTransformer3DModel.from_config, EXPERT_FILES["low_noise"])]
+    if (TRAINED_WEIGHTS / TEXT_ENCODER_FILE).exists():
+        parts.append(("text_encoder", lambda c: UMT5EncoderModel(UMT5Config(**c)), TEXT_ENCODER_FILE))
+    for attr, build, fname in parts:
         path = TRAINED_WEIGHTS / fname
         with safe_open(str(path), framework="pt") as f:
             config = json.loads(f.metadata()["config"])
         # diffusers would otherwise take these keys' defaults again: the VAE's latent statistics are among them
         config.pop("_use_default_values", None)
-        module = cls.from_config(config)
+        module = build(config)
         module.load_state_dict(load_file(str(path)), strict=True)
         setattr(pipe, attr, module.eval())
     return pipe

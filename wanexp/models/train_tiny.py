@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from wanexp.models import procedural
-from wanexp.models.tiny import (EXPERT_FILES, TINY_SPEC, TRAINED_WEIGHTS, _build_tokenizer, build_tiny_pipeline,
-                                tokenizer_corpus)
+from wanexp.models.tiny import (EXPERT_FILES, TEXT_ENCODER_FILE, TINY_SPEC, TRAINED_WEIGHTS, _build_tokenizer,
+                                build_tiny_pipeline, tokenizer_corpus)
 
 @dataclass
 class TrainConfig:
@@ -64,6 +64,16 @@ class TrainConfig:
     # frames 2-5 worse and the generated frames come out further from the clip
     # (experiments/results/tiny_proxy_diagnosis_cpu.md, "proxy19c").
     vae_per_frame_init: bool = False
+    # Pre-train the tiny UMT5 on the captions' attributes (``pretrain_text_encoder``) before it is frozen:
+    # 0 keeps it at its seeded random weights. Cross-attention reads tokens without positions, so a
+    # token must carry what it binds to ("left" of an object or of the camera, the motion of the
+    # object its colour names); the random encoder binds 65-93%, the pre-trained one 100%, and the
+    # high-noise expert then reads the motion words (experiments/results/tiny_proxy_diagnosis_cpu.md,
+    # "proxy19d"). Off in the shipped recipe: the generated objects still do not move.
+    text_pretrain_steps: int = 0
+    text_pretrain_batch: int = 128
+    text_pretrain_captions: int = 8192
+    text_pretrain_lr: float = 3e-3
     expert_steps: int = 1000
     expert_batch: int = 48
     expert_lr: float = 1e-3
@@ -79,7 +89,7 @@ class TrainConfig:
 
     def quick(self) -> "TrainConfig":
         """A few steps of everything (tests, smoke runs)."""
-        return TrainConfig(**{**asdict(self), "train_clips": 8, "heldout_clips": 4, "vae_image_steps": 2,
+        return TrainConfig(**{**asdict(self), "train_clips": 8, "heldout_clips": 4, "vae_image_steps": 2, "text_pretrain_captions": 64,
                               "vae_image_batch": 2, "vae_steps": 2, "vae_batch": 2, "vae_crop": 16, "expert_steps": 2, "expert_batch": 4})
 
 
@@ -325,6 +335,74 @@ def _set_lr(opt, base: float, step: int, total: int, warmup: int = 20) -> None:
         g["lr"] = lr
 
 
+# ---------------------------------------------------------------------------------------------
+# text encoder
+# ---------------------------------------------------------------------------------------------
+CAPTION_FIELDS = {"motion": tuple(procedural.MOTIONS), "colour": tuple(procedural.COLOURS), "kind": procedural.KINDS,
+                  "pan": tuple(procedural.PANS), "texture": procedural.TEXTURES}
+OBJECT_FIELDS = ("motion", "colour", "kind")
+CAPTION_TOKENS = 32  # a training caption is at most 26 tokens
+
+
+def caption_attribute_labels(tokenizer, scenes: list[procedural.Scene]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token ids, mask and per-token labels [N, tokens, len(CAPTION_FIELDS)] of the scenes' captions: a token
+    of an object's phrase is labelled with that object's motion, colour and kind; every token with the
+    caption's pan and texture; -100 where a field does not apply (padding, the object fields elsewhere)."""
+    t = tokenizer([s.caption for s in scenes], padding="max_length", max_length=CAPTION_TOKENS, truncation=True,
+                  return_tensors="pt", return_offsets_mapping=True)
+    labels = torch.full((*t.input_ids.shape, len(CAPTION_FIELDS)), -100)
+    fields = list(CAPTION_FIELDS)
+    for i, scene in enumerate(scenes):
+        spans, start = [], 0
+        for thing in scene.things:
+            begin = scene.caption.index(thing.phrase(), start)
+            start = begin + len(thing.phrase())
+            spans.append((begin, start, thing))
+        for pos, (a, _) in enumerate(t.offset_mapping[i].tolist()):
+            if not t.attention_mask[i, pos]:
+                continue
+            labels[i, pos, fields.index("pan")] = CAPTION_FIELDS["pan"].index(scene.pan)
+            labels[i, pos, fields.index("texture")] = CAPTION_FIELDS["texture"].index(scene.texture)
+            for begin, end, thing in spans:
+                if begin <= a < end:
+                    for f in OBJECT_FIELDS:
+                        labels[i, pos, fields.index(f)] = CAPTION_FIELDS[f].index(getattr(thing, f))
+    return t.input_ids, t.attention_mask, labels
+
+
+def pretrain_text_encoder(text_encoder, tokenizer, cfg: TrainConfig, log) -> list[float]:
+    """Teach the tiny UMT5 what each caption token binds to: from every token's output a linear head (then
+    discarded) predicts the attributes ``caption_attribute_labels`` gives it, over captions of fresh random
+    scenes (text only, nothing rendered). Seeded by ``cfg.seed``, apart from the VAE's and experts' draws."""
+    scenes_rng = np.random.default_rng(cfg.seed * 10 + 7)
+    ids, mask, labels = caption_attribute_labels(
+        tokenizer, [procedural.random_scene(scenes_rng) for _ in range(cfg.text_pretrain_captions)])
+    gen = torch.Generator().manual_seed(cfg.seed * 10 + 7)
+    torch.manual_seed(cfg.seed * 10 + 7)
+    sizes = [len(v) for v in CAPTION_FIELDS.values()]
+    head = torch.nn.Linear(text_encoder.config.d_model, sum(sizes))
+    params = list(text_encoder.parameters()) + list(head.parameters())
+    text_encoder.requires_grad_(True).train()
+    opt = torch.optim.AdamW(params, lr=cfg.text_pretrain_lr, weight_decay=0.0)
+    losses = []
+    for step in range(cfg.text_pretrain_steps):
+        _set_lr(opt, cfg.text_pretrain_lr, step, cfg.text_pretrain_steps)
+        idx = torch.randint(len(ids), (cfg.text_pretrain_batch,), generator=gen)
+        loss = caption_attribute_loss(text_encoder, head, ids[idx], mask[idx], labels[idx], sizes)
+        _step(opt, loss, params)
+        losses.append(loss.item())
+        if step % 50 == 0 or step == cfg.text_pretrain_steps - 1:
+            log(f"text encoder step {step + 1}/{cfg.text_pretrain_steps}: loss {loss.item():.4f}")
+    text_encoder.requires_grad_(False).eval()
+    return losses
+
+
+def caption_attribute_loss(text_encoder, head, ids, mask, labels, sizes) -> torch.Tensor:
+    logits = head(text_encoder(ids, attention_mask=mask).last_hidden_state).split(sizes, dim=-1)
+    return sum(F.cross_entropy(lg.flatten(0, 1), labels[..., k].flatten(), ignore_index=-100)
+               for k, lg in enumerate(logits) if bool((labels[..., k] >= 0).any()))
+
+
 @torch.no_grad()
 def text_embeddings(pipe, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """UMT5 embeddings of each distinct caption, each clip's index into them, and the empty prompt's."""
@@ -424,6 +502,11 @@ def train(cfg: TrainConfig, log=print, evaluate_heldout: bool = True) -> tuple[o
     set_latent_stats(pipe.vae, encode_means(pipe.vae, videos))
     record["seconds"]["vae"] = time.perf_counter() - t
 
+    if cfg.text_pretrain_steps:
+        t = time.perf_counter()
+        record["text_encoder_loss"] = _ends(pretrain_text_encoder(pipe.text_encoder, pipe.tokenizer, cfg, log))
+        record["seconds"]["text_encoder"] = time.perf_counter() - t
+
     t = time.perf_counter()
     data = prepare_expert_data(pipe, videos, [c.caption for c in train_clips])
     held = prepare_expert_data(pipe, heldout_videos, [c.caption for c in heldout_clips])
@@ -462,16 +545,24 @@ def _ends(losses: list[float], k: int = 10) -> dict:
 
 
 def save(pipe, record: dict, out_dir: Path) -> None:
-    """The trained VAE and experts as safetensors (fp32, with their configs), plus the training record."""
+    """The trained VAE and experts as safetensors (fp32, with their configs), the text encoder too where it was
+    pre-trained (else ``model=tiny`` keeps the seeded random one), plus the training record."""
     from safetensors.torch import save_file
 
     from wanexp.io import atomic_path, write_json
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, module in (("vae", pipe.vae), ("high_noise", pipe.transformer), ("low_noise", pipe.transformer_2)):
-        fname = EXPERT_FILES.get(name, "vae.safetensors")
-        state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    modules = [("vae.safetensors", pipe.vae), (EXPERT_FILES["high_noise"], pipe.transformer),
+               (EXPERT_FILES["low_noise"], pipe.transformer_2)]
+    if record["config"].get("text_pretrain_steps"):
+        modules.append((TEXT_ENCODER_FILE, pipe.text_encoder))
+    else:
+        (out_dir / TEXT_ENCODER_FILE).unlink(missing_ok=True)  # a stale one would be loaded with these weights
+    for fname, module in modules:
+        config = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
+        # cloned: UMT5's embedding table is tied to its encoder's, and safetensors keeps no shared tensors
+        state = {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
         with atomic_path(out_dir / fname) as tmp:
-            save_file(state, str(tmp), metadata={"config": json.dumps(dict(module.config), default=str)})
+            save_file(state, str(tmp), metadata={"config": json.dumps(config, default=str)})
     write_json(out_dir / "train.json", record)
 
 
