@@ -155,3 +155,17 @@ def keep_artifact(capsys):
             print(f"\n[artifact] {dest} (kept from {path})")
         return dest
     return keep
+
+
+@pytest.fixture
+def interpreter_run():
+    """``run(test_file)``: that file's ``-k interp`` tests in a subprocess with TRITON_INTERPRET=1 (the flag
+    must be set before triton is imported), asserted to pass; returns their stdout, for the count."""
+    def run(test_file: str) -> str:
+        env = dict(os.environ, TRITON_INTERPRET="1",
+                   PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", "interp"],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+        return proc.stdout
+    return run

@@ -18,7 +18,6 @@ so the kernel takes an equivalent exact formulation of its conversion there (mod
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -300,13 +299,10 @@ def test_interp_probe_dry_run_completes(tmp_path):
 
 @pytest.mark.skipif(INTERP, reason="already inside the interpreter run")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the compiled kernels are tested instead")
-def test_interpreter_suite():
+def test_interpreter_suite(interpreter_run):
     """The interpreter checks above, in a subprocess with TRITON_INTERPRET=1 (CPU, a few seconds)."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interp"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "5 passed" in proc.stdout, proc.stdout[-2000:]
+    stdout = interpreter_run(__file__)
+    assert "5 passed" in stdout, stdout[-2000:]
 
 
 # ----------------------------------------------------------------------------- GPU checks

@@ -15,13 +15,9 @@ plus full-size ones run compiled (``gpu`` marker).
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from wanexp.formats import get_format
 from wanexp.quant.context import TimestepBins, TimestepContext
@@ -31,7 +27,6 @@ triton = pytest.importorskip("triton")
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 MX = {"name": "mxfp4", "opts": {}}
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _device() -> str:
@@ -433,13 +428,10 @@ def test_interp_int4_nvfp4_act_quant_and_layer_exact():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the compiled kernels are tested instead")
 @pytest.mark.skipif(tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 8),
                     reason="the interpreter of older Tritons evaluates these kernels differently (seen: 3.6)")
-def test_interpreter_suite():
+def test_interpreter_suite(interpreter_run):
     """The interpreter checks above, in a subprocess with TRITON_INTERPRET=1 (CPU, ~20 s)."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interp"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "10 passed" in proc.stdout, proc.stdout[-2000:]
+    stdout = interpreter_run(__file__)
+    assert "10 passed" in stdout, stdout[-2000:]
 
 
 # ----------------------------------------------------------------------------- dispatch (CPU, no triton run)

@@ -56,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from wanexp.kernels.mxfp4 import _to_bf16_rne, pick_tiles
+from wanexp.kernels.mxfp4 import _grouped_tile, _to_bf16_rne, pick_tiles
 
 _MAGIC = tl.constexpr(0x4B400000)       # bits of 1.5 · 2^23: its fp32 ulp is 1 over [2^23, 2^24)
 _MAGIC_F = tl.constexpr(12582912.0)     # 1.5 · 2^23
@@ -86,14 +86,7 @@ def _group_gemm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, bias_ptr, c_ptr, M, N, K,
                        stride_am, stride_bn, stride_cm, stride_sam, stride_sag, stride_sbn, stride_sbg,
                        G: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_FP32: tl.constexpr, MAGIC: tl.constexpr,
                        INTERP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_n                                            # grouped order: L2 reuse of B
-    first_m = (pid // group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % group) % size_m)
-    pid_n = (pid % group) // size_m
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)       # grouped order: L2 reuse of B
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, G)

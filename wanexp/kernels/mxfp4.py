@@ -273,19 +273,24 @@ def _e2m1_to_bf16(packed, scale, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 
 @triton.jit
+def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program in grouped order: GROUP_M row tiles sweep the N tiles together,
+    so the weight tiles they share stay in L2."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    return first_m + ((pid % group) % size_m), (pid % group) // size_m
+
+
+@triton.jit
 def _mxfp4_gemm_kernel(a_ptr, w_ptr, ws_ptr, t_ptr, l1_ptr, bias_ptr, c_ptr,
                        M, N, K, R, stride_am, stride_cm,
                        HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr, R_PAD: tl.constexpr, LR_FP32: tl.constexpr,
                        VARIANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_n                                            # grouped order: L2 reuse of W
-    first_m = (pid // group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % group) % size_m)
-    pid_n = (pid % group) // size_m
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M                 # wrap: loads stay in bounds
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
     rk = tl.arange(0, BLOCK_K)
