@@ -46,8 +46,8 @@ each of the n sums and the bias once, so ``|y − (Σ_g t_g + bias)| ≤ (n + 3)
 output dtype (RNE, bf16 by default). For the formats' scales u is exact and n + 2 would do.
 Tested against :func:`group_scaled_mm_reference` (fp64 of exact integer group sums).
 
-Not wired into QuantLinear yet: :mod:`wanexp.kernels.upcast` is the path in use, and
-``experiments/gpu/group_gemm_probe.py`` measures this kernel against it on the GPU.
+Not wired into QuantLinear (the measurement above): :mod:`wanexp.kernels.upcast` is the path in use;
+``experiments/gpu/group_gemm_probe.py`` is the measurement.
 """
 
 from __future__ import annotations
@@ -223,36 +223,28 @@ def rounding_bound(a, a_scale, b, b_scale, group, bias=None) -> torch.Tensor:
 # ---------------------------------------------------------------------------- the operands of the formats
 
 
-def _int_operands(packed) -> tuple[torch.Tensor, torch.Tensor]:
+def _unpacked(packed):
+    """The format's own decode of a 2-D packed tensor up to its last product: (values q, scale dict s)
+    in the format's block view, whole groups only."""
     from wanexp.formats import get_format
-    from wanexp.formats.base import unpack_nibbles
     fmt = get_format(packed.format, **packed.options)
-    rows, k = packed.shape[0], packed.shape[-1]
+    k = packed.shape[-1]
     if k % fmt._block_len(k):
         raise ValueError(f"{packed.format}: K = {k} is not a whole number of groups of {fmt._block_len(k)}")
-    codes = packed.data["codes"]
-    if fmt.element_bits == 4:
-        nib = unpack_nibbles(codes, k).to(torch.int8)
-        codes = torch.where(nib >= 8, nib - 16, nib).to(torch.int8)     # two's-complement nibbles
-    scale = packed.data["scales"].float().reshape(rows, -1)
-    return codes.reshape(rows, k).to(torch.int8), scale
+    return fmt._unpack(packed.data, fmt._view_shape(tuple(packed.shape)))
+
+
+def _int_operands(packed) -> tuple[torch.Tensor, torch.Tensor]:
+    q, s = _unpacked(packed)                                            # q: the codes, as floats
+    rows = packed.shape[0]
+    return q.reshape(rows, -1).to(torch.int8), s["scale"].reshape(rows, -1)
 
 
 def _hif4_operands(packed) -> tuple[torch.Tensor, torch.Tensor]:
-    from wanexp.formats.base import pow2, unpack_bits, unpack_nibbles
-    from wanexp.formats.hifloat import E6M2_BIAS
-    rows, k = packed.shape[0], packed.shape[-1]
-    if k % 64:
-        raise ValueError(f"hif4: K = {k} is not a whole number of groups of 64")
-    nb = k // 64
-    c = unpack_nibbles(packed.data["codes"], k).reshape(rows, nb, 8, 2, 4).to(torch.int32)
-    L2 = 1 + unpack_bits(packed.data["l2"].reshape(rows, nb, 1)).to(torch.int32).reshape(rows, nb, 8, 1, 1)
-    L3 = 1 + unpack_bits(packed.data["l3"].reshape(rows, nb, 2)).to(torch.int32).reshape(rows, nb, 8, 2, 1)
-    q = (c & 7) * L2 * L3                                                # 4m · L2 · L3 in 0..28
-    q = torch.where(c >= 8, -q, q)
-    s = packed.data["scales"].reshape(rows, nb).to(torch.int32)
-    S = pow2((s >> 2) - E6M2_BIAS) * (1 + (s & 3).float() / 4)           # as HiF4._unpack decodes it
-    return q.reshape(rows, k).to(torch.int8), S / 4                      # S/4 exact: a power of two apart
+    q, s = _unpacked(packed)                                            # q = ±m, m in {0, 1/4, ..., 7/4}
+    rows = packed.shape[0]
+    ints = q * 4 * s["L2"] * s["L3"]                                   # ±4m · L2 · L3 in -28..28, exact
+    return ints.reshape(rows, -1).to(torch.int8), s["S"].reshape(rows, -1) / 4   # S/4 exact: a power of two apart
 
 
 def operands_from_packed(packed) -> tuple[torch.Tensor, torch.Tensor]:
