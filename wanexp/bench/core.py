@@ -114,8 +114,12 @@ def profile_forward(model: nn.Module, inputs: dict) -> dict[str, Any]:
 
 
 # The W4A4 paths the bench can time, each eager or with every block compiled ("_compiled")
-W4A4_PATHS = ("reference", "fused", "fused_triton", "fused_cublas", "fused_fp8", "fused_compiled", "fused_triton_compiled",
-              "fused_cublas_compiled", "fused_fp8_compiled", "fused_fp8_unchecked", "fused_fp8_unchecked_compiled")
+W4A4_PATHS = ("reference", "fused", "fused_triton", "fused_cublas", "fused_fp8", "fused_compiled",
+              "fused_triton_compiled", "fused_cublas_compiled", "fused_fp8_compiled", "fused_fp8_unchecked",
+              "fused_fp8_unchecked_compiled")
+# the GEMM backend (wanexp.kernels.gemm_backend) of each fused path that pins one; the others take "auto"
+PATH_BACKENDS = {"fused_triton": "triton", "fused_cublas": "cublas", "fused_fp8": "fp8",
+                 "fused_fp8_unchecked": "fp8_unchecked"}
 # ... and with quantized attention (wanexp.quant.attention: its Triton kernels, cuDNN's FP8 SDPA):
 # "<path>+attn_<name>[_compiled]"
 ATTENTION_PATHS = tuple(f"fused_fp8+attn_{a}{c}" for c in ("", "_compiled") for a in ("fp8", "int8_sage", "fp8_cudnn"))
@@ -271,8 +275,7 @@ def _run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None]) -> di
     log(f"quantized {len(swapped)} linears in {result['quantize_s']:.1f} s: {result['bytes_w4a4'] / GB:.2f} GB held")
     for path in [p for p in W4A4_PATHS if p in paths]:
         base = path.removesuffix("_compiled").partition("+attn_")[0]
-        backend = {"fused_triton": "triton", "fused_cublas": "cublas", "fused_fp8": "fp8",
-                   "fused_fp8_unchecked": "fp8_unchecked"}.get(base, "auto")
+        backend = PATH_BACKENDS.get(base, "auto")
         with kernels.fused(base != "reference"), kernels.gemm_backend(backend), attention_scope(path), \
                 (compiled_blocks(model) if path in compiled else contextlib.nullcontext()):
             before = fallback_counts(model)
@@ -359,8 +362,9 @@ def to_markdown(r: dict[str, Any]) -> str:
                    "fused_fp8+attn_int8_sage": f"{labels['fused_fp8']} + INT8 SageAttention, fp16 P·V (Triton)",
                    "fused_fp8+attn_fp8_cudnn": f"{labels['fused_fp8']} + FP8 attention, per tensor (cuDNN sdpa_fp8)"})
     labels.update({f"{k}_compiled": f"{v}, blocks compiled" for k, v in list(labels.items()) if k != "reference"})
+    backends = {path.split("_")[1] for path in PATH_BACKENDS}   # fused_<backend>..., not fused_<format>
     for fmt in {p.split("_")[1] for p in r["paths"] if p.startswith("fused_") and p.split("_")[1] not in
-                ("triton", "cublas", "fp8", "compiled")}:
+                (*backends, "compiled")}:
         labels[f"fused_{fmt}"] = f"W4A4 {fmt.upper()} fused (Triton act-quant; upcast weight + cuBLAS)"
         labels[f"fused_{fmt}_compiled"] = labels[f"fused_{fmt}"] + ", blocks compiled"
     for path in r["paths"]:
