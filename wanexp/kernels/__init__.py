@@ -47,9 +47,10 @@ def set_gemm_backend(backend: str) -> None:
     """"auto" (default: see the module docstring), "triton" (always the fused packed-weight GEMM),
     "cublas" (always upcast-to-scratch + cuBLAS) or "fp8" (block scales folded per row into E4M3
     operands, one row-wise-scaled FP8 GEMM: :mod:`wanexp.kernels.mxfp4_fp8`; where the device has no
-    FP8 tensor cores, or a shape does not suit, the upcast or Triton GEMM as "auto" would pick without FP8). "fp8_unchecked" is a diagnostic for the bench only:
-    the FP8 path without its exact-fallback check (one host sync a call), to measure what that
-    sync costs; rows beyond the fold's bound would then be rounded, so it never serves a run."""
+    FP8 tensor cores, or a shape does not suit, the upcast or Triton GEMM as "auto" would pick without
+    FP8). "fp8_unchecked" is a diagnostic for the bench only: the FP8 path without its exact-fallback
+    check (one host sync a call), to measure what that sync costs; rows beyond the fold's bound would
+    then be rounded, so it never serves a run."""
     if backend not in GEMM_BACKENDS:
         raise ValueError(f"gemm backend must be {' | '.join(GEMM_BACKENDS)}, got {backend!r}")
     _STATE["gemm"] = backend

@@ -301,11 +301,11 @@ def fp8_linear(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, clip
     beyond :data:`MAX_SPREAD`) recomputed by the exact bf16 path and added to ``counters[:2]``
     ([activation rows, weight rows]). Output: bf16 of the fp32 sum plus bias; the low-rank branch
     T = x_s L2ᵀ (bf16) is added into it by :func:`lowrank_add_` (two roundings where the reference
-    path has three). (Folding
-    the smoothing into L2 would spare the quantizer its x_s write, but rounds L2/s where the
-    reference rounds x/s: measured on the H200, the output then drifts further from an exact
-    evaluation than the reference does, so it is not done.) ``check=False`` skips the search for
-    rows beyond the bound and its host sync (the bench's diagnostic "fp8_unchecked" backend only)."""
+    path has three). (Folding the smoothing into L2 would spare the quantizer its x_s write, but
+    rounds L2/s where the reference rounds x/s: measured on the H200, the output then drifts further
+    from an exact evaluation than the reference does, so it is not done.) ``check=False`` skips the
+    search for rows beyond the bound and its host sync (the bench's diagnostic "fp8_unchecked"
+    backend only)."""
     a = act_quant_fp8(x2, clip_table, bin_, smooth, scale_rule=scale_rule, write_xs=up is not None)
     w8 = fold_weight(codes, scales, w_exponent)
     w_scale = torch.ldexp(torch.ones_like(w_exponent, dtype=torch.float32), (w_exponent - HEADROOM).float())

@@ -89,8 +89,9 @@ class TrainConfig:
 
     def quick(self) -> "TrainConfig":
         """A few steps of everything (tests, smoke runs)."""
-        return TrainConfig(**{**asdict(self), "train_clips": 8, "heldout_clips": 4, "vae_image_steps": 2, "text_pretrain_captions": 64,
-                              "vae_image_batch": 2, "vae_steps": 2, "vae_batch": 2, "vae_crop": 16, "expert_steps": 2, "expert_batch": 4})
+        return TrainConfig(**{**asdict(self), "train_clips": 8, "heldout_clips": 4, "vae_image_steps": 2,
+                              "text_pretrain_captions": 64, "vae_image_batch": 2, "vae_steps": 2, "vae_batch": 2,
+                              "vae_crop": 16, "expert_steps": 2, "expert_batch": 4})
 
 
 # ---------------------------------------------------------------------------------------------
