@@ -70,6 +70,10 @@ def log_run(cfg: Mapping[str, Any], run_dir: Path, config: Mapping[str, Any], su
             run.log_artifact(art)
         where = run.url if mode == "online" else str(Path(run.dir).parent)
         run.finish()
+        # wandb 0.31's finish() can return before its service has flushed the run's .wandb log (seen
+        # as a 7-byte header in 1 of 4 runs); teardown waits for the service, so the offline run
+        # is complete on disk when we return it, and `wandb sync` finds it whole.
+        wandb.teardown()
         return where
     except Exception as err:  # never lose a finished run to a logging problem
         warnings.warn(f"W&B logging failed ({type(err).__name__}: {err}); results are on disk in {run_dir}")
