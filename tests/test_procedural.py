@@ -70,3 +70,28 @@ def test_grows_and_shrinks_change_the_area_and_a_pan_slides_the_texture():
     # vertical stripes panned left by 3 px a frame: frame 1 is frame 0 shifted right by 3 px
     assert np.abs(frames[1][:, 3:] - frames[0][:, :-3]).max() <= 1
     assert np.abs(frames[1] - frames[0]).max() > 50
+
+
+def test_data_options_narrow_the_draws_and_speed_up_the_motion():
+    """The default options draw what make_clips drew before they existed (pinned by a hash of the frames);
+    narrowed options give only their motions and one object, moving ``speed`` px a frame; bad options fail."""
+    import hashlib
+    default = procedural.make_clips(1000, 50)
+    assert hashlib.md5(np.stack([c.frames for c in default]).tobytes()).hexdigest() == "470d64abe5dd03d09479c1e70748aba6"
+    assert [c.caption for c in default] == [c.caption for c in procedural.make_clips(1000, 50, options=procedural.DataOptions())]
+    five = ("moves left", "moves right", "moves up", "moves down", "stays still")
+    opts = procedural.DataOptions(speed=8.0, motions=five, max_objects=1)
+    clips = procedural.make_clips(1000, 50, options=opts)
+    assert all(len(c.scene.things) == 1 and c.scene.things[0].motion in five for c in clips)
+    assert {c.scene.things[0].motion for c in clips} == set(five)
+    # the same scene drawn at speed 8 instead of 4: the object has moved twice as far by frame 5
+    scene = Scene(things=(Thing("square", "red", "moves right", x=20.0, y=32.0, size=6.0),), texture="plain",
+                  pan="the camera is still", backdrop=((60, 60, 70), (110, 100, 90)), texture_period=10.0,
+                  texture_angle=0.0, height=64, width=64, frames=5, speed=8.0)
+    frames = procedural.render(scene)
+    assert _centroid(frames[4], COLOURS["red"])[0] - _centroid(frames[0], COLOURS["red"])[0] == pytest.approx(32.0, abs=0.6)
+    assert procedural.DataOptions.parse_motions("") == tuple(MOTIONS)
+    assert procedural.DataOptions.parse_motions("moves left, grows") == ("moves left", "grows")
+    for bad in (dict(motions=("moves sideways",)), dict(motions=()), dict(max_objects=3), dict(speed=0.0)):
+        with pytest.raises(ValueError):
+            procedural.DataOptions(**bad)

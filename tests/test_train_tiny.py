@@ -152,3 +152,15 @@ def _pretrain_and_ship(cfg, tmp_path, monkeypatch):
     assert not (tmp_path / tiny.TEXT_ENCODER_FILE).exists()
     assert torch.equal(tiny.build_tiny_pipeline("trained").text_encoder.state_dict()["shared.weight"],
                        untrained["shared.weight"])
+
+
+def test_data_options_reach_the_clips_and_bad_ones_fail_early():
+    """``TrainConfig``'s data options become ``procedural.DataOptions`` (defaults: the shipped data); an unknown
+    motion fails when the config is made, before anything is drawn."""
+    assert tt.TrainConfig().data_options() == procedural.DataOptions()
+    cfg = replace(tt.TrainConfig(), object_speed=8.0, motions="moves left, stays still", max_objects=1)
+    assert cfg.data_options() == procedural.DataOptions(speed=8.0, motions=("moves left", "stays still"), max_objects=1)
+    with pytest.raises(ValueError, match="motions"):
+        tt.TrainConfig(motions="moves sideways")
+    with pytest.raises(ValueError, match="max_objects"):
+        tt.main(["--quick", "--max-objects", "3", "--out", "/nonexistent/never-written"])

@@ -59,6 +59,7 @@ class Scene:
     height: int
     width: int
     frames: int
+    speed: float = SPEED  # world pixels per frame of the objects' motions
 
     @property
     def caption(self) -> str:
@@ -73,20 +74,47 @@ class Clip:
     scene: Scene = field(repr=False)
 
 
-def random_scene(rng: np.random.Generator, height: int = 64, width: int = 64, frames: int = 5) -> Scene:
-    """Draw a scene's description (no pixels) from ``rng``."""
-    n = 1 if rng.random() < 0.6 else 2
+@dataclass(frozen=True)
+class DataOptions:
+    """What a clip may show, beyond the fixed vocabulary. The defaults are the data the shipped proxy
+    was first trained on; each option only narrows or speeds it up, so every caption stays in the
+    tokenizer's vocabulary."""
+    speed: float = SPEED                      # world pixels per frame of an object's motion
+    motions: tuple[str, ...] = tuple(MOTIONS)  # the motions drawn from (a subset of MOTIONS)
+    max_objects: int = 2                      # 1: every clip shows one object
+
+    def __post_init__(self):
+        unknown = [m for m in self.motions if m not in MOTIONS]
+        if unknown or not self.motions:
+            raise ValueError(f"motions must be a non-empty subset of {list(MOTIONS)}; got {list(self.motions)}")
+        if self.max_objects not in (1, 2):
+            raise ValueError(f"max_objects must be 1 or 2, got {self.max_objects}")
+        if not self.speed > 0:
+            raise ValueError(f"speed must be positive, got {self.speed}")
+
+    @classmethod
+    def parse_motions(cls, text: str) -> tuple[str, ...]:
+        """A comma-separated list of motions ("moves left,moves right"); empty: all of MOTIONS."""
+        return tuple(m.strip() for m in text.split(",") if m.strip()) or tuple(MOTIONS)
+
+
+def random_scene(rng: np.random.Generator, height: int = 64, width: int = 64, frames: int = 5,
+                 options: DataOptions = DataOptions()) -> Scene:
+    """Draw a scene's description (no pixels) from ``rng``. The default ``options`` draw exactly what they
+    drew before the options existed (the same draws from ``rng``)."""
+    n = 1 if rng.random() < 0.6 or options.max_objects == 1 else 2
     colours = rng.choice(list(COLOURS), size=n, replace=False)
     things = []
     for colour in colours:
         size = float(rng.uniform(0.12, 0.2) * min(height, width))
-        things.append(Thing(kind=str(rng.choice(KINDS)), colour=str(colour), motion=str(rng.choice(list(MOTIONS))),
+        things.append(Thing(kind=str(rng.choice(KINDS)), colour=str(colour), motion=str(rng.choice(list(options.motions))),
                             x=float(rng.uniform(0.3, 0.7) * width), y=float(rng.uniform(0.3, 0.7) * height),
                             size=size))
     pair = rng.choice(len(_BACKDROPS), size=2, replace=False)
     return Scene(things=tuple(things), texture=str(rng.choice(TEXTURES)), pan=str(rng.choice(list(PANS))),
                  backdrop=(_BACKDROPS[pair[0]], _BACKDROPS[pair[1]]), texture_period=float(rng.uniform(8, 16)),
-                 texture_angle=float(rng.uniform(0, np.pi)), height=height, width=width, frames=frames)
+                 texture_angle=float(rng.uniform(0, np.pi)), height=height, width=width, frames=frames,
+                 speed=options.speed)
 
 
 def camera_offset(scene: Scene, f: int) -> float:
@@ -94,11 +122,11 @@ def camera_offset(scene: Scene, f: int) -> float:
     return PANS[scene.pan] * PAN_SPEED * f
 
 
-def thing_at(thing: Thing, f: int) -> tuple[float, float, float]:
-    """World centre and half-extent of ``thing`` at frame ``f``."""
+def thing_at(thing: Thing, f: int, speed: float = SPEED) -> tuple[float, float, float]:
+    """World centre and half-extent of ``thing`` at frame ``f``, moving ``speed`` world pixels a frame."""
     dx, dy = MOTIONS[thing.motion]
     grow = {"grows": 1.0, "shrinks": -1.0}.get(thing.motion, 0.0)
-    return thing.x + dx * SPEED * f, thing.y + dy * SPEED * f, max(2.0, thing.size * (1 + 0.15 * grow * f))
+    return thing.x + dx * speed * f, thing.y + dy * speed * f, max(2.0, thing.size * (1 + 0.15 * grow * f))
 
 
 def _background(scene: Scene, wx: np.ndarray, wy: np.ndarray) -> np.ndarray:
@@ -145,7 +173,7 @@ def render(scene: Scene) -> np.ndarray:
         wx, wy = sx + cam, sy
         img = _background(scene, wx, wy)
         for thing in scene.things:  # later things are drawn on top
-            cx, cy, s = thing_at(thing, f)
+            cx, cy, s = thing_at(thing, f, scene.speed)
             mask = _coverage(thing.kind, wx - cx, wy - cy, s)
             img[mask] = COLOURS[thing.colour]
         img = img.reshape(scene.height, _SS, scene.width, _SS, 3).mean(axis=(1, 3))
@@ -160,14 +188,16 @@ def vocabulary() -> list[str]:
                                 zip(COLOURS, KINDS * 2, list(MOTIONS) * 2, TEXTURES * 2, list(PANS) * 3)]
 
 
-def make_clip(seed: int, height: int = 64, width: int = 64, frames: int = 5) -> Clip:
-    """One captioned clip; the same ``seed`` gives the same clip."""
-    scene = random_scene(np.random.default_rng(seed), height, width, frames)
+def make_clip(seed: int, height: int = 64, width: int = 64, frames: int = 5,
+              options: DataOptions = DataOptions()) -> Clip:
+    """One captioned clip; the same ``seed`` (and ``options``) gives the same clip."""
+    scene = random_scene(np.random.default_rng(seed), height, width, frames, options)
     return Clip(frames=render(scene), caption=scene.caption, scene=scene)
 
 
-def make_clips(seed: int, count: int, height: int = 64, width: int = 64, frames: int = 5) -> list[Clip]:
-    """``count`` clips, the i-th drawn from (``seed``, i): a set is a pure function of its seed."""
+def make_clips(seed: int, count: int, height: int = 64, width: int = 64, frames: int = 5,
+               options: DataOptions = DataOptions()) -> list[Clip]:
+    """``count`` clips, the i-th drawn from (``seed``, i): a set is a pure function of its seed (and ``options``)."""
     seqs = np.random.SeedSequence(seed).spawn(count)
-    return [Clip(frames=render(s := random_scene(np.random.default_rng(q), height, width, frames)),
+    return [Clip(frames=render(s := random_scene(np.random.default_rng(q), height, width, frames, options)),
                  caption=s.caption, scene=s) for q in seqs]
