@@ -7,6 +7,13 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# One thread in every test process and in the CLI runs it starts: the suite runs two pytest workers on a
+# 2-core machine (README's test command), and two-thread torch processes sharing two cores lose up to 6x
+# to each other on the tiny model's small ops (a smoke run took 106 s beside a busy core, 17 s at one
+# thread); alone, one thread is within 10% of two. It also makes every pinned number independent of
+# how many workers run.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
