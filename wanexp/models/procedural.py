@@ -122,8 +122,9 @@ def camera_offset(scene: Scene, f: int) -> float:
     return PANS[scene.pan] * PAN_SPEED * f
 
 
-def thing_at(thing: Thing, f: int, speed: float = SPEED) -> tuple[float, float, float]:
-    """World centre and half-extent of ``thing`` at frame ``f``, moving ``speed`` world pixels a frame."""
+def thing_at(thing: Thing, f: int, speed: float) -> tuple[float, float, float]:
+    """World centre and half-extent of ``thing`` at frame ``f``, moving ``speed`` world pixels a frame
+    (its scene's ``speed``: no default, which would place a faster scene's objects at the shipped speed)."""
     dx, dy = MOTIONS[thing.motion]
     grow = {"grows": 1.0, "shrinks": -1.0}.get(thing.motion, 0.0)
     return thing.x + dx * speed * f, thing.y + dy * speed * f, max(2.0, thing.size * (1 + 0.15 * grow * f))

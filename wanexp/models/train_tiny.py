@@ -390,10 +390,9 @@ def pretrain_text_encoder(text_encoder, tokenizer, cfg: TrainConfig, log) -> lis
     """Teach the tiny UMT5 what each caption token binds to: from every token's output a linear head (then
     discarded) predicts the attributes ``caption_attribute_labels`` gives it, over captions of fresh random
     scenes (text only, nothing rendered). Seeded by ``cfg.seed``, apart from the VAE's and experts' draws."""
-    scenes_rng = np.random.default_rng(cfg.seed * 10 + 7)
+    scenes_rng, options = np.random.default_rng(cfg.seed * 10 + 7), cfg.data_options()
     ids, mask, labels = caption_attribute_labels(
-        tokenizer, [procedural.random_scene(scenes_rng, options=cfg.data_options())
-                    for _ in range(cfg.text_pretrain_captions)])
+        tokenizer, [procedural.random_scene(scenes_rng, options=options) for _ in range(cfg.text_pretrain_captions)])
     gen = torch.Generator().manual_seed(cfg.seed * 10 + 7)
     torch.manual_seed(cfg.seed * 10 + 7)
     sizes = [len(v) for v in CAPTION_FIELDS.values()]
