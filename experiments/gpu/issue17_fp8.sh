@@ -147,6 +147,16 @@ ggemm15)  # session 7: the group-scaled INT8 GEMM (wanexp.kernels.group_gemm; IN
   timeout 120 python3 experiments/gpu/group_gemm_probe.py --budget 100 --out "$OUT/probe_57600" 2>&1 | tee "$OUT/probe_57600.log" | tail -25
   timeout 50 python3 experiments/gpu/group_gemm_probe.py --tokens 24960 --budget 35 --out "$OUT/probe_24960" 2>&1 \
     | tee "$OUT/probe_24960.log" | tail -12 ;;
+round16)  # session 9: every format on the current code in one process, 720p: BF16 eager and compiled, MXFP4 (auto =
+  # FP8) eager and compiled, NVFP4 / INT4 / HiF4 fused eager and compiled (their last figures are rounds 4-5's)
+  timeout 80 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -m gpu -k "int4_nvfp4_hif4 or fp8" 2>&1 \
+    | tee "$OUT/gpu_tests.log" | tail -2
+  TORCH_LOGS=recompiles timeout 480 python3 -m wanexp.bench bench=fp8_a14b bench.name=bench_round16 bench.profile.enabled=false \
+    "bench.paths=[bf16,bf16_compiled,fused,fused_compiled]" "bench.extra_formats=[nvfp4,int4,hif4]" \
+    "bench.extra_format_paths=[fused_compiled,fused]" \
+    "bench.resolutions=[{name: 720p, height: 720, width: 1280, frames: 61}]" bench.out_dir="$OUT" > "$OUT/bench_round16.log" 2>&1
+  echo "recompiles: $(grep -c 'Recompiling function' "$OUT/bench_round16.log")"
+  grep -v "__recompiles" "$OUT/bench_round16.log" | grep "s/forward\|Error\|error\|quantized" | tail -16 ;;
 video14)  # next: the fp8_cudnn video's projection checked against a measured 5-step video
   timeout 300 python3 -m wanexp.bench bench=video_a14b bench.name=video_a14b_round14 bench.out_dir="$OUT" \
     "bench.whole_video.precisions=[w4a4+attn_fp8_cudnn]" "bench.whole_video.check=[w4a4+attn_fp8_cudnn]" > "$OUT/bench_video.log" 2>&1
