@@ -157,6 +157,12 @@ round16)  # session 9: every format on the current code in one process, 720p: BF
     "bench.resolutions=[{name: 720p, height: 720, width: 1280, frames: 61}]" bench.out_dir="$OUT" > "$OUT/bench_round16.log" 2>&1
   echo "recompiles: $(grep -c 'Recompiling function' "$OUT/bench_round16.log")"
   grep -v "__recompiles" "$OUT/bench_round16.log" | grep "s/forward\|Error\|error\|quantized" | tail -16 ;;
+round16p)  # session 9: where the other formats' time goes: a kernel profile of each compiled format beside compiled BF16, 720p
+  timeout 420 python3 -m wanexp.bench bench=fp8_a14b bench.name=bench_round16p "bench.paths=[bf16_compiled]" \
+    "bench.extra_formats=[nvfp4,int4,hif4]" "bench.extra_format_paths=[fused_compiled]" \
+    "bench.profile.paths=[bf16_compiled,fused_nvfp4_compiled,fused_int4_compiled,fused_hif4_compiled]" \
+    "bench.resolutions=[{name: 720p, height: 720, width: 1280, frames: 61}]" bench.out_dir="$OUT" > "$OUT/bench_round16p.log" 2>&1
+  grep "s/forward\|Error\|error\|profile" "$OUT/bench_round16p.log" | tail -16 ;;
 video14)  # next: the fp8_cudnn video's projection checked against a measured 5-step video
   timeout 300 python3 -m wanexp.bench bench=video_a14b bench.name=video_a14b_round14 bench.out_dir="$OUT" \
     "bench.whole_video.precisions=[w4a4+attn_fp8_cudnn]" "bench.whole_video.check=[w4a4+attn_fp8_cudnn]" > "$OUT/bench_video.log" 2>&1
