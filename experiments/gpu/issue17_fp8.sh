@@ -163,6 +163,16 @@ round16p)  # session 9: where the other formats' time goes: a kernel profile of 
     "bench.profile.paths=[bf16_compiled,fused_nvfp4_compiled,fused_int4_compiled,fused_hif4_compiled]" \
     "bench.resolutions=[{name: 720p, height: 720, width: 1280, frames: 61}]" bench.out_dir="$OUT" > "$OUT/bench_round16p.log" 2>&1
   grep "s/forward\|Error\|error\|profile" "$OUT/bench_round16p.log" | tail -16 ;;
+round16s)  # session 9: what smoothing and the rank-32 branch cost the MXFP4 FP8 path (bounds for reciprocal smoothing and
+  # an epilogue low-rank GEMM): compiled BF16 beside compiled W4A4 as built, without smoothing, and without both; 720p,
+  # one process each (the quantization is per process), 2 timed forwards a cell
+  for q in "base" "bench.quant.smooth=false" "bench.quant.smooth=false bench.quant.rank=0"; do
+    n=$(echo "$q" | tr -cd 'a-z0' | tail -c 24)
+    timeout 170 python3 -m wanexp.bench bench=fp8_a14b bench.name=bench_round16s_$n bench.profile.enabled=false bench.repeats=2 \
+      "bench.paths=[bf16_compiled,fused_compiled]" $( [ "$q" = base ] || echo $q ) \
+      "bench.resolutions=[{name: 720p, height: 720, width: 1280, frames: 61}]" bench.out_dir="$OUT" > "$OUT/bench_round16s_$n.log" 2>&1
+    echo "== $q"; grep "s/forward\|Error\|error" "$OUT/bench_round16s_$n.log" | tail -3
+  done ;;
 video14)  # next: the fp8_cudnn video's projection checked against a measured 5-step video
   timeout 300 python3 -m wanexp.bench bench=video_a14b bench.name=video_a14b_round14 bench.out_dir="$OUT" \
     "bench.whole_video.precisions=[w4a4+attn_fp8_cudnn]" "bench.whole_video.check=[w4a4+attn_fp8_cudnn]" > "$OUT/bench_video.log" 2>&1
