@@ -45,13 +45,13 @@ def _act_input(m, k, device, seed=0):
 def _check_act_quant(m, k, device):
     from wanexp.kernels.mxfp4 import act_quant
     x = _act_input(m, k, device)
-    smooth = (torch.rand(k, generator=torch.Generator().manual_seed(1)) * 4 + 0.25).to(device)
+    recip = (torch.rand(k, generator=torch.Generator().manual_seed(1)) * 4 + 0.25).to(device)
     for rule in ("floor", "ceil"):
         fmt = get_format("mxfp4", scale_rule=rule)
-        for rho, sm in ((1.0, None), (0.8, smooth), (0.6, None)):
+        for rho, sm in ((1.0, None), (0.8, recip), (0.6, None)):
             table = torch.tensor([0.5, rho], device=device)
             out = act_quant(x, table, 1, sm, scale_rule=rule, write_xs=True, write_codes=True)
-            xs = x if sm is None else (x.float() / sm).to(torch.bfloat16)
+            xs = x if sm is None else (x.float() * sm).to(torch.bfloat16)
             if sm is not None:
                 assert torch.equal(out["xs"].view(torch.int16), xs.view(torch.int16))
             packed = fmt.encode(xs, clip_ratio=rho)
@@ -85,7 +85,7 @@ def _exact(layer, x):
     """fp64 evaluation of the layer on the same quantized operands (the ideal the kernels approach)."""
     xs = x.to(torch.bfloat16)
     if layer.smooth is not None:
-        xs = (xs.float() / layer.smooth).to(torch.bfloat16)
+        xs = (xs.float() * torch.reciprocal(layer.smooth)).to(torch.bfloat16)
     fmt = layer.act_format
     xq = fmt.quantize_dequantize(xs, clip_ratio=float(layer.clip_ratio()))
     y = xq.double() @ layer.dequantized_weight().double().T
@@ -215,11 +215,11 @@ def _check_fp8_fold(m, k, n, device):
         assert torch.equal(w8.view(torch.uint8), ref["values"].view(torch.uint8))
     x = _act_input(m, k, device)
     x[4:8] = (torch.randn(4, k, generator=g) * 3).to(torch.bfloat16).to(device)   # rows that fit
-    smooth = (torch.rand(k, generator=g) * 4 + 0.25).to(device)
+    recip = (torch.rand(k, generator=g) * 4 + 0.25).to(device)
     for rule in ("floor", "ceil"):
-        for rho, sm in ((1.0, None), (0.8, smooth)):
+        for rho, sm in ((1.0, None), (0.8, recip)):
             out = act_quant_fp8(x, torch.tensor([0.5, rho], device=device), 1, sm, scale_rule=rule, write_xs=True)
-            xs = x if sm is None else (x.float() / sm).to(torch.bfloat16)
+            xs = x if sm is None else (x.float() * sm).to(torch.bfloat16)
             pk = get_format("mxfp4", scale_rule=rule).encode(xs, clip_ratio=rho)
             ref = fold_reference(pk.data["codes"], pk.data["scales"])
             assert torch.equal(out["values"].view(torch.uint8), ref["values"].view(torch.uint8)), (rule, rho)
@@ -249,6 +249,34 @@ def _check_lowrank_add(m, n, device):
             assert (y.float() - exact.float()).abs().max() <= 2 ** -6 * exact.float().abs().max()
         else:
             assert torch.equal(y.view(torch.int16), exact.view(torch.int16)), r
+
+
+def _check_lowrank_down(m, k, device):
+    """T = bf16(x · r) · L2ᵀ with x smoothed inside the kernel: the smoothing rounds as the reference's
+    bf16(x.float() * r) (one-hot L2 rows copy x_s out bit for bit), and on operands whose fp32 sums are
+    exact T is exactly their rounding; ragged M and K; ranks the kernel does not take go to torch."""
+    from wanexp.kernels.mxfp4 import DOWN_TILES, lowrank_down
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(m, k, generator=g) * 3).to(torch.bfloat16).to(device)
+    recip = (torch.rand(k, generator=g) * 4 + 0.25).to(device)
+    xs = (x.float() * recip).to(torch.bfloat16)
+    cols = torch.randperm(k, generator=g)[:16]
+    onehot = torch.zeros(16, k)
+    onehot[torch.arange(16), cols] = 1.0
+    onehot = onehot.to(torch.bfloat16).to(device)
+    for tiles in (None, DOWN_TILES[1], DOWN_TILES[4]):
+        t = lowrank_down(x, recip, onehot, tiles=tiles)
+        assert t.shape == (m, 16) and t.dtype == torch.bfloat16
+        assert torch.equal(t.view(torch.int16), xs[:, cols.to(device)].view(torch.int16)), tiles
+    xe = (torch.randint(-8, 9, (m, k), generator=g) / 8).to(torch.bfloat16).to(device)          # multiples of 1/8
+    pow2 = (2.0 ** torch.randint(-2, 3, (k,), generator=g).float()).to(device)
+    down = (torch.randint(-8, 9, (32, k), generator=g) / 8).to(torch.bfloat16).to(device)
+    exact = ((xe.double() * pow2.double()) @ down.double().T).to(torch.bfloat16)
+    assert torch.equal(lowrank_down(xe, pow2, down).view(torch.int16), exact.view(torch.int16))
+    assert torch.equal(lowrank_down(xe, None, down).view(torch.int16),
+                       (xe.double() @ down.double().T).to(torch.bfloat16).view(torch.int16))
+    odd = down[:24]                                                                              # rank 24: torch
+    assert torch.equal(lowrank_down(xe, pow2, odd), torch.nn.functional.linear((xe.float() * pow2).to(torch.bfloat16), odd))
 
 
 def _check_fp8_layer(m, k, n, device):
@@ -315,18 +343,23 @@ def test_interp_fp8_fold_bit_exact():
 
 @interp_only
 def test_interp_fp8_quantizer_tiles_and_readback_give_the_same_bits():
-    """x_s read back (one division an element) or recomputed, and rows split across programs or a
+    """x_s read back (one smoothing an element) or recomputed, and rows split across programs or a
     partial last K step (NB * 32 not dividing K): the same bits as the default tile."""
     from wanexp.kernels.mxfp4_fp8 import FP8_ACT_TILES, act_quant_fp8
     x = _act_input(21, 1536, "cpu")
-    smooth = torch.rand(1536, generator=torch.Generator().manual_seed(2)) * 4 + 0.25
+    recip = torch.rand(1536, generator=torch.Generator().manual_seed(2)) * 4 + 0.25
     table = torch.tensor([0.5, 0.8])
-    ref = act_quant_fp8(x, table, 1, smooth, write_xs=True, tiles=FP8_ACT_TILES[0])
+    ref = act_quant_fp8(x, table, 1, recip, write_xs=True, tiles=FP8_ACT_TILES[0])
     assert FP8_ACT_TILES[0][3] and int(ref["spread"].max()) > 14 >= int(ref["spread"].min())
     for tiles in ((4, 8, 4, False), (2, 32, 4, True), (8, 16, 8, False), (16, 8, 8, True)):
-        out = act_quant_fp8(x, table, 1, smooth, write_xs=True, tiles=tiles)
+        out = act_quant_fp8(x, table, 1, recip, write_xs=True, tiles=tiles)
         for key in ("values", "scale", "spread", "exponent", "xs"):
             assert torch.equal(out[key].view(torch.uint8), ref[key].view(torch.uint8)), (tiles, key)
+
+
+@interp_only
+def test_interp_lowrank_down_smooths_in_its_load():
+    _check_lowrank_down(70, 200, "cpu")
 
 
 @interp_only
@@ -395,18 +428,18 @@ def _check_upcast(m, k, n, device):
     x[7, :16] = -0.0                                    # negative zeros keep their sign in NVFP4
     x[8, :64] = 1e6                                     # HiF4's group scale clipped at 49152 ...
     x[9, 64:128] = 1e-18                                # ... and at 2^-48
-    smooth = (torch.rand(k, generator=torch.Generator().manual_seed(1)) * 4 + 0.25).to(device)
+    recip = (torch.rand(k, generator=torch.Generator().manual_seed(1)) * 4 + 0.25).to(device)
     for rho in (1.0, 0.8, 0.55):
         table = torch.tensor([0.5, rho], device=device)
         for group in (32, 128):
             ref = get_format("int4", group_size=group).quantize_dequantize(x, clip_ratio=rho)
             assert torch.equal(int_act_quant(x, table, 1, None, group).view(torch.int16), ref.view(torch.int16))
-        for sm in (None, smooth):
-            xs = x if sm is None else (x.float() / sm).to(torch.bfloat16)
+        for sm in (None, recip):
+            xs = x if sm is None else (x.float() * sm).to(torch.bfloat16)
             ref = get_format("nvfp4").quantize_dequantize(xs, clip_ratio=rho)
             assert torch.equal(nvfp4_act_quant(x, table, 1, sm).view(torch.int16), ref.view(torch.int16)), rho
-        for sm in (None, smooth):
-            xs = x if sm is None else (x.float() / sm).to(torch.bfloat16)
+        for sm in (None, recip):
+            xs = x if sm is None else (x.float() * sm).to(torch.bfloat16)
             ref = get_format("hif4").quantize_dequantize(xs, clip_ratio=rho)
             assert torch.equal(hif4_act_quant(x, table, 1, sm).view(torch.int16), ref.view(torch.int16)), rho
     for fmt in ("int4", "nvfp4", "hif4"):
@@ -431,7 +464,7 @@ def test_interp_int4_nvfp4_act_quant_and_layer_exact():
 def test_interpreter_suite(interpreter_run):
     """The interpreter checks above, in a subprocess with TRITON_INTERPRET=1 (CPU, ~20 s)."""
     stdout = interpreter_run(__file__)
-    assert "10 passed" in stdout, stdout[-2000:]
+    assert "11 passed" in stdout, stdout[-2000:]
 
 
 # ----------------------------------------------------------------------------- dispatch (CPU, no triton run)
@@ -540,6 +573,7 @@ def test_gpu_fp8_fold_bit_exact_and_layer_at_wan_shapes():
     _check_fp8_layer(4100, 5120, 1280, "cuda")
     _check_layer(57, 13824, 5120, 32, "cuda", backends=("fp8",))   # ffn.net.2's K, a ragged M
     _check_lowrank_add(3000, 13824, "cuda")                          # ffn.net.0's outputs, a ragged M
+    _check_lowrank_down(4100, 13824, "cuda")                         # ffn.net.2's K, above SMALL_M_TOKENS: every tile timed
 
 
 @pytest.mark.gpu
@@ -557,19 +591,19 @@ def test_gpu_quantizer_tiles_are_bit_identical_and_the_picked_one_is_a_candidate
     from wanexp.kernels.mxfp4_fp8 import FP8_ACT_TILES, act_quant_fp8
     m, k = mxfp4.SMALL_M_TOKENS + 1000, 5120
     x = _act_input(m, k, "cuda")
-    smooth = (torch.rand(k, generator=torch.Generator().manual_seed(1)) * 4 + 0.25).cuda()
+    recip = (torch.rand(k, generator=torch.Generator().manual_seed(1)) * 4 + 0.25).cuda()
     table = torch.tensor([0.5, 0.8], device="cuda")
-    ref8 = act_quant_fp8(x, table, 1, smooth, write_xs=True, tiles=FP8_ACT_TILES[0])
-    ref = mxfp4.act_quant(x, table, 1, smooth, write_xs=True, write_codes=True, tiles=mxfp4.ACT_TILES[0])
+    ref8 = act_quant_fp8(x, table, 1, recip, write_xs=True, tiles=FP8_ACT_TILES[0])
+    ref = mxfp4.act_quant(x, table, 1, recip, write_xs=True, write_codes=True, tiles=mxfp4.ACT_TILES[0])
     for tiles in FP8_ACT_TILES:
-        out8 = act_quant_fp8(x, table, 1, smooth, write_xs=True, tiles=tiles)
+        out8 = act_quant_fp8(x, table, 1, recip, write_xs=True, tiles=tiles)
         for key in ("values", "scale", "spread", "exponent", "xs"):
             assert torch.equal(out8[key].view(torch.uint8), ref8[key].view(torch.uint8)), (tiles, key)
     for tiles in mxfp4.ACT_TILES:
-        out = mxfp4.act_quant(x, table, 1, smooth, write_xs=True, write_codes=True, tiles=tiles)
+        out = mxfp4.act_quant(x, table, 1, recip, write_xs=True, write_codes=True, tiles=tiles)
         for key in ("xq", "xs", "codes", "scales"):
             assert torch.equal(out[key].view(torch.uint8), ref[key].view(torch.uint8)), (tiles, key)
-    picked = act_quant_fp8(x, table, 1, smooth, write_xs=True)
+    picked = act_quant_fp8(x, table, 1, recip, write_xs=True)
     assert all(torch.equal(picked[key].view(torch.uint8), ref8[key].view(torch.uint8)) for key in ("values", "spread"))
     chosen = [v for kk, v in mxfp4._tiles_tuned.items() if kk[1] == m]
     assert chosen and all(v in mxfp4.ACT_TILES or v in FP8_ACT_TILES for v in chosen)

@@ -91,9 +91,33 @@ def test_weight_only_and_lowrank_smoothing_paths():
     q = QuantLinear(64, 32, weight=fmt.encode(lin.weight.detach()), bias=None, act_format=None,
                     smooth=s, lowrank=(up, down), compute_dtype=torch.float32)
     x = torch.randn(7, 64)
-    xs = x / s
+    xs = x * (1.0 / s)
     ref = xs @ fmt.quantize_dequantize(lin.weight.detach()).T + xs @ down.T @ up.T
     torch.testing.assert_close(q(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_smoothing_multiplies_by_the_fp32_reciprocal_and_the_reciprocal_is_derived_not_stored():
+    """x_s = bf16(x · r), r = 1/s rounded once in fp32: a product, not a quotient (which an fp32 layer
+    tells apart); r is a non-persistent buffer that moves with the layer,
+    stays fp32 under a dtype cast, and is rebuilt from s by an artifact round trip."""
+    g = torch.Generator().manual_seed(4)
+    s = torch.rand(256, generator=g) * 3 + 0.3
+    fmt = get_format("mxfp4")
+    q = QuantLinear(256, 16, weight=fmt.encode(torch.randn(16, 256, generator=g)), bias=None, act_format=MX, smooth=s)
+    x = (torch.randn(64, 256, generator=g) * 4).to(torch.bfloat16)
+    r = 1.0 / s                                                   # fp32 IEEE division, once
+    assert torch.equal(q.smooth_recip, r) and q.smooth_recip.dtype == torch.float32
+    assert torch.equal(q.smoothed(x), (x.float() * r).to(torch.bfloat16))
+    # in fp32 the product and the quotient part on a quarter of the elements (in bf16 almost never)
+    q32 = QuantLinear(256, 16, weight=fmt.encode(torch.randn(16, 256, generator=g)), bias=None, act_format=MX,
+                      smooth=s, compute_dtype=torch.float32)
+    x32 = torch.randn(64, 256, generator=g)
+    assert torch.equal(q32.smoothed(x32), x32 * r) and float((x32 * r != x32 / s).float().mean()) > 0.1
+    assert "smooth_recip" not in q.state_dict() and "smooth" in q.state_dict()
+    q.to(torch.bfloat16)
+    assert q.smooth_recip.dtype == torch.float32 and torch.equal(q.smooth_recip, r)
+    rebuilt = QuantLinear.from_description(q.describe(), dict(q.state_dict()))
+    assert torch.equal(rebuilt.smooth_recip, r) and torch.equal(rebuilt(x), q(x))
 
 
 def test_quantize_swaps_only_selected_layers_and_rtn_error_is_small():

@@ -165,7 +165,7 @@ def main() -> None:
         lin = torch.nn.Linear(K, 5120, device="cuda", dtype=torch.bfloat16)
         layer = SyntheticTSClip().build(f"probe.{K}", lin).cuda()
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16) * torch.logspace(-3, 2, K, device="cuda").bfloat16()
-        clip, sm = layer.clip_table, layer.smooth
+        clip, sm = layer.clip_table, layer.smooth_recip  # the kernels multiply by r = 1 / s
 
         def launch(t, smooth=True, hw=True):
             bufs = {"a8": torch.empty(M, K, device="cuda", dtype=torch.uint8), "xs": torch.empty_like(x),

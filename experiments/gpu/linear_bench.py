@@ -51,7 +51,7 @@ def main() -> None:
         rows = kernels.weight_rows(layer)
         w8 = fold_weight(layer.wq_codes, layer.wq_scales, rows["exponent"])
         w_scale = torch.ldexp(torch.ones(n, device="cuda"), (rows["exponent"] - HEADROOM).float())
-        a = act_quant_fp8(x, layer.clip_table, 1, layer.smooth, write_xs=True)
+        a = act_quant_fp8(x, layer.clip_table, 1, layer.smooth_recip, write_xs=True)
         a["t"] = torch.nn.functional.linear(a["xs"], layer.lowrank_down)
         y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
         with kernels.gemm_backend("fp8"):
@@ -59,7 +59,7 @@ def main() -> None:
         entry = {
             "bf16_linear_ms": bench(lambda: torch.nn.functional.linear(x, lin.weight, lin.bias)),
             "fp8_layer_ms": fp8_forward,
-            "act_path_ms": bench(lambda: act_quant_fp8(x, layer.clip_table, 1, layer.smooth, write_xs=True)),
+            "act_path_ms": bench(lambda: act_quant_fp8(x, layer.clip_table, 1, layer.smooth_recip, write_xs=True)),
             "lowrank_down_ms": bench(lambda: torch.nn.functional.linear(a["xs"], layer.lowrank_down)),
             "scaled_mm_ms": bench(lambda: torch._scaled_mm(a["values"], w8.t(), scale_a=a["scale"][:, None],
                                                            scale_b=w_scale[None, :], bias=lin.bias,

@@ -52,8 +52,8 @@ def main() -> None:
         row["bf16_linear_ms"] = bench(lambda: torch.nn.functional.linear(x, lin.weight, lin.bias))
         layer = builder.build("blocks.0.x", lin)
         row["reference_ms"] = bench(lambda: layer.reference_forward(x))
-        row["act_quant_ms"] = bench(lambda: K.act_quant(x, layer.clip_table, 0, layer.smooth, write_xs=True))
-        xq = K.act_quant(x, layer.clip_table, 0, layer.smooth)["xq"]
+        row["act_quant_ms"] = bench(lambda: K.act_quant(x, layer.clip_table, 0, layer.smooth_recip, write_xs=True))
+        xq = K.act_quant(x, layer.clip_table, 0, layer.smooth_recip)["xq"]
         for cfg in K.CONFIGS:
             try:
                 ms = bench(lambda: K._launch(cfg, xq, layer.wq_codes, layer.wq_scales, None, None, layer.bias,
@@ -64,8 +64,9 @@ def main() -> None:
             row[f"gemm_v{cfg[0]}_{'x'.join(map(str, cfg[1:]))}_ms"] = ms
         best = min((v, key) for key, v in row.items() if key.startswith("gemm_"))
         row["gemm_best"] = best[1]
-        xs = K.act_quant(x, layer.clip_table, 0, layer.smooth, write_xs=True)["xs"]
+        xs = K.act_quant(x, layer.clip_table, 0, layer.smooth_recip, write_xs=True)["xs"]
         row["lowrank_down_ms"] = bench(lambda: torch.nn.functional.linear(xs, layer.lowrank_down))
+        row["lowrank_down_fused_ms"] = bench(lambda: K.lowrank_down(x, layer.smooth_recip, layer.lowrank_down))
         row["fused_forward_ms"] = bench(lambda: fused_forward(layer, x))
         y, ref = fused_forward(layer, x), layer.reference_forward(x)
         row["fused_vs_reference_rel"] = float((y.float() - ref.float()).norm() / ref.float().norm())

@@ -160,7 +160,7 @@ def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
     rows = weight_rows(layer) if fp8 else {}
     has_lr = layer.lowrank_up is not None
     y = torch.ops.wanexp.mxfp4_w4a4(
-        x2, layer.wq_codes, layer.wq_scales, layer.clip_table, bin_index, layer.smooth, layer.bias,
+        x2, layer.wq_codes, layer.wq_scales, layer.clip_table, bin_index, layer.smooth_recip, layer.bias,
         layer.lowrank_up if has_lr else None, layer.lowrank_down if has_lr else None,
         rows.get("exponent"), rows.get("spread"), layer.counters, layer.act_format.scale_rule, backend)
     return y.reshape(*lead, layer.out_features).to(x.dtype)
@@ -192,28 +192,28 @@ def prepare(model: torch.nn.Module) -> int:
 
 @torch.library.custom_op("wanexp::mxfp4_w4a4", mutates_args=("counters",))
 def _mxfp4_w4a4(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, clip_table: torch.Tensor,
-                bin_index: torch.Tensor, smooth: torch.Tensor | None, bias: torch.Tensor | None,
+                bin_index: torch.Tensor, smooth_recip: torch.Tensor | None, bias: torch.Tensor | None,
                 up: torch.Tensor | None, down: torch.Tensor | None, w_exponent: torch.Tensor | None,
                 w_spread: torch.Tensor | None, counters: torch.Tensor, scale_rule: str,
                 backend: str) -> torch.Tensor:
     """The fused W4A4 MXFP4 linear on explicit tensors (``x2 [M, K]`` bf16 -> ``[M, N]`` bf16)."""
-    from wanexp.kernels.mxfp4 import act_quant, mxfp4_linear, upcast_linear
+    from wanexp.kernels.mxfp4 import act_quant, lowrank_down, mxfp4_linear, upcast_linear
     bin_ = min(int(bin_index), clip_table.numel() - 1)   # a CPU tensor: no device sync
     if backend in ("fp8", "fp8_unchecked"):
         from wanexp.kernels.mxfp4_fp8 import fp8_linear
-        return fp8_linear(x2, codes, scales, clip_table, bin_, smooth, bias, up, down, w_exponent, w_spread,
+        return fp8_linear(x2, codes, scales, clip_table, bin_, smooth_recip, bias, up, down, w_exponent, w_spread,
                           scale_rule, counters, check=backend == "fp8")
     if backend == "cublas" or (backend == "auto" and x2.shape[0] > UPCAST_MIN_TOKENS):
-        return upcast_linear(x2, codes, scales, clip_table, bin_, smooth, scale_rule, bias, up, down)
-    q = act_quant(x2, clip_table, bin_, smooth, scale_rule=scale_rule, write_xs=up is not None)
+        return upcast_linear(x2, codes, scales, clip_table, bin_, smooth_recip, scale_rule, bias, up, down)
+    q = act_quant(x2, clip_table, bin_, smooth_recip, scale_rule=scale_rule)
     t = None
     if up is not None:  # the 16-bit branch sees the smoothed, unquantized input (x itself without smoothing)
-        t = torch.nn.functional.linear(q.get("xs", x2), down)
+        t = lowrank_down(x2, smooth_recip, down)
     return mxfp4_linear(q["xq"], codes, scales, bias, t, up)
 
 
 @_mxfp4_w4a4.register_fake
-def _(x2, codes, scales, clip_table, bin_index, smooth, bias, up, down, w_exponent, w_spread, counters,
+def _(x2, codes, scales, clip_table, bin_index, smooth_recip, bias, up, down, w_exponent, w_spread, counters,
       scale_rule, backend):
     return x2.new_empty(x2.shape[0], codes.shape[0])
 

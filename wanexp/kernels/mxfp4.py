@@ -2,7 +2,7 @@
 
 One W4A4 layer (:class:`wanexp.quant.linear.QuantLinear`) computes
 
-    x_s = bf16(x / s)                                   (smoothing, optional)
+    x_s = bf16(x · r)                                   (smoothing, optional; r = 1 / s in fp32)
     A   = MXFP4(x_s; rho[bin])                          (per token, per 32 channels)
     y   = A · deq(W_q)ᵀ + (x_s · L2ᵀ) · L1ᵀ + b          (low-rank branch optional)
 
@@ -23,8 +23,8 @@ Two kernels do this in two passes over the activations instead of the reference 
        A    = sign(v) · q · 2^e                          (exact in bf16)
 
    RNE is done with the fp32 magic-number trick ((t' + 2^23) − 2^23, t' ≤ 16), the divisions by
-   powers of two are multiplications by exact powers of two and the smoothing division is
-   ``div_rn`` (IEEE), so every step is the one the reference (:mod:`wanexp.formats.mx`) does and
+   powers of two are multiplications by exact powers of two and the smoothing is one fp32
+   multiplication by r (IEEE, as the reference), so every step is the one the reference (:mod:`wanexp.formats.mx`) does and
    the codes and E8M0 scales are bit-identical to ``get_format("mxfp4").encode`` (tested). The
    kernel writes A as bf16 (the exact MXFP4 values, what the GEMM reads), and on request the
    packed codes (two E2M1 codes a byte, element 2i in the low nibble, as
@@ -92,9 +92,9 @@ def _to_bf16_rne(v):
 
 
 @triton.jit
-def _row_absmax_kernel(x_ptr, smooth_ptr, out_ptr, M, K, stride_xm,
+def _row_absmax_kernel(x_ptr, recip_ptr, out_ptr, M, K, stride_xm,
                        HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """max_k |x_s[m, k]| (fp32) of each row, x_s = bf16(x / s) as the quantizer sees it."""
+    """max_k |x_s[m, k]| (fp32) of each row, x_s = bf16(x · r) as the quantizer sees it."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -102,8 +102,8 @@ def _row_absmax_kernel(x_ptr, smooth_ptr, out_ptr, M, K, stride_xm,
         mask = (rm[:, None] < M) & (cols[None, :] < K)
         x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
         if HAS_SMOOTH:
-            s = tl.load(smooth_ptr + cols, mask=cols < K, other=1.0)
-            v = _to_bf16_rne(tl.math.div_rn(x.to(tl.float32), s[None, :])).to(tl.float32)
+            r = tl.load(recip_ptr + cols, mask=cols < K, other=1.0)
+            v = _to_bf16_rne(x.to(tl.float32) * r[None, :]).to(tl.float32)
         else:
             v = x.to(tl.float32)
         acc = tl.maximum(acc, tl.max(tl.abs(v), axis=1))
@@ -136,7 +136,7 @@ def _e2m1_magnitude(v, e):
 
 
 @triton.jit
-def _act_quant_kernel(x_ptr, smooth_ptr, clip_ptr, bin_idx, xq_ptr, xs_ptr, codes_ptr, scales_ptr,
+def _act_quant_kernel(x_ptr, recip_ptr, clip_ptr, bin_idx, xq_ptr, xs_ptr, codes_ptr, scales_ptr,
                       M, K, stride_xm, stride_qm,
                       HAS_SMOOTH: tl.constexpr, CEIL: tl.constexpr, WRITE_XQ: tl.constexpr,
                       WRITE_XS: tl.constexpr, WRITE_CODES: tl.constexpr,
@@ -151,8 +151,8 @@ def _act_quant_kernel(x_ptr, smooth_ptr, clip_ptr, bin_idx, xq_ptr, xs_ptr, code
     mask = (rows < M) & (cols < K)
     x = tl.load(x_ptr + rows.to(tl.int64) * stride_xm + cols, mask=mask, other=0.0)
     if HAS_SMOOTH:
-        s = tl.load(smooth_ptr + cols, mask=cols < K, other=1.0)
-        xs = _to_bf16_rne(tl.math.div_rn(x.to(tl.float32), s))          # reference: bf16(x.float() / s)
+        r = tl.load(recip_ptr + cols, mask=cols < K, other=1.0)
+        xs = _to_bf16_rne(x.to(tl.float32) * r)                         # reference: bf16(x.float() * r)
         if WRITE_XS:
             tl.store(xs_ptr + rows.to(tl.int64) * K + cols, xs, mask=mask)
         v = xs.to(tl.float32)
@@ -208,14 +208,14 @@ def pick_tiles(key: tuple, candidates: list[tuple], launch, x: torch.Tensor) -> 
     return _tiles_tuned[key]
 
 
-def act_quant(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int = 0, smooth: torch.Tensor | None = None,
+def act_quant(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int = 0, smooth_recip: torch.Tensor | None = None,
               *, scale_rule: str = "floor", write_xq: bool = True, write_xs: bool = False,
               write_codes: bool = False, xq_out: torch.Tensor | None = None,
               tiles: tuple[int, int, int] | None = None) -> dict[str, torch.Tensor]:
     """MXFP4-quantize the rows of a bf16 matrix ``x [M, K]`` (K a multiple of 32).
 
-    ``clip_table[bin_idx]`` is the clip ratio (fp32 on x's device), ``smooth`` the per-channel
-    smoothing divisor (fp32). Returns a dict with ``xq`` (bf16, the dequantized MXFP4 values),
+    ``clip_table[bin_idx]`` is the clip ratio (fp32 on x's device), ``smooth_recip`` the per-channel
+    smoothing multiplier r = 1 / s (fp32). Returns a dict with ``xq`` (bf16, the dequantized MXFP4 values),
     and on request ``xs`` (the smoothed bf16 input), ``codes`` (uint8 ``[M, K/2]``) and
     ``scales`` (uint8 E8M0 ``[M, K/32]``), as :meth:`wanexp.formats.mx.MXFP4.encode` stores them.
     ``xq_out`` (bf16 ``[M, ≥K]``, unit column stride) receives xq in its first K columns instead
@@ -224,7 +224,7 @@ def act_quant(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int = 0, smoot
     assert x.dim() == 2 and x.dtype == torch.bfloat16 and x.stride(1) == 1
     M, K = x.shape
     assert K % 32 == 0, "the fused activation quantizer needs K % 32 == 0"
-    write_xs = write_xs and smooth is not None
+    write_xs = write_xs and smooth_recip is not None
     out: dict[str, torch.Tensor] = {}
     dummy = x.new_empty(1)
     xq = (x.new_empty(M, K) if xq_out is None else xq_out) if write_xq else dummy
@@ -235,13 +235,13 @@ def act_quant(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int = 0, smoot
     def launch(tiles):
         block_m, nb, warps = tiles
         grid = (triton.cdiv(M, block_m), triton.cdiv(K // 32, nb))
-        _act_quant_kernel[grid](x, smooth if smooth is not None else dummy, clip_table, int(bin_idx),
+        _act_quant_kernel[grid](x, smooth_recip if smooth_recip is not None else dummy, clip_table, int(bin_idx),
                                 xq, xs, codes, scales, M, K, x.stride(0),
                                 xq.stride(0) if write_xq else K,
-                                HAS_SMOOTH=smooth is not None, CEIL=scale_rule == "ceil", WRITE_XQ=write_xq,
+                                HAS_SMOOTH=smooth_recip is not None, CEIL=scale_rule == "ceil", WRITE_XQ=write_xq,
                                 WRITE_XS=write_xs, WRITE_CODES=write_codes, BLOCK_M=block_m,
                                 NB=nb, num_warps=warps)
-    launch(tiles or pick_tiles(("act", M, K, smooth is not None, write_xq, write_xs, write_codes), ACT_TILES, launch, x))
+    launch(tiles or pick_tiles(("act", M, K, smooth_recip is not None, write_xq, write_xs, write_codes), ACT_TILES, launch, x))
     if write_xq:
         out["xq"] = xq if xq_out is None else xq[:, :K]
     if write_xs:
@@ -249,6 +249,68 @@ def act_quant(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int = 0, smoot
     if write_codes:
         out["codes"], out["scales"] = codes, scales
     return out
+
+
+@triton.jit
+def _bf16(v, HW: tl.constexpr):
+    """fp32 -> bf16, RNE: the hardware cast on a GPU, the bit-built one in Triton's interpreter (whose casts truncate)."""
+    if HW:
+        return v.to(tl.bfloat16)
+    else:
+        return _to_bf16_rne(v)
+
+
+@triton.jit
+def _lowrank_down_kernel(x_ptr, recip_ptr, down_ptr, t_ptr, M, K, stride_xm, R: tl.constexpr,
+                         HAS_SMOOTH: tl.constexpr, HW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """T = x_s · L2ᵀ for BLOCK_M rows (x [M, K] bf16, L2 [R, K] bf16, T [M, R] bf16), x_s = bf16(x · r)
+    formed in registers as the quantizer forms it, so x_s never goes to memory; fp32 sums, one rounding.
+    In Triton's interpreter (HW False) the operands go to the dot as fp32: it mis-evaluates bf16 ``tl.dot``."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, R)
+    acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + cols[None, :],
+                    mask=(rm[:, None] < M) & (cols[None, :] < K), other=0.0)
+        if HAS_SMOOTH:
+            r = tl.load(recip_ptr + cols, mask=cols < K, other=1.0)
+            x = _bf16(x.to(tl.float32) * r[None, :], HW)
+        d = tl.load(down_ptr + rr[None, :] * K + cols[:, None], mask=cols[:, None] < K, other=0.0)  # L2ᵀ tile
+        if HW:
+            acc += tl.dot(x, d)
+        else:
+            acc += tl.dot(x.to(tl.float32), d.to(tl.float32), input_precision="ieee")
+    tl.store(t_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :], _bf16(acc, HW), mask=rm[:, None] < M)
+
+
+# (BLOCK_M, BLOCK_K, warps) of _lowrank_down_kernel; the first is the default (small M, the interpreter)
+DOWN_TILES = [(64, 128, 4), (128, 64, 4), (128, 128, 8), (64, 256, 8), (32, 256, 4), (256, 64, 8)]
+
+
+def lowrank_down(x: torch.Tensor, smooth_recip: torch.Tensor | None, down: torch.Tensor,
+                 tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """The low-rank branch's first product ``T = bf16(x · r) · L2ᵀ`` (bf16 ``[M, R]``) from the unsmoothed
+    bf16 ``x [M, K]``, with the smoothing in the kernel's load (``_lowrank_down_kernel``): the activation
+    quantizer need not write x_s for it. The reference computes ``F.linear(x_s, L2)``: the same products,
+    fp32 sums in another order, one rounding. Ranks that are not a power of two from 16 to 128, and
+    non-bf16 inputs, take that torch expression."""
+    R = down.shape[0]
+    if R not in (16, 32, 64, 128) or x.dtype != torch.bfloat16 or down.dtype != torch.bfloat16:
+        xs = x if smooth_recip is None else (x.float() * smooth_recip).to(x.dtype)
+        return torch.nn.functional.linear(xs, down)
+    assert x.dim() == 2 and x.stride(1) == 1
+    M, K = x.shape
+    down = down.contiguous()
+    t = x.new_empty(M, R)
+
+    def launch(tiles):
+        block_m, block_k, warps = tiles
+        _lowrank_down_kernel[(triton.cdiv(M, block_m),)](
+            x, smooth_recip if smooth_recip is not None else x, down, t, M, K, x.stride(0), R=R,
+            HAS_SMOOTH=smooth_recip is not None, HW=x.is_cuda, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps)
+    launch(tiles or pick_tiles(("down", M, K, R, smooth_recip is not None), DOWN_TILES, launch, x))
+    return t
 
 
 # ---------------------------------------------------------------------------- packed-weight GEMM
@@ -366,7 +428,7 @@ def dequant_weight(codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor 
 
 
 def upcast_linear(x: torch.Tensor, layer_codes: torch.Tensor, layer_scales: torch.Tensor,
-                  clip_table: torch.Tensor, bin_idx: int, smooth: torch.Tensor | None, scale_rule: str,
+                  clip_table: torch.Tensor, bin_idx: int, smooth_recip: torch.Tensor | None, scale_rule: str,
                   bias: torch.Tensor | None, l1: torch.Tensor | None, l2: torch.Tensor | None) -> torch.Tensor:
     """The large-M path: the same products and one fp32-accumulated bf16 rounding as
     :func:`mxfp4_linear`, on cuBLAS's bf16 tensor-core GEMM (which Triton's upcasting GEMM reaches
@@ -380,11 +442,11 @@ def upcast_linear(x: torch.Tensor, layer_codes: torch.Tensor, layer_scales: torc
     N = layer_codes.shape[0]
     R = 0 if l1 is None else l1.shape[1]
     a = x.new_empty(M, K + R)
-    q = act_quant(x, clip_table, bin_idx, smooth, scale_rule=scale_rule, write_xs=R > 0, xq_out=a)
+    act_quant(x, clip_table, bin_idx, smooth_recip, scale_rule=scale_rule, xq_out=a)
     w = torch.empty(N, K + R, device=x.device, dtype=torch.bfloat16)
     dequant_weight(layer_codes, layer_scales, out=w)
     if R:
-        a[:, K:] = torch.nn.functional.linear(q.get("xs", x), l2)
+        a[:, K:] = lowrank_down(x, smooth_recip, l2)
         w[:, K:] = l1
     if bias is not None:
         return torch.addmm(bias, a, w.t())

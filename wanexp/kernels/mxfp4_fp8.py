@@ -45,7 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
-from wanexp.kernels.mxfp4 import _block_exponent, _e2m1_magnitude, _to_bf16_rne, act_quant, dequant_weight, pick_tiles
+from wanexp.kernels.mxfp4 import (_bf16, _block_exponent, _e2m1_magnitude, _to_bf16_rne, act_quant, dequant_weight,
+                                  lowrank_down, pick_tiles)
 
 HEADROOM = 6      # H: 12 · 2^(H-1) = 384 <= 448, the E4M3 maximum
 MAX_SPREAD = 14   # H + 8: the widest block-exponent span of a row that folds exactly
@@ -151,22 +152,13 @@ def fold_weight(codes: torch.Tensor, scales: torch.Tensor, exponent: torch.Tenso
 
 
 @triton.jit
-def _bf16(v, HW: tl.constexpr):
-    """fp32 -> bf16, RNE: the hardware cast on a GPU, the bit-built one in Triton's interpreter (whose casts truncate)."""
-    if HW:
-        return v.to(tl.bfloat16)
-    else:
-        return _to_bf16_rne(v)
-
-
-@triton.jit
-def _act_fp8_kernel(x_ptr, smooth_ptr, clip_ptr, bin_idx, xs_ptr, a8_ptr, scale_ptr, spread_ptr, exp_ptr,
+def _act_fp8_kernel(x_ptr, recip_ptr, clip_ptr, bin_idx, xs_ptr, a8_ptr, scale_ptr, spread_ptr, exp_ptr,
                     M, K, stride_xm, HAS_SMOOTH: tl.constexpr, WRITE_XS: tl.constexpr, CEIL: tl.constexpr,
                     HW: tl.constexpr, READBACK: tl.constexpr, BLOCK_M: tl.constexpr, NB: tl.constexpr):
     """BLOCK_M whole rows of x, two passes over K: the row maximum of |x_s| (which fixes S), then the
     quantizer writing E4M3 bits, x_s on request, and each row's spread, S and scale 2^(S − H). The
     second pass reads mostly from L2, so HBM sees x once. READBACK (with x_s written): the first
-    pass writes x_s and the second reads it back, so the IEEE division runs once an element, not
+    pass writes x_s and the second reads it back, so the smoothing runs once an element, not
     twice (which is faster depends on the shape: the tile picker times both). HW (on a GPU): the
     hardware bf16 and E4M3 casts, both RNE, as the interpreter's bit-built ones."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -179,8 +171,8 @@ def _act_fp8_kernel(x_ptr, smooth_ptr, clip_ptr, bin_idx, xs_ptr, a8_ptr, scale_
         cols = k0 + rb[None, :, None] * 32 + re[None, None, :]
         mask = (rows < M) & (cols < K)
         v = tl.load(x_ptr + rows.to(tl.int64) * stride_xm + cols, mask=mask, other=0.0)
-        if HAS_SMOOTH:   # reference: bf16(x.float() / s)
-            v = _bf16(tl.math.div_rn(v.to(tl.float32), tl.load(smooth_ptr + cols, mask=cols < K, other=1.0)), HW)
+        if HAS_SMOOTH:   # reference: bf16(x.float() * r)
+            v = _bf16(v.to(tl.float32) * tl.load(recip_ptr + cols, mask=cols < K, other=1.0), HW)
             if WRITE_XS and READBACK:
                 tl.store(xs_ptr + rows.to(tl.int64) * K + cols, v, mask=mask)
         top = tl.maximum(top, tl.max(tl.max(tl.abs(v.to(tl.float32)), axis=2), axis=1))
@@ -196,7 +188,7 @@ def _act_fp8_kernel(x_ptr, smooth_ptr, clip_ptr, bin_idx, xs_ptr, a8_ptr, scale_
         else:
             v = tl.load(x_ptr + rows.to(tl.int64) * stride_xm + cols, mask=mask, other=0.0)
             if HAS_SMOOTH:
-                v = _bf16(tl.math.div_rn(v.to(tl.float32), tl.load(smooth_ptr + cols, mask=cols < K, other=1.0)), HW)
+                v = _bf16(v.to(tl.float32) * tl.load(recip_ptr + cols, mask=cols < K, other=1.0), HW)
                 if WRITE_XS:
                     tl.store(xs_ptr + rows.to(tl.int64) * K + cols, v, mask=mask)
             v = v.to(tl.float32)
@@ -222,7 +214,7 @@ FP8_ACT_TILES = [(4, 8, 4, True), (4, 16, 4, True), (2, 32, 4, True), (8, 8, 4, 
                  (8, 16, 8, False), (16, 4, 4, False)]
 
 
-def act_quant_fp8(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int = 0, smooth: torch.Tensor | None = None,
+def act_quant_fp8(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int = 0, smooth_recip: torch.Tensor | None = None,
                   *, scale_rule: str = "floor", write_xs: bool = False,
                   tiles: tuple[int, int, int, bool] | None = None) -> dict[str, torch.Tensor]:
     """MXFP4-quantize the rows of bf16 ``x [M, K]`` straight into the folded FP8 operand: ``values``
@@ -233,7 +225,7 @@ def act_quant_fp8(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int = 0, s
     assert x.dim() == 2 and x.dtype == torch.bfloat16 and x.stride(1) == 1
     M, K = x.shape
     assert K % 32 == 0, "the fused activation quantizer needs K % 32 == 0"
-    write_xs = write_xs and smooth is not None
+    write_xs = write_xs and smooth_recip is not None
     out = {"values": torch.empty(M, K, device=x.device, dtype=torch.uint8),
            "scale": torch.empty(M, device=x.device, dtype=torch.float32),
            "spread": torch.empty(M, device=x.device, dtype=torch.int32),
@@ -243,11 +235,11 @@ def act_quant_fp8(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int = 0, s
     def launch(t):
         block_m, nb, warps, readback = t
         _act_fp8_kernel[(triton.cdiv(M, block_m),)](
-            x, smooth if smooth is not None else x, clip_table, int(bin_idx), xs, out["values"], out["scale"],
-            out["spread"], out["exponent"], M, K, x.stride(0), HAS_SMOOTH=smooth is not None, WRITE_XS=write_xs,
+            x, smooth_recip if smooth_recip is not None else x, clip_table, int(bin_idx), xs, out["values"], out["scale"],
+            out["spread"], out["exponent"], M, K, x.stride(0), HAS_SMOOTH=smooth_recip is not None, WRITE_XS=write_xs,
             CEIL=scale_rule == "ceil", HW=x.is_cuda, READBACK=readback and write_xs, BLOCK_M=block_m, NB=nb,
             num_warps=warps)
-    launch(tiles or pick_tiles(("act_fp8", M, K, smooth is not None, write_xs), FP8_ACT_TILES, launch, x))
+    launch(tiles or pick_tiles(("act_fp8", M, K, smooth_recip is not None, write_xs), FP8_ACT_TILES, launch, x))
     out["values"] = out["values"].view(torch.float8_e4m3fn)
     if write_xs:
         out["xs"] = xs
@@ -293,20 +285,21 @@ def lowrank_add_(y: torch.Tensor, t: torch.Tensor, up: torch.Tensor,
 
 
 def fp8_linear(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, clip_table: torch.Tensor, bin_: int,
-               smooth: torch.Tensor | None, bias: torch.Tensor | None, up: torch.Tensor | None,
+               smooth_recip: torch.Tensor | None, bias: torch.Tensor | None, up: torch.Tensor | None,
                down: torch.Tensor | None, w_exponent: torch.Tensor, w_spread: torch.Tensor, scale_rule: str,
                counters: torch.Tensor, check: bool = True) -> torch.Tensor:
     """The W4A4 MXFP4 linear ``y = A · deq(W)ᵀ + b (+ (x_s L2ᵀ) L1ᵀ)`` on FP8 tensor cores: rows
     that fold exactly in one row-wise-scaled FP8 GEMM, the others (activation rows or weight rows
     beyond :data:`MAX_SPREAD`) recomputed by the exact bf16 path and added to ``counters[:2]``
     ([activation rows, weight rows]). Output: bf16 of the fp32 sum plus bias; the low-rank branch
-    T = x_s L2ᵀ (bf16) is added into it by :func:`lowrank_add_` (two roundings where the reference
-    path has three). (Folding the smoothing into L2 would spare the quantizer its x_s write, but
-    rounds L2/s where the reference rounds x/s: measured on the H200, the output then drifts further
-    from an exact evaluation than the reference does, so it is not done.) ``check=False`` skips the
+    T = x_s L2ᵀ (bf16, :func:`~wanexp.kernels.mxfp4.lowrank_down`, which smooths x in its own load so
+    that the quantizer writes no x_s) is added into it by :func:`lowrank_add_` (two roundings where the
+    reference path has three). (Folding the smoothing into L2 instead would round L2·r where the
+    reference rounds x·r: measured on the H200, the output then drifts further from an exact
+    evaluation than the reference does, so it is not done.) ``check=False`` skips the
     search for rows beyond the bound and its host sync (the bench's diagnostic "fp8_unchecked"
     backend only)."""
-    a = act_quant_fp8(x2, clip_table, bin_, smooth, scale_rule=scale_rule, write_xs=up is not None)
+    a = act_quant_fp8(x2, clip_table, bin_, smooth_recip, scale_rule=scale_rule)
     w8 = fold_weight(codes, scales, w_exponent)
     w_scale = torch.ldexp(torch.ones_like(w_exponent, dtype=torch.float32), (w_exponent - HEADROOM).float())
     y = torch._scaled_mm(a["values"], w8.t(), scale_a=a["scale"][:, None], scale_b=w_scale[None, :],
@@ -317,19 +310,19 @@ def fp8_linear(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, clip
     m = a["spread"].numel()
     wide_rows, wide_cols = wide[wide < m], wide[wide >= m] - m
     if wide_rows.numel() or wide_cols.numel():
-        _exact_fallback(x2, codes, scales, clip_table, bin_, smooth, bias, scale_rule, y, wide_rows, wide_cols)
+        _exact_fallback(x2, codes, scales, clip_table, bin_, smooth_recip, bias, scale_rule, y, wide_rows, wide_cols)
         counters[:2] += torch.tensor([wide_rows.numel(), wide_cols.numel()], dtype=counters.dtype)
     if up is not None:  # the 16-bit branch sees the smoothed, unquantized input
-        lowrank_add_(y, torch.nn.functional.linear(a.get("xs", x2), down), up)
+        lowrank_add_(y, lowrank_down(x2, smooth_recip, down), up)
     return y
 
 
-def _exact_fallback(x2, codes, scales, clip_table, bin_, smooth, bias, scale_rule, y, rows, cols) -> None:
+def _exact_fallback(x2, codes, scales, clip_table, bin_, smooth_recip, bias, scale_rule, y, rows, cols) -> None:
     """Rows / output columns whose fold would round: the bf16 path's exact products, written into y."""
     deq = dequant_weight(codes, scales)
     if rows.numel():
-        xq = act_quant(x2[rows].contiguous(), clip_table, bin_, smooth, scale_rule=scale_rule)["xq"]
+        xq = act_quant(x2[rows].contiguous(), clip_table, bin_, smooth_recip, scale_rule=scale_rule)["xq"]
         y[rows] = torch.nn.functional.linear(xq, deq, bias)
     if cols.numel():
-        xq = act_quant(x2, clip_table, bin_, smooth, scale_rule=scale_rule)["xq"]
+        xq = act_quant(x2, clip_table, bin_, smooth_recip, scale_rule=scale_rule)["xq"]
         y[:, cols] = torch.nn.functional.linear(xq, deq[cols], None if bias is None else bias[cols])

@@ -10,7 +10,7 @@ with ``QuantLinear.dequantized_weight`` and the GEMMs are the reference's, so th
 equals the reference path's exactly.
 
 INT4 (``wanexp.formats.integer``), per group of G channels (G = the format's ``group_size``,
-a power of two from 32 to 256 dividing K), with v = x_s in fp32 and rho the bin's clip ratio:
+a power of two from 32 to 256 dividing K), with v = x_s = bf16(x · r) in fp32 and rho the bin's clip ratio:
 
     scale = bf16(min(rho · max|v| / 7, bf16 max))        (fp32 product, IEEE division, RNE to bf16)
     q     = clamp(RNE(v / scale), −7, 7)  (+0 for −0);   q = 0 where scale == 0
@@ -49,10 +49,10 @@ def _with_sign_of(mag, v):
 
 
 @triton.jit
-def _load_groups(x_ptr, smooth_ptr, M, K, stride_xm, HAS_SMOOTH: tl.constexpr, G: tl.constexpr,
+def _load_groups(x_ptr, recip_ptr, M, K, stride_xm, HAS_SMOOTH: tl.constexpr, G: tl.constexpr,
                  BLOCK_M: tl.constexpr, NG: tl.constexpr):
     """This program's tile of x as [BLOCK_M rows, NG groups, G channels] in fp32, smoothed as the
-    reference smooths (bf16(x / s), IEEE division); with its pointers' rows, columns and mask."""
+    reference smooths (bf16(x · r), one fp32 multiplication); with its pointers' rows, columns and mask."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rg = tl.program_id(1) * NG + tl.arange(0, NG)
     cols = rg[None, :, None] * G + tl.arange(0, G)[None, None, :]          # [1, NG, G]
@@ -60,17 +60,17 @@ def _load_groups(x_ptr, smooth_ptr, M, K, stride_xm, HAS_SMOOTH: tl.constexpr, G
     mask = (rows < M) & (cols < K)
     x = tl.load(x_ptr + rows.to(tl.int64) * stride_xm + cols, mask=mask, other=0.0)
     if HAS_SMOOTH:
-        s = tl.load(smooth_ptr + cols, mask=cols < K, other=1.0)
-        v = _to_bf16_rne(tl.math.div_rn(x.to(tl.float32), s)).to(tl.float32)
+        r = tl.load(recip_ptr + cols, mask=cols < K, other=1.0)
+        v = _to_bf16_rne(x.to(tl.float32) * r).to(tl.float32)
     else:
         v = x.to(tl.float32)
     return v, rows, cols, mask
 
 
 @triton.jit
-def _int_act_quant_kernel(x_ptr, smooth_ptr, clip_ptr, bin_idx, xq_ptr, M, K, stride_xm, QMAX: tl.constexpr,
+def _int_act_quant_kernel(x_ptr, recip_ptr, clip_ptr, bin_idx, xq_ptr, M, K, stride_xm, QMAX: tl.constexpr,
                           HAS_SMOOTH: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, NG: tl.constexpr):
-    v, rows, cols, mask = _load_groups(x_ptr, smooth_ptr, M, K, stride_xm, HAS_SMOOTH, G, BLOCK_M, NG)
+    v, rows, cols, mask = _load_groups(x_ptr, recip_ptr, M, K, stride_xm, HAS_SMOOTH, G, BLOCK_M, NG)
     rho = tl.load(clip_ptr + bin_idx)
     a = tl.max(tl.abs(v), axis=2) * rho
     scale = _to_bf16_rne(tl.minimum(tl.math.div_rn(a, QMAX * 1.0), _BF16_MAX)).to(tl.float32)
@@ -92,9 +92,9 @@ def _round_e4m3(v):
 
 
 @triton.jit
-def _nvfp4_act_quant_kernel(x_ptr, smooth_ptr, clip_ptr, bin_idx, amax_ptr, xq_ptr, M, K, stride_xm,
+def _nvfp4_act_quant_kernel(x_ptr, recip_ptr, clip_ptr, bin_idx, amax_ptr, xq_ptr, M, K, stride_xm,
                             HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, NB: tl.constexpr):
-    v, rows, cols, mask = _load_groups(x_ptr, smooth_ptr, M, K, stride_xm, HAS_SMOOTH, 16, BLOCK_M, NB)
+    v, rows, cols, mask = _load_groups(x_ptr, recip_ptr, M, K, stride_xm, HAS_SMOOTH, 16, BLOCK_M, NB)
     rho = tl.load(clip_ptr + bin_idx)
     s_t = tl.math.div_rn(tl.load(amax_ptr), 2688.0)
     s_t = tl.where(s_t > 0, s_t, 1.0)
@@ -108,22 +108,22 @@ def _nvfp4_act_quant_kernel(x_ptr, smooth_ptr, clip_ptr, bin_idx, amax_ptr, xq_p
     tl.store(xq_ptr + rows.to(tl.int64) * K + cols, _to_bf16_rne(q * d), mask=mask)
 
 
-def nvfp4_act_quant(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int, smooth: torch.Tensor | None) -> torch.Tensor:
+def nvfp4_act_quant(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int, smooth_recip: torch.Tensor | None) -> torch.Tensor:
     """The NVFP4 fake-quantized bf16 values of bf16 ``x [M, K]``, the tensor scale from x itself."""
     from wanexp.kernels.mxfp4 import _row_absmax_kernel
     assert x.dim() == 2 and x.dtype == torch.bfloat16 and x.stride(1) == 1
     M, K = x.shape
     assert K % 16 == 0
-    sm = smooth if smooth is not None else x
+    sm = smooth_recip if smooth_recip is not None else x
     rowmax = torch.empty(M, device=x.device, dtype=torch.float32)
-    _row_absmax_kernel[(triton.cdiv(M, 16),)](x, sm, rowmax, M, K, x.stride(0), HAS_SMOOTH=smooth is not None,
+    _row_absmax_kernel[(triton.cdiv(M, 16),)](x, sm, rowmax, M, K, x.stride(0), HAS_SMOOTH=smooth_recip is not None,
                                               BLOCK_M=16, BLOCK_K=256, num_warps=4)
     amax = rowmax.amax().reshape(1)
     xq = torch.empty_like(x)
     BLOCK_M, NB = 16, 16
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(K // 16, NB))
     _nvfp4_act_quant_kernel[grid](x, sm, clip_table, int(bin_idx), amax, xq, M, K, x.stride(0),
-                                  HAS_SMOOTH=smooth is not None, BLOCK_M=BLOCK_M, NB=NB, num_warps=4)
+                                  HAS_SMOOTH=smooth_recip is not None, BLOCK_M=BLOCK_M, NB=NB, num_warps=4)
     return xq
 
 
@@ -134,9 +134,9 @@ def _pow2(e):
 
 
 @triton.jit
-def _hif4_act_quant_kernel(x_ptr, smooth_ptr, clip_ptr, bin_idx, xq_ptr, M, K, stride_xm,
+def _hif4_act_quant_kernel(x_ptr, recip_ptr, clip_ptr, bin_idx, xq_ptr, M, K, stride_xm,
                            HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, NG: tl.constexpr):
-    v, rows, cols, mask = _load_groups(x_ptr, smooth_ptr, M, K, stride_xm, HAS_SMOOTH, 64, BLOCK_M, NG)
+    v, rows, cols, mask = _load_groups(x_ptr, recip_ptr, M, K, stride_xm, HAS_SMOOTH, 64, BLOCK_M, NG)
     a = tl.abs(v)
     M3 = tl.max(tl.reshape(a, [BLOCK_M, NG * 16, 4]), axis=2)              # micro-groups of 4
     M2 = tl.max(tl.reshape(M3, [BLOCK_M, NG * 8, 2]), axis=2)              # sub-groups of 8
@@ -158,7 +158,7 @@ def _hif4_act_quant_kernel(x_ptr, smooth_ptr, clip_ptr, bin_idx, xq_ptr, M, K, s
     tl.store(xq_ptr + rows.to(tl.int64) * K + cols, (m * (L * S64)).to(tl.bfloat16), mask=mask)  # exact in bf16
 
 
-def hif4_act_quant(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int, smooth: torch.Tensor | None) -> torch.Tensor:
+def hif4_act_quant(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int, smooth_recip: torch.Tensor | None) -> torch.Tensor:
     """The HiFloat4 fake-quantized bf16 values of bf16 ``x [M, K]`` (K % 64 == 0)."""
     assert x.dim() == 2 and x.dtype == torch.bfloat16 and x.stride(1) == 1
     M, K = x.shape
@@ -166,12 +166,12 @@ def hif4_act_quant(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int, smoo
     xq = torch.empty_like(x)
     BLOCK_M, NG = 16, 4
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(K // 64, NG))
-    _hif4_act_quant_kernel[grid](x, smooth if smooth is not None else x, clip_table, int(bin_idx), xq, M, K,
-                                 x.stride(0), HAS_SMOOTH=smooth is not None, BLOCK_M=BLOCK_M, NG=NG, num_warps=4)
+    _hif4_act_quant_kernel[grid](x, smooth_recip if smooth_recip is not None else x, clip_table, int(bin_idx), xq, M, K,
+                                 x.stride(0), HAS_SMOOTH=smooth_recip is not None, BLOCK_M=BLOCK_M, NG=NG, num_warps=4)
     return xq
 
 
-def int_act_quant(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int, smooth: torch.Tensor | None,
+def int_act_quant(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int, smooth_recip: torch.Tensor | None,
                   group_size: int, qmax: int = 7) -> torch.Tensor:
     """The INT4 (qmax 7) fake-quantized bf16 values of bf16 ``x [M, K]`` (see the module docstring)."""
     assert x.dim() == 2 and x.dtype == torch.bfloat16 and x.stride(1) == 1
@@ -180,8 +180,8 @@ def int_act_quant(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int, smoot
     xq = torch.empty_like(x)
     BLOCK_M, NG = 16, max(1, 256 // group_size)
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(K // group_size, NG))
-    _int_act_quant_kernel[grid](x, smooth if smooth is not None else x, clip_table, int(bin_idx), xq, M, K,
-                                x.stride(0), QMAX=qmax, HAS_SMOOTH=smooth is not None, G=group_size,
+    _int_act_quant_kernel[grid](x, smooth_recip if smooth_recip is not None else x, clip_table, int(bin_idx), xq, M, K,
+                                x.stride(0), QMAX=qmax, HAS_SMOOTH=smooth_recip is not None, G=group_size,
                                 BLOCK_M=BLOCK_M, NG=NG, num_warps=4)
     return xq
 
@@ -207,25 +207,25 @@ def supports_layer(layer) -> bool:
 
 
 @torch.library.custom_op("wanexp::act_quant_bf16", mutates_args=())
-def _act_quant_op(x2: torch.Tensor, clip_table: torch.Tensor, bin_index: torch.Tensor, smooth: torch.Tensor | None,
+def _act_quant_op(x2: torch.Tensor, clip_table: torch.Tensor, bin_index: torch.Tensor, smooth_recip: torch.Tensor | None,
                   fmt: str, group_size: int) -> torch.Tensor:
     """The bf16 fake-quantized activations of ``fmt`` (int4 | nvfp4 | hif4), one custom op for compile."""
     bin_ = min(int(bin_index), clip_table.numel() - 1)   # a CPU tensor: no device sync
     if fmt == "hif4":
-        return hif4_act_quant(x2, clip_table, bin_, smooth)
+        return hif4_act_quant(x2, clip_table, bin_, smooth_recip)
     if fmt == "nvfp4":
-        return nvfp4_act_quant(x2, clip_table, bin_, smooth)
-    return int_act_quant(x2, clip_table, bin_, smooth, group_size)
+        return nvfp4_act_quant(x2, clip_table, bin_, smooth_recip)
+    return int_act_quant(x2, clip_table, bin_, smooth_recip, group_size)
 
 
 @_act_quant_op.register_fake
-def _(x2, clip_table, bin_index, smooth, fmt, group_size):
+def _(x2, clip_table, bin_index, smooth_recip, fmt, group_size):
     return torch.empty_like(x2)
 
 
 def upcast_forward(layer, x2: torch.Tensor, bin_index: torch.Tensor) -> torch.Tensor:
     """The reference path's GEMMs on the kernel's activation values: equal to ``reference_forward``."""
     fmt = layer.weight_meta["format"]
-    xq = torch.ops.wanexp.act_quant_bf16(x2, layer.clip_table, bin_index, layer.smooth, fmt,
+    xq = torch.ops.wanexp.act_quant_bf16(x2, layer.clip_table, bin_index, layer.smooth_recip, fmt,
                                          int(layer.act_format.block_size) if fmt == "int4" else 0)
     return layer.gemms(xq, layer.smoothed(x2) if layer.lowrank_up is not None else None)

@@ -58,11 +58,7 @@ def candidate_errors(layer: QuantLinear, x: torch.Tensor, ratios: Sequence[float
     """(Σ‖Q_A(x_s; r) R̂ᵀ − x_s R̂ᵀ‖² for each ratio r [float64, on the CPU], ‖the layer's output without
     activation quantization‖²) on the input rows ``x [n, in]``, computed as the reference forward does
     (bf16 smoothed input, bf16 GEMMs; differences and sums in fp32/fp64)."""
-    cd = layer.compute_dtype
-    xs = x.to(cd)
-    s = layer.smoothing()  # the current bin's, for a per-bin smoothing table
-    if s is not None:
-        xs = (xs.float() / s).to(cd)
+    xs = layer.smoothed(x)  # the current bin's smoothing, for a per-bin smoothing table
     w = layer.dequantized_weight()
     main = F.linear(xs, w, layer.bias).float()
     full = main

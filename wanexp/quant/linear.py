@@ -1,14 +1,14 @@
 """QuantLinear: the one place a quantized layer's math lives.
 
-    y = Q_a(x / s; rho[bin]) · dequant(W_q)ᵀ + (x / s) · L2ᵀ · L1ᵀ + b
+    y = Q_a(x_s; rho[bin]) · dequant(W_q)ᵀ + x_s · L2ᵀ · L1ᵀ + b,    x_s = bf16(x · r),  r = 1 / s
 
 ``s`` is an optional per-input-channel smoothing vector (already folded into the weight as
-``W · diag(s)``), ``L1 L2`` an optional 16-bit low-rank branch, ``W_q`` the packed low-bit residual
+``W · diag(s)``; the input is multiplied by its fp32 reciprocal ``r``, :mod:`wanexp.quant.smooth`), ``L1 L2`` an optional 16-bit low-rank branch, ``W_q`` the packed low-bit residual
 weight and ``rho[bin]`` the activation clip ratio of the current timestep bin, read from a table.
 
 Timestep-aware balancing (ViDiT-Q style) makes the smoothing a table too: ``smooth`` is then
 ``[bins, in]`` and ``W_q`` holds one quantized ``W · diag(s_bin)`` per bin (``[bins, out, in]``), so
-the layer runs ``Q_a(x / s_bin) · dequant(W_q[bin])ᵀ``, the bin read from the timestep context like
+the layer runs ``Q_a(x · r_bin) · dequant(W_q[bin])ᵀ``, the bin read from the timestep context like
 the clip ratio. Such layers store their weight once per bin and take the reference path on GPU.
 :meth:`QuantLinear.reference_forward` is the plain-torch reference path (and the CPU path);
 :meth:`QuantLinear.forward` sends CUDA inputs of MXFP4 W4A4 layers to the fused Triton kernels of
@@ -27,6 +27,7 @@ from torch import nn
 
 from wanexp.formats import PackedTensor, decode, get_format
 from wanexp.quant.context import TimestepContext
+from wanexp.quant.smooth import reciprocal, smooth_input
 
 
 @torch.library.custom_op("wanexp::count_", mutates_args=("counters",))
@@ -60,6 +61,8 @@ class QuantLinear(nn.Module):
             self.register_buffer("weight", weight.to(compute_dtype))
         self.register_buffer("bias", None if bias is None else bias.detach().to(compute_dtype))
         self.register_buffer("smooth", None if smooth is None else smooth.detach().float())
+        # the multiplier every path smooths with, derived from ``smooth`` (not saved: artifacts keep s)
+        self.register_buffer("smooth_recip", None if smooth is None else reciprocal(self.smooth), persistent=False)
         self.register_buffer("lowrank_up", None if lowrank is None else lowrank[0].detach().to(compute_dtype))
         self.register_buffer("lowrank_down", None if lowrank is None else lowrank[1].detach().to(compute_dtype))
         self.act_format_spec = act_format
@@ -126,6 +129,12 @@ class QuantLinear(nn.Module):
             return self.smooth
         return self.smooth[self._table_index(self.smooth_bins)]
 
+    def smoothing_reciprocal(self) -> torch.Tensor | None:
+        """The multiplier ``r = 1 / s`` (fp32) of the current bin's smoothing."""
+        if not self.smooth_bins:
+            return self.smooth_recip
+        return self.smooth_recip[self._table_index(self.smooth_bins)]
+
     def set_clip_table(self, ratios) -> None:
         """Replace the per-bin clip ratios (a sequence or tensor), kept on this layer's device."""
         self.clip_table = torch.as_tensor(ratios, dtype=torch.float32, device=self.clip_table.device).flatten()
@@ -168,10 +177,8 @@ class QuantLinear(nn.Module):
         return self.gemms(xq, xs).to(x.dtype)
 
     def smoothed(self, x: torch.Tensor) -> torch.Tensor:
-        """x in the compute dtype, divided by the smoothing of the current bin: bf16(x / s)."""
-        x = x.to(self.compute_dtype)
-        s = self.smoothing()
-        return x if s is None else (x.float() / s).to(self.compute_dtype)
+        """x in the compute dtype, smoothed as in the current bin: bf16(x · r)."""
+        return smooth_input(x, self.smoothing_reciprocal(), self.compute_dtype)
 
     def gemms(self, xq: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
         """The reference path's products from the (fake-)quantized activations ``xq`` and the smoothed

@@ -60,8 +60,8 @@ from wanexp.quant.api import build_timed
 from wanexp.quant.clip_search import candidates, ratio, relative_errors, searched
 from wanexp.quant.linear import QuantLinear
 from wanexp.quant.lowrank import split_lowrank
-from wanexp.quant.smooth import (apply_to_weight, awq_scales, channel_mean_abs, channel_percentile, smooth_hessian,
-                                 smoothquant_scales, tail_aware_scales)
+from wanexp.quant.smooth import (apply_to_weight, awq_scales, channel_mean_abs, channel_percentile, reciprocal,
+                                 smooth_hessian, smooth_input, smoothquant_scales, tail_aware_scales)
 from wanexp.schema import CLIP_CANDIDATES, EXPERTS, PERCENTILE
 
 
@@ -151,11 +151,10 @@ class QuantRecipe:
         will see at clip 1, smoothed and rounded as :meth:`QuantLinear.reference_forward` does."""
         s, _ = self._smoothing(linear.weight.detach().float(), stats)
         fmt = get_format(self.act_format["name"], **self.act_format.get("opts", {}))
-        s = s.to(linear.weight.device)
+        r = reciprocal(s).to(linear.weight.device)
 
         def transform(x: torch.Tensor) -> torch.Tensor:
-            xs = (x.to(self.compute_dtype).float() / s).to(self.compute_dtype)
-            return fmt.quantize_dequantize(xs, check_finite=False).float()
+            return fmt.quantize_dequantize(smooth_input(x, r, self.compute_dtype), check_finite=False).float()
         return transform
 
     def search_candidates(self) -> list[tuple[float, int]]:
@@ -310,7 +309,7 @@ class QuantRecipe:
         tokens = stats.all_tokens()
         if tokens is None:
             raise ValueError("the weight-clipping search needs a calibration token sample")
-        xs = tokens.float() if s is None else tokens.float() / s.float()
+        xs = tokens.float() if s is None else tokens.float() * reciprocal(s)
         ratios, _ = clip_ratios(residual, xs, fmt, self.weight_clip_ratios)
         chosen["weight_clip_mean"] = round(float(ratios.mean()), 6)
         chosen["weight_clipped"] = round(float((ratios < 1).float().mean()), 6)  # share of groups clipped
@@ -416,13 +415,13 @@ def _cos_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @torch.no_grad()
 def effective_weight(layer: QuantLinear) -> torch.Tensor:
     """The dense weight the layer applies to unsmoothed inputs (activation quantization aside):
-    ``(dequant(W_q) + L1 L2) · diag(s)⁻¹`` (in the layer's current bin, for per-bin smoothing)."""
+    ``(dequant(W_q) + L1 L2) · diag(r)``, r = 1 / s (in the layer's current bin, for per-bin smoothing)."""
     wq = layer.dequantized_weight().float()
     if layer.lowrank_up is not None:
         wq = wq + layer.lowrank_up.float() @ layer.lowrank_down.float()
-    s = layer.smoothing()
-    if s is not None:
-        wq = wq / s.float()
+    r = layer.smoothing_reciprocal()
+    if r is not None:
+        wq = wq * r
     return wq
 
 
