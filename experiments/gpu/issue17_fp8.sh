@@ -173,6 +173,23 @@ round16s)  # session 9: what smoothing and the rank-32 branch cost the MXFP4 FP8
       "bench.resolutions=[{name: 720p, height: 720, width: 1280, frames: 61}]" bench.out_dir="$OUT" > "$OUT/bench_round16s_$n.log" 2>&1
     echo "== $q"; grep "s/forward\|Error\|error" "$OUT/bench_round16s_$n.log" | tail -3
   done ;;
+round17)  # session 10: reciprocal smoothing (x_s = bf16(x * r)) and the low-rank input from x (lowrank_down: no x_s
+  # write): GPU tests, the per-linear pieces at 720p, then compiled BF16 beside compiled W4A4 MXFP4 (FP8) with BF16 and
+  # fp8_cudnn attention, 720p, one process, 2 timed forwards a cell
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_compile.py -m gpu 2>&1 \
+    | tee "$OUT/gpu_tests.log" | tail -4
+  timeout 100 python3 experiments/gpu/linear_bench.py --out "$OUT" 2>&1 | tee "$OUT/linear_bench.log" | tail -4
+  TORCH_LOGS=recompiles timeout 330 python3 -m wanexp.bench bench=fp8_a14b bench.name=bench_round17 bench.profile.enabled=false \
+    bench.repeats=2 "bench.paths=[bf16_compiled,fused_compiled,fused_fp8+attn_fp8_cudnn_compiled]" \
+    "bench.resolutions=[{name: 720p, height: 720, width: 1280, frames: 61}]" bench.out_dir="$OUT" > "$OUT/bench_round17.log" 2>&1
+  echo "recompiles: $(grep -c 'Recompiling function' "$OUT/bench_round17.log")"
+  grep -v "__recompiles" "$OUT/bench_round17.log" | grep "s/forward\|Error\|error\|quantized" | tail -8 ;;
+round17f)  # session 10: the other formats (their quantizers now multiply by r too) compiled beside compiled BF16, 720p
+  TORCH_LOGS=recompiles timeout 400 python3 -m wanexp.bench bench=fp8_a14b bench.name=bench_round17f bench.profile.enabled=false \
+    "bench.paths=[bf16_compiled]" "bench.extra_formats=[nvfp4,int4,hif4]" "bench.extra_format_paths=[fused_compiled]" \
+    "bench.resolutions=[{name: 720p, height: 720, width: 1280, frames: 61}]" bench.out_dir="$OUT" > "$OUT/bench_round17f.log" 2>&1
+  echo "recompiles: $(grep -c 'Recompiling function' "$OUT/bench_round17f.log")"
+  grep -v "__recompiles" "$OUT/bench_round17f.log" | grep "s/forward\|Error\|error\|quantized" | tail -8 ;;
 video14)  # next: the fp8_cudnn video's projection checked against a measured 5-step video
   timeout 300 python3 -m wanexp.bench bench=video_a14b bench.name=video_a14b_round14 bench.out_dir="$OUT" \
     "bench.whole_video.precisions=[w4a4+attn_fp8_cudnn]" "bench.whole_video.check=[w4a4+attn_fp8_cudnn]" > "$OUT/bench_video.log" 2>&1

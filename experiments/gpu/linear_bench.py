@@ -5,10 +5,12 @@
 For each of Wan's linear shapes (K -> N: 5120 -> 5120, 5120 -> 13824, 13824 -> 5120) it builds a
 TS-clip-shaped layer (wanexp.bench.synthetic: smoothing, rank 32, clip table) and times, with
 ``triton.testing.do_bench`` (median): the BF16 ``F.linear``; the FP8 layer's forward; its activation
-path alone (``act_quant_fp8``: one kernel, whole rows in two passes, writing E4M3 and x_s); the
-low-rank down-projection (``F.linear(x_s, L2)``); the row-scaled FP8 GEMM alone
-(``torch._scaled_mm``); the low-rank up-projection (``addmm_``). The activation path's traffic
-(read x once from HBM, write the E4M3 operand and x_s) is printed as GB/s. Results go to
+path alone (``act_quant_fp8``: one kernel, whole rows in two passes, writing the E4M3 operand; and,
+as before session 10, also writing x_s); the low-rank down-projection as the layer runs it
+(``lowrank_down``: from x, smoothing in its load) and as before (``F.linear(x_s, L2)``); the
+row-scaled FP8 GEMM alone (``torch._scaled_mm``); the low-rank up-projection (``lowrank_add_``, and
+``addmm_``). The activation path's traffic (read x once from HBM, write the E4M3 operand) is printed
+as GB/s. Results go to
 ``linear_bench.json`` in ``--out`` (default ``$OUT`` or ``.``), rewritten after each shape.
 """
 
@@ -38,7 +40,8 @@ def main() -> None:
 
     from wanexp import kernels
     from wanexp.bench.synthetic import SyntheticTSClip
-    from wanexp.kernels.mxfp4_fp8 import HEADROOM, act_quant_fp8, fold_weight
+    from wanexp.kernels.mxfp4 import lowrank_down
+    from wanexp.kernels.mxfp4_fp8 import HEADROOM, act_quant_fp8, fold_weight, lowrank_add_
     out_dir = Path(args.out)
     result = gpu_record(tokens=args.tokens, shapes={})
     m = args.tokens
@@ -59,15 +62,21 @@ def main() -> None:
         entry = {
             "bf16_linear_ms": bench(lambda: torch.nn.functional.linear(x, lin.weight, lin.bias)),
             "fp8_layer_ms": fp8_forward,
-            "act_path_ms": bench(lambda: act_quant_fp8(x, layer.clip_table, 1, layer.smooth_recip, write_xs=True)),
-            "lowrank_down_ms": bench(lambda: torch.nn.functional.linear(a["xs"], layer.lowrank_down)),
+            "act_path_ms": bench(lambda: act_quant_fp8(x, layer.clip_table, 1, layer.smooth_recip)),
+            "act_path_with_xs_ms": bench(lambda: act_quant_fp8(x, layer.clip_table, 1, layer.smooth_recip, write_xs=True)),
+            "lowrank_down_ms": bench(lambda: lowrank_down(x, layer.smooth_recip, layer.lowrank_down)),
+            "lowrank_down_cublas_xs_ms": bench(lambda: torch.nn.functional.linear(a["xs"], layer.lowrank_down)),
             "scaled_mm_ms": bench(lambda: torch._scaled_mm(a["values"], w8.t(), scale_a=a["scale"][:, None],
                                                            scale_b=w_scale[None, :], bias=lin.bias,
                                                            out_dtype=torch.bfloat16)),
             "weight_fold_ms": bench(lambda: fold_weight(layer.wq_codes, layer.wq_scales, rows["exponent"])),
-            "lowrank_up_ms": bench(lambda: y.addmm_(a["t"], layer.lowrank_up.t())),
+            "lowrank_up_ms": bench(lambda: lowrank_add_(y, a["t"], layer.lowrank_up)),
+            "lowrank_up_addmm_ms": bench(lambda: y.addmm_(a["t"], layer.lowrank_up.t())),
         }
-        traffic = m * k * 2 + m * k + m * k * 2   # x once (the second pass reads L2), E4M3 out, x_s out
+        t_ref = torch.nn.functional.linear(a["xs"], layer.lowrank_down).float()
+        entry["lowrank_down_rel_err"] = float((lowrank_down(x, layer.smooth_recip, layer.lowrank_down).float() - t_ref).norm()
+                                              / t_ref.norm())
+        traffic = m * k * 2 + m * k   # x once (the second pass reads L2), E4M3 out
         entry["act_path_GBps"] = traffic / entry["act_path_ms"] / 1e6
         entry["fp8_layer_x_bf16"] = entry["fp8_layer_ms"] / entry["bf16_linear_ms"]
         result["shapes"][f"{k}x{n}"] = entry
