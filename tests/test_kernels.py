@@ -279,6 +279,31 @@ def _check_lowrank_down(m, k, device):
     assert torch.equal(lowrank_down(xe, pow2, odd), torch.nn.functional.linear((xe.float() * pow2).to(torch.bfloat16), odd))
 
 
+def _check_fp8_gemm(m, k, n, device, configs=None):
+    """The Triton FP8 GEMM with the low-rank branch in its epilogue: on operands whose fp32 sums are exact,
+    exactly the one rounding of bf16(s_a s_w A Wᵀ + b + T Uᵀ); on random ones within the bf16 rounding of
+    the fp64 value; ragged M and N, without bias or branch too."""
+    from wanexp.kernels.fp8_gemm import FP8_GEMM_CONFIGS, fp8_gemm, fp8_gemm_reference
+    g = torch.Generator().manual_seed(7)
+    a8 = (torch.randint(-8, 9, (m, k), generator=g) / 4).to(torch.float8_e4m3fn).to(device)    # multiples of 1/4
+    w8 = (torch.randint(-8, 9, (n, k), generator=g) / 4).to(torch.float8_e4m3fn).to(device)
+    sa = (2.0 ** torch.randint(-2, 2, (m,), generator=g).float()).to(device)   # every fp32 sum exact
+    sw = (2.0 ** torch.randint(-2, 2, (n,), generator=g).float()).to(device)
+    b = (torch.randint(-8, 9, (n,), generator=g) / 8).to(torch.bfloat16).to(device)
+    t = (torch.randint(-8, 9, (m, 32), generator=g) / 8).to(torch.bfloat16).to(device)
+    u = (torch.randint(-8, 9, (n, 32), generator=g) / 8).to(torch.bfloat16).to(device)
+    for cfg in configs or FP8_GEMM_CONFIGS[:1]:
+        for kw in ({"bias": b, "t": t, "up": u}, {}):
+            y = fp8_gemm(a8, w8, sa, sw, config=cfg, **kw)
+            exact = fp8_gemm_reference(a8, w8, sa, sw, **kw).to(torch.bfloat16)
+            assert torch.equal(y.view(torch.int16), exact.view(torch.int16)), (cfg, list(kw))
+    ra = (torch.randn(m, k, generator=g) * 30).to(torch.float8_e4m3fn).to(device)
+    rw = (torch.randn(n, k, generator=g) * 30).to(torch.float8_e4m3fn).to(device)
+    y = fp8_gemm(ra, rw, sa, sw, b, t, u, config=(configs or FP8_GEMM_CONFIGS)[0])
+    ref = fp8_gemm_reference(ra, rw, sa, sw, b, t, u)
+    assert _rel(y, ref) < 4e-3 and float(((y.double() - ref).abs() / ref.abs().clamp_min(1e-6)).median()) < 4e-3
+
+
 def _check_fp8_layer(m, k, n, device):
     """QuantLinear through gemm_backend("fp8") against the reference and fp64, fallbacks counted."""
     from wanexp.kernels import fused_forward, gemm_backend
@@ -360,6 +385,11 @@ def test_interp_fp8_quantizer_tiles_and_readback_give_the_same_bits():
 @interp_only
 def test_interp_lowrank_down_smooths_in_its_load():
     _check_lowrank_down(70, 200, "cpu")
+
+
+@interp_only
+def test_interp_fp8_gemm_epilogue_one_rounding():
+    _check_fp8_gemm(70, 256, 200, "cpu", configs=[(32, 64, 64, 2, 4, 2), (64, 32, 128, 4, 4, 2)])
 
 
 @interp_only
@@ -464,7 +494,7 @@ def test_interp_int4_nvfp4_act_quant_and_layer_exact():
 def test_interpreter_suite(interpreter_run):
     """The interpreter checks above, in a subprocess with TRITON_INTERPRET=1 (CPU, ~20 s)."""
     stdout = interpreter_run(__file__)
-    assert "11 passed" in stdout, stdout[-2000:]
+    assert "12 passed" in stdout, stdout[-2000:]
 
 
 # ----------------------------------------------------------------------------- dispatch (CPU, no triton run)
@@ -574,6 +604,8 @@ def test_gpu_fp8_fold_bit_exact_and_layer_at_wan_shapes():
     _check_layer(57, 13824, 5120, 32, "cuda", backends=("fp8",))   # ffn.net.2's K, a ragged M
     _check_lowrank_add(3000, 13824, "cuda")                          # ffn.net.0's outputs, a ragged M
     _check_lowrank_down(4100, 13824, "cuda")                         # ffn.net.2's K, above SMALL_M_TOKENS: every tile timed
+    from wanexp.kernels.fp8_gemm import FP8_GEMM_CONFIGS
+    _check_fp8_gemm(3000, 5120, 1000, "cuda", configs=FP8_GEMM_CONFIGS)   # every config, ragged M and N
 
 
 @pytest.mark.gpu
