@@ -310,12 +310,23 @@ def _check_fp8_layer(m, k, n, device):
     _check_layer(m, k, n, 8, device, backends=("fp8",))
     _check_layer(m, k, n, 16, device, backends=("fp8",))   # rank 16: the low-rank branch in lowrank_add_
     _check_layer(m, k, n, 0, device, backends=("fp8",), smooth=False, bias=False, rule="ceil")
-    layer = _quant_layer(k, n, 4, device)
+    _check_layer(m, k, n, 16, device, backends=("fp8_triton",))  # the branch in the Triton GEMM's epilogue
+    layer = _quant_layer(k, n, 16, device)
     wide = _act_input(m, k, device)                       # rows spanning > 14 octaves: the exact fallback
-    with gemm_backend("fp8"):
-        y = fused_forward(layer, wide)
-    assert layer.fallbacks["fp8_rows"] > 0 and layer.fallbacks["fp8_cols"] == 0
-    assert _rel(y, _exact(layer, wide)) < 1e-2 and _rel(y, layer.reference_forward(wide)) < 1e-2
+    ys = {}
+    for backend in ("fp8", "fp8_triton"):
+        before = layer.fallbacks["fp8_rows"]
+        with gemm_backend(backend):
+            ys[backend] = y = fused_forward(layer, wide)
+        assert layer.fallbacks["fp8_rows"] > before and layer.fallbacks["fp8_cols"] == 0, backend
+        assert _rel(y, _exact(layer, wide)) < 1e-2 and _rel(y, layer.reference_forward(wide)) < 1e-2, backend
+    # the Triton GEMM has the branch in its epilogue: its fallback rows must get it added, as cuBLAS's all do
+    from wanexp.kernels.mxfp4_fp8 import MAX_SPREAD, act_quant_fp8
+    rows = act_quant_fp8(wide, layer.clip_table, layer.current_bin(), layer.smooth_recip)["spread"] > MAX_SPREAD
+    xs = layer.smoothed(wide)[rows]
+    branch = torch.nn.functional.linear(torch.nn.functional.linear(xs, layer.lowrank_down), layer.lowrank_up).double()
+    gap = (ys["fp8_triton"][rows].double() - ys["fp8"][rows].double()).norm()
+    assert 0 < rows.sum() < rows.numel() and gap < 0.1 * branch.norm(), (float(gap), float(branch.norm()))
     # weight rows spanning > 14 octaves: those output columns take the fallback, for every token
     fmt = get_format("mxfp4")
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(9)) * 0.05

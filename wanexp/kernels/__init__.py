@@ -40,7 +40,7 @@ _STATE = {"enabled": os.environ.get("WANEXP_FUSED", "1") != "0", "triton": None,
 UPCAST_MIN_TOKENS = 4096
 
 
-GEMM_BACKENDS = ("auto", "triton", "cublas", "fp8", "fp8_unchecked")
+GEMM_BACKENDS = ("auto", "triton", "cublas", "fp8", "fp8_unchecked", "fp8_triton")
 
 
 def set_gemm_backend(backend: str) -> None:
@@ -50,7 +50,9 @@ def set_gemm_backend(backend: str) -> None:
     FP8 tensor cores, or a shape does not suit, the upcast or Triton GEMM as "auto" would pick without
     FP8). "fp8_unchecked" is a diagnostic for the bench only: the FP8 path without its exact-fallback
     check (one host sync a call), to measure what that sync costs; rows beyond the fold's bound would
-    then be rounded, so it never serves a run."""
+    then be rounded, so it never serves a run. "fp8_triton": the FP8 path with its GEMM in Triton, bias and
+    low-rank branch in the epilogue, one rounding (:mod:`wanexp.kernels.fp8_gemm`; measured slower than
+    cuBLAS + the branch's pass on the H200, an option for numerics ablations)."""
     if backend not in GEMM_BACKENDS:
         raise ValueError(f"gemm backend must be {' | '.join(GEMM_BACKENDS)}, got {backend!r}")
     _STATE["gemm"] = backend
@@ -154,7 +156,7 @@ def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
     backend = _STATE["gemm"]
     if backend == "auto" and x2.shape[0] > UPCAST_MIN_TOKENS and fp8_preferred(x2.device):
         backend = "fp8"
-    fp8 = backend in ("fp8", "fp8_unchecked")
+    fp8 = backend in ("fp8", "fp8_unchecked", "fp8_triton")
     if fp8 and not (fp8_capable(x2.device) and layer.out_features % 16 == 0):
         backend, fp8 = "auto", False
     rows = weight_rows(layer) if fp8 else {}
@@ -199,10 +201,10 @@ def _mxfp4_w4a4(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, cli
     """The fused W4A4 MXFP4 linear on explicit tensors (``x2 [M, K]`` bf16 -> ``[M, N]`` bf16)."""
     from wanexp.kernels.mxfp4 import act_quant, lowrank_down, mxfp4_linear, upcast_linear
     bin_ = min(int(bin_index), clip_table.numel() - 1)   # a CPU tensor: no device sync
-    if backend in ("fp8", "fp8_unchecked"):
+    if backend in ("fp8", "fp8_unchecked", "fp8_triton"):
         from wanexp.kernels.mxfp4_fp8 import fp8_linear
         return fp8_linear(x2, codes, scales, clip_table, bin_, smooth_recip, bias, up, down, w_exponent, w_spread,
-                          scale_rule, counters, check=backend == "fp8")
+                          scale_rule, counters, check=backend != "fp8_unchecked", triton_gemm=backend == "fp8_triton")
     if backend == "cublas" or (backend == "auto" and x2.shape[0] > UPCAST_MIN_TOKENS):
         return upcast_linear(x2, codes, scales, clip_table, bin_, smooth_recip, scale_rule, bias, up, down)
     q = act_quant(x2, clip_table, bin_, smooth_recip, scale_rule=scale_rule)

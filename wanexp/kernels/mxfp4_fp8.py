@@ -292,7 +292,7 @@ def lowrank_add_(y: torch.Tensor, t: torch.Tensor, up: torch.Tensor,
 def fp8_linear(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, clip_table: torch.Tensor, bin_: int,
                smooth_recip: torch.Tensor | None, bias: torch.Tensor | None, up: torch.Tensor | None,
                down: torch.Tensor | None, w_exponent: torch.Tensor, w_spread: torch.Tensor, scale_rule: str,
-               counters: torch.Tensor, check: bool = True) -> torch.Tensor:
+               counters: torch.Tensor, check: bool = True, triton_gemm: bool = False) -> torch.Tensor:
     """The W4A4 MXFP4 linear ``y = A · deq(W)ᵀ + b (+ (x_s L2ᵀ) L1ᵀ)`` on FP8 tensor cores: rows
     that fold exactly in one row-wise-scaled FP8 GEMM, the others (activation rows or weight rows
     beyond :data:`MAX_SPREAD`) recomputed by the exact bf16 path and added to ``counters[:2]``
@@ -303,31 +303,46 @@ def fp8_linear(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, clip
     reference rounds x·r: measured on the H200, the output then drifts further from an exact
     evaluation than the reference does, so it is not done.) ``check=False`` skips the
     search for rows beyond the bound and its host sync (the bench's diagnostic "fp8_unchecked"
-    backend only)."""
+    backend only). ``triton_gemm`` (backend "fp8_triton") runs the GEMM as
+    :func:`wanexp.kernels.fp8_gemm.fp8_gemm`, bias and low-rank branch in its epilogue, one rounding:
+    closer to the exact value, but measured 1.17-1.23x the time of cuBLAS + ``lowrank_add_`` on the
+    H200 (experiments/results/round17/fp8_gemm_probe.json), so "fp8" keeps cuBLAS."""
     a = act_quant_fp8(x2, clip_table, bin_, smooth_recip, scale_rule=scale_rule)
     w8 = fold_weight(codes, scales, w_exponent)
     w_scale = torch.ldexp(torch.ones_like(w_exponent, dtype=torch.float32), (w_exponent - HEADROOM).float())
-    y = torch._scaled_mm(a["values"], w8.t(), scale_a=a["scale"][:, None], scale_b=w_scale[None, :],
-                         bias=bias, out_dtype=torch.bfloat16)
+    t = None if up is None else lowrank_down(x2, smooth_recip, down)   # the 16-bit branch's input, from x_s
+    if triton_gemm and x2.shape[1] % 128 == 0:
+        from wanexp.kernels.fp8_gemm import fp8_gemm
+        y = fp8_gemm(a["values"], w8, a["scale"], w_scale, bias, t, up)
+        pending = None                                                  # the branch is in y already
+    else:
+        y = torch._scaled_mm(a["values"], w8.t(), scale_a=a["scale"][:, None], scale_b=w_scale[None, :],
+                             bias=bias, out_dtype=torch.bfloat16)
+        pending = t
     del w8
     # activation rows and weight rows beyond the bound, found with one host sync a call
     wide = torch.empty(0, dtype=torch.int64, device=y.device) if not check else torch.nonzero(torch.cat((a["spread"], w_spread)) > MAX_SPREAD).flatten()
     m = a["spread"].numel()
     wide_rows, wide_cols = wide[wide < m], wide[wide >= m] - m
     if wide_rows.numel() or wide_cols.numel():
-        _exact_fallback(x2, codes, scales, clip_table, bin_, smooth_recip, bias, scale_rule, y, wide_rows, wide_cols)
+        _exact_fallback(x2, codes, scales, clip_table, bin_, smooth_recip, bias, scale_rule, y, wide_rows, wide_cols,
+                        None if pending is not None or t is None else (t, up))
         counters[:2] += torch.tensor([wide_rows.numel(), wide_cols.numel()], dtype=counters.dtype)
-    if up is not None:  # the 16-bit branch sees the smoothed, unquantized input
-        lowrank_add_(y, lowrank_down(x2, smooth_recip, down), up)
+    if pending is not None:  # the 16-bit branch sees the smoothed, unquantized input
+        lowrank_add_(y, pending, up)
     return y
 
 
-def _exact_fallback(x2, codes, scales, clip_table, bin_, smooth_recip, bias, scale_rule, y, rows, cols) -> None:
-    """Rows / output columns whose fold would round: the bf16 path's exact products, written into y."""
+def _exact_fallback(x2, codes, scales, clip_table, bin_, smooth_recip, bias, scale_rule, y, rows, cols,
+                    lowrank=None) -> None:
+    """Rows / output columns whose fold would round: the bf16 path's exact products, written into y
+    (with ``lowrank`` = (T, L1), the branch added to them too: the GEMM had it in its epilogue)."""
     deq = dequant_weight(codes, scales)
     if rows.numel():
         xq = act_quant(x2[rows].contiguous(), clip_table, bin_, smooth_recip, scale_rule=scale_rule)["xq"]
-        y[rows] = torch.nn.functional.linear(xq, deq, bias)
+        part = torch.nn.functional.linear(xq, deq, bias)
+        y[rows] = part if lowrank is None else lowrank_add_(part, lowrank[0][rows], lowrank[1])
     if cols.numel():
         xq = act_quant(x2, clip_table, bin_, smooth_recip, scale_rule=scale_rule)["xq"]
-        y[:, cols] = torch.nn.functional.linear(xq, deq[cols], None if bias is None else bias[cols])
+        part = torch.nn.functional.linear(xq, deq[cols], None if bias is None else bias[cols])
+        y[:, cols] = part if lowrank is None else lowrank_add_(part, lowrank[0], lowrank[1][cols])
