@@ -190,6 +190,14 @@ round17g)  # session 10: the GPU kernel tests (whole files, no test_compile), th
   timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -m gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -4
   timeout 220 python3 experiments/gpu/fp8_gemm_probe.py --out "$OUT" 2>&1 | tee "$OUT/fp8_gemm_probe.log" | grep -v "^[0-9]*->[0-9]* [0-9]" | tail -6
   timeout 100 python3 experiments/gpu/linear_bench.py --out "$OUT" 2>&1 | tee "$OUT/linear_bench.log" | tail -4 ;;
+round17r)  # session 10: r loaded in x's layout in the FP8 quantizer: the per-linear pieces (with the no-smoothing
+  # bound), then compiled BF16 beside compiled W4A4 MXFP4 (FP8), 720p, one process, 2 timed forwards a cell
+  timeout 120 python3 experiments/gpu/linear_bench.py --out "$OUT" 2>&1 | tee "$OUT/linear_bench.log" | tail -4
+  TORCH_LOGS=recompiles timeout 240 python3 -m wanexp.bench bench=fp8_a14b bench.name=bench_round17r bench.profile.enabled=false \
+    bench.repeats=2 "bench.paths=[bf16_compiled,fused_compiled]" \
+    "bench.resolutions=[{name: 720p, height: 720, width: 1280, frames: 61}]" bench.out_dir="$OUT" > "$OUT/bench_round17r.log" 2>&1
+  echo "recompiles: $(grep -c 'Recompiling function' "$OUT/bench_round17r.log")"
+  grep -v "__recompiles" "$OUT/bench_round17r.log" | grep "s/forward\|Error\|error\|quantized" | tail -8 ;;
 round17f)  # session 10: the other formats (their quantizers now multiply by r too) compiled beside compiled BF16, 720p
   TORCH_LOGS=recompiles timeout 400 python3 -m wanexp.bench bench=fp8_a14b bench.name=bench_round17f bench.profile.enabled=false \
     "bench.paths=[bf16_compiled]" "bench.extra_formats=[nvfp4,int4,hif4]" "bench.extra_format_paths=[fused_compiled]" \

@@ -64,6 +64,7 @@ def main() -> None:
             "fp8_layer_ms": fp8_forward,
             "act_path_ms": bench(lambda: act_quant_fp8(x, layer.clip_table, 1, layer.smooth_recip)),
             "act_path_with_xs_ms": bench(lambda: act_quant_fp8(x, layer.clip_table, 1, layer.smooth_recip, write_xs=True)),
+            "act_path_no_smoothing_ms": bench(lambda: act_quant_fp8(x, layer.clip_table, 1, None)),
             "lowrank_down_ms": bench(lambda: lowrank_down(x, layer.smooth_recip, layer.lowrank_down)),
             "lowrank_down_cublas_xs_ms": bench(lambda: torch.nn.functional.linear(a["xs"], layer.lowrank_down)),
             "scaled_mm_ms": bench(lambda: torch._scaled_mm(a["values"], w8.t(), scale_a=a["scale"][:, None],
