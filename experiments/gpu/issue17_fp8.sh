@@ -198,6 +198,15 @@ round17r)  # session 10: r loaded in x's layout in the FP8 quantizer: the per-li
     "bench.resolutions=[{name: 720p, height: 720, width: 1280, frames: 61}]" bench.out_dir="$OUT" > "$OUT/bench_round17r.log" 2>&1
   echo "recompiles: $(grep -c 'Recompiling function' "$OUT/bench_round17r.log")"
   grep -v "__recompiles" "$OUT/bench_round17r.log" | grep "s/forward\|Error\|error\|quantized" | tail -8 ;;
+round17u)  # session 10: r in x's layout in every quantizer: the kernel tests (bit-exactness, every tile), then the other
+  # formats compiled beside compiled BF16, 720p, one process
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -m gpu -k "act_quant or tiles or int4_nvfp4_hif4 or fp8_fold" 2>&1 \
+    | tee "$OUT/gpu_tests.log" | tail -2
+  TORCH_LOGS=recompiles timeout 230 python3 -m wanexp.bench bench=fp8_a14b bench.name=bench_round17u bench.profile.enabled=false \
+    "bench.paths=[bf16_compiled,fused_compiled]" "bench.extra_formats=[nvfp4,int4,hif4]" "bench.extra_format_paths=[fused_compiled]" \
+    "bench.resolutions=[{name: 720p, height: 720, width: 1280, frames: 61}]" bench.out_dir="$OUT" > "$OUT/bench_round17u.log" 2>&1
+  echo "recompiles: $(grep -c 'Recompiling function' "$OUT/bench_round17u.log")"
+  grep -v "__recompiles" "$OUT/bench_round17u.log" | grep "s/forward\|Error\|error\|quantized" | tail -8 ;;
 round17f)  # session 10: the other formats (their quantizers now multiply by r too) compiled beside compiled BF16, 720p
   TORCH_LOGS=recompiles timeout 400 python3 -m wanexp.bench bench=fp8_a14b bench.name=bench_round17f bench.profile.enabled=false \
     "bench.paths=[bf16_compiled]" "bench.extra_formats=[nvfp4,int4,hif4]" "bench.extra_format_paths=[fused_compiled]" \

@@ -102,8 +102,8 @@ def _row_absmax_kernel(x_ptr, recip_ptr, out_ptr, M, K, stride_xm,
         mask = (rm[:, None] < M) & (cols[None, :] < K)
         x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
         if HAS_SMOOTH:
-            r = tl.load(recip_ptr + cols, mask=cols < K, other=1.0)
-            v = _to_bf16_rne(x.to(tl.float32) * r[None, :]).to(tl.float32)
+            r = tl.load(recip_ptr + cols[None, :] + rm[:, None] * 0, mask=mask, other=1.0)   # in x's layout
+            v = _to_bf16_rne(x.to(tl.float32) * r).to(tl.float32)
         else:
             v = x.to(tl.float32)
         acc = tl.maximum(acc, tl.max(tl.abs(v), axis=1))
@@ -151,7 +151,7 @@ def _act_quant_kernel(x_ptr, recip_ptr, clip_ptr, bin_idx, xq_ptr, xs_ptr, codes
     mask = (rows < M) & (cols < K)
     x = tl.load(x_ptr + rows.to(tl.int64) * stride_xm + cols, mask=mask, other=0.0)
     if HAS_SMOOTH:
-        r = tl.load(recip_ptr + cols, mask=cols < K, other=1.0)
+        r = tl.load(recip_ptr + cols + rows * 0, mask=mask, other=1.0)  # r in x's layout (no broadcast)
         xs = _to_bf16_rne(x.to(tl.float32) * r)                         # reference: bf16(x.float() * r)
         if WRITE_XS:
             tl.store(xs_ptr + rows.to(tl.int64) * K + cols, xs, mask=mask)
@@ -271,11 +271,11 @@ def _lowrank_down_kernel(x_ptr, recip_ptr, down_ptr, t_ptr, M, K, stride_xm, R: 
     acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + cols[None, :],
-                    mask=(rm[:, None] < M) & (cols[None, :] < K), other=0.0)
+        mask = (rm[:, None] < M) & (cols[None, :] < K)
+        x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
         if HAS_SMOOTH:
-            r = tl.load(recip_ptr + cols, mask=cols < K, other=1.0)
-            x = _bf16(x.to(tl.float32) * r[None, :], HW)
+            r = tl.load(recip_ptr + cols[None, :] + rm[:, None] * 0, mask=mask, other=1.0)   # in x's layout
+            x = _bf16(x.to(tl.float32) * r, HW)
         d = tl.load(down_ptr + rr[None, :] * K + cols[:, None], mask=cols[:, None] < K, other=0.0)  # L2ᵀ tile
         if HW:
             acc += tl.dot(x, d)

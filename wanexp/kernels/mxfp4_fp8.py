@@ -172,7 +172,8 @@ def _act_fp8_kernel(x_ptr, recip_ptr, clip_ptr, bin_idx, xs_ptr, a8_ptr, scale_p
         mask = (rows < M) & (cols < K)
         v = tl.load(x_ptr + rows.to(tl.int64) * stride_xm + cols, mask=mask, other=0.0)
         if HAS_SMOOTH:   # reference: bf16(x.float() * r)
-            v = v.to(tl.float32) * tl.load(recip_ptr + cols + rows * 0, mask=mask, other=1.0)   # r in x's layout
+            # r loaded in x's own layout: a broadcast [1, NB, 32] load cost 0.14 ms of 0.59 at K = 5120 (round 17r)
+            v = v.to(tl.float32) * tl.load(recip_ptr + cols + rows * 0, mask=mask, other=1.0)
             if WRITE_XS and READBACK:
                 v = _bf16(v, HW)
                 tl.store(xs_ptr + rows.to(tl.int64) * K + cols, v, mask=mask)

@@ -60,7 +60,7 @@ def _load_groups(x_ptr, recip_ptr, M, K, stride_xm, HAS_SMOOTH: tl.constexpr, G:
     mask = (rows < M) & (cols < K)
     x = tl.load(x_ptr + rows.to(tl.int64) * stride_xm + cols, mask=mask, other=0.0)
     if HAS_SMOOTH:
-        r = tl.load(recip_ptr + cols, mask=cols < K, other=1.0)
+        r = tl.load(recip_ptr + cols + rows * 0, mask=mask, other=1.0)   # r in x's layout (no broadcast)
         v = _to_bf16_rne(x.to(tl.float32) * r).to(tl.float32)
     else:
         v = x.to(tl.float32)
