@@ -75,9 +75,10 @@ def _frames(pipe, prompt="a cat jumps onto a wooden table"):
 
 def _expected_bytes(layer: QuantLinear, bins: int) -> int:
     """What a TS-clip MXFP4 layer holds: E2M1 codes (4 bits) and E8M0 scales (1 byte per 32), bf16
-    bias and rank-r branch, fp32 smoothing and clip table."""
+    bias and rank-r branch, fp32 smoothing, its fp32 reciprocal (the multiplier every path smooths with) and
+    the clip table."""
     n, k, r = layer.out_features, layer.in_features, layer.lowrank_up.shape[1]
-    return n * k // 2 + n * k // 32 + 2 * n + 2 * r * (n + k) + 4 * k + 4 * bins
+    return n * k // 2 + n * k // 32 + 2 * n + 2 * r * (n + k) + 4 * k + 4 * k + 4 * bins
 
 
 def test_readme_snippet_runs_and_the_loaded_pipeline_holds_packed_weights(snippet):
