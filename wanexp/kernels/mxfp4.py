@@ -92,21 +92,35 @@ def _to_bf16_rne(v):
 
 
 @triton.jit
+def _bf16(v, HW: tl.constexpr):
+    """fp32 -> bf16, RNE: the hardware cast on a GPU, the bit-built one in Triton's interpreter (whose casts truncate)."""
+    if HW:
+        return v.to(tl.bfloat16)
+    else:
+        return _to_bf16_rne(v)
+
+
+@triton.jit
+def _load_smoothed_rows(x_ptr, recip_ptr, rm, cols, M, K, stride_xm, HAS_SMOOTH: tl.constexpr, HW: tl.constexpr):
+    """The tile x[rm, cols] (bf16, zero outside [M, K]) smoothed as the reference smooths it, bf16(x · r);
+    r is loaded through a full-shape pointer, in x's own register layout (a broadcast [1, BLOCK_K] load
+    costs a layout conversion: 0.14 of 0.59 ms in the FP8 quantizer at K = 5120, round 17r)."""
+    mask = (rm[:, None] < M) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+    if HAS_SMOOTH:
+        x = _bf16(x.to(tl.float32) * tl.load(recip_ptr + cols[None, :] + rm[:, None] * 0, mask=mask, other=1.0), HW)
+    return x
+
+
+@triton.jit
 def _row_absmax_kernel(x_ptr, recip_ptr, out_ptr, M, K, stride_xm,
-                       HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                       HAS_SMOOTH: tl.constexpr, HW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """max_k |x_s[m, k]| (fp32) of each row, x_s = bf16(x · r) as the quantizer sees it."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        mask = (rm[:, None] < M) & (cols[None, :] < K)
-        x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
-        if HAS_SMOOTH:
-            r = tl.load(recip_ptr + cols[None, :] + rm[:, None] * 0, mask=mask, other=1.0)   # in x's layout
-            v = _to_bf16_rne(x.to(tl.float32) * r).to(tl.float32)
-        else:
-            v = x.to(tl.float32)
-        acc = tl.maximum(acc, tl.max(tl.abs(v), axis=1))
+        v = _load_smoothed_rows(x_ptr, recip_ptr, rm, k0 + tl.arange(0, BLOCK_K), M, K, stride_xm, HAS_SMOOTH, HW)
+        acc = tl.maximum(acc, tl.max(tl.abs(v.to(tl.float32)), axis=1))
     tl.store(out_ptr + rm, acc, mask=rm < M)
 
 
@@ -252,15 +266,6 @@ def act_quant(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int = 0, smoot
 
 
 @triton.jit
-def _bf16(v, HW: tl.constexpr):
-    """fp32 -> bf16, RNE: the hardware cast on a GPU, the bit-built one in Triton's interpreter (whose casts truncate)."""
-    if HW:
-        return v.to(tl.bfloat16)
-    else:
-        return _to_bf16_rne(v)
-
-
-@triton.jit
 def _lowrank_down_kernel(x_ptr, recip_ptr, down_ptr, t_ptr, M, K, stride_xm, R: tl.constexpr,
                          HAS_SMOOTH: tl.constexpr, HW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """T = x_s · L2ᵀ for BLOCK_M rows (x [M, K] bf16, L2 [R, K] bf16, T [M, R] bf16), x_s = bf16(x · r)
@@ -271,11 +276,7 @@ def _lowrank_down_kernel(x_ptr, recip_ptr, down_ptr, t_ptr, M, K, stride_xm, R: 
     acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        mask = (rm[:, None] < M) & (cols[None, :] < K)
-        x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
-        if HAS_SMOOTH:
-            r = tl.load(recip_ptr + cols[None, :] + rm[:, None] * 0, mask=mask, other=1.0)   # in x's layout
-            x = _bf16(x.to(tl.float32) * r, HW)
+        x = _load_smoothed_rows(x_ptr, recip_ptr, rm, cols, M, K, stride_xm, HAS_SMOOTH, HW)
         d = tl.load(down_ptr + rr[None, :] * K + cols[:, None], mask=cols[:, None] < K, other=0.0)  # L2ᵀ tile
         if HW:
             acc += tl.dot(x, d)

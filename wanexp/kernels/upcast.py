@@ -117,7 +117,7 @@ def nvfp4_act_quant(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int, smo
     sm = smooth_recip if smooth_recip is not None else x
     rowmax = torch.empty(M, device=x.device, dtype=torch.float32)
     _row_absmax_kernel[(triton.cdiv(M, 16),)](x, sm, rowmax, M, K, x.stride(0), HAS_SMOOTH=smooth_recip is not None,
-                                              BLOCK_M=16, BLOCK_K=256, num_warps=4)
+                                              HW=x.is_cuda, BLOCK_M=16, BLOCK_K=256, num_warps=4)
     amax = rowmax.amax().reshape(1)
     xq = torch.empty_like(x)
     BLOCK_M, NB = 16, 16
