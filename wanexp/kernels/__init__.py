@@ -14,10 +14,11 @@ Switches, so one process can time both paths:
   re-enables it); ``set_fused(bool)`` does the same without a context;
 * ``WANEXP_FUSED=0`` in the environment starts with it off;
 * ``layer.fused = False`` on one QuantLinear keeps that layer on the reference path;
-* ``with gemm_backend("triton" | "cublas" | "fp8" | "auto")`` (env ``WANEXP_FUSED_GEMM``) picks the GEMM
+* ``with gemm_backend("triton" | "cublas" | "fp8" | "fp8_triton" | "auto")`` (env ``WANEXP_FUSED_GEMM``) picks the GEMM
   after the fused activation quantizer: the Triton GEMM that reads the packed weight, an exact
   upcast of the weight into a transient bf16 buffer + one cuBLAS GEMM, or the FP8 tensor cores
-  (:mod:`wanexp.kernels.mxfp4_fp8`). ``auto``: above :data:`UPCAST_MIN_TOKENS` tokens the FP8 path
+  (:mod:`wanexp.kernels.mxfp4_fp8`; ``fp8_triton``: its GEMM in Triton with the low-rank branch in the
+  epilogue, :mod:`wanexp.kernels.fp8_gemm`). ``auto``: above :data:`UPCAST_MIN_TOKENS` tokens the FP8 path
   on Hopper and newer (:func:`fp8_preferred`; measured faster than the upcast at 720p and 480p on
   an H200) and the upcast elsewhere; the Triton GEMM at or below it.
 
