@@ -91,15 +91,9 @@ def denoiser_section(pipe, videos: torch.Tensor, captions: list[str]) -> list[st
     return lines + [""]
 
 
-# each motion for another: a direction for its opposite, still -> grows -> shrinks -> still
-MOTION_SWAP = {"moves left": "moves right", "moves right": "moves left", "moves up": "moves down", "moves down": "moves up",
-               "stays still": "grows", "grows": "shrinks", "shrinks": "stays still"}
-
-
 def motion_swapped(scene: procedural.Scene) -> str:
-    """The scene's caption with every object's motion swapped (``MOTION_SWAP``), the rest unchanged."""
-    from dataclasses import replace
-    return replace(scene, things=tuple(replace(t, motion=MOTION_SWAP[t.motion]) for t in scene.things)).caption
+    """The scene's caption with every object's motion swapped (``procedural.MOTION_SWAP``), the rest unchanged."""
+    return procedural.with_motions_swapped(scene).caption
 
 
 @torch.no_grad()

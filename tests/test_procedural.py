@@ -95,3 +95,19 @@ def test_data_options_narrow_the_draws_and_speed_up_the_motion():
     for bad in (dict(motions=("moves sideways",)), dict(motions=()), dict(max_objects=3), dict(speed=0.0)):
         with pytest.raises(ValueError):
             procedural.DataOptions(**bad)
+
+
+def test_motion_swap_keeps_the_scene_and_frame_1_and_changes_what_moves():
+    """with_motions_swapped: every motion replaced by its MOTION_SWAP partner (directions are their own inverse
+    pairs), frame 1 drawn identically (things start where they started), a moving thing's later frames differ;
+    without_objects: the background alone, equal to the clip wherever no object was drawn."""
+    clip = next(c for c in procedural.make_clips(5, 40) if any(t.motion.startswith("moves") for t in c.scene.things))
+    swapped = procedural.with_motions_swapped(clip.scene)
+    assert [procedural.MOTION_SWAP[t.motion] for t in clip.scene.things] == [t.motion for t in swapped.things]
+    assert all(procedural.MOTION_SWAP[procedural.MOTION_SWAP[m]] == m for m in procedural.MOTIONS if m.startswith("moves"))
+    assert swapped.caption != clip.caption and swapped.pan == clip.scene.pan
+    frames = procedural.render(swapped)
+    assert np.array_equal(frames[0], clip.frames[0]) and not np.array_equal(frames[1:], clip.frames[1:])
+    background = procedural.render(procedural.without_objects(clip.scene))
+    same = (background == clip.frames).all(axis=-1)
+    assert 0.5 < same.mean() < 1.0          # objects cover part of the frame, the rest is the background itself

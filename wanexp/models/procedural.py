@@ -13,7 +13,7 @@ and averaging 2x2 blocks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -25,6 +25,10 @@ COLOURS = {
 # world pixels per frame (x right, y down); "grows"/"shrinks" change the size instead
 MOTIONS = {"moves left": (-1, 0), "moves right": (1, 0), "moves up": (0, -1), "moves down": (0, 1),
            "stays still": (0, 0), "grows": (0, 0), "shrinks": (0, 0)}
+# each motion for another: a direction for its opposite, still -> grows -> shrinks -> still (the caption
+# and the clip of a scene with its motions swapped: what a model that ignores the motion words cannot tell apart)
+MOTION_SWAP = {"moves left": "moves right", "moves right": "moves left", "moves up": "moves down",
+               "moves down": "moves up", "stays still": "grows", "grows": "shrinks", "shrinks": "stays still"}
 PANS = {"the camera is still": 0, "the camera pans left": -1, "the camera pans right": 1}
 TEXTURES = ("plain", "striped", "checkered", "dotted", "gradient")
 # muted background palettes (two tones each), never close to an object colour
@@ -180,6 +184,16 @@ def render(scene: Scene) -> np.ndarray:
         img = img.reshape(scene.height, _SS, scene.width, _SS, 3).mean(axis=(1, 3))
         out[f] = np.clip(np.rint(img), 0, 255).astype(np.uint8)
     return out
+
+
+def with_motions_swapped(scene: Scene) -> Scene:
+    """The same scene with every object's motion replaced by its ``MOTION_SWAP`` (camera, places, sizes kept)."""
+    return replace(scene, things=tuple(replace(t, motion=MOTION_SWAP[t.motion]) for t in scene.things))
+
+
+def without_objects(scene: Scene) -> Scene:
+    """The same scene's background alone (the camera still pans)."""
+    return replace(scene, things=())
 
 
 def vocabulary() -> list[str]:
