@@ -16,6 +16,8 @@ p.add_argument("--overfit", type=int, default=0)  # N fixed frames
 p.add_argument("--lr", type=float, default=2e-3)
 p.add_argument("--mean-penalty", type=float, default=1e-4)
 p.add_argument("--head-lr-mult", type=float, default=1.0)
+p.add_argument("--head-init-mult", type=float, default=1.0)  # x decoder.conv_out's initial weight
+p.add_argument("--gamma-init-mult", type=float, default=1.0)  # x decoder.norm_out's initial gamma
 a = p.parse_args()
 torch.set_num_threads(1)
 cfg = tt.TrainConfig(vae_lr=a.lr, vae_mean_penalty=a.mean_penalty, vae_latent_noise=a.noise)
@@ -40,6 +42,10 @@ def flat_squares():
 
 torch.manual_seed(0)
 vae = AutoencoderKLWan(**TINY_SPEC["vae"])
+with torch.no_grad():  # a larger output head at init (same architecture, same spec)
+    vae.decoder.conv_out.weight.mul_(a.head_init_mult)
+    vae.decoder.norm_out.gamma.mul_(a.gamma_init_mult)
+init_absmax = vae.decoder.conv_out.weight.abs().max().item()
 gen = torch.Generator().manual_seed(0)
 if a.overfit:
     g2 = torch.Generator().manual_seed(123)
@@ -84,7 +90,8 @@ for step in range(a.steps):
         out = (raw.detach().abs() > 1)[:, :, 0].any(1)  # pixels with any channel outside [-1,1]
         clip_log.append(dict(step=step, loss=round(loss.item(), 4), out_frac=round(out.float().mean().item(), 4),
                              out_frac_obj=round((out & om).float().sum().item() / max(1, om.sum().item()), 4),
-                             raw_min=round(raw.min().item(), 2), raw_max=round(raw.max().item(), 2)))
+                             raw_min=round(raw.min().item(), 2), raw_max=round(raw.max().item(), 2),
+                             lr_body=opt.param_groups[0]["lr"], lr_head=opt.param_groups[1]["lr"]))
         print(clip_log[-1], flush=True)
 vae.eval()
 
@@ -110,6 +117,6 @@ res = dict(name=a.name, args=vars(a), psnr=round(psnr, 2), obj_mae=round(err[om]
            bg_mae=round(err[~om].mean().item(), 1), obj_frac=round(om.float().mean().item(), 3), red_green_blue=cols,
            latent_ch_std=[round(v, 3) for v in ch_std.tolist()], global_std=round(z.std().item(), 3),
            colour_spread_per_ch=[round(v, 3) for v in col_spread.tolist()], clip_log=clip_log,
-           seconds=round(time.time() - t0), conv_out_w_absmax=round(vae.decoder.conv_out.weight.abs().max().item(), 3), conv_out_w_norm=round(vae.decoder.conv_out.weight.norm().item(), 3), norm_out_gamma=[round(v, 2) for v in vae.decoder.norm_out.gamma.flatten().tolist()])
+           seconds=round(time.time() - t0), conv_out_w_absmax_init=round(init_absmax, 3), conv_out_w_absmax=round(vae.decoder.conv_out.weight.abs().max().item(), 3), conv_out_w_norm=round(vae.decoder.conv_out.weight.norm().item(), 3), norm_out_gamma=[round(v, 2) for v in vae.decoder.norm_out.gamma.flatten().tolist()])
 print(json.dumps(res))
 json.dump(res, open(f"/tmp/vaecol19/{a.name}.json", "w"))
