@@ -15,12 +15,14 @@ p.add_argument("--unclamped", action="store_true")
 p.add_argument("--overfit", type=int, default=0)  # N fixed frames
 p.add_argument("--lr", type=float, default=2e-3)
 p.add_argument("--mean-penalty", type=float, default=1e-4)
+p.add_argument("--l1", type=float, default=1.0)  # weight of the L1 term beside the MSE (train_tiny's vae_l1)
+p.add_argument("--seed", type=int, default=0)  # VAE init and batch/noise draws (the data stay seed 0's)
 p.add_argument("--head-lr-mult", type=float, default=1.0)
 p.add_argument("--head-init-mult", type=float, default=1.0)  # x decoder.conv_out's initial weight
 p.add_argument("--gamma-init-mult", type=float, default=1.0)  # x decoder.norm_out's initial gamma
 a = p.parse_args()
 torch.set_num_threads(1)
-cfg = tt.TrainConfig(vae_lr=a.lr, vae_mean_penalty=a.mean_penalty, vae_latent_noise=a.noise)
+cfg = tt.TrainConfig(vae_lr=a.lr, vae_mean_penalty=a.mean_penalty, vae_latent_noise=a.noise, vae_l1=a.l1)
 tr_seed, ho_seed = tt.split_seeds(0)
 t0 = time.time()
 videos = tt.clips_tensor(procedural.make_clips(tr_seed, 768))
@@ -40,13 +42,13 @@ def flat_squares():
         out.append(img)
     return torch.from_numpy(np.stack(out) / 127.5 - 1).permute(0, 3, 1, 2).unsqueeze(2).contiguous()
 
-torch.manual_seed(0)
+torch.manual_seed(a.seed)
 vae = AutoencoderKLWan(**TINY_SPEC["vae"])
 with torch.no_grad():  # a larger output head at init (same architecture, same spec)
     vae.decoder.conv_out.weight.mul_(a.head_init_mult)
     vae.decoder.norm_out.gamma.mul_(a.gamma_init_mult)
 init_absmax = vae.decoder.conv_out.weight.abs().max().item()
-gen = torch.Generator().manual_seed(0)
+gen = torch.Generator().manual_seed(a.seed)
 if a.overfit:
     g2 = torch.Generator().manual_seed(123)
     pool = []
