@@ -16,6 +16,7 @@ p.add_argument("--overfit", type=int, default=0)  # N fixed frames
 p.add_argument("--lr", type=float, default=2e-3)
 p.add_argument("--mean-penalty", type=float, default=1e-4)
 p.add_argument("--l1", type=float, default=1.0)  # weight of the L1 term beside the MSE (train_tiny's vae_l1)
+p.add_argument("--linfit", type=int, default=0)  # N: refit conv_out by least squares on N training frames' features
 p.add_argument("--seed", type=int, default=0)  # VAE init and batch/noise draws (the data stay seed 0's)
 p.add_argument("--head-lr-mult", type=float, default=1.0)
 p.add_argument("--head-init-mult", type=float, default=1.0)  # x decoder.conv_out's initial weight
@@ -120,5 +121,34 @@ res = dict(name=a.name, args=vars(a), psnr=round(psnr, 2), obj_mae=round(err[om]
            latent_ch_std=[round(v, 3) for v in ch_std.tolist()], global_std=round(z.std().item(), 3),
            colour_spread_per_ch=[round(v, 3) for v in col_spread.tolist()], clip_log=clip_log,
            seconds=round(time.time() - t0), conv_out_w_absmax_init=round(init_absmax, 3), conv_out_w_absmax=round(vae.decoder.conv_out.weight.abs().max().item(), 3), conv_out_w_norm=round(vae.decoder.conv_out.weight.norm().item(), 3), norm_out_gamma=[round(v, 2) for v in vae.decoder.norm_out.gamma.flatten().tolist()])
+if a.linfit:
+    # Is the head the limit? Freeze the trained decoder body, capture conv_out's input (norm_out + SiLU features;
+    # a first frame's causal taps on past frames see zeros, so only the current-frame 3x3 taps count) and fit the
+    # best conv_out (72 weights + bias per output channel) by least squares on N training frames; then score it.
+    feats = {}
+    hk = vae.decoder.conv_out.register_forward_hook(lambda m, inp, out: feats.__setitem__("x", inp[0].detach()))
+    def unfold(x):  # [N,8,1,H,W] -> [N*H*W, 72]
+        f = F.unfold(x[:, :, -1], 3, padding=1)  # N, 72, HW
+        return f.transpose(1, 2).reshape(-1, f.shape[1])
+    with torch.no_grad():
+        gf = torch.Generator().manual_seed(7)
+        fit_x = tt._frames_batch(videos, a.linfit, gf)
+        rows, tgt = [], []
+        for i in range(0, len(fit_x), 16):
+            xb = fit_x[i:i + 16]; rec(xb); rows.append(unfold(feats["x"])); tgt.append(xb[:, :, 0].permute(0, 2, 3, 1).reshape(-1, 3))
+        A = torch.cat(rows).double(); A = torch.cat([A, torch.ones(len(A), 1, dtype=A.dtype)], 1); Y = torch.cat(tgt).double()
+        Wb = torch.linalg.lstsq(A, Y).solution  # 73 x 3
+        def rec_fit(x):
+            rec(x); f = unfold(feats["x"]).double(); f = torch.cat([f, torch.ones(len(f), 1, dtype=f.dtype)], 1)
+            return (f @ Wb).float().clamp(-1, 1).reshape(x.shape[0], x.shape[3], x.shape[4], 3).permute(0, 3, 1, 2).unsqueeze(2)
+        r2 = rec_fit(held)
+        psnr2 = float(10 * torch.log10(255.0 ** 2 / F.mse_loss((r2 + 1) * 127.5, (held + 1) * 127.5)))
+        err2 = ((r2 - held).abs() * 127.5)[:, :, 0].mean(1); om2 = object_mask(held)
+        rs2 = rec_fit(sq)
+        cols2 = [[int(round(v)) for v in ((rs2[i, :, 0, 24:40, 24:40] + 1) * 127.5).mean((1, 2)).tolist()] for i in range(3)]
+    hk.remove()
+    res["linfit"] = dict(frames=a.linfit, psnr=round(psnr2, 2), obj_mae=round(err2[om2].mean().item(), 1),
+                         bg_mae=round(err2[~om2].mean().item(), 1), red_green_blue=cols2,
+                         w_absmax=round(Wb[:-1].abs().max().item(), 3))
 print(json.dumps(res))
 json.dump(res, open(f"/tmp/vaecol19/{a.name}.json", "w"))
