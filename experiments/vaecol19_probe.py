@@ -17,6 +17,7 @@ p.add_argument("--lr", type=float, default=2e-3)
 p.add_argument("--mean-penalty", type=float, default=1e-4)
 p.add_argument("--l1", type=float, default=1.0)  # weight of the L1 term beside the MSE (train_tiny's vae_l1)
 p.add_argument("--linfit", type=int, default=0)  # N: refit conv_out by least squares on N training frames' features
+p.add_argument("--eval-shipped", action="store_true")  # no training: score the shipped VAE (tiny_weights, read only)
 p.add_argument("--seed", type=int, default=0)  # VAE init and batch/noise draws (the data stay seed 0's)
 p.add_argument("--head-lr-mult", type=float, default=1.0)
 p.add_argument("--head-init-mult", type=float, default=1.0)  # x decoder.conv_out's initial weight
@@ -48,6 +49,15 @@ vae = AutoencoderKLWan(**TINY_SPEC["vae"])
 with torch.no_grad():  # a larger output head at init (same architecture, same spec)
     vae.decoder.conv_out.weight.mul_(a.head_init_mult)
     vae.decoder.norm_out.gamma.mul_(a.gamma_init_mult)
+if a.eval_shipped:
+    import json as _j
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from wanexp.models.tiny import TRAINED_WEIGHTS
+    with safe_open(str(TRAINED_WEIGHTS / "vae.safetensors"), framework="pt") as f:
+        _c = _j.loads(f.metadata()["config"]); _c.pop("_use_default_values", None)
+    vae = AutoencoderKLWan.from_config(_c); vae.load_state_dict(load_file(str(TRAINED_WEIGHTS / "vae.safetensors")), strict=True)
+    a.steps = 0
 init_absmax = vae.decoder.conv_out.weight.abs().max().item()
 gen = torch.Generator().manual_seed(a.seed)
 if a.overfit:
