@@ -164,3 +164,40 @@ def test_data_options_reach_the_clips_and_bad_ones_fail_early():
         tt.TrainConfig(motions="moves sideways")
     with pytest.raises(ValueError, match="max_objects"):
         tt.main(["--quick", "--max-objects", "3", "--out", "/nonexistent/never-written"])
+
+
+def test_vae_head_init_mult_scales_only_the_decoders_output_conv_and_has_a_flag(monkeypatch):
+    """``vae_head_init_mult`` (default 1.0, the shipped recipe) multiplies ``decoder.conv_out``'s initial weight
+    in ``train_vae`` and touches nothing else; ``--vae-head-init-mult`` reaches the config."""
+    from diffusers import AutoencoderKLWan
+
+    from wanexp.models.tiny import TINY_SPEC
+    assert tt.TrainConfig().vae_head_init_mult == 1.0
+    videos = tt.clips_tensor([procedural.make_clip(s, height=32, width=32) for s in range(2)])
+    states = {}
+    for mult in (1.0, 10.0):
+        torch.manual_seed(0)
+        vae = AutoencoderKLWan(**TINY_SPEC["vae"])
+        before = copy.deepcopy(vae.state_dict())
+        cfg = replace(tt.TrainConfig(), vae_image_steps=0, vae_steps=0, vae_head_init_mult=mult)
+        tt.train_vae(vae, videos, cfg, torch.Generator().manual_seed(0), log=None)
+        after = vae.state_dict()
+        changed = [k for k in after if not torch.equal(after[k], before[k])]
+        assert changed == ([] if mult == 1.0 else ["decoder.conv_out.weight"])
+        torch.testing.assert_close(after["decoder.conv_out.weight"], mult * before["decoder.conv_out.weight"])
+        states[mult] = after
+    with torch.no_grad():  # the untrained decoder's output (less its bias) grows tenfold
+        z = torch.randn(1, 16, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+        outs = {}
+        for mult, sd in states.items():
+            vae = AutoencoderKLWan(**TINY_SPEC["vae"]); vae.load_state_dict(sd); vae.eval()
+            vae.decoder.conv_out.bias.zero_()
+            x = vae.post_quant_conv(z); vae.clear_cache()
+            outs[mult] = vae.decoder(x, feat_cache=vae._feat_map, feat_idx=[0], first_chunk=True)
+        torch.testing.assert_close(outs[10.0], 10 * outs[1.0], rtol=1e-4, atol=1e-5)
+
+    seen = {}
+    monkeypatch.setattr(tt, "train", lambda cfg, log: (seen.setdefault("cfg", cfg), {}))
+    monkeypatch.setattr(tt, "save", lambda pipe, record, out: None)
+    tt.main(["--quick", "--vae-head-init-mult", "4"])
+    assert seen["cfg"].vae_head_init_mult == 4.0
