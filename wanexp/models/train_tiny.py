@@ -64,12 +64,6 @@ class TrainConfig:
     # frames 2-5 worse and the generated frames come out further from the clip
     # (experiments/results/tiny_proxy_diagnosis_cpu.md, "proxy19c").
     vae_per_frame_init: bool = False
-    # Multiply ``decoder.conv_out``'s initial weight by this (``scale_vae_head``; same architecture, a larger
-    # init only). 1.0 is the shipped recipe. The tiny VAE tends to collapse early to one grey output colour, and
-    # the seed decides whether it escapes: in 2400 single-frame steps at seed 1, 10 gave 22.85 dB, object MAE
-    # 34.1, red -> (232,51,36) where 1.0 gave 19.07 dB, 69.5, grey; a least-squares refit of the head shows the
-    # head itself is not the limit (experiments/results/tiny_proxy_diagnosis_cpu.md, "vaehead19").
-    vae_head_init_mult: float = 1.0
     # Pre-train the tiny UMT5 on the captions' attributes (``pretrain_text_encoder``) before it is frozen:
     # 0 keeps it at its seeded random weights. Cross-attention reads tokens without positions, so a
     # token must carry what it binds to ("left" of an object or of the camera, the motion of the
@@ -156,19 +150,10 @@ def init_vae_per_frame(vae) -> None:
             m.weight[:, :, :2] = 0.0
 
 
-@torch.no_grad()
-def scale_vae_head(vae, mult: float) -> None:
-    """Multiply the decoder's output convolution's weight (``decoder.conv_out``, its bias kept) by ``mult``:
-    the untrained decoder's output range grows by about that factor (``TrainConfig.vae_head_init_mult``)."""
-    vae.decoder.conv_out.weight.mul_(mult)
-
-
 def train_vae(vae, videos: torch.Tensor, cfg: TrainConfig, gen: torch.Generator, log) -> dict[str, list[float]]:
     """Both VAE phases: single frames at full size, then whole clips (``TrainConfig``)."""
     if cfg.vae_per_frame_init:
         init_vae_per_frame(vae)
-    if cfg.vae_head_init_mult != 1.0:
-        scale_vae_head(vae, cfg.vae_head_init_mult)
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     losses = {"image": _vae_phase(vae, opt, lambda: _frames_batch(videos, cfg.vae_image_batch, gen),
