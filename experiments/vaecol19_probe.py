@@ -15,10 +15,16 @@ p.add_argument("--unclamped", action="store_true")
 p.add_argument("--overfit", type=int, default=0)  # N fixed frames
 p.add_argument("--lr", type=float, default=2e-3)
 p.add_argument("--mean-penalty", type=float, default=1e-4)
+p.add_argument("--l1", type=float, default=1.0)  # weight of the L1 term beside the MSE (train_tiny's vae_l1)
+p.add_argument("--linfit", type=int, default=0)  # N: refit conv_out by least squares on N training frames' features
+p.add_argument("--eval-shipped", action="store_true")  # no training: score the shipped VAE (tiny_weights, read only)
+p.add_argument("--seed", type=int, default=0)  # VAE init and batch/noise draws (the data stay seed 0's)
 p.add_argument("--head-lr-mult", type=float, default=1.0)
+p.add_argument("--head-init-mult", type=float, default=1.0)  # x decoder.conv_out's initial weight
+p.add_argument("--gamma-init-mult", type=float, default=1.0)  # x decoder.norm_out's initial gamma
 a = p.parse_args()
 torch.set_num_threads(1)
-cfg = tt.TrainConfig(vae_lr=a.lr, vae_mean_penalty=a.mean_penalty, vae_latent_noise=a.noise)
+cfg = tt.TrainConfig(vae_lr=a.lr, vae_mean_penalty=a.mean_penalty, vae_latent_noise=a.noise, vae_l1=a.l1)
 tr_seed, ho_seed = tt.split_seeds(0)
 t0 = time.time()
 videos = tt.clips_tensor(procedural.make_clips(tr_seed, 768))
@@ -38,9 +44,22 @@ def flat_squares():
         out.append(img)
     return torch.from_numpy(np.stack(out) / 127.5 - 1).permute(0, 3, 1, 2).unsqueeze(2).contiguous()
 
-torch.manual_seed(0)
+torch.manual_seed(a.seed)
 vae = AutoencoderKLWan(**TINY_SPEC["vae"])
-gen = torch.Generator().manual_seed(0)
+with torch.no_grad():  # a larger output head at init (same architecture, same spec)
+    vae.decoder.conv_out.weight.mul_(a.head_init_mult)
+    vae.decoder.norm_out.gamma.mul_(a.gamma_init_mult)
+if a.eval_shipped:
+    import json as _j
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from wanexp.models.tiny import TRAINED_WEIGHTS
+    with safe_open(str(TRAINED_WEIGHTS / "vae.safetensors"), framework="pt") as f:
+        _c = _j.loads(f.metadata()["config"]); _c.pop("_use_default_values", None)
+    vae = AutoencoderKLWan.from_config(_c); vae.load_state_dict(load_file(str(TRAINED_WEIGHTS / "vae.safetensors")), strict=True)
+    a.steps = 0
+init_absmax = vae.decoder.conv_out.weight.abs().max().item()
+gen = torch.Generator().manual_seed(a.seed)
 if a.overfit:
     g2 = torch.Generator().manual_seed(123)
     pool = []
@@ -84,7 +103,8 @@ for step in range(a.steps):
         out = (raw.detach().abs() > 1)[:, :, 0].any(1)  # pixels with any channel outside [-1,1]
         clip_log.append(dict(step=step, loss=round(loss.item(), 4), out_frac=round(out.float().mean().item(), 4),
                              out_frac_obj=round((out & om).float().sum().item() / max(1, om.sum().item()), 4),
-                             raw_min=round(raw.min().item(), 2), raw_max=round(raw.max().item(), 2)))
+                             raw_min=round(raw.min().item(), 2), raw_max=round(raw.max().item(), 2),
+                             lr_body=opt.param_groups[0]["lr"], lr_head=opt.param_groups[1]["lr"]))
         print(clip_log[-1], flush=True)
 vae.eval()
 
@@ -110,6 +130,35 @@ res = dict(name=a.name, args=vars(a), psnr=round(psnr, 2), obj_mae=round(err[om]
            bg_mae=round(err[~om].mean().item(), 1), obj_frac=round(om.float().mean().item(), 3), red_green_blue=cols,
            latent_ch_std=[round(v, 3) for v in ch_std.tolist()], global_std=round(z.std().item(), 3),
            colour_spread_per_ch=[round(v, 3) for v in col_spread.tolist()], clip_log=clip_log,
-           seconds=round(time.time() - t0), conv_out_w_absmax=round(vae.decoder.conv_out.weight.abs().max().item(), 3), conv_out_w_norm=round(vae.decoder.conv_out.weight.norm().item(), 3), norm_out_gamma=[round(v, 2) for v in vae.decoder.norm_out.gamma.flatten().tolist()])
+           seconds=round(time.time() - t0), conv_out_w_absmax_init=round(init_absmax, 3), conv_out_w_absmax=round(vae.decoder.conv_out.weight.abs().max().item(), 3), conv_out_w_norm=round(vae.decoder.conv_out.weight.norm().item(), 3), norm_out_gamma=[round(v, 2) for v in vae.decoder.norm_out.gamma.flatten().tolist()])
+if a.linfit:
+    # Is the head the limit? Freeze the trained decoder body, capture conv_out's input (norm_out + SiLU features;
+    # a first frame's causal taps on past frames see zeros, so only the current-frame 3x3 taps count) and fit the
+    # best conv_out (72 weights + bias per output channel) by least squares on N training frames; then score it.
+    feats = {}
+    hk = vae.decoder.conv_out.register_forward_hook(lambda m, inp, out: feats.__setitem__("x", inp[0].detach()))
+    def unfold(x):  # [N,8,1,H,W] -> [N*H*W, 72]
+        f = F.unfold(x[:, :, -1], 3, padding=1)  # N, 72, HW
+        return f.transpose(1, 2).reshape(-1, f.shape[1])
+    with torch.no_grad():
+        gf = torch.Generator().manual_seed(7)
+        fit_x = tt._frames_batch(videos, a.linfit, gf)
+        rows, tgt = [], []
+        for i in range(0, len(fit_x), 16):
+            xb = fit_x[i:i + 16]; rec(xb); rows.append(unfold(feats["x"])); tgt.append(xb[:, :, 0].permute(0, 2, 3, 1).reshape(-1, 3))
+        A = torch.cat(rows).double(); A = torch.cat([A, torch.ones(len(A), 1, dtype=A.dtype)], 1); Y = torch.cat(tgt).double()
+        Wb = torch.linalg.lstsq(A, Y).solution  # 73 x 3
+        def rec_fit(x):
+            rec(x); f = unfold(feats["x"]).double(); f = torch.cat([f, torch.ones(len(f), 1, dtype=f.dtype)], 1)
+            return (f @ Wb).float().clamp(-1, 1).reshape(x.shape[0], x.shape[3], x.shape[4], 3).permute(0, 3, 1, 2).unsqueeze(2)
+        r2 = rec_fit(held)
+        psnr2 = float(10 * torch.log10(255.0 ** 2 / F.mse_loss((r2 + 1) * 127.5, (held + 1) * 127.5)))
+        err2 = ((r2 - held).abs() * 127.5)[:, :, 0].mean(1); om2 = object_mask(held)
+        rs2 = rec_fit(sq)
+        cols2 = [[int(round(v)) for v in ((rs2[i, :, 0, 24:40, 24:40] + 1) * 127.5).mean((1, 2)).tolist()] for i in range(3)]
+    hk.remove()
+    res["linfit"] = dict(frames=a.linfit, psnr=round(psnr2, 2), obj_mae=round(err2[om2].mean().item(), 1),
+                         bg_mae=round(err2[~om2].mean().item(), 1), red_green_blue=cols2,
+                         w_absmax=round(Wb[:-1].abs().max().item(), 3))
 print(json.dumps(res))
 json.dump(res, open(f"/tmp/vaecol19/{a.name}.json", "w"))
