@@ -280,7 +280,8 @@ def _run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None]) -> di
                 (compiled_blocks(model) if path in compiled else contextlib.nullcontext()):
             before = fallback_counts(model)
             measure(path)
-            if base in ("fused_fp8", "fused", "fused_fp8_triton"):  # rows the FP8 fold could not hold exactly, recomputed by the bf16 path
+            # rows the FP8 fold could not hold exactly, recomputed by the bf16 path
+            if base in ("fused_fp8", "fused", "fused_fp8_triton"):
                 after = fallback_counts(model)
                 result.setdefault("fp8_fallbacks", {})[path] = {k: after[k] - before[k] for k in after}
     # each further format: the expert built again and quantized in it, its fused path eager and compiled
@@ -358,7 +359,8 @@ def to_markdown(r: dict[str, Any]) -> str:
               "fused_triton": "W4A4 fused (Triton act-quant + Triton packed-weight GEMM)",
               "fused_fp8": "W4A4 fused on FP8 tensor cores (row-folded E4M3, torch._scaled_mm)",
               "fused_fp8_unchecked": "the same without the exact-fallback check (diagnostic: its host sync's cost)",
-              "fused_fp8_triton": "W4A4 fused on FP8 tensor cores, Triton GEMM with bias and low-rank branch in its epilogue"}
+              "fused_fp8_triton": "W4A4 fused on FP8 tensor cores, Triton GEMM with bias and low-rank branch "
+                                  "in its epilogue"}
     labels.update({"fused_fp8+attn_fp8": f"{labels['fused_fp8']} + FP8 attention (Triton)",
                    "fused_fp8+attn_int8_sage": f"{labels['fused_fp8']} + INT8 SageAttention, fp16 P·V (Triton)",
                    "fused_fp8+attn_fp8_cudnn": f"{labels['fused_fp8']} + FP8 attention, per tensor (cuDNN sdpa_fp8)"})

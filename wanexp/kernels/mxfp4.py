@@ -24,10 +24,10 @@ Two kernels do this in two passes over the activations instead of the reference 
 
    RNE is done with the fp32 magic-number trick ((t' + 2^23) − 2^23, t' ≤ 16), the divisions by
    powers of two are multiplications by exact powers of two and the smoothing is one fp32
-   multiplication by r (IEEE, as the reference), so every step is the one the reference (:mod:`wanexp.formats.mx`) does and
-   the codes and E8M0 scales are bit-identical to ``get_format("mxfp4").encode`` (tested). The
-   kernel writes A as bf16 (the exact MXFP4 values, what the GEMM reads), and on request the
-   packed codes (two E2M1 codes a byte, element 2i in the low nibble, as
+   multiplication by r (IEEE, as the reference), so every step is the one the reference
+   (:mod:`wanexp.formats.mx`) does and the codes and E8M0 scales are bit-identical to
+   ``get_format("mxfp4").encode`` (tested). The kernel writes A as bf16 (the exact MXFP4 values,
+   what the GEMM reads), and on request the packed codes (two E2M1 codes a byte, element 2i in the low nibble, as
    :func:`wanexp.formats.base.pack_nibbles`) with the E8M0 scales (e + 127), and x_s (the
    low-rank branch's input).
 
@@ -255,7 +255,8 @@ def act_quant(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int = 0, smoot
                                 HAS_SMOOTH=smooth_recip is not None, CEIL=scale_rule == "ceil", WRITE_XQ=write_xq,
                                 WRITE_XS=write_xs, WRITE_CODES=write_codes, BLOCK_M=block_m,
                                 NB=nb, num_warps=warps)
-    launch(tiles or pick_tiles(("act", M, K, smooth_recip is not None, write_xq, write_xs, write_codes), ACT_TILES, launch, x))
+    key = ("act", M, K, smooth_recip is not None, write_xq, write_xs, write_codes)
+    launch(tiles or pick_tiles(key, ACT_TILES, launch, x))
     if write_xq:
         out["xq"] = xq if xq_out is None else xq[:, :K]
     if write_xs:

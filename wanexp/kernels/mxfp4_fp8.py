@@ -241,8 +241,9 @@ def act_quant_fp8(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int = 0, s
     def launch(t):
         block_m, nb, warps, readback = t
         _act_fp8_kernel[(triton.cdiv(M, block_m),)](
-            x, smooth_recip if smooth_recip is not None else x, clip_table, int(bin_idx), xs, out["values"], out["scale"],
-            out["spread"], out["exponent"], M, K, x.stride(0), HAS_SMOOTH=smooth_recip is not None, WRITE_XS=write_xs,
+            x, smooth_recip if smooth_recip is not None else x, clip_table, int(bin_idx), xs, out["values"],
+            out["scale"], out["spread"], out["exponent"], M, K, x.stride(0), HAS_SMOOTH=smooth_recip is not None,
+            WRITE_XS=write_xs,
             CEIL=scale_rule == "ceil", HW=x.is_cuda, READBACK=readback and write_xs, BLOCK_M=block_m, NB=nb,
             num_warps=warps)
     launch(tiles or pick_tiles(("act_fp8", M, K, smooth_recip is not None, write_xs), FP8_ACT_TILES, launch, x))

@@ -108,7 +108,8 @@ def _nvfp4_act_quant_kernel(x_ptr, recip_ptr, clip_ptr, bin_idx, amax_ptr, xq_pt
     tl.store(xq_ptr + rows.to(tl.int64) * K + cols, _to_bf16_rne(q * d), mask=mask)
 
 
-def nvfp4_act_quant(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int, smooth_recip: torch.Tensor | None) -> torch.Tensor:
+def nvfp4_act_quant(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int,
+                    smooth_recip: torch.Tensor | None) -> torch.Tensor:
     """The NVFP4 fake-quantized bf16 values of bf16 ``x [M, K]``, the tensor scale from x itself."""
     from wanexp.kernels.mxfp4 import _row_absmax_kernel
     assert x.dim() == 2 and x.dtype == torch.bfloat16 and x.stride(1) == 1
@@ -158,7 +159,8 @@ def _hif4_act_quant_kernel(x_ptr, recip_ptr, clip_ptr, bin_idx, xq_ptr, M, K, st
     tl.store(xq_ptr + rows.to(tl.int64) * K + cols, (m * (L * S64)).to(tl.bfloat16), mask=mask)  # exact in bf16
 
 
-def hif4_act_quant(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int, smooth_recip: torch.Tensor | None) -> torch.Tensor:
+def hif4_act_quant(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int,
+                   smooth_recip: torch.Tensor | None) -> torch.Tensor:
     """The HiFloat4 fake-quantized bf16 values of bf16 ``x [M, K]`` (K % 64 == 0)."""
     assert x.dim() == 2 and x.dtype == torch.bfloat16 and x.stride(1) == 1
     M, K = x.shape

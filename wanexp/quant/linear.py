@@ -3,8 +3,9 @@
     y = Q_a(x_s; rho[bin]) · dequant(W_q)ᵀ + x_s · L2ᵀ · L1ᵀ + b,    x_s = bf16(x · r),  r = 1 / s
 
 ``s`` is an optional per-input-channel smoothing vector (already folded into the weight as
-``W · diag(s)``; the input is multiplied by its fp32 reciprocal ``r``, :mod:`wanexp.quant.smooth`), ``L1 L2`` an optional 16-bit low-rank branch, ``W_q`` the packed low-bit residual
-weight and ``rho[bin]`` the activation clip ratio of the current timestep bin, read from a table.
+``W · diag(s)``; the input is multiplied by its fp32 reciprocal ``r``, :mod:`wanexp.quant.smooth`),
+``L1 L2`` an optional 16-bit low-rank branch, ``W_q`` the packed low-bit residual weight and
+``rho[bin]`` the activation clip ratio of the current timestep bin, read from a table.
 
 Timestep-aware balancing (ViDiT-Q style) makes the smoothing a table too: ``smooth`` is then
 ``[bins, in]`` and ``W_q`` holds one quantized ``W · diag(s_bin)`` per bin (``[bins, out, in]``), so
