@@ -27,8 +27,8 @@ Two kernels do this in two passes over the activations instead of the reference 
    multiplication by r (IEEE, as the reference), so every step is the one the reference
    (:mod:`wanexp.formats.mx`) does and the codes and E8M0 scales are bit-identical to
    ``get_format("mxfp4").encode`` (tested). The kernel writes A as bf16 (the exact MXFP4 values,
-   what the GEMM reads), and on request the packed codes (two E2M1 codes a byte, element 2i in the low nibble, as
-   :func:`wanexp.formats.base.pack_nibbles`) with the E8M0 scales (e + 127), and x_s (the
+   what the GEMM reads), and on request the packed codes (two E2M1 codes a byte, element 2i in
+   the low nibble, as :func:`wanexp.formats.base.pack_nibbles`) with the E8M0 scales (e + 127), and x_s (the
    low-rank branch's input).
 
 2. :func:`mxfp4_linear` (``_mxfp4_gemm_kernel``), compute-bound. It reads the weight as stored,
@@ -101,14 +101,21 @@ def _bf16(v, HW: tl.constexpr):
 
 
 @triton.jit
+def _recip_tile(recip_ptr, rows, cols, mask):
+    """The smoothing multipliers r[cols] for a whole tile of x (``rows``/``cols`` broadcasting to its shape,
+    1 outside ``mask``), loaded through a full-shape pointer so that they arrive in x's own register
+    layout: a broadcast [1, ...] load costs a layout conversion, 0.14 of 0.59 ms in the FP8 quantizer
+    at K = 5120 (round 17r)."""
+    return tl.load(recip_ptr + cols + rows * 0, mask=mask, other=1.0)
+
+
+@triton.jit
 def _load_smoothed_rows(x_ptr, recip_ptr, rm, cols, M, K, stride_xm, HAS_SMOOTH: tl.constexpr, HW: tl.constexpr):
-    """The tile x[rm, cols] (bf16, zero outside [M, K]) smoothed as the reference smooths it, bf16(x · r);
-    r is loaded through a full-shape pointer, in x's own register layout (a broadcast [1, BLOCK_K] load
-    costs a layout conversion: 0.14 of 0.59 ms in the FP8 quantizer at K = 5120, round 17r)."""
+    """The tile x[rm, cols] (bf16, zero outside [M, K]) smoothed as the reference smooths it, bf16(x · r)."""
     mask = (rm[:, None] < M) & (cols[None, :] < K)
     x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
     if HAS_SMOOTH:
-        x = _bf16(x.to(tl.float32) * tl.load(recip_ptr + cols[None, :] + rm[:, None] * 0, mask=mask, other=1.0), HW)
+        x = _bf16(x.to(tl.float32) * _recip_tile(recip_ptr, rm[:, None], cols[None, :], mask), HW)
     return x
 
 
@@ -165,8 +172,7 @@ def _act_quant_kernel(x_ptr, recip_ptr, clip_ptr, bin_idx, xq_ptr, xs_ptr, codes
     mask = (rows < M) & (cols < K)
     x = tl.load(x_ptr + rows.to(tl.int64) * stride_xm + cols, mask=mask, other=0.0)
     if HAS_SMOOTH:
-        r = tl.load(recip_ptr + cols + rows * 0, mask=mask, other=1.0)  # r in x's layout (no broadcast)
-        xs = _to_bf16_rne(x.to(tl.float32) * r)                         # reference: bf16(x.float() * r)
+        xs = _to_bf16_rne(x.to(tl.float32) * _recip_tile(recip_ptr, rows, cols, mask))  # bf16(x.float() * r)
         if WRITE_XS:
             tl.store(xs_ptr + rows.to(tl.int64) * K + cols, xs, mask=mask)
         v = xs.to(tl.float32)

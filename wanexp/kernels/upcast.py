@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from wanexp.kernels.mxfp4 import _to_bf16_rne
+from wanexp.kernels.mxfp4 import _recip_tile, _to_bf16_rne
 
 _BF16_MAX = tl.constexpr(3.3895313892515355e38)  # a jit kernel reads module globals only as constexpr
 
@@ -60,8 +60,7 @@ def _load_groups(x_ptr, recip_ptr, M, K, stride_xm, HAS_SMOOTH: tl.constexpr, G:
     mask = (rows < M) & (cols < K)
     x = tl.load(x_ptr + rows.to(tl.int64) * stride_xm + cols, mask=mask, other=0.0)
     if HAS_SMOOTH:
-        r = tl.load(recip_ptr + cols + rows * 0, mask=mask, other=1.0)   # r in x's layout (no broadcast)
-        v = _to_bf16_rne(x.to(tl.float32) * r).to(tl.float32)
+        v = _to_bf16_rne(x.to(tl.float32) * _recip_tile(recip_ptr, rows, cols, mask)).to(tl.float32)
     else:
         v = x.to(tl.float32)
     return v, rows, cols, mask
