@@ -249,6 +249,21 @@ def _check_lowrank_add(m, n, device):
             assert (y.float() - exact.float()).abs().max() <= 2 ** -6 * exact.float().abs().max()
         else:
             assert torch.equal(y.view(torch.int16), exact.view(torch.int16)), r
+        # with the FP8 path's power-of-two row and column scales and a bias: y·s_row·s_col + b + T·L1ᵀ, one rounding
+        s_row = (2.0 ** torch.randint(-2, 3, (m,), generator=g).float()).to(device)
+        s_col = (2.0 ** torch.randint(-2, 3, (n,), generator=g).float()).to(device)
+        b = (torch.randint(-8, 9, (n,), generator=g) / 8).to(torch.bfloat16).to(device)
+        exact = (y0.double() * s_row.double()[:, None] * s_col.double()[None, :] + b.double()
+                 + t.double() @ up.double().T).to(torch.bfloat16)
+        y = lowrank_add_(y0.clone(), t, up, row_scale=s_row, col_scale=s_col, bias=b)
+        if r == 24:
+            assert (y.float() - exact.float()).abs().max() <= 2 ** -6 * exact.float().abs().max()
+        else:
+            assert torch.equal(y.view(torch.int16), exact.view(torch.int16)), r
+            unscaled = (y0.double() + b.double() + t.double() @ up.double().T).to(torch.bfloat16)
+            assert not torch.equal(y.view(torch.int16), unscaled.view(torch.int16))   # the scales are applied
+    with pytest.raises(ValueError, match="come together"):
+        lowrank_add_(y0.clone(), t, up, row_scale=s_row)
 
 
 def _check_lowrank_down(m, k, device):
@@ -311,10 +326,11 @@ def _check_fp8_layer(m, k, n, device):
     _check_layer(m, k, n, 16, device, backends=("fp8",))   # rank 16: the low-rank branch in lowrank_add_
     _check_layer(m, k, n, 0, device, backends=("fp8",), smooth=False, bias=False, rule="ceil")
     _check_layer(m, k, n, 16, device, backends=("fp8_triton",))  # the branch in the Triton GEMM's epilogue
+    _check_layer(m, k, n, 16, device, backends=("fp8_tensorwise",))  # the scales in the branch's pass
     layer = _quant_layer(k, n, 16, device)
     wide = _act_input(m, k, device)                       # rows spanning > 14 octaves: the exact fallback
     ys = {}
-    for backend in ("fp8", "fp8_triton"):
+    for backend in ("fp8", "fp8_triton", "fp8_tensorwise"):
         before = layer.fallbacks["fp8_rows"]
         with gemm_backend(backend):
             ys[backend] = y = fused_forward(layer, wide)
@@ -325,8 +341,10 @@ def _check_fp8_layer(m, k, n, device):
     rows = act_quant_fp8(wide, layer.clip_table, layer.current_bin(), layer.smooth_recip)["spread"] > MAX_SPREAD
     xs = layer.smoothed(wide)[rows]
     branch = torch.nn.functional.linear(torch.nn.functional.linear(xs, layer.lowrank_down), layer.lowrank_up).double()
-    gap = (ys["fp8_triton"][rows].double() - ys["fp8"][rows].double()).norm()
-    assert 0 < rows.sum() < rows.numel() and gap < 0.1 * branch.norm(), (float(gap), float(branch.norm()))
+    assert 0 < rows.sum() < rows.numel()
+    for backend in ("fp8_triton", "fp8_tensorwise"):
+        gap = (ys[backend][rows].double() - ys["fp8"][rows].double()).norm()
+        assert gap < 0.1 * branch.norm(), (backend, float(gap), float(branch.norm()))
     # weight rows spanning > 14 octaves: those output columns take the fallback, for every token
     fmt = get_format("mxfp4")
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(9)) * 0.05

@@ -207,6 +207,17 @@ round17u)  # session 10: r in x's layout in every quantizer: the kernel tests (b
     "bench.resolutions=[{name: 720p, height: 720, width: 1280, frames: 61}]" bench.out_dir="$OUT" > "$OUT/bench_round17u.log" 2>&1
   echo "recompiles: $(grep -c 'Recompiling function' "$OUT/bench_round17u.log")"
   grep -v "__recompiles" "$OUT/bench_round17u.log" | grep "s/forward\|Error\|error\|quantized" | tail -8 ;;
+round18a)  # session 11: the GPU kernel tests on session 10's untested layout changes and the tensor-wise FP8 path, then
+  # the per-linear pieces with the tensor-wise GEMM, the scaled branch pass and the unchecked layer
+  timeout 260 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -m gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -4
+  timeout 150 python3 experiments/gpu/linear_bench.py --out "$OUT" 2>&1 | tee "$OUT/linear_bench.log" | tail -4 ;;
+round18b)  # session 11: compiled BF16 beside compiled W4A4 MXFP4 FP8 three ways (row-wise GEMM; tensor-wise GEMM with the
+  # scales in the branch's pass; without the fallback check's host sync), 720p, one process, 2 timed forwards a cell
+  TORCH_LOGS=recompiles timeout 450 python3 -m wanexp.bench bench=fp8_a14b bench.name=bench_round18b bench.profile.enabled=false \
+    bench.repeats=2 "bench.paths=[bf16_compiled,fused_fp8_compiled,fused_fp8_tensorwise_compiled,fused_fp8_unchecked_compiled]" \
+    "bench.resolutions=[{name: 720p, height: 720, width: 1280, frames: 61}]" bench.out_dir="$OUT" > "$OUT/bench_round18b.log" 2>&1
+  echo "recompiles: $(grep -c 'Recompiling function' "$OUT/bench_round18b.log")"
+  grep -v "__recompiles" "$OUT/bench_round18b.log" | grep "s/forward\|Error\|error\|quantized\|fallback" | tail -10 ;;
 round17f)  # session 10: the other formats (their quantizers now multiply by r too) compiled beside compiled BF16, 720p
   TORCH_LOGS=recompiles timeout 400 python3 -m wanexp.bench bench=fp8_a14b bench.name=bench_round17f bench.profile.enabled=false \
     "bench.paths=[bf16_compiled]" "bench.extra_formats=[nvfp4,int4,hif4]" "bench.extra_format_paths=[fused_compiled]" \

@@ -8,8 +8,10 @@ TS-clip-shaped layer (wanexp.bench.synthetic: smoothing, rank 32, clip table) an
 path alone (``act_quant_fp8``: one kernel, whole rows in two passes, writing the E4M3 operand; and,
 as before session 10, also writing x_s); the low-rank down-projection as the layer runs it
 (``lowrank_down``: from x, smoothing in its load) and as before (``F.linear(x_s, L2)``); the
-row-scaled FP8 GEMM alone (``torch._scaled_mm``); the low-rank up-projection (``lowrank_add_``, and
-``addmm_``). The activation path's traffic (read x once from HBM, write the E4M3 operand) is printed
+row-scaled FP8 GEMM alone (``torch._scaled_mm``) and its tensor-wise variant on the bare operands (with
+the kernels each launches); the low-rank up-projection (``lowrank_add_``, with the row / column scales and
+bias too, and ``addmm_``); the layer with the tensor-wise GEMM (backend ``fp8_tensorwise``) and without
+the fallback check's host sync (``fp8_unchecked``). The activation path's traffic (read x once from HBM, write the E4M3 operand) is printed
 as GB/s. Results go to
 ``linear_bench.json`` in ``--out`` (default ``$OUT`` or ``.``), rewritten after each shape.
 """
@@ -29,6 +31,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from records import gpu_record, save_record  # noqa: E402
 
 SHAPES = [(5120, 5120), (5120, 13824), (13824, 5120)]
+
+
+def _kernel_names(fn) -> list[str]:
+    """The GPU kernels one call of ``fn`` launches (which library's GEMM a ``_scaled_mm`` variant runs)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sorted({e.name[:120] for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA})
 
 
 def main() -> None:
@@ -59,17 +71,29 @@ def main() -> None:
         y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
         with kernels.gemm_backend("fp8"):
             fp8_forward = bench(lambda: kernels.fused_forward(layer, x))
+        with kernels.gemm_backend("fp8_tensorwise"):
+            fp8_tensorwise_forward = bench(lambda: kernels.fused_forward(layer, x))
+        with kernels.gemm_backend("fp8_unchecked"):
+            fp8_unchecked_forward = bench(lambda: kernels.fused_forward(layer, x))
+        one = torch.ones((), device="cuda")
+        rowwise = lambda: torch._scaled_mm(a["values"], w8.t(), scale_a=a["scale"][:, None],  # noqa: E731
+                                           scale_b=w_scale[None, :], bias=lin.bias, out_dtype=torch.bfloat16)
+        tensorwise = lambda: torch._scaled_mm(a["values"], w8.t(), scale_a=one, scale_b=one,  # noqa: E731
+                                              out_dtype=torch.bfloat16)
         entry = {
             "bf16_linear_ms": bench(lambda: torch.nn.functional.linear(x, lin.weight, lin.bias)),
             "fp8_layer_ms": fp8_forward,
+            "fp8_layer_tensorwise_ms": fp8_tensorwise_forward,
+            "fp8_layer_unchecked_ms": fp8_unchecked_forward,
             "act_path_ms": bench(lambda: act_quant_fp8(x, layer.clip_table, 1, layer.smooth_recip)),
             "act_path_with_xs_ms": bench(lambda: act_quant_fp8(x, layer.clip_table, 1, layer.smooth_recip, write_xs=True)),
             "act_path_no_smoothing_ms": bench(lambda: act_quant_fp8(x, layer.clip_table, 1, None)),
             "lowrank_down_ms": bench(lambda: lowrank_down(x, layer.smooth_recip, layer.lowrank_down)),
             "lowrank_down_cublas_xs_ms": bench(lambda: torch.nn.functional.linear(a["xs"], layer.lowrank_down)),
-            "scaled_mm_ms": bench(lambda: torch._scaled_mm(a["values"], w8.t(), scale_a=a["scale"][:, None],
-                                                           scale_b=w_scale[None, :], bias=lin.bias,
-                                                           out_dtype=torch.bfloat16)),
+            "scaled_mm_ms": bench(rowwise),
+            "scaled_mm_tensorwise_ms": bench(tensorwise),
+            "lowrank_up_scaled_bias_ms": bench(lambda: lowrank_add_(y, a["t"], layer.lowrank_up, row_scale=a["scale"],
+                                                                    col_scale=w_scale, bias=lin.bias)),
             "weight_fold_ms": bench(lambda: fold_weight(layer.wq_codes, layer.wq_scales, rows["exponent"])),
             "lowrank_up_ms": bench(lambda: lowrank_add_(y, a["t"], layer.lowrank_up)),
             "lowrank_up_addmm_ms": bench(lambda: y.addmm_(a["t"], layer.lowrank_up.t())),
@@ -77,11 +101,13 @@ def main() -> None:
         t_ref = torch.nn.functional.linear(a["xs"], layer.lowrank_down).float()
         entry["lowrank_down_rel_err"] = float((lowrank_down(x, layer.smooth_recip, layer.lowrank_down).float() - t_ref).norm()
                                               / t_ref.norm())
+        entry["gemm_kernels"] = {name: _kernel_names(fn) for name, fn in (("rowwise", rowwise), ("tensorwise", tensorwise))}
         traffic = m * k * 2 + m * k   # x once (the second pass reads L2), E4M3 out
         entry["act_path_GBps"] = traffic / entry["act_path_ms"] / 1e6
         entry["fp8_layer_x_bf16"] = entry["fp8_layer_ms"] / entry["bf16_linear_ms"]
         result["shapes"][f"{k}x{n}"] = entry
-        print(f"{k}->{n}: " + ", ".join(f"{key} {val:.3f}" for key, val in entry.items()), flush=True)
+        print(f"{k}->{n}: " + ", ".join(f"{key} {val:.3f}" if isinstance(val, float) else f"{key} {val}"
+                                       for key, val in entry.items()), flush=True)
         save_record(result, out_dir, "linear_bench.json")
         del layer, lin, x, a, w8, y
         torch.cuda.empty_cache()

@@ -41,7 +41,8 @@ _STATE = {"enabled": os.environ.get("WANEXP_FUSED", "1") != "0", "triton": None,
 UPCAST_MIN_TOKENS = 4096
 
 
-GEMM_BACKENDS = ("auto", "triton", "cublas", "fp8", "fp8_unchecked", "fp8_triton")
+FP8_BACKENDS = ("fp8", "fp8_unchecked", "fp8_triton", "fp8_tensorwise")
+GEMM_BACKENDS = ("auto", "triton", "cublas", *FP8_BACKENDS)
 
 
 def set_gemm_backend(backend: str) -> None:
@@ -53,7 +54,9 @@ def set_gemm_backend(backend: str) -> None:
     check (one host sync a call), to measure what that sync costs; rows beyond the fold's bound would
     then be rounded, so it never serves a run. "fp8_triton": the FP8 path with its GEMM in Triton, bias and
     low-rank branch in the epilogue, one rounding (:mod:`wanexp.kernels.fp8_gemm`; measured slower than
-    cuBLAS + the branch's pass on the H200, an option for numerics ablations)."""
+    cuBLAS + the branch's pass on the H200, an option for numerics ablations). "fp8_tensorwise": the
+    layers with a low-rank branch take cuBLAS's tensor-wise FP8 GEMM on the bare operands, and the
+    row and column scales go into the branch's pass (:func:`~wanexp.kernels.mxfp4_fp8.fp8_linear`)."""
     if backend not in GEMM_BACKENDS:
         raise ValueError(f"gemm backend must be {' | '.join(GEMM_BACKENDS)}, got {backend!r}")
     _STATE["gemm"] = backend
@@ -157,7 +160,7 @@ def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
     backend = _STATE["gemm"]
     if backend == "auto" and x2.shape[0] > UPCAST_MIN_TOKENS and fp8_preferred(x2.device):
         backend = "fp8"
-    fp8 = backend in ("fp8", "fp8_unchecked", "fp8_triton")
+    fp8 = backend in FP8_BACKENDS
     if fp8 and not (fp8_capable(x2.device) and layer.out_features % 16 == 0):
         backend, fp8 = "auto", False
     rows = weight_rows(layer) if fp8 else {}
@@ -202,10 +205,11 @@ def _mxfp4_w4a4(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, cli
     """The fused W4A4 MXFP4 linear on explicit tensors (``x2 [M, K]`` bf16 -> ``[M, N]`` bf16)."""
     from wanexp.kernels.mxfp4 import act_quant, lowrank_down, mxfp4_linear, upcast_linear
     bin_ = min(int(bin_index), clip_table.numel() - 1)   # a CPU tensor: no device sync
-    if backend in ("fp8", "fp8_unchecked", "fp8_triton"):
+    if backend in FP8_BACKENDS:
         from wanexp.kernels.mxfp4_fp8 import fp8_linear
         return fp8_linear(x2, codes, scales, clip_table, bin_, smooth_recip, bias, up, down, w_exponent, w_spread,
-                          scale_rule, counters, check=backend != "fp8_unchecked", triton_gemm=backend == "fp8_triton")
+                          scale_rule, counters, check=backend != "fp8_unchecked", triton_gemm=backend == "fp8_triton",
+                          tensorwise=backend == "fp8_tensorwise")
     if backend == "cublas" or (backend == "auto" and x2.shape[0] > UPCAST_MIN_TOKENS):
         return upcast_linear(x2, codes, scales, clip_table, bin_, smooth_recip, scale_rule, bias, up, down)
     q = act_quant(x2, clip_table, bin_, smooth_recip, scale_rule=scale_rule)

@@ -253,9 +253,11 @@ def act_quant_fp8(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int = 0, s
 
 
 @triton.jit
-def _lowrank_add_kernel(y_ptr, t_ptr, up_ptr, M, N, R: tl.constexpr, HW: tl.constexpr,
+def _lowrank_add_kernel(y_ptr, t_ptr, up_ptr, row_scale_ptr, col_scale_ptr, bias_ptr, M, N, R: tl.constexpr,
+                        SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, HW: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """y += T · L1ᵀ in place (y [M, N], T [M, R], L1 [N, R], bf16): the rank-R products exact in fp32,
+    """y = bf16(y · s_row[m] · s_col[n] + b[n] + T · L1ᵀ) in place (y [M, N], T [M, R], L1 [N, R], bf16;
+    the scales fp32, with SCALED; the bias bf16, with HAS_BIAS): the rank-R products exact in fp32,
     summed with y in fp32 and rounded once, so y is read and written once. In Triton's interpreter
     (HW False) the operands go to the dot as fp32: it mis-evaluates bf16 ``tl.dot`` on CPU."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -269,31 +271,49 @@ def _lowrank_add_kernel(y_ptr, t_ptr, up_ptr, M, N, R: tl.constexpr, HW: tl.cons
         p = tl.dot(t.to(tl.float32), u.to(tl.float32), input_precision="ieee")
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     ptrs = y_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
-    tl.store(ptrs, _bf16(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) + p, HW), mask=mask)
+    y = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    if SCALED:
+        y = y * tl.load(row_scale_ptr + rm, mask=rm < M, other=0.0)[:, None] \
+              * tl.load(col_scale_ptr + rn, mask=rn < N, other=0.0)[None, :]
+    if HAS_BIAS:
+        p += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(ptrs, _bf16(y + p, HW), mask=mask)
 
 
 def lowrank_add_(y: torch.Tensor, t: torch.Tensor, up: torch.Tensor,
-                 tiles: tuple[int, int, int] = (64, 128, 4)) -> torch.Tensor:
-    """``y += t · upᵀ`` for bf16 ``y [M, N]``, ``t [M, R]``, ``up [N, R]``, in place, one rounding
-    (``_lowrank_add_kernel``); ranks that are not a power of two from 16 to 128 take ``addmm_``.
-    ``tiles`` (BLOCK_M, BLOCK_N, warps): round 14's probe (H200, rank 32, 57,600 and 24,960 tokens, into
-    5,120 and 13,824 outputs) found (64, 128, 4) the fastest of five in all four cases: 0.853 ms into
-    13,824 outputs at 57,600 tokens and 0.312 ms into 5,120, against 1.361 and 0.473 ms for ``addmm_``."""
+                 tiles: tuple[int, int, int] = (64, 128, 4), row_scale: torch.Tensor | None = None,
+                 col_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``y = y · row_scale[:, None] · col_scale[None, :] + bias + t · upᵀ`` for bf16 ``y [M, N]``,
+    ``t [M, R]``, ``up [N, R]``, in place, one rounding (``_lowrank_add_kernel``); the scales (fp32
+    ``[M]`` and ``[N]``, both or neither) and the bias are optional. Ranks that are not a power of
+    two from 16 to 128 take torch (two roundings). ``tiles`` (BLOCK_M, BLOCK_N, warps): round 14's probe
+    (H200, rank 32, 57,600 and 24,960 tokens, into 5,120 and 13,824 outputs) found (64, 128, 4) the
+    fastest of five in all four cases: 0.853 ms into 13,824 outputs at 57,600 tokens and 0.312 ms into
+    5,120, against 1.361 and 0.473 ms for ``addmm_``."""
     M, N = y.shape
     R = t.shape[1]
+    scaled = row_scale is not None
+    if scaled != (col_scale is not None):
+        raise ValueError("lowrank_add_: row_scale and col_scale come together")
     if R not in (16, 32, 64, 128) or not (y.is_contiguous() and y.dtype == torch.bfloat16):
+        if scaled:
+            y.copy_(y.float().mul_(row_scale[:, None]).mul_(col_scale[None, :]))
+        if bias is not None:
+            y.add_(bias)
         return y.addmm_(t, up.t())
     t, up = t.contiguous(), up.contiguous()
     bm, bn, warps = tiles
-    _lowrank_add_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](y, t, up, M, N, R=R, HW=y.is_cuda,
-                                                                 BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
+    _lowrank_add_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+        y, t, up, row_scale if scaled else y, col_scale if scaled else y, y if bias is None else bias, M, N, R=R,
+        SCALED=scaled, HAS_BIAS=bias is not None, HW=y.is_cuda, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
     return y
 
 
 def fp8_linear(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, clip_table: torch.Tensor, bin_: int,
                smooth_recip: torch.Tensor | None, bias: torch.Tensor | None, up: torch.Tensor | None,
                down: torch.Tensor | None, w_exponent: torch.Tensor, w_spread: torch.Tensor, scale_rule: str,
-               counters: torch.Tensor, check: bool = True, triton_gemm: bool = False) -> torch.Tensor:
+               counters: torch.Tensor, check: bool = True, triton_gemm: bool = False,
+               tensorwise: bool = False) -> torch.Tensor:
     """The W4A4 MXFP4 linear ``y = A · deq(W)ᵀ + b (+ (x_s L2ᵀ) L1ᵀ)`` on FP8 tensor cores: rows
     that fold exactly in one row-wise-scaled FP8 GEMM, the others (activation rows or weight rows
     beyond :data:`MAX_SPREAD`) recomputed by the exact bf16 path and added to ``counters[:2]``
@@ -315,6 +335,14 @@ def fp8_linear(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, clip
     if triton_gemm and x2.shape[1] % 128 == 0:
         from wanexp.kernels.fp8_gemm import fp8_gemm
         y = fp8_gemm(a["values"], w8, a["scale"], w_scale, bias, t, up)
+        pending = None                                                  # the branch is in y already
+    elif tensorwise and t is not None:
+        # the bare FP8 product bf16(Σ v_a v_w) from cuBLAS's tensor-wise kernel, then one pass that scales it
+        # (exact: powers of two), adds bias and branch and rounds once; the row-wise kernel does the scaling
+        # in its epilogue, but the branch's pass reads and writes y anyway
+        one = torch.ones((), dtype=torch.float32, device=x2.device)
+        y = torch._scaled_mm(a["values"], w8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+        lowrank_add_(y, t, up, row_scale=a["scale"], col_scale=w_scale, bias=bias)
         pending = None                                                  # the branch is in y already
     else:
         y = torch._scaled_mm(a["values"], w8.t(), scale_a=a["scale"][:, None], scale_b=w_scale[None, :],
