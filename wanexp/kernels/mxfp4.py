@@ -111,11 +111,15 @@ def _recip_tile(recip_ptr, rows, cols, mask):
 
 @triton.jit
 def _load_smoothed_rows(x_ptr, recip_ptr, rm, cols, M, K, stride_xm, HAS_SMOOTH: tl.constexpr, HW: tl.constexpr):
-    """The tile x[rm, cols] (bf16, zero outside [M, K]) smoothed as the reference smooths it, bf16(x · r)."""
+    """The tile x[rm, cols] (bf16, zero outside [M, K]) smoothed as the reference smooths it, bf16(x · r).
+    r is a broadcast [1, BLOCK_K] load here, not :func:`_recip_tile`'s full-shape one: in the low-rank
+    input kernel, whose tile feeds ``tl.dot``, the full-shape load measured 3.7-4.3x slower on the H200
+    (0.58 against 0.158 ms at K = 5120, 57,600 tokens; round 18a)."""
     mask = (rm[:, None] < M) & (cols[None, :] < K)
     x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
     if HAS_SMOOTH:
-        x = _bf16(x.to(tl.float32) * _recip_tile(recip_ptr, rm[:, None], cols[None, :], mask), HW)
+        r = tl.load(recip_ptr + cols, mask=cols < K, other=1.0)
+        x = _bf16(x.to(tl.float32) * r[None, :], HW)
     return x
 
 
