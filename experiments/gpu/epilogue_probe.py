@@ -9,7 +9,9 @@ interleaved over ``--rounds`` rounds so that clock drift falls on all of them al
   (the FP8 path's default);
 - ``tensorwise``: ``torch._scaled_mm`` on the bare operands, then ``lowrank_add_`` with the scales and bias
   (backend ``fp8_tensorwise``);
-- each GEMM alone, and ``lowrank_add_`` with and without the scales in each tile of ``TILES``.
+- each GEMM alone, and ``lowrank_add_`` with and without the scales in each tile of ``TILES``;
+- the 1x128-by-1x128 block-scaled FP8 GEMM (``F.scaled_mm``, cuBLAS; INT4 group-128 codes are exact in E4M3)
+  in the scale layouts torch takes, with its error to fp64.
 Prints the medians over the rounds and the two chains' output difference; writes ``epilogue_probe.json``.
 """
 
@@ -30,6 +32,42 @@ from records import gpu_record, save_record  # noqa: E402
 
 SHAPES = [(5120, 5120), (5120, 13824), (13824, 5120)]
 TILES = [(64, 128, 4), (32, 128, 4), (64, 64, 4), (64, 128, 8), (128, 64, 8), (128, 128, 8), (32, 256, 4)]
+
+
+class _Blockwise:
+    """One layout of the 1x128-by-1x128 block-scaled FP8 GEMM (an INT4 group-128 W4A4 candidate), checked
+    once against the fp64 value on the first 256 rows."""
+
+    def __init__(self, a8, w8, sa, sw):
+        import torch.nn.functional as F
+        self.call = lambda: F.scaled_mm(a8, w8.t(), sa, F.ScalingType.BlockWise1x128, sw, F.ScalingType.BlockWise1x128,
+                                        output_dtype=torch.bfloat16)
+        y = self.call()
+        ka = sa.float().repeat_interleave(128, dim=1)
+        kw = sw.float().repeat_interleave(128, dim=1)
+        ref = (a8[:256].double() * ka[:256].double()) @ (w8.double() * kw.double()).T
+        self.rel_err = float((y[:256].double() - ref).norm() / ref.norm())
+
+    def __call__(self):
+        return self.call()
+
+
+def _blockwise_variants(a8, w8, g) -> dict:
+    """The block-scaled GEMM in each scale layout torch might take (those it refuses are printed and left out)."""
+    m, k = a8.shape
+    n = w8.shape[0]
+    sa = 2.0 ** torch.randint(-6, 0, (m, k // 128), device="cuda", generator=g).float()
+    sw = 2.0 ** torch.randint(-6, 0, (n, k // 128), device="cuda", generator=g).float()
+    layouts = {"a_mmajor_b_nmajor": (sa.t().contiguous().t(), sw.t().contiguous().t()),
+               "a_mmajor_b_kmajor": (sa.t().contiguous().t(), sw.contiguous()),
+               "a_kmajor_b_kmajor": (sa.contiguous(), sw.contiguous())}
+    out = {}
+    for name, (s_a, s_w) in layouts.items():
+        try:
+            out[f"blockwise_{name}"] = _Blockwise(a8, w8, s_a, s_w)
+        except Exception as err:  # noqa: BLE001 (a layout or recipe this torch / cuBLAS does not take)
+            print(f"blockwise {name}: {type(err).__name__}: {str(err)[:200]}", flush=True)
+    return out
 
 
 def main() -> None:
@@ -71,6 +109,8 @@ def main() -> None:
             variants[f"add_{key}"] = lambda tiles=tiles: lowrank_add_(y, t, up, tiles)
             variants[f"add_scaled_{key}"] = lambda tiles=tiles: lowrank_add_(y, t, up, tiles, row_scale=sa,
                                                                            col_scale=sw, bias=bias)
+        blockwise = _blockwise_variants(a8, w8, g)
+        variants.update(blockwise)
         times: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(args.rounds):
             for name, fn in variants.items():
@@ -83,6 +123,7 @@ def main() -> None:
         entry = {name: statistics.median(v) for name, v in times.items()}
         entry["spread"] = {name: max(v) - min(v) for name, v in times.items()}
         entry["rel_diff_chains"] = float(diff.norm() / variants["rowwise"]().double().norm())
+        entry["blockwise_rel_err"] = {name: fn.rel_err for name, fn in blockwise.items()}
         record["shapes"][f"{k}x{n}"] = entry
         print(f"{k}->{n}: " + ", ".join(f"{name} {v:.3f}" for name, v in entry.items() if isinstance(v, float)),
               flush=True)
