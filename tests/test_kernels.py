@@ -326,11 +326,11 @@ def _check_fp8_layer(m, k, n, device):
     _check_layer(m, k, n, 16, device, backends=("fp8",))   # rank 16: the low-rank branch in lowrank_add_
     _check_layer(m, k, n, 0, device, backends=("fp8",), smooth=False, bias=False, rule="ceil")
     _check_layer(m, k, n, 16, device, backends=("fp8_triton",))  # the branch in the Triton GEMM's epilogue
-    _check_layer(m, k, n, 16, device, backends=("fp8_tensorwise",))  # the scales in the branch's pass
+    _check_layer(m, k, n, 16, device, backends=("fp8_rowwise",))  # the row-wise GEMM, the branch after it
     layer = _quant_layer(k, n, 16, device)
     wide = _act_input(m, k, device)                       # rows spanning > 14 octaves: the exact fallback
     ys = {}
-    for backend in ("fp8", "fp8_triton", "fp8_tensorwise"):
+    for backend in ("fp8", "fp8_triton", "fp8_rowwise"):
         before = layer.fallbacks["fp8_rows"]
         with gemm_backend(backend):
             ys[backend] = y = fused_forward(layer, wide)
@@ -342,7 +342,7 @@ def _check_fp8_layer(m, k, n, device):
     xs = layer.smoothed(wide)[rows]
     branch = torch.nn.functional.linear(torch.nn.functional.linear(xs, layer.lowrank_down), layer.lowrank_up).double()
     assert 0 < rows.sum() < rows.numel()
-    for backend in ("fp8_triton", "fp8_tensorwise"):
+    for backend in ("fp8_triton", "fp8_rowwise"):
         gap = (ys[backend][rows].double() - ys["fp8"][rows].double()).norm()
         assert gap < 0.1 * branch.norm(), (backend, float(gap), float(branch.norm()))
     # weight rows spanning > 14 octaves: those output columns take the fallback, for every token

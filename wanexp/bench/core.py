@@ -117,11 +117,11 @@ def profile_forward(model: nn.Module, inputs: dict) -> dict[str, Any]:
 W4A4_PATHS = ("reference", "fused", "fused_triton", "fused_cublas", "fused_fp8", "fused_compiled",
               "fused_triton_compiled", "fused_cublas_compiled", "fused_fp8_compiled", "fused_fp8_unchecked",
               "fused_fp8_unchecked_compiled", "fused_fp8_triton", "fused_fp8_triton_compiled",
-              "fused_fp8_tensorwise", "fused_fp8_tensorwise_compiled")
+              "fused_fp8_rowwise", "fused_fp8_rowwise_compiled")
 # the GEMM backend (wanexp.kernels.gemm_backend) of each fused path that pins one; the others take "auto"
 PATH_BACKENDS = {"fused_triton": "triton", "fused_cublas": "cublas", "fused_fp8": "fp8",
                  "fused_fp8_unchecked": "fp8_unchecked", "fused_fp8_triton": "fp8_triton",
-                 "fused_fp8_tensorwise": "fp8_tensorwise"}
+                 "fused_fp8_rowwise": "fp8_rowwise"}
 # ... and with quantized attention (wanexp.quant.attention: its Triton kernels, cuDNN's FP8 SDPA):
 # "<path>+attn_<name>[_compiled]"
 ATTENTION_PATHS = tuple(f"fused_fp8+attn_{a}{c}" for c in ("", "_compiled") for a in ("fp8", "int8_sage", "fp8_cudnn"))
@@ -283,7 +283,7 @@ def _run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None]) -> di
             before = fallback_counts(model)
             measure(path)
             # rows the FP8 fold could not hold exactly, recomputed by the bf16 path
-            if base in ("fused_fp8", "fused", "fused_fp8_triton", "fused_fp8_tensorwise"):
+            if base in ("fused_fp8", "fused", "fused_fp8_triton", "fused_fp8_rowwise"):
                 after = fallback_counts(model)
                 result.setdefault("fp8_fallbacks", {})[path] = {k: after[k] - before[k] for k in after}
     # each further format: the expert built again and quantized in it, its fused path eager and compiled
@@ -363,8 +363,8 @@ def to_markdown(r: dict[str, Any]) -> str:
               "fused_fp8_unchecked": "the same without the exact-fallback check (diagnostic: its host sync's cost)",
               "fused_fp8_triton": "W4A4 fused on FP8 tensor cores, Triton GEMM with bias and low-rank branch "
                                   "in its epilogue",
-              "fused_fp8_tensorwise": "W4A4 fused on FP8 tensor cores, tensor-wise torch._scaled_mm, row and column "
-                                      "scales in the low-rank branch's pass"}
+              "fused_fp8_rowwise": "W4A4 fused on FP8 tensor cores, every layer on the row-wise-scaled "
+                                   "torch._scaled_mm"}
     labels.update({"fused_fp8+attn_fp8": f"{labels['fused_fp8']} + FP8 attention (Triton)",
                    "fused_fp8+attn_int8_sage": f"{labels['fused_fp8']} + INT8 SageAttention, fp16 P·V (Triton)",
                    "fused_fp8+attn_fp8_cudnn": f"{labels['fused_fp8']} + FP8 attention, per tensor (cuDNN sdpa_fp8)"})

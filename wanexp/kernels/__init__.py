@@ -14,7 +14,7 @@ Switches, so one process can time both paths:
   re-enables it); ``set_fused(bool)`` does the same without a context;
 * ``WANEXP_FUSED=0`` in the environment starts with it off;
 * ``layer.fused = False`` on one QuantLinear keeps that layer on the reference path;
-* ``with gemm_backend("triton" | "cublas" | "fp8" | "fp8_triton" | "auto")`` (env ``WANEXP_FUSED_GEMM``) picks the GEMM
+* ``with gemm_backend("triton" | "cublas" | "fp8" | "fp8_rowwise" | "fp8_triton" | "auto")`` (env ``WANEXP_FUSED_GEMM``) picks the GEMM
   after the fused activation quantizer: the Triton GEMM that reads the packed weight, an exact
   upcast of the weight into a transient bf16 buffer + one cuBLAS GEMM, or the FP8 tensor cores
   (:mod:`wanexp.kernels.mxfp4_fp8`; ``fp8_triton``: its GEMM in Triton with the low-rank branch in the
@@ -41,7 +41,7 @@ _STATE = {"enabled": os.environ.get("WANEXP_FUSED", "1") != "0", "triton": None,
 UPCAST_MIN_TOKENS = 4096
 
 
-FP8_BACKENDS = ("fp8", "fp8_unchecked", "fp8_triton", "fp8_tensorwise")
+FP8_BACKENDS = ("fp8", "fp8_unchecked", "fp8_triton", "fp8_rowwise")
 GEMM_BACKENDS = ("auto", "triton", "cublas", *FP8_BACKENDS)
 
 
@@ -54,9 +54,9 @@ def set_gemm_backend(backend: str) -> None:
     check (one host sync a call), to measure what that sync costs; rows beyond the fold's bound would
     then be rounded, so it never serves a run. "fp8_triton": the FP8 path with its GEMM in Triton, bias and
     low-rank branch in the epilogue, one rounding (:mod:`wanexp.kernels.fp8_gemm`; measured slower than
-    cuBLAS + the branch's pass on the H200, an option for numerics ablations). "fp8_tensorwise": the
-    layers with a low-rank branch take cuBLAS's tensor-wise FP8 GEMM on the bare operands, and the
-    row and column scales go into the branch's pass (:func:`~wanexp.kernels.mxfp4_fp8.fp8_linear`)."""
+    cuBLAS + the branch's pass on the H200, an option for numerics ablations). "fp8_rowwise": every
+    layer on the row-wise-scaled FP8 GEMM ("fp8" gives the layers with a low-rank branch the tensor-wise
+    GEMM and the scales in the branch's pass: :func:`~wanexp.kernels.mxfp4_fp8.fp8_linear`)."""
     if backend not in GEMM_BACKENDS:
         raise ValueError(f"gemm backend must be {' | '.join(GEMM_BACKENDS)}, got {backend!r}")
     _STATE["gemm"] = backend
@@ -209,7 +209,7 @@ def _mxfp4_w4a4(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, cli
         from wanexp.kernels.mxfp4_fp8 import fp8_linear
         return fp8_linear(x2, codes, scales, clip_table, bin_, smooth_recip, bias, up, down, w_exponent, w_spread,
                           scale_rule, counters, check=backend != "fp8_unchecked", triton_gemm=backend == "fp8_triton",
-                          tensorwise=backend == "fp8_tensorwise")
+                          rowwise=backend == "fp8_rowwise")
     if backend == "cublas" or (backend == "auto" and x2.shape[0] > UPCAST_MIN_TOKENS):
         return upcast_linear(x2, codes, scales, clip_table, bin_, smooth_recip, scale_rule, bias, up, down)
     q = act_quant(x2, clip_table, bin_, smooth_recip, scale_rule=scale_rule)

@@ -10,9 +10,10 @@ so the row becomes an E4M3 operand v = ±q · 2^(H − d_b) times one fp32 scale
 
     y[m, n] = Σ_k A[m, k] W[n, k] = 2^(S_a[m] − H) · 2^(S_w[n] − H) · Σ_k v_a[m, k] v_w[n, k]
 
-is one FP8 GEMM with a scale per row and per column (``torch._scaled_mm``, row-wise scaling),
-the products exact (E4M3 × E4M3 fits fp32) and only the summation order differs from the bf16
-reference path.
+is one FP8 GEMM with a scale per row and per column (``torch._scaled_mm``: row-wise scaling, or the
+tensor-wise kernel on the bare operands with the power-of-two scales applied exactly in the
+low-rank branch's pass, see :func:`fp8_linear`), the products exact (E4M3 × E4M3 fits fp32) and
+only the summation order differs from the bf16 reference path.
 
 When the fold is exact. The nonzero E2M1 magnitudes are j/2, j ∈ {1, 2, 3, 4, 6, 8, 12}: at
 most two significant bits. E4M3 (``float8_e4m3fn``) holds every such number from its smallest
@@ -280,27 +281,37 @@ def _lowrank_add_kernel(y_ptr, t_ptr, up_ptr, row_scale_ptr, col_scale_ptr, bias
     tl.store(ptrs, _bf16(y + p, HW), mask=mask)
 
 
+# (BLOCK_M, BLOCK_N, warps) of lowrank_add_ with the scales and bias: the fastest of seven on the H200 at 57,600
+# tokens, rank 32 (0.386 ms into 5,120 outputs and 1.020 into 13,824, against 0.486 and 1.328 for the unscaled
+# pass's (64, 128, 4); experiments/results/round18/epilogue_probe.json)
+SCALED_ADD_TILES = (32, 128, 4)
+
+
 def lowrank_add_(y: torch.Tensor, t: torch.Tensor, up: torch.Tensor,
                  tiles: tuple[int, int, int] = (64, 128, 4), row_scale: torch.Tensor | None = None,
                  col_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``y = y · row_scale[:, None] · col_scale[None, :] + bias + t · upᵀ`` for bf16 ``y [M, N]``,
     ``t [M, R]``, ``up [N, R]``, in place, one rounding (``_lowrank_add_kernel``); the scales (fp32
     ``[M]`` and ``[N]``, both or neither) and the bias are optional. Ranks that are not a power of
-    two from 16 to 128 take torch (two roundings). ``tiles`` (BLOCK_M, BLOCK_N, warps): round 14's probe
-    (H200, rank 32, 57,600 and 24,960 tokens, into 5,120 and 13,824 outputs) found (64, 128, 4) the
-    fastest of five in all four cases: 0.853 ms into 13,824 outputs at 57,600 tokens and 0.312 ms into
-    5,120, against 1.361 and 0.473 ms for ``addmm_``."""
+    two from 16 to 128 take torch (``addmm_``: two roundings; with scales or bias, fp32 and one).
+    ``tiles`` (BLOCK_M, BLOCK_N, warps): round 14's probe (H200, rank 32, 57,600 and 24,960 tokens,
+    into 5,120 and 13,824 outputs) found (64, 128, 4) the fastest of five in all four cases for the
+    unscaled pass: 0.853 ms into 13,824 outputs at 57,600 tokens and 0.312 ms into 5,120, against
+    1.361 and 0.473 ms for ``addmm_``; with the scales, :data:`SCALED_ADD_TILES`."""
     M, N = y.shape
     R = t.shape[1]
     scaled = row_scale is not None
     if scaled != (col_scale is not None):
         raise ValueError("lowrank_add_: row_scale and col_scale come together")
     if R not in (16, 32, 64, 128) or not (y.is_contiguous() and y.dtype == torch.bfloat16):
+        if not scaled and bias is None:
+            return y.addmm_(t, up.t())
+        out = y.float()                                  # one rounding here too, through an fp32 temporary
         if scaled:
-            y.copy_(y.float().mul_(row_scale[:, None]).mul_(col_scale[None, :]))
+            out.mul_(row_scale[:, None]).mul_(col_scale[None, :])
         if bias is not None:
-            y.add_(bias)
-        return y.addmm_(t, up.t())
+            out.add_(bias.float())
+        return y.copy_(out.addmm_(t.float(), up.float().t()))
     t, up = t.contiguous(), up.contiguous()
     bm, bn, warps = tiles
     _lowrank_add_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
@@ -313,21 +324,30 @@ def fp8_linear(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, clip
                smooth_recip: torch.Tensor | None, bias: torch.Tensor | None, up: torch.Tensor | None,
                down: torch.Tensor | None, w_exponent: torch.Tensor, w_spread: torch.Tensor, scale_rule: str,
                counters: torch.Tensor, check: bool = True, triton_gemm: bool = False,
-               tensorwise: bool = False) -> torch.Tensor:
+               rowwise: bool = False) -> torch.Tensor:
     """The W4A4 MXFP4 linear ``y = A · deq(W)ᵀ + b (+ (x_s L2ᵀ) L1ᵀ)`` on FP8 tensor cores: rows
-    that fold exactly in one row-wise-scaled FP8 GEMM, the others (activation rows or weight rows
-    beyond :data:`MAX_SPREAD`) recomputed by the exact bf16 path and added to ``counters[:2]``
-    ([activation rows, weight rows]). Output: bf16 of the fp32 sum plus bias; the low-rank branch
-    T = x_s L2ᵀ (bf16, :func:`~wanexp.kernels.mxfp4.lowrank_down`, which smooths x in its own load so
-    that the quantizer writes no x_s) is added into it by :func:`lowrank_add_` (two roundings where the
-    reference path has three). (Folding the smoothing into L2 instead would round L2·r where the
-    reference rounds x·r: measured on the H200, the output then drifts further from an exact
-    evaluation than the reference does, so it is not done.) ``check=False`` skips the
-    search for rows beyond the bound and its host sync (the bench's diagnostic "fp8_unchecked"
-    backend only). ``triton_gemm`` (backend "fp8_triton") runs the GEMM as
-    :func:`wanexp.kernels.fp8_gemm.fp8_gemm`, bias and low-rank branch in its epilogue, one rounding:
-    closer to the exact value, but measured 1.17-1.23x the time of cuBLAS + ``lowrank_add_`` on the
-    H200 (experiments/results/round17/fp8_gemm_probe.json), so "fp8" keeps cuBLAS."""
+    that fold exactly in one FP8 GEMM, the others (activation rows or weight rows beyond
+    :data:`MAX_SPREAD`) recomputed by the exact bf16 path and added to ``counters[:2]``
+    ([activation rows, weight rows]). The branch's input T = x_s L2ᵀ (bf16,
+    :func:`~wanexp.kernels.mxfp4.lowrank_down`, which smooths x in its own load so that the quantizer
+    writes no x_s). Two GEMM forms, each two roundings where the reference path has three:
+
+    * with a branch: cuBLAS's tensor-wise FP8 GEMM on the bare operands, bf16(Σ v_a v_w), then one
+      :func:`lowrank_add_` pass that scales it by 2^(S_a − H) 2^(S_w − H) (exact: powers of two),
+      adds bias and branch and rounds once. The row-wise kernel would scale in its own epilogue, but
+      the branch's pass reads and writes y anyway, and the tensor-wise kernel is the faster one
+      (H200, 720p expert compiled: 6.251 against 6.380 s; round 18b);
+    * without a branch, or with ``rowwise`` (backend "fp8_rowwise"): the row-wise-scaled GEMM with
+      the bias in its epilogue (then the branch in :func:`lowrank_add_`).
+
+    (Folding the smoothing into L2 instead would round L2·r where the reference rounds x·r: measured
+    on the H200, the output then drifts further from an exact evaluation than the reference does, so
+    it is not done.) ``check=False`` skips the search for rows beyond the bound and its host sync
+    (the bench's diagnostic "fp8_unchecked" backend only: 0.05 s of a 6.38 s forward, round 18b).
+    ``triton_gemm`` (backend "fp8_triton") runs the GEMM as :func:`wanexp.kernels.fp8_gemm.fp8_gemm`,
+    bias and low-rank branch in its epilogue, one rounding: closer to the exact value, but measured
+    1.17-1.23x the time of cuBLAS + ``lowrank_add_`` on the H200
+    (experiments/results/round17/fp8_gemm_probe.json)."""
     a = act_quant_fp8(x2, clip_table, bin_, smooth_recip, scale_rule=scale_rule)
     w8 = fold_weight(codes, scales, w_exponent)
     w_scale = torch.ldexp(torch.ones_like(w_exponent, dtype=torch.float32), (w_exponent - HEADROOM).float())
@@ -336,13 +356,10 @@ def fp8_linear(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, clip
         from wanexp.kernels.fp8_gemm import fp8_gemm
         y = fp8_gemm(a["values"], w8, a["scale"], w_scale, bias, t, up)
         pending = None                                                  # the branch is in y already
-    elif tensorwise and t is not None:
-        # the bare FP8 product bf16(Σ v_a v_w) from cuBLAS's tensor-wise kernel, then one pass that scales it
-        # (exact: powers of two), adds bias and branch and rounds once; the row-wise kernel does the scaling
-        # in its epilogue, but the branch's pass reads and writes y anyway
+    elif t is not None and not rowwise:
         one = torch.ones((), dtype=torch.float32, device=x2.device)
         y = torch._scaled_mm(a["values"], w8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
-        lowrank_add_(y, t, up, row_scale=a["scale"], col_scale=w_scale, bias=bias)
+        lowrank_add_(y, t, up, SCALED_ADD_TILES, row_scale=a["scale"], col_scale=w_scale, bias=bias)
         pending = None                                                  # the branch is in y already
     else:
         y = torch._scaled_mm(a["values"], w8.t(), scale_a=a["scale"][:, None], scale_b=w_scale[None, :],
