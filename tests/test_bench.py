@@ -75,16 +75,17 @@ def test_forward_bench_dry_run_times_each_path_and_further_formats_and_keeps_jso
            "spec": {"num_attention_heads": 2, "attention_head_dim": 64, "ffn_dim": 256},
            "resolutions": [{"name": "tiny", "height": 32, "width": 32, "frames": 5}],
            "paths": ["bf16", "reference", "fused"], "extra_formats": ["mxfp4", "int4", "nvfp4"],
-           "extra_format_paths": {"int4": ["fused"], "nvfp4": ["fused"]},
+           "extra_format_paths": {"int4": ["fused", "fused_cublas"], "nvfp4": ["fused"]},
            "quant": {"rank": 4}, "profile": {"enabled": False}}
     r = run_bench(cfg, tmp_path, log=log)
     e = r["resolutions"]["tiny"]
-    assert r["paths"] == ["bf16", "reference", "fused", "fused_int4", "fused_nvfp4"]   # mxfp4 is the bench's own format
+    assert r["paths"] == ["bf16", "reference", "fused", "fused_int4", "fused_int4_cublas", "fused_nvfp4"]  # mxfp4: own
     assert all(e[p]["time_ratio"] == e[p]["seconds"] / e["bf16"]["seconds"] for p in r["paths"][1:])
     assert r["bytes_by_path"]["fused_int4"] < r["bytes_bf16"] and r["targeted_linears"] == 10
     assert 0 < e["fused_int4_vs_bf16_rel_err"] < 1 and e["fused_vs_reference_rel_err"] == 0  # no GPU: one path
     assert max(seen) >= 3 and json.loads((tmp_path / "smoke.json").read_text())["paths"] == r["paths"]
-    assert "W4A4 INT4 fused" in to_markdown(r)
+    assert "W4A4 INT4 fused (Triton act-quant; GEMM auto" in to_markdown(r)
+    assert "W4A4 INT4 fused (Triton act-quant; upcast weight + cuBLAS)" in to_markdown(r)
 
 
 def test_forward_bench_rejects_an_unknown_path_before_building_anything(tmp_path):

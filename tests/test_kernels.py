@@ -511,6 +511,51 @@ def _check_upcast(m, k, n, device):
                 assert torch.equal(kernels.fused_forward(layer, xs), layer.reference_forward(xs)), (fmt, kw, t)
 
 
+def _check_int4_fp8(m, k, n, device):
+    """INT4 on FP8 tensor cores: the activation codes and scales and the widened weight codes bit-exact with
+    the format; the layer closer than the reference path to the fp64 product of the format's own values
+    (q · s unrounded; the reference rounds each to bf16) and within 1e-2 of the reference; rows the GEMM's
+    alignment refuses (M % 4) take the upcast path, equal to the reference."""
+    from wanexp import kernels
+    from wanexp.formats import decode
+    from wanexp.kernels.int4_fp8 import int4_weight_e4m3
+    from wanexp.kernels.upcast import int_act_codes
+    x = _act_input(m, k, device)
+    x[5, :128] = 3.0                                    # ties at .5 after scaling
+    recip = (torch.rand(k, generator=torch.Generator().manual_seed(1)) * 4 + 0.25).to(device)
+    fmt = get_format("int4", group_size=128)
+    for rho, sm in ((1.0, None), (0.8, recip)):
+        xs = x if sm is None else (x.float() * sm).to(torch.bfloat16)
+        packed = fmt.encode(xs, clip_ratio=rho)
+        q, scale = fmt._unpack(packed.data, fmt._view_shape(tuple(packed.shape)))
+        codes, scales = int_act_codes(x, torch.tensor([0.5, rho], device=device), 1, sm, 128)
+        assert codes.dtype == torch.float8_e4m3fn and scales.shape == (m, k // 128) and scales.stride() == (1, m)
+        assert torch.equal(codes.float(), q.reshape(m, k)) and torch.equal(scales, scale["scale"].reshape(m, k // 128))
+        assert (codes.view(torch.uint8) != 128).all()                       # no -0 code
+    layer = _upcast_layer("int4", k, n, 16, device)
+    w_codes, _ = fmt._unpack(layer.packed_weight().data, fmt._view_shape((n, k)))
+    assert torch.equal(int4_weight_e4m3(layer.wq_codes).float(), w_codes.reshape(n, k))
+    xin = (torch.randn(m, k, generator=torch.Generator().manual_seed(4)) * 2).to(torch.bfloat16).to(device)
+    for t in (800.0, 100.0):
+        layer.context.set_timestep(t)
+        xs = (xin.float() * layer.smooth_recip).to(torch.bfloat16)
+        xq = fmt.quantize_dequantize(xs.float(), clip_ratio=float(layer.clip_ratio()))        # q · s in fp32, exact
+        exact = xq.double() @ decode(layer.packed_weight()).double().T + layer.bias.double()
+        exact += torch.nn.functional.linear(xs, layer.lowrank_down).double() @ layer.lowrank_up.double().T
+        with kernels.gemm_backend("fp8"):
+            y = kernels.fused_forward(layer, xin)
+        ref = layer.reference_forward(xin)
+        assert y.dtype == torch.bfloat16 and _rel(y, ref) < 1e-2
+        assert _rel(y, exact) < 0.9 * _rel(ref, exact), (_rel(y, exact), _rel(ref, exact))
+    with kernels.gemm_backend("fp8"):                                        # M % 4 != 0: the upcast path
+        assert torch.equal(kernels.fused_forward(layer, xin[:m - 1]), layer.reference_forward(xin[:m - 1]))
+
+
+@interp_only
+def test_interp_int4_on_fp8_codes_exact_and_layer_closer_than_reference():
+    _check_int4_fp8(24, 256, 48, "cpu")
+
+
 @interp_only
 def test_interp_int4_nvfp4_act_quant_and_layer_exact():
     _check_upcast(24, 256, 40, "cpu")
@@ -523,7 +568,7 @@ def test_interp_int4_nvfp4_act_quant_and_layer_exact():
 def test_interpreter_suite(interpreter_run):
     """The interpreter checks above, in a subprocess with TRITON_INTERPRET=1 (CPU, ~20 s)."""
     stdout = interpreter_run(__file__)
-    assert "12 passed" in stdout, stdout[-2000:]
+    assert "13 passed" in stdout, stdout[-2000:]
 
 
 # ----------------------------------------------------------------------------- dispatch (CPU, no triton run)
@@ -641,6 +686,15 @@ def test_gpu_fp8_fold_bit_exact_and_layer_at_wan_shapes():
 @pytest.mark.skipif(INTERP, reason="compiled kernels")
 def test_gpu_int4_nvfp4_hif4_act_quant_and_layer_exact():
     _check_upcast(300, 5120, 640, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(INTERP, reason="compiled kernels")
+def test_gpu_int4_on_fp8_block_scaled_gemm():
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("cuBLAS's block-scaled FP8 GEMM needs Hopper")
+    _check_int4_fp8(300, 5120, 640, "cuda")
+    _check_int4_fp8(4100, 13824, 5120, "cuda")                       # ffn.net.2's shape, a ragged M
 
 
 @pytest.mark.gpu

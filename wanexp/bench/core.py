@@ -296,10 +296,13 @@ def _run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None]) -> di
         per_format = cfg.get("extra_format_paths") or ("fused", "fused_compiled")
         if isinstance(per_format, Mapping):  # {format: [paths]}, the others both
             per_format = per_format.get(fmt, ("fused", "fused_compiled"))
-        for path in [f"fused_{fmt}" + p.removeprefix("fused") for p in per_format]:
+        for base_path in per_format:  # e.g. fused_compiled -> fused_int4_compiled; fused_cublas -> fused_int4_cublas
+            path = f"fused_{fmt}" + base_path.removeprefix("fused")
+            backend = PATH_BACKENDS.get(base_path.removesuffix("_compiled"), "auto")
             result["paths"].append(path)
             result["bytes_by_path"][path] = held_bytes(model)
-            with kernels.fused(True), (compiled_blocks(model) if path.endswith("_compiled") else contextlib.nullcontext()):
+            with kernels.fused(True), kernels.gemm_backend(backend), \
+                    (compiled_blocks(model) if path.endswith("_compiled") else contextlib.nullcontext()):
                 measure(path)
     for name, o in outs.items():
         entry = result["resolutions"][name]
@@ -369,11 +372,12 @@ def to_markdown(r: dict[str, Any]) -> str:
                    "fused_fp8+attn_int8_sage": f"{labels['fused_fp8']} + INT8 SageAttention, fp16 P·V (Triton)",
                    "fused_fp8+attn_fp8_cudnn": f"{labels['fused_fp8']} + FP8 attention, per tensor (cuDNN sdpa_fp8)"})
     labels.update({f"{k}_compiled": f"{v}, blocks compiled" for k, v in list(labels.items()) if k != "reference"})
-    backends = {path.split("_")[1] for path in PATH_BACKENDS}   # fused_<backend>..., not fused_<format>
-    for fmt in {p.split("_")[1] for p in r["paths"] if p.startswith("fused_") and p.split("_")[1] not in
-                (*backends, "compiled")}:
-        labels[f"fused_{fmt}"] = f"W4A4 {fmt.upper()} fused (Triton act-quant; upcast weight + cuBLAS)"
-        labels[f"fused_{fmt}_compiled"] = labels[f"fused_{fmt}"] + ", blocks compiled"
+    for path in [p for p in r["paths"] if p not in labels]:   # fused_<format>[_<backend>][_compiled]
+        fmt, _, how = path.removeprefix("fused_").removesuffix("_compiled").removesuffix("compiled").partition("_")
+        how = {"": "GEMM auto: INT4 in groups of 128 above 4096 tokens on Hopper on FP8 tensor cores, block-scaled; "
+                   "else upcast weight + cuBLAS", "cublas": "upcast weight + cuBLAS"}.get(how, how)
+        labels[path] = f"W4A4 {fmt.upper()} fused (Triton act-quant; {how})" + (
+            ", blocks compiled" if path.endswith("_compiled") else "")
     for path in r["paths"]:
         held = (r["bytes_bf16"] if path in ("bf16", "bf16_compiled")
                 else (r.get("bytes_by_path") or {}).get(path, r["bytes_w4a4"]))

@@ -4,7 +4,8 @@
 yes: the input is on CUDA, Triton imports, weights and activations are both MXFP4, the compute
 dtype is bf16, ``in_features`` is a multiple of 128 and the fused path is enabled; or both are
 INT4, NVFP4 or HiF4 (:mod:`wanexp.kernels.upcast`: a fused activation quantizer, the reference
-GEMMs). Anything else (CPU, W4A16, other formats, odd shapes, activations rounded with ``ties="toward_zero"``, which the
+GEMMs; INT4 in groups of 128 on Hopper at video sizes: :mod:`wanexp.kernels.int4_fp8`, its codes on
+FP8 tensor cores with the group scales in cuBLAS's block-scaled GEMM). Anything else (CPU, W4A16, other formats, odd shapes, activations rounded with ``ties="toward_zero"``, which the
 kernel's RNE does not do, a per-timestep-bin smoothing table with its per-bin weights) runs the
 reference forward, unchanged.
 
@@ -154,10 +155,13 @@ def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
         bin_index = torch.tensor(layer.current_bin(), dtype=torch.int64)
     else:
         bin_index = layer.context.bin_index
-    if layer.weight_meta["format"] != "mxfp4":  # INT4, NVFP4: wanexp.kernels.upcast
+    backend = _STATE["gemm"]
+    if layer.weight_meta["format"] != "mxfp4":  # INT4, NVFP4, HiF4: wanexp.kernels.upcast, INT4 also int4_fp8
+        if _int4_on_fp8(layer, x2, backend):
+            from wanexp.kernels.int4_fp8 import int4_fp8_forward
+            return int4_fp8_forward(layer, x2, bin_index).reshape(*lead, layer.out_features).to(x.dtype)
         from wanexp.kernels.upcast import upcast_forward
         return upcast_forward(layer, x2, bin_index).reshape(*lead, layer.out_features).to(x.dtype)
-    backend = _STATE["gemm"]
     if backend == "auto" and x2.shape[0] > UPCAST_MIN_TOKENS and fp8_preferred(x2.device):
         backend = "fp8"
     fp8 = backend in FP8_BACKENDS
@@ -170,6 +174,21 @@ def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
         layer.lowrank_up if has_lr else None, layer.lowrank_down if has_lr else None,
         rows.get("exponent"), rows.get("spread"), layer.counters, layer.act_format.scale_rule, backend)
     return y.reshape(*lead, layer.out_features).to(x.dtype)
+
+
+def _int4_on_fp8(layer, x2: torch.Tensor, backend: str) -> bool:
+    """Whether an INT4 layer takes the block-scaled FP8 GEMM (:mod:`wanexp.kernels.int4_fp8`): "auto"
+    above :data:`UPCAST_MIN_TOKENS` tokens on Hopper and newer, an FP8 backend wherever cuBLAS has
+    the GEMM (compute capability 9.0+) or on the CPU (its torch reference, for the tests); "cublas"
+    and "triton" keep the upcast."""
+    if layer.weight_meta["format"] != "int4" or backend not in ("auto", *FP8_BACKENDS):
+        return False
+    from wanexp.kernels.int4_fp8 import supports
+    if not supports(layer, x2):
+        return False
+    if backend == "auto":
+        return x2.shape[0] > UPCAST_MIN_TOKENS and fp8_preferred(x2.device)
+    return x2.device.type == "cpu" or fp8_preferred(x2.device)
 
 
 def weight_rows(layer) -> dict[str, torch.Tensor]:

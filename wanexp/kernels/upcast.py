@@ -67,8 +67,12 @@ def _load_groups(x_ptr, recip_ptr, M, K, stride_xm, HAS_SMOOTH: tl.constexpr, G:
 
 
 @triton.jit
-def _int_act_quant_kernel(x_ptr, recip_ptr, clip_ptr, bin_idx, xq_ptr, M, K, stride_xm, QMAX: tl.constexpr,
-                          HAS_SMOOTH: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, NG: tl.constexpr):
+def _int_act_quant_kernel(x_ptr, recip_ptr, clip_ptr, bin_idx, xq_ptr, scale_ptr, M, K, stride_xm, QMAX: tl.constexpr,
+                          HAS_SMOOTH: tl.constexpr, CODES: tl.constexpr, HW: tl.constexpr, G: tl.constexpr,
+                          BLOCK_M: tl.constexpr, NG: tl.constexpr):
+    """The INT quantizer of the module docstring on [BLOCK_M rows, NG groups]: writes xq = bf16(q · scale),
+    or with CODES the codes q as E4M3 bits (integers |q| <= 7 are exact there) and the scales as fp32 in a
+    [K/G, M] array (group-major, as cuBLAS's 1x128 block-scaled FP8 GEMM reads them)."""
     v, rows, cols, mask = _load_groups(x_ptr, recip_ptr, M, K, stride_xm, HAS_SMOOTH, G, BLOCK_M, NG)
     rho = tl.load(clip_ptr + bin_idx)
     a = tl.max(tl.abs(v), axis=2) * rho
@@ -77,8 +81,28 @@ def _int_act_quant_kernel(x_ptr, recip_ptr, clip_ptr, bin_idx, xq_ptr, M, K, str
     t = tl.where(sc > 0, tl.math.div_rn(v, tl.where(sc > 0, sc, 1.0)), 0.0)
     r = (tl.abs(t) + 8388608.0) - 8388608.0                                # RNE of |t| (< 2^22)
     q = tl.minimum(r, QMAX * 1.0)
-    q = tl.where(t < 0, -q, q) + 0.0                                        # no -0 code
-    tl.store(xq_ptr + rows.to(tl.int64) * K + cols, _to_bf16_rne(q * sc), mask=mask)
+    if CODES:
+        tl.store(xq_ptr + rows.to(tl.int64) * K + cols, _int_e4m3_bits(q, t < 0, HW), mask=mask)
+        rg = tl.program_id(1) * NG + tl.arange(0, NG)
+        srow = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        tl.store(scale_ptr + rg[None, :].to(tl.int64) * M + srow[:, None], scale,
+                 mask=(srow[:, None] < M) & (rg[None, :] < K // G))
+    else:
+        q = tl.where(t < 0, -q, q) + 0.0                                    # no -0 code
+        tl.store(xq_ptr + rows.to(tl.int64) * K + cols, _to_bf16_rne(q * sc), mask=mask)
+
+
+@triton.jit
+def _int_e4m3_bits(q, neg, HW: tl.constexpr):
+    """E4M3 bits of the integer code ±q (fp32 magnitude 0 <= q <= 8, exact in E4M3); 0 as +0. HW: the
+    hardware cast; otherwise built on the bits (Triton's interpreter casts by truncation)."""
+    if HW:
+        bits = tl.where(neg & (q > 0), -q, q).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    else:
+        mb = q.to(tl.int32, bitcast=True)
+        normal = (((((mb >> 23) & 255) - 127 + 7) << 3) | ((mb >> 20) & 7))
+        bits = (tl.where(q > 0, normal, 0) | tl.where(neg & (q > 0), 128, 0)).to(tl.uint8)
+    return bits
 
 
 @triton.jit
@@ -179,12 +203,32 @@ def int_act_quant(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int, smoot
     M, K = x.shape
     assert K % group_size == 0 and group_size in (32, 64, 128, 256)
     xq = torch.empty_like(x)
+    _int_launch(x, clip_table, bin_idx, smooth_recip, group_size, qmax, xq, None)
+    return xq
+
+
+def int_act_codes(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int, smooth_recip: torch.Tensor | None,
+                  group_size: int, qmax: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    """The INT codes of bf16 ``x [M, K]`` as float8_e4m3fn ``[M, K]`` and their scales as fp32 ``[M, K/G]``
+    with strides (1, M) (group-major storage): the operands of the block-scaled FP8 GEMM
+    (:mod:`wanexp.kernels.int4_fp8`). Bit-exact against :class:`wanexp.formats.integer.IntFormat`."""
+    assert x.dim() == 2 and x.dtype == torch.bfloat16 and x.stride(1) == 1
+    M, K = x.shape
+    assert K % group_size == 0 and group_size in (32, 64, 128, 256)
+    codes = torch.empty(M, K, device=x.device, dtype=torch.uint8)
+    scales = torch.empty(K // group_size, M, device=x.device, dtype=torch.float32)
+    _int_launch(x, clip_table, bin_idx, smooth_recip, group_size, qmax, codes, scales)
+    return codes.view(torch.float8_e4m3fn), scales.t()
+
+
+def _int_launch(x, clip_table, bin_idx, smooth_recip, group_size, qmax, out, scales) -> None:
+    M, K = x.shape
     BLOCK_M, NG = 16, max(1, 256 // group_size)
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(K // group_size, NG))
-    _int_act_quant_kernel[grid](x, smooth_recip if smooth_recip is not None else x, clip_table, int(bin_idx), xq, M, K,
-                                x.stride(0), QMAX=qmax, HAS_SMOOTH=smooth_recip is not None, G=group_size,
-                                BLOCK_M=BLOCK_M, NG=NG, num_warps=4)
-    return xq
+    _int_act_quant_kernel[grid](x, smooth_recip if smooth_recip is not None else x, clip_table, int(bin_idx), out,
+                                out if scales is None else scales, M, K, x.stride(0), QMAX=qmax,
+                                HAS_SMOOTH=smooth_recip is not None, CODES=scales is not None, HW=x.is_cuda,
+                                G=group_size, BLOCK_M=BLOCK_M, NG=NG, num_warps=4)
 
 
 FORMATS = ("int4", "nvfp4", "hif4")
