@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from wanexp.kernels.mxfp4_fp8 import _nibble_tile
 from wanexp.kernels.upcast import _int_e4m3_bits, int_act_codes
 
 GROUP = 128   # the block of cuBLAS's 1x128 scaling: INT4's default group size
@@ -38,13 +39,8 @@ GROUP = 128   # the block of cuBLAS's 1x128 scaling: INT4's default group size
 @triton.jit
 def _int4_weight_kernel(w_ptr, out_ptr, N, K, HW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Packed INT4 [N, K/2] (two's-complement nibbles, element 2i low) -> E4M3 bits [N, K]."""
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k0 = tl.program_id(1) * BLOCK_K
-    rows = rn.to(tl.int64)[:, None]
-    m = rn[:, None] < N
-    packed = tl.load(w_ptr + rows * (K // 2) + k0 // 2 + tl.arange(0, BLOCK_K // 2)[None, :], mask=m, other=0)
-    c = tl.reshape(tl.join(packed & 15, packed >> 4), [BLOCK_N, BLOCK_K]).to(tl.int32)
-    v = tl.where(c >= 8, c - 16, c)
+    _, rows, m, k0, c = _nibble_tile(w_ptr, N, K, BLOCK_N, BLOCK_K)
+    v = tl.where(c >= 8, c - 16, c)                                         # two's complement
     bits = _int_e4m3_bits(tl.abs(v).to(tl.float32), v < 0, HW)
     tl.store(out_ptr + rows * K + k0 + tl.arange(0, BLOCK_K)[None, :], bits, mask=m)
 

@@ -124,14 +124,21 @@ def _e4m3_bits(q, d, neg, HW: tl.constexpr = False):
 
 
 @triton.jit
-def _fold_weight_kernel(w_ptr, ws_ptr, exp_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Packed MXFP4 [N, K/2] + E8M0 [N, K/32] + row exponents S [N] -> E4M3 bits [N, K]."""
+def _nibble_tile(w_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's [BLOCK_N, BLOCK_K] tile of 4-bit codes (int32 0..15) from a packed [N, K/2] uint8 weight
+    (element 2i in the low nibble); with its rows (int32 and int64 column), row mask and first column."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     rows = rn.to(tl.int64)[:, None]
     m = rn[:, None] < N
     packed = tl.load(w_ptr + rows * (K // 2) + k0 // 2 + tl.arange(0, BLOCK_K // 2)[None, :], mask=m, other=0)
-    c = tl.reshape(tl.join(packed & 15, packed >> 4), [BLOCK_N, BLOCK_K]).to(tl.int32)
+    return rn, rows, m, k0, tl.reshape(tl.join(packed & 15, packed >> 4), [BLOCK_N, BLOCK_K]).to(tl.int32)
+
+
+@triton.jit
+def _fold_weight_kernel(w_ptr, ws_ptr, exp_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Packed MXFP4 [N, K/2] + E8M0 [N, K/32] + row exponents S [N] -> E4M3 bits [N, K]."""
+    rn, rows, m, k0, c = _nibble_tile(w_ptr, N, K, BLOCK_N, BLOCK_K)
     c3 = tl.reshape(c, [BLOCK_N, BLOCK_K // 32, 32])
     e = tl.load(ws_ptr + rows * (K // 32) + k0 // 32 + tl.arange(0, BLOCK_K // 32)[None, :], mask=m,
                 other=127).to(tl.int32) - 127
