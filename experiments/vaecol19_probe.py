@@ -22,6 +22,8 @@ p.add_argument("--seed", type=int, default=0)  # VAE init and batch/noise draws 
 p.add_argument("--head-lr-mult", type=float, default=1.0)
 p.add_argument("--head-init-mult", type=float, default=1.0)  # x decoder.conv_out's initial weight
 p.add_argument("--gamma-init-mult", type=float, default=1.0)  # x decoder.norm_out's initial gamma
+p.add_argument("--lowpass", type=float, default=0.0)  # W: + W * L1(avg_pool(recon, P), avg_pool(x, P)), per frame
+p.add_argument("--lowpass-pool", type=int, default=8)  # P: the pooling window (and stride), pixels
 a = p.parse_args()
 torch.set_num_threads(1)
 cfg = tt.TrainConfig(vae_lr=a.lr, vae_mean_penalty=a.mean_penalty, vae_latent_noise=a.noise, vae_l1=a.l1)
@@ -97,6 +99,9 @@ for step in range(a.steps):
     raw = decode_raw(mean + noise)
     recon = raw if a.unclamped else raw.clamp(-1, 1)
     loss = F.mse_loss(recon, x) + cfg.vae_l1 * F.l1_loss(recon, x) + cfg.vae_mean_penalty * mean.pow(2).mean()
+    if a.lowpass:  # low-frequency (colour) term: L1 between P x P block means of each frame (W = 0: not computed)
+        lp = lambda v: F.avg_pool2d(v.transpose(1, 2).flatten(0, 1), a.lowpass_pool)  # [N,C,T,H,W] -> [N*T,C,H/P,W/P]
+        loss = loss + a.lowpass * F.l1_loss(lp(recon), lp(x))
     tt._step(opt, loss, vae.parameters())
     if step in (0, 10, 50, 100, 200, 400) or step == a.steps - 1:
         om = object_mask(x)
