@@ -124,6 +124,10 @@ with torch.no_grad():
     psnr = float(10 * torch.log10(255.0 ** 2 / mse))
     om = object_mask(ev)
     err = ((r - ev).abs() * 127.5)[:, :, 0].mean(1)  # N,H,W mean over channels
+    # low-pass error (eval only): 8-bit MAE between 8x8 block means, all blocks and blocks at least half object pixels
+    bm = lambda v: F.avg_pool2d(v[:, :, 0], 8) * 127.5
+    lp_err = (bm(r) - bm(ev)).abs().mean(1)  # N, H/8, W/8
+    lp_obj = F.avg_pool2d(om.float()[:, None], 8)[:, 0] >= 0.5
     sq = flat_squares(); rs = rec(sq)
     cols = [[int(round(v)) for v in ((rs[i, :, 0, 24:40, 24:40] + 1) * 127.5).mean((1, 2)).tolist()] for i in range(3)]
     z = vae.encode(torch.cat([held, sq])).latent_dist.mode()
@@ -132,7 +136,8 @@ with torch.no_grad():
     zs = vae.encode(sq).latent_dist.mode()[:, :, 0, 3:5, 3:5].mean((2, 3))  # 3 x 16
     col_spread = zs.std(0)  # per channel spread across the three colours
 res = dict(name=a.name, args=vars(a), psnr=round(psnr, 2), obj_mae=round(err[om].mean().item(), 1),
-           bg_mae=round(err[~om].mean().item(), 1), obj_frac=round(om.float().mean().item(), 3), red_green_blue=cols,
+           bg_mae=round(err[~om].mean().item(), 1), lp8_mae=round(lp_err.mean().item(), 1),
+           lp8_obj_mae=round(lp_err[lp_obj].mean().item(), 1) if lp_obj.any() else None, obj_frac=round(om.float().mean().item(), 3), red_green_blue=cols,
            latent_ch_std=[round(v, 3) for v in ch_std.tolist()], global_std=round(z.std().item(), 3),
            colour_spread_per_ch=[round(v, 3) for v in col_spread.tolist()], clip_log=clip_log,
            seconds=round(time.time() - t0), conv_out_w_absmax_init=round(init_absmax, 3), conv_out_w_absmax=round(vae.decoder.conv_out.weight.abs().max().item(), 3), conv_out_w_norm=round(vae.decoder.conv_out.weight.norm().item(), 3), norm_out_gamma=[round(v, 2) for v in vae.decoder.norm_out.gamma.flatten().tolist()])
