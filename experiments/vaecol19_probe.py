@@ -22,6 +22,8 @@ p.add_argument("--seed", type=int, default=0)  # VAE init and batch/noise draws 
 p.add_argument("--head-lr-mult", type=float, default=1.0)
 p.add_argument("--head-init-mult", type=float, default=1.0)  # x decoder.conv_out's initial weight
 p.add_argument("--gamma-init-mult", type=float, default=1.0)  # x decoder.norm_out's initial gamma
+p.add_argument("--lowpass", type=float, default=0.0)  # W: + W * L1(avg_pool(recon, P), avg_pool(x, P)), per frame
+p.add_argument("--lowpass-pool", type=int, default=8)  # P: the pooling window (and stride), pixels
 a = p.parse_args()
 torch.set_num_threads(1)
 cfg = tt.TrainConfig(vae_lr=a.lr, vae_mean_penalty=a.mean_penalty, vae_latent_noise=a.noise, vae_l1=a.l1)
@@ -97,6 +99,9 @@ for step in range(a.steps):
     raw = decode_raw(mean + noise)
     recon = raw if a.unclamped else raw.clamp(-1, 1)
     loss = F.mse_loss(recon, x) + cfg.vae_l1 * F.l1_loss(recon, x) + cfg.vae_mean_penalty * mean.pow(2).mean()
+    if a.lowpass:  # low-frequency (colour) term: L1 between P x P block means of each frame (W = 0: not computed)
+        lp = lambda v: F.avg_pool2d(v.transpose(1, 2).flatten(0, 1), a.lowpass_pool)  # [N,C,T,H,W] -> [N*T,C,H/P,W/P]
+        loss = loss + a.lowpass * F.l1_loss(lp(recon), lp(x))
     tt._step(opt, loss, vae.parameters())
     if step in (0, 10, 50, 100, 200, 400) or step == a.steps - 1:
         om = object_mask(x)
@@ -119,6 +124,10 @@ with torch.no_grad():
     psnr = float(10 * torch.log10(255.0 ** 2 / mse))
     om = object_mask(ev)
     err = ((r - ev).abs() * 127.5)[:, :, 0].mean(1)  # N,H,W mean over channels
+    # low-pass error (eval only): 8-bit MAE between 8x8 block means, all blocks and blocks at least half object pixels
+    bm = lambda v: F.avg_pool2d(v[:, :, 0], 8) * 127.5
+    lp_err = (bm(r) - bm(ev)).abs().mean(1)  # N, H/8, W/8
+    lp_obj = F.avg_pool2d(om.float()[:, None], 8)[:, 0] >= 0.5
     sq = flat_squares(); rs = rec(sq)
     cols = [[int(round(v)) for v in ((rs[i, :, 0, 24:40, 24:40] + 1) * 127.5).mean((1, 2)).tolist()] for i in range(3)]
     z = vae.encode(torch.cat([held, sq])).latent_dist.mode()
@@ -127,7 +136,8 @@ with torch.no_grad():
     zs = vae.encode(sq).latent_dist.mode()[:, :, 0, 3:5, 3:5].mean((2, 3))  # 3 x 16
     col_spread = zs.std(0)  # per channel spread across the three colours
 res = dict(name=a.name, args=vars(a), psnr=round(psnr, 2), obj_mae=round(err[om].mean().item(), 1),
-           bg_mae=round(err[~om].mean().item(), 1), obj_frac=round(om.float().mean().item(), 3), red_green_blue=cols,
+           bg_mae=round(err[~om].mean().item(), 1), lp8_mae=round(lp_err.mean().item(), 1),
+           lp8_obj_mae=round(lp_err[lp_obj].mean().item(), 1) if lp_obj.any() else None, obj_frac=round(om.float().mean().item(), 3), red_green_blue=cols,
            latent_ch_std=[round(v, 3) for v in ch_std.tolist()], global_std=round(z.std().item(), 3),
            colour_spread_per_ch=[round(v, 3) for v in col_spread.tolist()], clip_log=clip_log,
            seconds=round(time.time() - t0), conv_out_w_absmax_init=round(init_absmax, 3), conv_out_w_absmax=round(vae.decoder.conv_out.weight.abs().max().item(), 3), conv_out_w_norm=round(vae.decoder.conv_out.weight.norm().item(), 3), norm_out_gamma=[round(v, 2) for v in vae.decoder.norm_out.gamma.flatten().tolist()])
