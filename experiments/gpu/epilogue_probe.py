@@ -6,9 +6,9 @@ On Wan's linear shapes at 720p's token count, with E4M3 operands, power-of-two r
 MXFP4 fold makes them), a bias and a rank-32 branch, times (``triton.testing.do_bench`` medians, the variants
 interleaved over ``--rounds`` rounds so that clock drift falls on all of them alike):
 - ``rowwise``: ``torch._scaled_mm`` with the row and column scales and the bias, then ``lowrank_add_``
-  (the FP8 path's default);
+  (the FP8 path's default until round 18b; backend ``fp8_rowwise``);
 - ``tensorwise``: ``torch._scaled_mm`` on the bare operands, then ``lowrank_add_`` with the scales and bias
-  (backend ``fp8_tensorwise``);
+  (the default of backend ``fp8`` for layers with a branch since round 18b);
 - each GEMM alone, and ``lowrank_add_`` with and without the scales in each tile of ``TILES``;
 - the 1x128-by-1x128 block-scaled FP8 GEMM (``F.scaled_mm``, cuBLAS; INT4 group-128 codes are exact in E4M3)
   in the scale layouts torch takes, with its error to fp64.

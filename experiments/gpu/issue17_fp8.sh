@@ -214,11 +214,12 @@ round18a)  # session 11: the GPU kernel tests on session 10's untested layout ch
 round18b)  # session 11: the two GEMM + branch-pass chains interleaved (epilogue_probe.py), the per-linear pieces with
   # lowrank_down's broadcast r restored, then compiled BF16 beside compiled W4A4 MXFP4 FP8 three ways (row-wise GEMM;
   # tensor-wise GEMM with the scales in the branch's pass; without the fallback check's host sync), 720p, one process,
-  # 2 timed forwards a cell
+  # 2 timed forwards a cell. (Run at 0e891b5, where "fp8" was the row-wise form and the tensor-wise one was
+  # fused_fp8_tensorwise; with today's names the first two cells are those forms, and the unchecked one is now tensor-wise.)
   timeout 90 python3 experiments/gpu/epilogue_probe.py --out "$OUT" 2>&1 | tee "$OUT/epilogue_probe.log" | tail -3
   timeout 100 python3 experiments/gpu/linear_bench.py --out "$OUT" 2>&1 | tee "$OUT/linear_bench.log" | tail -3 | cut -c1-900
   TORCH_LOGS=recompiles timeout 450 python3 -m wanexp.bench bench=fp8_a14b bench.name=bench_round18b bench.profile.enabled=false \
-    bench.repeats=2 "bench.paths=[bf16_compiled,fused_fp8_compiled,fused_fp8_tensorwise_compiled,fused_fp8_unchecked_compiled]" \
+    bench.repeats=2 "bench.paths=[bf16_compiled,fused_fp8_rowwise_compiled,fused_fp8_compiled,fused_fp8_unchecked_compiled]" \
     "bench.resolutions=[{name: 720p, height: 720, width: 1280, frames: 61}]" bench.out_dir="$OUT" > "$OUT/bench_round18b.log" 2>&1
   echo "recompiles: $(grep -c 'Recompiling function' "$OUT/bench_round18b.log")"
   grep -v "__recompiles" "$OUT/bench_round18b.log" | grep "s/forward\|Error\|error\|quantized\|fallback" | tail -10 ;;

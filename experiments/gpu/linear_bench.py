@@ -10,7 +10,8 @@ as before session 10, also writing x_s); the low-rank down-projection as the lay
 (``lowrank_down``: from x, smoothing in its load) and as before (``F.linear(x_s, L2)``); the
 row-scaled FP8 GEMM alone (``torch._scaled_mm``) and its tensor-wise variant on the bare operands (with
 the kernels each launches); the low-rank up-projection (``lowrank_add_``, with the row / column scales and
-bias too, and ``addmm_``); the layer with the tensor-wise GEMM (backend ``fp8_tensorwise``) and without
+bias too, and ``addmm_``); the layer with the row-wise GEMM throughout (backend ``fp8_rowwise``; round 18a's
+files, from before the tensor-wise form became "fp8", name it the other way round) and without
 the fallback check's host sync (``fp8_unchecked``). The activation path's traffic (read x once from HBM, write the E4M3 operand) is printed
 as GB/s. Results go to
 ``linear_bench.json`` in ``--out`` (default ``$OUT`` or ``.``), rewritten after each shape.
@@ -71,8 +72,8 @@ def main() -> None:
         y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
         with kernels.gemm_backend("fp8"):
             fp8_forward = bench(lambda: kernels.fused_forward(layer, x))
-        with kernels.gemm_backend("fp8_tensorwise"):
-            fp8_tensorwise_forward = bench(lambda: kernels.fused_forward(layer, x))
+        with kernels.gemm_backend("fp8_rowwise"):
+            fp8_rowwise_forward = bench(lambda: kernels.fused_forward(layer, x))
         with kernels.gemm_backend("fp8_unchecked"):
             fp8_unchecked_forward = bench(lambda: kernels.fused_forward(layer, x))
         one = torch.ones((), device="cuda")
@@ -83,7 +84,7 @@ def main() -> None:
         entry = {
             "bf16_linear_ms": bench(lambda: torch.nn.functional.linear(x, lin.weight, lin.bias)),
             "fp8_layer_ms": fp8_forward,
-            "fp8_layer_tensorwise_ms": fp8_tensorwise_forward,
+            "fp8_layer_rowwise_ms": fp8_rowwise_forward,
             "fp8_layer_unchecked_ms": fp8_unchecked_forward,
             "act_path_ms": bench(lambda: act_quant_fp8(x, layer.clip_table, 1, layer.smooth_recip)),
             "act_path_with_xs_ms": bench(lambda: act_quant_fp8(x, layer.clip_table, 1, layer.smooth_recip, write_xs=True)),
