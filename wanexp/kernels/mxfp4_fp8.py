@@ -289,8 +289,8 @@ def _lowrank_add_kernel(y_ptr, t_ptr, up_ptr, row_scale_ptr, col_scale_ptr, bias
 
 
 # (BLOCK_M, BLOCK_N, warps) of lowrank_add_ with the scales and bias: the fastest of seven on the H200 at 57,600
-# tokens, rank 32 (0.386 ms into 5,120 outputs and 1.020 into 13,824, against 0.486 and 1.328 for the unscaled
-# pass's (64, 128, 4); experiments/results/round18/epilogue_probe.json)
+# tokens, rank 32 (0.386 ms into 5,120 outputs and 1.020 into 13,824, against 0.486 and 1.328 in the unscaled
+# pass's tile (64, 128, 4); experiments/results/round18/epilogue_probe.json)
 SCALED_ADD_TILES = (32, 128, 4)
 
 
