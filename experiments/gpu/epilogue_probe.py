@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from records import gpu_record, save_record  # noqa: E402
+from records import fp8_operands, gpu_record, save_record  # noqa: E402
 
 SHAPES = [(5120, 5120), (5120, 13824), (13824, 5120)]
 TILES = [(64, 128, 4), (32, 128, 4), (64, 64, 4), (64, 128, 8), (128, 64, 8), (128, 128, 8), (32, 256, 4)]
@@ -84,13 +84,7 @@ def main() -> None:
     m = args.tokens
     g = torch.Generator(device="cuda").manual_seed(0)
     for k, n in SHAPES:
-        a8 = (torch.randn(m, k, device="cuda", generator=g) * 40).to(torch.float8_e4m3fn)
-        w8 = (torch.randn(n, k, device="cuda", generator=g) * 40).to(torch.float8_e4m3fn)
-        sa = 2.0 ** torch.randint(-14, -8, (m,), device="cuda", generator=g).float()
-        sw = 2.0 ** torch.randint(-14, -8, (n,), device="cuda", generator=g).float()
-        bias = torch.randn(n, device="cuda", generator=g).to(torch.bfloat16)
-        t = (torch.randn(m, 32, device="cuda", generator=g) * 0.1).to(torch.bfloat16)
-        up = (torch.randn(n, 32, device="cuda", generator=g) * 0.1).to(torch.bfloat16)
+        a8, w8, sa, sw, bias, t, up = fp8_operands(m, k, n, g)
         one = torch.ones((), device="cuda")
         y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
 
