@@ -24,6 +24,7 @@ p.add_argument("--head-init-mult", type=float, default=1.0)  # x decoder.conv_ou
 p.add_argument("--gamma-init-mult", type=float, default=1.0)  # x decoder.norm_out's initial gamma
 p.add_argument("--lowpass", type=float, default=0.0)  # W: + W * L1(avg_pool(recon, P), avg_pool(x, P)), per frame
 p.add_argument("--lowpass-pool", type=int, default=8)  # P: the pooling window (and stride), pixels
+p.add_argument("--objweight", type=float, default=0.0)  # W: per-pixel recon loss x (1 + W) at the target's object pixels
 a = p.parse_args()
 torch.set_num_threads(1)
 cfg = tt.TrainConfig(vae_lr=a.lr, vae_mean_penalty=a.mean_penalty, vae_latent_noise=a.noise, vae_l1=a.l1)
@@ -98,7 +99,13 @@ for step in range(a.steps):
     noise = torch.randn(mean.shape, generator=gen) * (cfg.vae_latent_noise * s)
     raw = decode_raw(mean + noise)
     recon = raw if a.unclamped else raw.clamp(-1, 1)
-    loss = F.mse_loss(recon, x) + cfg.vae_l1 * F.l1_loss(recon, x) + cfg.vae_mean_penalty * mean.pow(2).mean()
+    if a.objweight:  # object-weighted recon loss: mean over elements of w * (d^2 + l1 |d|), w = 1 + W at object pixels
+        # (object_mask on the TARGET x: within 24/255 L-inf of an object colour); not renormalised by the weights
+        d = recon - x
+        w = 1 + a.objweight * object_mask(x).to(d.dtype)[:, None, None]  # N,H,W -> N,1,1,H,W
+        loss = (w * (d.pow(2) + cfg.vae_l1 * d.abs())).mean() + cfg.vae_mean_penalty * mean.pow(2).mean()
+    else:  # W = 0: the original loss, nothing new computed
+        loss = F.mse_loss(recon, x) + cfg.vae_l1 * F.l1_loss(recon, x) + cfg.vae_mean_penalty * mean.pow(2).mean()
     if a.lowpass:  # low-frequency (colour) term: L1 between P x P block means of each frame (W = 0: not computed)
         lp = lambda v: F.avg_pool2d(v.transpose(1, 2).flatten(0, 1), a.lowpass_pool)  # [N,C,T,H,W] -> [N*T,C,H/P,W/P]
         loss = loss + a.lowpass * F.l1_loss(lp(recon), lp(x))
