@@ -199,9 +199,7 @@ def hif4_act_quant(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int,
 def int_act_quant(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int, smooth_recip: torch.Tensor | None,
                   group_size: int, qmax: int = 7) -> torch.Tensor:
     """The INT4 (qmax 7) fake-quantized bf16 values of bf16 ``x [M, K]`` (see the module docstring)."""
-    assert x.dim() == 2 and x.dtype == torch.bfloat16 and x.stride(1) == 1
-    M, K = x.shape
-    assert K % group_size == 0 and group_size in (32, 64, 128, 256)
+    _int_input(x, group_size)
     xq = torch.empty_like(x)
     _int_launch(x, clip_table, bin_idx, smooth_recip, group_size, qmax, xq, None)
     return xq
@@ -212,16 +210,23 @@ def int_act_codes(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int, smoot
     """The INT codes of bf16 ``x [M, K]`` as float8_e4m3fn ``[M, K]`` and their scales as fp32 ``[M, K/G]``
     with strides (1, M) (group-major storage): the operands of the block-scaled FP8 GEMM
     (:mod:`wanexp.kernels.int4_fp8`). Bit-exact against :class:`wanexp.formats.integer.IntFormat`."""
-    assert x.dim() == 2 and x.dtype == torch.bfloat16 and x.stride(1) == 1
-    M, K = x.shape
-    assert K % group_size == 0 and group_size in (32, 64, 128, 256)
+    M, K = _int_input(x, group_size)
     codes = torch.empty(M, K, device=x.device, dtype=torch.uint8)
     scales = torch.empty(K // group_size, M, device=x.device, dtype=torch.float32)
     _int_launch(x, clip_table, bin_idx, smooth_recip, group_size, qmax, codes, scales)
     return codes.view(torch.float8_e4m3fn), scales.t()
 
 
+def _int_input(x: torch.Tensor, group_size: int) -> tuple[int, int]:
+    """The shape ``(M, K)`` of an INT quantizer's input, checked before anything is allocated."""
+    assert x.dim() == 2 and x.dtype == torch.bfloat16 and x.stride(1) == 1
+    M, K = x.shape
+    assert group_size in (32, 64, 128, 256) and K % group_size == 0
+    return M, K
+
+
 def _int_launch(x, clip_table, bin_idx, smooth_recip, group_size, qmax, out, scales) -> None:
+    """One ``_int_act_quant_kernel`` launch writing ``out`` (xq, or the codes with ``scales``)."""
     M, K = x.shape
     BLOCK_M, NG = 16, max(1, 256 // group_size)
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(K // group_size, NG))
