@@ -164,3 +164,106 @@ def test_data_options_reach_the_clips_and_bad_ones_fail_early():
         tt.TrainConfig(motions="moves sideways")
     with pytest.raises(ValueError, match="max_objects"):
         tt.main(["--quick", "--max-objects", "3", "--out", "/nonexistent/never-written"])
+
+
+def _old_vae_phase(vae, opt, batches, steps, cfg, gen):
+    """``_vae_phase`` as it was before ``vae_object_weight`` (the loss written out), for the W = 0 check."""
+    import torch.nn.functional as F
+    losses = []
+    for step in range(steps):
+        tt._set_lr(opt, cfg.vae_lr, step, steps)
+        x = batches()
+        mean = vae.encode(x).latent_dist.mode()
+        noise = torch.randn(mean.shape, generator=gen) * (cfg.vae_latent_noise * mean.detach().std())
+        recon = vae.decode(mean + noise).sample
+        loss = (F.mse_loss(recon, x) + cfg.vae_l1 * F.l1_loss(recon, x)
+                + cfg.vae_mean_penalty * mean.pow(2).mean())
+        tt._step(opt, loss, vae.parameters())
+        losses.append(loss.item())
+    return losses
+
+
+def test_vae_object_weight_0_is_the_old_loss_bit_for_bit_and_draws_nothing_more(monkeypatch):
+    """With ``vae_object_weight`` 0 (the default) two VAE steps give the losses, weights and generator state of
+    the loss as written before the option, bit for bit, and never build the object mask; W > 0 trains
+    differently from the same batches and noise (the mask draws no random numbers)."""
+    from diffusers import AutoencoderKLWan
+    from wanexp.models.tiny import TINY_SPEC
+    torch.set_num_threads(1)
+    videos = tt.clips_tensor(procedural.make_clips(3, 4))
+    cfg = tt.TrainConfig()
+    assert cfg.vae_object_weight == 0.0
+
+    def run(phase, cfg):
+        torch.manual_seed(0)
+        vae = AutoencoderKLWan(**TINY_SPEC["vae"]).train()
+        opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+        gen = torch.Generator().manual_seed(0)
+        batches = lambda: tt._frames_batch(videos, 2, gen)
+        if phase is _old_vae_phase:
+            losses = phase(vae, opt, batches, 2, cfg, gen)
+        else:
+            losses = phase(vae, opt, batches, 2, cfg, gen, "vae frames", lambda m: None)
+        return losses, vae.state_dict(), gen.get_state()
+
+    old_losses, old_state, old_gen = run(_old_vae_phase, cfg)
+    with monkeypatch.context() as m:
+        m.setattr(tt, "object_mask", lambda x: pytest.fail("object_mask built at vae_object_weight 0"))
+        new_losses, new_state, new_gen = run(tt._vae_phase, cfg)
+    assert new_losses == old_losses
+    assert [k for k in old_state if not torch.equal(old_state[k], new_state[k])] == []
+    assert torch.equal(new_gen, old_gen)
+
+    w_losses, w_state, w_gen = run(tt._vae_phase, replace(cfg, vae_object_weight=4.0))
+    assert torch.equal(w_gen, old_gen)  # the same batches and noise were drawn
+    assert w_losses[0] > old_losses[0] and sum(not torch.equal(old_state[k], w_state[k]) for k in old_state) > 0
+
+
+def test_vae_object_weight_scales_the_loss_at_object_pixels_only():
+    """On a constructed batch (2 x 2 pixels, one of them red): the object pixel's MSE and L1 terms count 1 + W
+    times, the others once, still divided by the element count; the mask is the probe's (within 24 8-bit
+    levels of a ``procedural.COLOURS`` colour in every channel), per frame."""
+    red, grey = procedural.COLOURS["red"], (110, 100, 90)
+    img = np.array([[red, grey], [grey, grey]], np.float32)  # [H, W, 3]
+    x = torch.from_numpy(img / 127.5 - 1).permute(2, 0, 1)[None, :, None].contiguous()  # [1, 3, 1, 2, 2]
+    assert tt.object_mask(x)[0, 0, 0].tolist() == [[True, False], [False, False]]
+    cfg, cfg4 = tt.TrainConfig(), tt.TrainConfig(vae_object_weight=4.0)
+
+    on_object = x.clone()
+    on_object[..., 0, 0] += 0.5  # error 0.5 in all 3 channels of the red pixel, 0 elsewhere
+    plain = (0.5 ** 2 + 0.5) * 3 / 12  # 0.1875
+    assert float(tt.vae_recon_loss(on_object, x, cfg)) == pytest.approx(plain, rel=1e-6)
+    assert float(tt.vae_recon_loss(on_object, x, cfg4)) == pytest.approx(5 * plain, rel=1e-6)  # 0.9375
+    assert float(tt.vae_recon_loss(on_object, x, replace(cfg4, vae_l1=0.0))) == pytest.approx(5 * 0.25 * 3 / 12, rel=1e-6)
+
+    off_object = x.clone()
+    off_object[..., 1, 1] -= 0.5  # the same error at a background pixel: weight 1 at any W
+    assert float(tt.vae_recon_loss(off_object, x, cfg4)) == pytest.approx(plain, rel=1e-6)
+    assert float(tt.vae_recon_loss(off_object, x, cfg)) == pytest.approx(plain, rel=1e-6)
+
+    everywhere = x + 0.1  # uniform error: 1 + W x (object fraction 1/4) = 2 at W = 4
+    assert float(tt.vae_recon_loss(everywhere, x, cfg4)) == pytest.approx(2 * (0.01 + 0.1), rel=1e-5)
+
+    # the tolerance: 24 levels off in one channel is still the object, 25 is not; every colour counts; per frame
+    px = np.array([[(244, 40, 40), (245, 40, 40), procedural.COLOURS["cyan"], (60, 60, 70)]], np.uint8)
+    frames = np.stack([px, np.full_like(px, 110)])  # frame 1: all background
+    v = torch.from_numpy(frames.astype(np.float32) / 127.5 - 1).permute(3, 0, 1, 2)[None]  # [1, 3, 2, 1, 4]
+    assert tt.object_mask(v)[0, 0].tolist() == [[[True, False, True, False]], [[False, False, False, False]]]
+
+    # real clips: the objects' pixels are a few percent, backgrounds alone have none
+    scene = procedural.random_scene(np.random.default_rng(0))
+    as_video = lambda s: torch.from_numpy(procedural.render(s)[None].astype(np.float32) / 127.5 - 1).permute(0, 4, 1, 2, 3)
+    assert 0.005 < float(tt.object_mask(as_video(scene)).float().mean()) < 0.3
+    assert not tt.object_mask(as_video(procedural.without_objects(scene))).any()
+
+
+@pytest.mark.parametrize("bad", [-1.0, -1e-9, float("nan"), float("inf"), "4", True])
+def test_a_bad_vae_object_weight_fails_when_the_config_is_made(bad):
+    with pytest.raises(ValueError, match="vae_object_weight"):
+        tt.TrainConfig(vae_object_weight=bad)
+
+
+def test_vae_object_weight_from_the_command_line():
+    assert tt.TrainConfig(vae_object_weight=4).vae_object_weight == 4
+    with pytest.raises(ValueError, match="vae_object_weight"):
+        tt.main(["--quick", "--vae-object-weight", "-1", "--out", "/nonexistent/never-written"])

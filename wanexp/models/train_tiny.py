@@ -57,6 +57,14 @@ class TrainConfig:
     # noise added to the latent before decoding in training, relative to the latent's own std: the decoder
     # must tolerate latents that are a little off, as a denoiser's are (scale-free, unlike a KL)
     vae_latent_noise: float = 0.15
+    # Weight W of the target's object pixels in the VAE's reconstruction loss: the per-element MSE and L1
+    # terms are multiplied by 1 + W where the target pixel is within ``OBJECT_TOLERANCE`` (8-bit, L-inf) of
+    # a ``procedural.COLOURS`` colour (``object_mask``), 1 elsewhere; 0 computes the loss exactly as before.
+    # Objects are a few percent of the pixels, and with the plain loss the VAE decodes their colours as
+    # grey or orange; with W = 4 and 2400 single-frame steps a probe got red, green and blue right on 3 of
+    # 3 seeds, 22.7-23.3 dB (experiments/results/tiny_proxy_diagnosis_cpu.md, "objw19b"). Off in the
+    # shipped recipe: no proxy has been retrained with it.
+    vae_object_weight: float = 0.0
     # Start the VAE as a per-frame autoencoder (``init_vae_per_frame``): single-frame steps never reach the
     # causal convolutions' taps on past frames or the temporal resampling, which otherwise meet the clip
     # steps at their random initialisation. Off in the shipped recipe: with it and 1000 clip steps the VAE
@@ -97,6 +105,9 @@ class TrainConfig:
 
     def __post_init__(self):
         self.data_options()  # a bad data option fails here, before anything is drawn
+        w = self.vae_object_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"vae_object_weight must be a finite number >= 0 (0: off), got {w!r}")
 
     def data_options(self) -> procedural.DataOptions:
         return procedural.DataOptions(speed=self.object_speed, motions=procedural.DataOptions.parse_motions(self.motions),
@@ -191,13 +202,40 @@ def _vae_phase(vae, opt, batches, steps: int, cfg: TrainConfig, gen: torch.Gener
         mean = vae.encode(x).latent_dist.mode()
         noise = torch.randn(mean.shape, generator=gen) * (cfg.vae_latent_noise * mean.detach().std())
         recon = vae.decode(mean + noise).sample
-        loss = (F.mse_loss(recon, x) + cfg.vae_l1 * F.l1_loss(recon, x)
-                + cfg.vae_mean_penalty * mean.pow(2).mean())
+        loss = vae_recon_loss(recon, x, cfg) + cfg.vae_mean_penalty * mean.pow(2).mean()
         _step(opt, loss, vae.parameters())
         losses.append(loss.item())
         if step % 50 == 0 or step == steps - 1:
             log(f"{label} step {step + 1}/{steps}: loss {loss.item():.4f}")
     return losses
+
+
+OBJECT_TOLERANCE = 24  # 8-bit levels: a pixel this close (every channel) to an object colour is the object's
+
+
+def object_mask(x: torch.Tensor) -> torch.Tensor:
+    """Where clips ``x`` ([N, 3, F, H, W] in [-1, 1]) show an object: [N, 1, F, H, W] bool, true where a
+    pixel's 8-bit value is within ``OBJECT_TOLERANCE`` of a ``procedural.COLOURS`` colour in every channel
+    (the backdrops are never that close; anti-aliased edges are in only as far as they are that close).
+    Draws no random numbers."""
+    px = ((x + 1) * 127.5).round()  # back to the 8-bit levels the clips were made of
+    mask = torch.zeros((x.shape[0], 1, *x.shape[2:]), dtype=torch.bool)
+    for colour in procedural.COLOURS.values():
+        c = torch.tensor(colour, dtype=px.dtype).view(1, 3, 1, 1, 1)
+        mask |= (px - c).abs().amax(dim=1, keepdim=True) <= OBJECT_TOLERANCE
+    return mask
+
+
+def vae_recon_loss(recon: torch.Tensor, x: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """The VAE's reconstruction loss, MSE + ``vae_l1`` x L1, each a mean over elements. With
+    ``vae_object_weight`` W > 0 every element's terms are weighted by 1 + W at the target's object pixels
+    (``object_mask(x)``), 1 elsewhere, still divided by the element count (not by the weights' sum); with
+    W = 0 nothing new is computed: the same ops as before the option existed."""
+    if cfg.vae_object_weight > 0:
+        w = 1 + cfg.vae_object_weight * object_mask(x).to(recon.dtype)  # [N, 1, F, H, W], broadcast over channels
+        d = recon - x
+        return (w * d.pow(2)).mean() + cfg.vae_l1 * (w * d.abs()).mean()
+    return F.mse_loss(recon, x) + cfg.vae_l1 * F.l1_loss(recon, x)
 
 
 @torch.no_grad()
