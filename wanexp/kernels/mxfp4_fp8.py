@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from wanexp.kernels.mxfp4 import (_bf16, _block_exponent, _e2m1_magnitude, _recip_tile, _to_bf16_rne, act_quant,
+from wanexp.kernels.mxfp4 import (_bf16, _block_exponent, _e2m1_magnitude, _inv_pow2, _recip_tile, _to_bf16_rne, act_quant,
                                   dequant_weight, lowrank_down, pick_tiles)
 
 HEADROOM = 6      # H: 12 · 2^(H-1) = 384 <= 448, the E4M3 maximum
@@ -162,7 +162,8 @@ def fold_weight(codes: torch.Tensor, scales: torch.Tensor, exponent: torch.Tenso
 @triton.jit
 def _act_fp8_kernel(x_ptr, recip_ptr, clip_ptr, bin_idx, xs_ptr, a8_ptr, scale_ptr, spread_ptr, exp_ptr,
                     M, K, stride_xm, HAS_SMOOTH: tl.constexpr, WRITE_XS: tl.constexpr, CEIL: tl.constexpr,
-                    HW: tl.constexpr, READBACK: tl.constexpr, BLOCK_M: tl.constexpr, NB: tl.constexpr):
+                    HW: tl.constexpr, READBACK: tl.constexpr, BLOCK_M: tl.constexpr, NB: tl.constexpr,
+                    EVEN_K: tl.constexpr = False):
     """BLOCK_M whole rows of x, two passes over K: the row maximum of |x_s| (which fixes S), then the
     quantizer writing E4M3 bits, x_s on request, and each row's spread, S and scale 2^(S − H). The
     second pass reads mostly from L2, so HBM sees x once. READBACK (with x_s written): the first
@@ -180,7 +181,7 @@ def _act_fp8_kernel(x_ptr, recip_ptr, clip_ptr, bin_idx, xs_ptr, a8_ptr, scale_p
         mask = (rows < M) & (cols < K)
         v = tl.load(x_ptr + rows.to(tl.int64) * stride_xm + cols, mask=mask, other=0.0)
         if HAS_SMOOTH:   # reference: bf16(x.float() * r)
-            v = v.to(tl.float32) * _recip_tile(recip_ptr, rows, cols, mask)
+            v = v.to(tl.float32) * _recip_tile(recip_ptr, rows, cols, mask, EVEN_K)
             if WRITE_XS and READBACK:
                 v = _bf16(v, HW)
                 tl.store(xs_ptr + rows.to(tl.int64) * K + cols, v, mask=mask)
@@ -201,15 +202,18 @@ def _act_fp8_kernel(x_ptr, recip_ptr, clip_ptr, bin_idx, xs_ptr, a8_ptr, scale_p
         else:
             v = tl.load(x_ptr + rows.to(tl.int64) * stride_xm + cols, mask=mask, other=0.0)
             if HAS_SMOOTH:
-                v = _bf16(v.to(tl.float32) * _recip_tile(recip_ptr, rows, cols, mask), HW)
+                v = _bf16(v.to(tl.float32) * _recip_tile(recip_ptr, rows, cols, mask, EVEN_K), HW)
                 if WRITE_XS:
                     tl.store(xs_ptr + rows.to(tl.int64) * K + cols, v, mask=mask)
             v = v.to(tl.float32)
-        e = _block_exponent(tl.max(tl.abs(v), axis=2) * rho, CEIL)    # [BLOCK_M, NB], as _act_quant_kernel
+        top_b = tl.max(tl.abs(v), axis=2)                            # [BLOCK_M, NB]
+        e = _block_exponent(top_b * rho, CEIL)                        # as _act_quant_kernel
         q, y = _e2m1_magnitude(v, e)
         neg = y.to(tl.int32, bitcast=True) < 0
         d = tl.maximum(S[:, None] - e, 0)                             # >= 0 on every block with a code
-        live = (tl.max(q, axis=2) > 0) & ((k0 // 32 + rb)[None, :] < K // 32)
+        # a block holds a nonzero code iff its largest |y| rounds above 0, i.e. exceeds 0.25: taken from
+        # the block maximum (scaling by 2^-e is monotone, so max |y| = top_b · 2^-e), not a second reduction
+        live = (top_b * _inv_pow2(e) > 0.25) & ((k0 // 32 + rb)[None, :] < K // 32)
         spread = tl.maximum(spread, tl.max(tl.where(live, d, 0), axis=1))
         tl.store(a8_ptr + rows.to(tl.int64) * K + cols, _e4m3_bits(q, d[:, :, None], neg, HW), mask=mask)
     live_rows = rm < M
@@ -252,6 +256,7 @@ def act_quant_fp8(x: torch.Tensor, clip_table: torch.Tensor, bin_idx: int = 0, s
             out["scale"], out["spread"], out["exponent"], M, K, x.stride(0), HAS_SMOOTH=smooth_recip is not None,
             WRITE_XS=write_xs,
             CEIL=scale_rule == "ceil", HW=x.is_cuda, READBACK=readback and write_xs, BLOCK_M=block_m, NB=nb,
+            EVEN_K=K % (nb * 32) == 0,
             num_warps=warps)
     launch(tiles or pick_tiles(("act_fp8", M, K, smooth_recip is not None, write_xs), FP8_ACT_TILES, launch, x))
     out["values"] = out["values"].view(torch.float8_e4m3fn)

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from wanexp.kernels.mxfp4 import _recip_tile, _to_bf16_rne
+from wanexp.kernels.mxfp4 import _e2m1_round, _recip_tile, _to_bf16_rne
 
 _BF16_MAX = tl.constexpr(3.3895313892515355e38)  # a jit kernel reads module globals only as constexpr
 
@@ -125,8 +125,7 @@ def _nvfp4_act_quant_kernel(x_ptr, recip_ptr, clip_ptr, bin_idx, amax_ptr, xq_pt
     d = (_round_e4m3(tl.minimum(s_b, 448.0)) * s_t)[:, :, None]
     y = tl.where(d > 0, tl.math.div_rn(v, tl.where(d > 0, d, 1.0)), 0.0)
     t = tl.abs(y)
-    step = tl.where(t < 2.0, 0.5, tl.where(t < 4.0, 1.0, 2.0))
-    q = tl.minimum(((tl.minimum(t, 8.0) * (1.0 / step) + 8388608.0) - 8388608.0) * step, 6.0)
+    q = _e2m1_round(t)
     q = _with_sign_of(q, v)                                              # the sign of v, -0 included
     tl.store(xq_ptr + rows.to(tl.int64) * K + cols, _to_bf16_rne(q * d), mask=mask)
 
