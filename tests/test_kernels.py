@@ -431,6 +431,60 @@ def test_interp_quantlinear_fp8_matches_reference():
     _check_fp8_layer(36, 256, 48, "cpu")
 
 
+def _check_block_checked(m, k, device):
+    """kernels.block_checked: the FP8 fold's bound checked once a block call. Rows that fit: the output
+    of per-layer checks, bit for bit, in one run of the block, no fallback; rows beyond the bound: the
+    block runs again with the per-layer check, the same output and fallback counts as per-layer checks,
+    and the peaks are reset. A layer whose weight rows are beyond the bound keeps its own check."""
+    from wanexp.kernels import block_checked, fused_forward, gemm_backend, prepare
+    w = torch.randn(128, k, generator=torch.Generator().manual_seed(9)) * 0.05
+    w[:32] *= torch.logspace(-4, 2, k)                   # 32 weight rows spanning > 14 octaves
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = _quant_layer(k, k, 16, device, seed=1)
+            self.b = QuantLinear(k, 128, weight=get_format("mxfp4").encode(w), bias=None, act_format=MX,
+                                 clip_table=torch.tensor([0.9]), context=self.a.context).to(device)
+            self.runs = 0
+
+        def forward(self, x):
+            self.runs += 1
+            return fused_forward(self.b, torch.nn.functional.gelu(fused_forward(self.a, x)))
+
+    block = Block()
+    prepare(block)
+    assert block.b.kernel_cache["fp8_rows"]["wide"] and not block.a.kernel_cache["fp8_rows"]["wide"]
+    fits = (torch.randn(m, k, generator=torch.Generator().manual_seed(4)) * 2).to(torch.bfloat16).to(device)
+    wide = _act_input(m, k, device)
+    with gemm_backend("fp8"):
+        want, per_layer = {}, {}
+        for name, x in (("fits", fits), ("wide", wide)):   # per-layer checks: the outputs and fallbacks to match
+            before = (block.a.fallbacks, block.b.fallbacks)
+            want[name] = block(x)
+            per_layer[name] = [{key: after[key] - was[key] for key in after}
+                               for after, was in zip((block.a.fallbacks, block.b.fallbacks), before)]
+        assert per_layer["fits"] == [{"fp8_rows": 0, "fp8_cols": 0}, {"fp8_rows": 0, "fp8_cols": 32}]
+        assert per_layer["wide"][0]["fp8_rows"] > 0
+        assert block_checked(block) is block and block_checked(block) is block   # idempotent
+        peak = block.a.kernel_cache["fp8_rows"]["peak"]
+        for name, x, runs in (("fits", fits, 1), ("wide", wide, 2), ("fits", fits, 1)):
+            before, runs0 = (block.a.fallbacks, block.b.fallbacks), block.runs
+            y = block(x)
+            assert torch.equal(y, want[name]), name
+            assert block.runs - runs0 == runs, name
+            got = [{key: after[key] - was[key] for key in after}
+                   for after, was in zip((block.a.fallbacks, block.b.fallbacks), before)]
+            assert got == [per_layer[name][0], {"fp8_rows": per_layer[name][1]["fp8_rows"],
+                                                "fp8_cols": 32 * runs}], name   # b checks at every call
+            assert (0 < int(peak) <= 14) if name == "fits" else int(peak) == 0, name
+
+
+@interp_only
+def test_interp_fp8_bound_checked_once_a_block():
+    _check_block_checked(24, 256, "cpu")
+
+
 @interp_only
 def test_interp_compiled_fused_layer_matches_eager_in_one_graph():
     """The fused path under torch.compile(fullgraph=True): one graph (the custom op kept whole, no
@@ -568,7 +622,7 @@ def test_interp_int4_nvfp4_act_quant_and_layer_exact():
 def test_interpreter_suite(interpreter_run):
     """The interpreter checks above, in a subprocess with TRITON_INTERPRET=1 (CPU, ~20 s)."""
     stdout = interpreter_run(__file__)
-    assert "13 passed" in stdout, stdout[-2000:]
+    assert "14 passed" in stdout, stdout[-2000:]
 
 
 # ----------------------------------------------------------------------------- dispatch (CPU, no triton run)
@@ -674,6 +728,7 @@ def test_gpu_fp8_fold_bit_exact_and_layer_at_wan_shapes():
     if not torch.cuda.get_device_capability() >= (8, 9):
         pytest.skip("no FP8 tensor cores")
     _check_fp8_fold(300, 5120, 640, "cuda")
+    _check_block_checked(300, 5120, "cuda")
     _check_fp8_layer(4100, 5120, 1280, "cuda")
     _check_layer(57, 13824, 5120, 32, "cuda", backends=("fp8",))   # ffn.net.2's K, a ragged M
     _check_lowrank_add(3000, 13824, "cuda")                          # ffn.net.0's outputs, a ragged M

@@ -211,6 +211,18 @@ round18a)  # session 11: the GPU kernel tests on session 10's untested layout ch
   # the per-linear pieces with the tensor-wise GEMM, the scaled branch pass and the unchecked layer
   timeout 260 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -m gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -4
   timeout 150 python3 experiments/gpu/linear_bench.py --out "$OUT" 2>&1 | tee "$OUT/linear_bench.log" | tail -4 ;;
+round19a)  # session 13: the leaner quantizers (E2M1 rounding without the reciprocal, 'live' from the block max, r
+  # unmasked) and the fold's bound checked once a block (kernels.block_checked): the GPU tests of the kernels and
+  # model.compile, one linear piece by piece, then compiled BF16 beside W4A4 MXFP4 FP8 with the per-layer check
+  # (as before) and the per-block check (now model.compile's), 720p, one process, 2 timed forwards a cell
+  timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_compile.py -m gpu 2>&1 \
+    | tee "$OUT/gpu_tests.log" | tail -4
+  timeout 80 python3 experiments/gpu/linear_bench.py --out "$OUT" 2>&1 | tee "$OUT/linear_bench.log" | tail -3 | cut -c1-900
+  TORCH_LOGS=recompiles timeout 300 python3 -m wanexp.bench bench=fp8_a14b bench.name=bench_round19a bench.profile.enabled=false \
+    bench.repeats=2 "bench.paths=[bf16_compiled,fused_fp8_layer_checked_compiled,fused_fp8_compiled]" \
+    "bench.resolutions=[{name: 720p, height: 720, width: 1280, frames: 61}]" bench.out_dir="$OUT" > "$OUT/bench_round19a.log" 2>&1
+  echo "recompiles: $(grep -c 'Recompiling function' "$OUT/bench_round19a.log")"
+  grep -v "__recompiles" "$OUT/bench_round19a.log" | grep "s/forward\|Error\|error\|quantized\|fallback" | tail -10 ;;
 round18b)  # session 11: the two GEMM + branch-pass chains interleaved (epilogue_probe.py), the per-linear pieces with
   # lowrank_down's broadcast r restored, then compiled BF16 beside compiled W4A4 MXFP4 FP8 three ways (row-wise GEMM;
   # tensor-wise GEMM with the scales in the branch's pass; without the fallback check's host sync), 720p, one process,

@@ -117,11 +117,11 @@ def profile_forward(model: nn.Module, inputs: dict) -> dict[str, Any]:
 W4A4_PATHS = ("reference", "fused", "fused_triton", "fused_cublas", "fused_fp8", "fused_compiled",
               "fused_triton_compiled", "fused_cublas_compiled", "fused_fp8_compiled", "fused_fp8_unchecked",
               "fused_fp8_unchecked_compiled", "fused_fp8_triton", "fused_fp8_triton_compiled",
-              "fused_fp8_rowwise", "fused_fp8_rowwise_compiled")
+              "fused_fp8_rowwise", "fused_fp8_rowwise_compiled", "fused_fp8_layer_checked_compiled")
 # the GEMM backend (wanexp.kernels.gemm_backend) of each fused path that pins one; the others take "auto"
 PATH_BACKENDS = {"fused_triton": "triton", "fused_cublas": "cublas", "fused_fp8": "fp8",
                  "fused_fp8_unchecked": "fp8_unchecked", "fused_fp8_triton": "fp8_triton",
-                 "fused_fp8_rowwise": "fp8_rowwise"}
+                 "fused_fp8_rowwise": "fp8_rowwise", "fused_fp8_layer_checked": "fp8"}
 # ... and with quantized attention (wanexp.quant.attention: its Triton kernels, cuDNN's FP8 SDPA):
 # "<path>+attn_<name>[_compiled]"
 ATTENTION_PATHS = tuple(f"fused_fp8+attn_{a}{c}" for c in ("", "_compiled") for a in ("fp8", "int8_sage", "fp8_cudnn"))
@@ -129,15 +129,19 @@ W4A4_PATHS += ATTENTION_PATHS
 
 
 @contextlib.contextmanager
-def compiled_blocks(model: nn.Module) -> Iterator[None]:
+def compiled_blocks(model: nn.Module, block_checks: bool = True) -> Iterator[None]:
     """Every transformer block ``torch.compile``d (as a diffusers user would), for the block;
     compiled afresh for each path (dynamo's caches reset), eager again after. The kernel caches are
     filled first (``kernels.prepare``), as ``model.compile`` does: filled inside the graph they were
-    guards that failed layer by layer (the H200 saw the compiled FP8 path at 14.4 s for it)."""
+    guards that failed layer by layer (the H200 saw the compiled FP8 path at 14.4 s for it). As
+    ``model.compile`` too, the FP8 fold's bound is checked once a block (``kernels.block_checked``);
+    ``block_checks=False`` keeps the check of every layer call (the path ``fused_fp8_layer_checked``)."""
     torch._dynamo.reset()
     kernels.prepare(model)
     for block in model.blocks:
         block.compile()
+        if block_checks:
+            kernels.block_checked(block)
     try:
         yield
     finally:
@@ -279,11 +283,12 @@ def _run_bench(cfg: dict, out_dir: str | Path, log: Callable[[str], None]) -> di
         base = path.removesuffix("_compiled").partition("+attn_")[0]
         backend = PATH_BACKENDS.get(base, "auto")
         with kernels.fused(base != "reference"), kernels.gemm_backend(backend), attention_scope(path), \
-                (compiled_blocks(model) if path in compiled else contextlib.nullcontext()):
+                (compiled_blocks(model, block_checks=base != "fused_fp8_layer_checked") if path in compiled
+                 else contextlib.nullcontext()):
             before = fallback_counts(model)
             measure(path)
             # rows the FP8 fold could not hold exactly, recomputed by the bf16 path
-            if base in ("fused_fp8", "fused", "fused_fp8_triton", "fused_fp8_rowwise"):
+            if base in ("fused_fp8", "fused", "fused_fp8_triton", "fused_fp8_rowwise", "fused_fp8_layer_checked"):
                 after = fallback_counts(model)
                 result.setdefault("fp8_fallbacks", {})[path] = {k: after[k] - before[k] for k in after}
     # each further format: the expert built again and quantized in it, its fused path eager and compiled
@@ -367,7 +372,9 @@ def to_markdown(r: dict[str, Any]) -> str:
               "fused_fp8_triton": "W4A4 fused on FP8 tensor cores, Triton GEMM with bias and low-rank branch "
                                   "in its epilogue",
               "fused_fp8_rowwise": "W4A4 fused on FP8 tensor cores, every layer on the row-wise-scaled "
-                                   "torch._scaled_mm"}
+                                   "torch._scaled_mm",
+              "fused_fp8_layer_checked": "W4A4 fused on FP8 tensor cores, the fold's bound checked at every layer "
+                                         "call (one host sync each; compiled paths otherwise check once a block)"}
     labels.update({"fused_fp8+attn_fp8": f"{labels['fused_fp8']} + FP8 attention (Triton)",
                    "fused_fp8+attn_int8_sage": f"{labels['fused_fp8']} + INT8 SageAttention, fp16 P·V (Triton)",
                    "fused_fp8+attn_fp8_cudnn": f"{labels['fused_fp8']} + FP8 attention, per tensor (cuDNN sdpa_fp8)"})

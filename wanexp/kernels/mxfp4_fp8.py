@@ -336,7 +336,7 @@ def fp8_linear(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, clip
                smooth_recip: torch.Tensor | None, bias: torch.Tensor | None, up: torch.Tensor | None,
                down: torch.Tensor | None, w_exponent: torch.Tensor, w_spread: torch.Tensor, scale_rule: str,
                counters: torch.Tensor, check: bool = True, triton_gemm: bool = False,
-               rowwise: bool = False) -> torch.Tensor:
+               rowwise: bool = False, spread_peak: torch.Tensor | None = None) -> torch.Tensor:
     """The W4A4 MXFP4 linear ``y = A · deq(W)ᵀ + b (+ (x_s L2ᵀ) L1ᵀ)`` on FP8 tensor cores: rows
     that fold exactly in one FP8 GEMM, the others (activation rows or weight rows beyond
     :data:`MAX_SPREAD`) recomputed by the exact bf16 path and added to ``counters[:2]``
@@ -359,7 +359,10 @@ def fp8_linear(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, clip
     ``triton_gemm`` (backend "fp8_triton") runs the GEMM as :func:`wanexp.kernels.fp8_gemm.fp8_gemm`,
     bias and low-rank branch in its epilogue, one rounding: closer to the exact value, but measured
     1.17-1.23x the time of cuBLAS + ``lowrank_add_`` on the H200
-    (experiments/results/round17/fp8_gemm_probe.json)."""
+    (experiments/results/round17/fp8_gemm_probe.json). ``spread_peak`` (int32 [1], on the device):
+    instead of the search (and its host sync), the largest activation-row spread is folded into it,
+    for a caller that checks it later and reruns with the check where it passed the bound
+    (:func:`wanexp.kernels.block_checked`); the weight rows must then fit (the caller knows)."""
     a = act_quant_fp8(x2, clip_table, bin_, smooth_recip, scale_rule=scale_rule)
     w8 = fold_weight(codes, scales, w_exponent)
     w_scale = torch.ldexp(torch.ones_like(w_exponent, dtype=torch.float32), (w_exponent - HEADROOM).float())
@@ -379,6 +382,9 @@ def fp8_linear(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, clip
         pending = t
     del w8
     # activation rows and weight rows beyond the bound, found with one host sync a call
+    if spread_peak is not None:
+        torch.maximum(spread_peak, a["spread"].amax().reshape(1), out=spread_peak)
+        check = False
     wide = torch.empty(0, dtype=torch.int64, device=y.device) if not check else torch.nonzero(torch.cat((a["spread"], w_spread)) > MAX_SPREAD).flatten()
     m = a["spread"].numel()
     wide_rows, wide_cols = wide[wide < m], wide[wide >= m] - m

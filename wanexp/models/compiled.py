@@ -22,6 +22,7 @@ def compile_denoisers(pipe, mode: str | None = None, backend: str = "inductor") 
         for block in model.blocks:
             if getattr(block, "_compiled_call_impl", None) is None:
                 block.compile(mode=mode, backend=backend)
+                kernels.block_checked(block)   # the FP8 fold's bound checked once a block, not a layer
             count += 1
     return count
 
