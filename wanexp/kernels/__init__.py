@@ -167,15 +167,15 @@ def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
     fp8 = backend in FP8_BACKENDS
     if fp8 and not (fp8_capable(x2.device) and layer.out_features % 16 == 0):
         backend, fp8 = "auto", False
-    rows = weight_rows(layer) if fp8 else {}
+    rows = weight_rows(layer)
     has_lr = layer.lowrank_up is not None
     # inside block_checked(): the activation rows' spread goes to the layer's peak, checked once a block
     deferred = fp8 and _STATE["check"] == "block" and backend != "fp8_unchecked" and not rows["wide"]
     y = torch.ops.wanexp.mxfp4_w4a4(
         x2, layer.wq_codes, layer.wq_scales, layer.clip_table, bin_index, layer.smooth_recip, layer.bias,
         layer.lowrank_up if has_lr else None, layer.lowrank_down if has_lr else None,
-        rows.get("exponent"), rows.get("spread"), layer.counters, layer.act_format.scale_rule, backend,
-        rows["peak"] if deferred else None)
+        rows["exponent"] if fp8 else None, rows["spread"] if fp8 else None, layer.counters,
+        layer.act_format.scale_rule, backend, rows["peak"], deferred)
     return y.reshape(*lead, layer.out_features).to(x.dtype)
 
 
@@ -271,17 +271,19 @@ def _mxfp4_w4a4(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, cli
                 bin_index: torch.Tensor, smooth_recip: torch.Tensor | None, bias: torch.Tensor | None,
                 up: torch.Tensor | None, down: torch.Tensor | None, w_exponent: torch.Tensor | None,
                 w_spread: torch.Tensor | None, counters: torch.Tensor, scale_rule: str,
-                backend: str, spread_peak: torch.Tensor | None = None) -> torch.Tensor:
+                backend: str, spread_peak: torch.Tensor, defer_check: bool) -> torch.Tensor:
     """The fused W4A4 MXFP4 linear on explicit tensors (``x2 [M, K]`` bf16 -> ``[M, N]`` bf16); with
-    ``spread_peak`` (FP8 backends, :func:`deferred_checks`) the bound is not checked here: the largest
-    activation-row spread goes into it instead."""
+    ``defer_check`` (FP8 backends, :func:`deferred_checks`) the bound is not checked here: the largest
+    activation-row spread goes into ``spread_peak`` instead. (``spread_peak`` is always a tensor: torch
+    2.11's custom ops fail on a mutated optional argument given as None.)"""
     from wanexp.kernels.mxfp4 import act_quant, lowrank_down, mxfp4_linear, upcast_linear
     bin_ = min(int(bin_index), clip_table.numel() - 1)   # a CPU tensor: no device sync
     if backend in FP8_BACKENDS:
         from wanexp.kernels.mxfp4_fp8 import fp8_linear
         return fp8_linear(x2, codes, scales, clip_table, bin_, smooth_recip, bias, up, down, w_exponent, w_spread,
                           scale_rule, counters, check=backend != "fp8_unchecked", triton_gemm=backend == "fp8_triton",
-                          rowwise=backend == "fp8_rowwise", spread_peak=spread_peak)
+                          rowwise=backend == "fp8_rowwise",
+                          spread_peak=spread_peak if defer_check else None)
     if backend == "cublas" or (backend == "auto" and x2.shape[0] > UPCAST_MIN_TOKENS):
         return upcast_linear(x2, codes, scales, clip_table, bin_, smooth_recip, scale_rule, bias, up, down)
     q = act_quant(x2, clip_table, bin_, smooth_recip, scale_rule=scale_rule)
@@ -293,7 +295,7 @@ def _mxfp4_w4a4(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, cli
 
 @_mxfp4_w4a4.register_fake
 def _(x2, codes, scales, clip_table, bin_index, smooth_recip, bias, up, down, w_exponent, w_spread, counters,
-      scale_rule, backend, spread_peak=None):
+      scale_rule, backend, spread_peak, defer_check):
     return x2.new_empty(x2.shape[0], codes.shape[0])
 
 
